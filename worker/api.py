@@ -1,0 +1,88 @@
+"""The Live OpenAPI contract for pull-to-push groups: names, rules and codes.
+
+Facts only (no I/O): the worker's manifest validation and the sandbox's request validation
+both read the body rules from here, so the two can never drift apart. Source:
+shared/api/live-pull-to-push-groups.md.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+VERSION: Final = "2023-01-01"
+SERVICE: Final = "live"
+DEFAULT_REGION: Final = "cn-north-1"
+DEFAULT_ENDPOINT: Final = "https://live.volcengineapi.com"
+DEFAULT_PROJECT: Final = "default"
+DOCUMENTED_RATE: Final = 10  # requests per second per account, on each group action
+
+CREATE: Final = "CreatePullToPushGroup"
+LIST: Final = "ListPullToPushGroup"
+UPDATE: Final = "UpdatePullToPushGroup"
+DELETE: Final = "DeletePullToPushGroup"
+GROUP_ACTIONS: Final = frozenset({CREATE, LIST, UPDATE, DELETE})
+
+NAME_MAX: Final = 20
+# "Chinese characters, A-Z, a-z, 0-9". Chinese = the CJK Unified Ideographs block and its
+# Extension A; full-width digits, kana, emoji and punctuation are not in it.
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9\u3400-\u4dbf\u4e00-\u9fff]+")
+TAG_CATEGORIES: Final = ("System", "Custom")
+TAG_FIELDS: Final = frozenset({"Key", "Value", "Category"})
+CREATE_FIELDS: Final = frozenset({"Name", "ProjectName", "Tags"})
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` is not a valid group Name, or None when it is."""
+    if not isinstance(name, str):
+        return f"must be a string, not {json_type(name)}"
+    if not name:
+        return "must not be empty"
+    if len(name) > NAME_MAX:
+        return f"is {len(name)} characters long; at most {NAME_MAX} are allowed"
+    if not _NAME_RE.fullmatch(name):
+        bad = next(c for c in name if not _NAME_RE.fullmatch(c))
+        return f"may hold only Chinese characters, letters and digits; {bad!r} is not one"
+    return None
+
+
+def tags_problems(tags: object) -> list[tuple[str, str]]:
+    """(field, reason) for each problem of a Tags value; empty when it is valid."""
+    if not isinstance(tags, list):
+        return [("Tags", f"must be a list of objects, not {json_type(tags)}")]
+    problems: list[tuple[str, str]] = []
+    for i, tag in enumerate(tags):
+        where = f"Tags[{i}]"
+        if not isinstance(tag, dict):
+            problems.append((where, f"must be an object, not {json_type(tag)}"))
+            continue
+        for key in sorted(set(tag) - TAG_FIELDS):
+            problems.append((f"{where}.{key}", "unknown field (allowed: Key, Value, Category)"))
+        for key in ("Key", "Value"):
+            if key not in tag:
+                problems.append((f"{where}.{key}", "is required"))
+            elif not isinstance(tag[key], str):
+                problems.append((f"{where}.{key}", f"must be a string, not {json_type(tag[key])}"))
+        category = tag.get("Category")
+        if category not in TAG_CATEGORIES:
+            problems.append(
+                (f"{where}.Category", f"must be 'System' or 'Custom', not {category!r}")
+            )
+    return problems
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for messages a user can act on."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

@@ -1,0 +1,367 @@
+"""Command line: arguments -> Settings, logging, the event loop, signals, exit codes.
+
+The only module that knows it is a process. Every WorkerError becomes a message and an exit
+code here; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+import orjson
+import structlog
+
+from worker import __version__, api, credentials, ledger, logs, manifest, plan, report, sandbox
+from worker.errors import (
+    CredentialsError, LedgerError, LedgerLocked, LimiterUnavailable, ManifestError, RunAborted,
+    UsageError, WorkerError,
+)
+from worker.pacing import LocalPacer, Pacer
+from worker.progress import Progress
+from worker.runner import Controls, Run, Tally
+from worker.settings import Pacing, RetryPolicy, Settings
+from worker.signing import Credentials
+from worker.transport import Transport
+
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_DEFERRED, EXIT_INTERRUPTED, EXIT_LOCKED = range(6)
+log = structlog.get_logger("worker")
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    sys.exit(run_cli(argv))
+
+
+def run_cli(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    tty = sys.stderr.isatty()
+    fmt = args.log_format if args.log_format != "auto" else ("console" if tty else "json")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logs.configure(json=fmt == "json", level=level)
+    try:
+        code: int = args.command(args)
+        return code
+    except ManifestError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        if exc.total > len(exc.problems):
+            print(f"... and {exc.total - len(exc.problems)} more problem(s)", file=sys.stderr)
+        print(f"error: the manifest has {exc.total} problem(s); nothing was sent",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except LedgerLocked as exc:
+        print(f"error: {exc}; nothing was changed", file=sys.stderr)
+        return EXIT_LOCKED
+    except (UsageError, CredentialsError, LedgerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except WorkerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DEFERRED if isinstance(exc, LimiterUnavailable) else EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+# -- run ----------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    scan = manifest.scan(settings.manifest)
+    if scan.problem_count and not settings.skip_invalid:
+        raise ManifestError(scan.problems, scan.problem_count)
+    if settings.dry_run:
+        return _dry_run(settings, scan)
+    creds = None if args.sandbox else credentials.load(os.environ, Path.home())
+    book = ledger.Ledger.open(settings.ledger)
+    try:
+        return asyncio.run(_run(settings, scan, book, creds, sandbox_on=args.sandbox))
+    finally:
+        book.close()
+
+
+def _dry_run(settings: Settings, scan: manifest.Scan) -> int:
+    state = ledger.read_state(settings.ledger)
+    counted = plan.count(manifest.read(scan), state.latest)
+    print(f"plan for {settings.manifest} (ledger {settings.ledger}); dry run, nothing sent:")
+    for line in counted.lines():
+        print(line)
+    return EXIT_OK
+
+
+async def _run(settings: Settings, scan: manifest.Scan, book: ledger.Ledger,
+               creds: Credentials | None, *, sandbox_on: bool) -> int:
+    async with _endpoint(settings, creds, sandbox_on) as (settings, creds):
+        controls = Controls()
+        pacer = await _pacer(settings)
+        progress: Progress | None = None
+        run = Run(settings=settings, credentials=creds, scan=scan, ledger=book, pacer=pacer,
+                  controls=controls, on_tick=lambda t: progress.tick(t) if progress else None)
+        counted = run.count_plan()
+        log.info("run.start", run_id=run.run_id, manifest=str(scan.path),
+                 ledger=str(book.path), endpoint=settings.endpoint, rate=settings.pacing.rate,
+                 concurrency=settings.in_flight, **dict(counted.counts))
+        for why, n in counted.counts.items():
+            if why != "new":
+                log.info("run.skip" if why not in plan.SENDS else "run.resend", reason=why,
+                         count=n, why=plan.REASONS[why])
+        progress = Progress(total=run.tally.to_send, tty=sys.stderr.isatty(), stream=sys.stderr)
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        execution = asyncio.ensure_future(_execute(run, settings))
+        signals = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                log.warning("run.stopping", signal=signal.Signals(signum).name,
+                            grace_s=settings.grace_s,
+                            hint="in-flight requests may finish; signal again to stop at once")
+                controls.drain()
+                loop.call_later(settings.grace_s, execution.cancel)
+            else:
+                log.warning("run.stopping_now", signal=signal.Signals(signum).name)
+                execution.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        assert task is not None
+        try:
+            tally = await execution
+        except asyncio.CancelledError:
+            tally = run.tally
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            progress.close(run.tally)
+        return _finish(tally, interrupted=controls.draining.is_set())
+
+
+async def _execute(run: Run, settings: Settings) -> Tally:
+    async with Transport(settings.endpoint, timeout_s=settings.timeout_s,
+                         max_connections=settings.in_flight) as transport:
+        try:
+            return await run.execute(transport)
+        except* RunAborted as group:
+            raise group.exceptions[0] from None
+        except* LedgerError as group:
+            raise group.exceptions[0] from None
+
+
+def _finish(tally: Tally, *, interrupted: bool) -> int:
+    out = tally.outcomes
+    log.info("run.summary", interrupted=interrupted, throttles=tally.throttles,
+             skipped=sum(tally.skipped.values()), **{k: out[k] for k in ledger.OUTCOMES})
+    if interrupted:
+        print("stopped; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if out["rejected"] or out["invalid"]:
+        return EXIT_REJECTED
+    if out["deferred"]:
+        return EXIT_DEFERRED
+    return EXIT_OK
+
+
+@contextlib.asynccontextmanager
+async def _endpoint(settings: Settings, creds: Credentials | None, sandbox_on: bool
+                    ) -> AsyncIterator[tuple[Settings, Credentials]]:
+    """The real endpoint with the user's credentials, or an in-process sandbox."""
+    if not sandbox_on:
+        assert creds is not None
+        yield settings, creds
+        return
+    async with sandbox.serve(sandbox.SandboxConfig(rate=int(settings.pacing.rate))) as sb:
+        ak, sk = next(iter(sb.keys.items()))
+        log.info("sandbox.started", url=sb.url, access_key=ak)
+        yield replace(settings, endpoint=sb.url), Credentials(access_key=ak, secret_key=sk)
+
+
+async def _pacer(settings: Settings) -> Pacer:
+    if settings.limiter_url:
+        raise UsageError("--limiter: the shared limiter is not available in this build")
+    return LocalPacer(settings.pacing)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = Path(args.manifest)
+    return Settings(
+        manifest=path,
+        ledger=Path(args.ledger) if args.ledger else ledger.default_path(path),
+        endpoint=args.endpoint, region=args.region,
+        pacing=Pacing(rate=args.rate, headroom=args.headroom),
+        concurrency=args.concurrency,
+        retry=RetryPolicy(max_attempts=args.max_attempts, item_deadline_s=args.item_deadline),
+        timeout_s=args.timeout, grace_s=args.grace, dry_run=args.dry_run,
+        skip_invalid=args.skip_invalid, limiter_url=args.limiter,
+        limiter_timeout_s=args.limiter_timeout,
+    )
+
+
+# -- validate, report ---------------------------------------------------------------------
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    scan = manifest.scan(Path(args.manifest))
+    if scan.problem_count:
+        raise ManifestError(scan.problems, scan.problem_count)
+    print(f"{args.manifest}: {scan.groups} group(s), no problems")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    path = Path(args.ledger)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such ledger")
+    state = ledger.read_state(path)
+    if args.failed:
+        lines, invalid = report.failed_manifest(state)
+        sys.stdout.buffer.write(b"".join(line + b"\n" for line in lines))
+        sys.stdout.flush()
+        if invalid:
+            print(f"note: {invalid} invalid manifest line(s) are not listed; "
+                  "`report` names them, fix them in the manifest", file=sys.stderr)
+        return EXIT_OK
+    summary = report.summarize(state)
+    if args.json:
+        print(orjson.dumps(summary).decode())
+    else:
+        print(report.render(summary))
+    return EXIT_OK
+
+
+# -- sandbox ------------------------------------------------------------------------------
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    keys = dict(_pair(p) for p in args.keys.split(",")) if args.keys else sandbox.new_keys()
+    config = sandbox.SandboxConfig(
+        host=args.host, port=args.port, rate=args.rate, keys=keys, fault_rate=args.fault_rate,
+        ambiguous_rate=args.ambiguous_rate, latency_ms=_range(args.latency_ms), seed=args.seed,
+        log=Path(args.log) if args.log else None, forbid=args.forbid, hang_s=args.hang,
+        max_skew_s=args.max_skew, clock_offset_s=args.clock_offset,
+        faults=tuple(args.faults.split(",")) if args.faults else sandbox.FAULTS,
+    )
+    asyncio.run(_serve(config))
+    return EXIT_OK
+
+
+async def _serve(config: sandbox.SandboxConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with sandbox.serve(config) as sb:
+        print(f"sandbox listening on {sb.url}", flush=True)
+        for ak, sk in sb.keys.items():
+            print(f"credentials: VOLC_ACCESSKEY={ak} VOLC_SECRETKEY={sk}", flush=True)
+        print(f"try: VOLC_ACCESSKEY=... VOLC_SECRETKEY=... python -m worker run MANIFEST "
+              f"--endpoint {sb.url}", flush=True)
+        await stop.wait()
+    print("sandbox stopped", flush=True)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    ak, sep, sk = text.partition(":")
+    if not (sep and ak and sk):
+        raise UsageError(f"--keys: expected AK:SK, got {ak or '?'}:...")
+    return ak, sk
+
+
+def _range(text: str) -> tuple[float, float]:
+    lo, sep, hi = text.partition("-")
+    try:
+        a, b = float(lo), float(hi if sep else lo)
+    except ValueError:
+        raise UsageError(f"--latency-ms: expected A-B in milliseconds, got {text!r}") from None
+    if not 0 <= a <= b:
+        raise UsageError("--latency-ms: need 0 <= A <= B")
+    return a, b
+
+
+# -- arguments ----------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse exits 2 too; keep its usage text
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="worker", description="Bulk provisioning of Volcengine Live "
+                "pull-to-push groups: signed, paced, resumable.")
+    p.add_argument("--version", action="version", version=f"worker {__version__}")
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    common.add_argument("--log-format", choices=("auto", "console", "json"), default="auto",
+                        help="auto: console on a terminal, JSON lines otherwise")
+    sub = p.add_subparsers(required=True, metavar="COMMAND", parser_class=_Parser)
+
+    r = sub.add_parser("run", parents=[common], help="create every group of a manifest")
+    r.add_argument("manifest", help="JSONL file, one group per line")
+    r.add_argument("--ledger", help="result ledger (default: MANIFEST's name + .ledger.jsonl)")
+    r.add_argument("--endpoint", default=api.DEFAULT_ENDPOINT)
+    r.add_argument("--region", default=api.DEFAULT_REGION)
+    r.add_argument("--rate", type=float, default=float(api.DOCUMENTED_RATE),
+                   help="the account's limit in requests/s (default 10, the documented one)")
+    r.add_argument("--headroom", type=float, default=Pacing().headroom, help=argparse.SUPPRESS)
+    r.add_argument("--concurrency", type=int, default=0,
+                   help="requests in flight (default: enough for the rate at 2 s latency)")
+    r.add_argument("--max-attempts", type=int, default=RetryPolicy().max_attempts)
+    r.add_argument("--item-deadline", type=float, default=RetryPolicy().item_deadline_s,
+                   help="seconds one item may take across its attempts (default 300)")
+    r.add_argument("--timeout", type=float, default=Settings.__dataclass_fields__[
+        "timeout_s"].default, help="seconds one attempt may take (default 15)")
+    r.add_argument("--grace", type=float, default=10.0,
+                   help="seconds in-flight requests may finish after SIGINT/SIGTERM")
+    r.add_argument("--dry-run", action="store_true", help="validate and show the plan only")
+    r.add_argument("--skip-invalid", action="store_true",
+                   help="record invalid lines as `invalid` and go on with the rest")
+    r.add_argument("--sandbox", action="store_true",
+                   help="run against an in-process sandbox with throwaway keys")
+    r.add_argument("--limiter", default=os.environ.get("WORKER_LIMITER"),
+                   help="shared rate budget, redis://HOST:PORT/DB (env WORKER_LIMITER)")
+    r.add_argument("--limiter-timeout", type=float, default=60.0,
+                   help="seconds the shared limiter may stay unreachable (default 60)")
+    r.set_defaults(command=cmd_run)
+
+    v = sub.add_parser("validate", parents=[common], help="check a manifest, send nothing")
+    v.add_argument("manifest")
+    v.set_defaults(command=cmd_validate)
+
+    rep = sub.add_parser("report", parents=[common], help="summarize a ledger")
+    rep.add_argument("ledger")
+    rep.add_argument("--json", action="store_true", help="machine-readable counts")
+    rep.add_argument("--failed", action="store_true",
+                     help="print a manifest of the items not done, to fix and run again")
+    rep.set_defaults(command=cmd_report)
+
+    s = sub.add_parser("sandbox", parents=[common], help="run the local Live API")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    s.add_argument("--rate", type=int, default=api.DOCUMENTED_RATE,
+                   help="requests per sliding second per access key")
+    s.add_argument("--keys", help="AK:SK[,AK:SK...] (default: a throwaway pair, printed)")
+    s.add_argument("--fault-rate", type=float, default=0.0)
+    s.add_argument("--ambiguous-rate", type=float, default=0.0)
+    s.add_argument("--faults", help=f"comma list of fault kinds (default all: "
+                   f"{','.join(sandbox.FAULTS)})")
+    s.add_argument("--latency-ms", default="0-0", help="A-B, uniform (default 0-0)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--log", help="arrival log, JSONL")
+    s.add_argument("--forbid", help="regex: a Name or ProjectName matching it gets 403")
+    s.add_argument("--hang", type=float, default=60.0, help="seconds a `hang` fault lasts")
+    s.add_argument("--max-skew", type=float, default=900.0, help="X-Date tolerance, seconds")
+    s.add_argument("--clock-offset", type=float, default=0.0,
+                   help="seconds the sandbox's clock is ahead of the real one")
+    s.set_defaults(command=cmd_sandbox)
+    return p

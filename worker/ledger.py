@@ -1,0 +1,186 @@
+"""Ledger step: the append-only JSONL record of every run, and what it says is done.
+
+Records (one JSON object per line, `type` first):
+  run     header: run_id, started, version, manifest path and sha256, settings (no secrets)
+  intent  written before each attempt is sent: name, line, fingerprint, attempt, body
+  result  one per finished item: name, outcome, status, code, message, request_id, attempts,
+          fingerprint, line, started, finished (+ body for items not done)
+  end     footer: the run's summary and exit code
+
+Writes are synchronous `os.write` calls of whole records on an O_APPEND descriptor: nothing
+can be scheduled between deciding an outcome and recording it, and a crash can tear only the
+last line. `open` cuts such a torn tail off; damage anywhere else is an error naming the line.
+An exclusive `flock` on the file keeps a second run out; the kernel drops it when a process
+dies, so a killed run leaves no stale lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from worker.errors import LedgerError, LedgerLocked
+
+OUTCOMES: Final = ("created", "exists", "rejected", "deferred", "invalid")
+DONE: Final = frozenset({"created", "exists"})
+FSYNC_EVERY_S: Final = 1.0
+
+
+def default_path(manifest: Path) -> Path:
+    """groups.jsonl -> groups.ledger.jsonl, beside the manifest."""
+    stem = manifest.name[: -len(".jsonl")] if manifest.name.endswith(".jsonl") else manifest.name
+    return manifest.with_name(f"{stem}.ledger.jsonl")
+
+
+@dataclass(slots=True)
+class State:
+    """What the ledger says about each Name: its latest result, or an intent after it."""
+
+    latest: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)  # headers, oldest first
+    invalid: list[dict[str, Any]] = field(default_factory=list)  # invalid results of the last run
+    footer: dict[str, Any] | None = None
+
+    def fold(self, record: dict[str, Any]) -> None:
+        kind = record.get("type")
+        if kind == "run":
+            self.runs.append(record)
+            self.invalid = []
+            self.footer = None
+        elif kind == "end":
+            self.footer = record
+        elif kind == "result" and record.get("outcome") == "invalid":
+            self.invalid.append(record)
+            name = record.get("name")
+            # an invalid line says nothing about a group already done under that Name
+            if isinstance(name, str) and self.latest.get(name, {}).get("outcome") not in DONE:
+                self.latest[name] = record
+        elif kind in ("intent", "result"):
+            name = record.get("name")
+            if isinstance(name, str):
+                # an intent after a finished result matters only if that result was not done
+                prev = self.latest.get(name)
+                if kind == "intent" and prev is not None and prev.get("outcome") in DONE:
+                    return
+                self.latest[name] = record
+
+
+def read_state(path: Path) -> State:
+    """Load without locking or repairing (dry runs and reports). A torn tail is ignored."""
+    state = State()
+    if not path.exists():
+        return state
+    try:
+        with path.open("rb") as f:
+            for record in _records(path, f, tolerate_tail=True):
+                state.fold(record)
+    except OSError as exc:
+        raise LedgerError(f"{path}: cannot read the ledger: {exc.strerror}") from None
+    return state
+
+
+class Ledger:
+    """An open, locked ledger that the run appends to."""
+
+    def __init__(self, path: Path, fd: int, state: State, clock: Callable[[], float]) -> None:
+        self.path = path
+        self.state = state
+        self._fd = fd
+        self._clock = clock
+        self._synced_at = clock()
+        self._dirty = False
+        self._broken: str | None = None
+
+    @classmethod
+    def open(cls, path: Path, clock: Callable[[], float] = time.monotonic) -> Ledger:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise LedgerError(f"{path}: cannot open the ledger for writing: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LedgerLocked(f"{path}: another run is using this ledger") from None
+        try:
+            state = State()
+            with os.fdopen(os.dup(fd), "rb") as f:
+                f.seek(0)
+                for record in _records(path, f, tolerate_tail=False, fd=fd):
+                    state.fold(record)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, state, clock)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one whole record now. Raises LedgerError when it cannot; after that the
+        ledger refuses every write, so nothing more is sent whose outcome it could not keep."""
+        if self._broken is not None:
+            raise LedgerError(self._broken)
+        data = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            self._broken = f"{self.path}: cannot write the ledger: {exc.strerror}"
+            raise LedgerError(self._broken) from None
+        self._dirty = True
+        self.state.fold(record)
+        if self._clock() - self._synced_at >= FSYNC_EVERY_S:
+            self.sync()
+
+    def sync(self) -> None:
+        if not self._dirty:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._broken = f"{self.path}: cannot sync the ledger: {exc.strerror}"
+            raise LedgerError(self._broken) from None
+        self._dirty = False
+        self._synced_at = self._clock()
+
+    def close(self) -> None:
+        try:
+            if self._broken is None:
+                self.sync()
+        finally:
+            os.close(self._fd)  # also drops the lock
+
+
+def _records(path: Path, f: Any, *, tolerate_tail: bool, fd: int | None = None
+             ) -> Iterator[dict[str, Any]]:
+    """Parse every line; a last line without its newline is torn: cut it off (through `fd`)
+    or, when only reading, skip it."""
+    offset = 0
+    lineno = 0
+    for raw in f:
+        lineno += 1
+        if not raw.endswith(b"\n"):
+            if fd is not None:
+                os.ftruncate(fd, offset)
+                os.fsync(fd)
+            elif not tolerate_tail:
+                raise LedgerError(f"{path}:{lineno}: torn last record")
+            return
+        offset += len(raw)
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or record.get("type") not in ("run", "intent",
+                                                                      "result", "end"):
+            raise LedgerError(
+                f"{path}:{lineno}: damaged ledger record; the ledger is not a worker ledger "
+                "or was edited. Move it aside (or fix that line) and run again")
+        yield record

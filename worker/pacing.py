@@ -1,0 +1,90 @@
+"""Pace step: one rate budget per account, in this process.
+
+The server enforces its limit as a strict sliding window: any 1-second span may hold at most
+`rate` arrivals. A token bucket (aiolimiter's `AsyncLimiter(rate, 1)`) lets `rate` go at once
+and then one per 1/rate: 2*rate-1 inside one second. So this pacer spaces admissions evenly,
+1/target apart (target = rate less a small headroom), with no burst allowance at all:
+
+* The gap is measured from when a request was actually *admitted* (the real clock after the
+  sleep), not from when it was scheduled. After idle time, or after the event loop stalled
+  with several callers overdue, they still go out one gap apart, never in a clump.
+* Waking up a little late (timer slack, < SLACK) does not push the schedule back, or the
+  achieved rate would sag by the timer's lateness on every request. Keeping the schedule
+  compresses any run of N+1 admissions by at most SLACK in total, which the headroom covers:
+  N gaps of 1/target span N/target = 1/(1-headroom) seconds.
+
+A FlowLimitExceeded answer means someone (another process, another tool) spends the same
+budget: everybody pauses for `cooldown_s`, the rate halves, then climbs back linearly to the
+target over `recover_s` (AIMD, as TCP does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from worker.settings import Pacing
+
+SLACK_S = 0.004
+MIN_RATE = 0.2  # requests per second the cool-down never goes below
+
+
+class Pacer(Protocol):
+    """What the runner needs of a rate budget, local or shared."""
+
+    async def acquire(self) -> None:
+        """Return when one more request may be sent now."""
+
+    def throttled(self) -> None:
+        """The server answered FlowLimitExceeded: slow everybody down."""
+
+
+class LocalPacer:
+    def __init__(self, pacing: Pacing, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self._pacing = pacing
+        self._clock = clock
+        self._sleep = sleep
+        self._next = float("-inf")  # earliest admission of the next caller
+        self._throttled_at: float | None = None
+        self._floor = pacing.target  # the rate right after the last throttle
+        self._lock: asyncio.Lock | None = None  # made inside the running loop
+        self.admitted = 0
+
+    def __repr__(self) -> str:
+        return (f"<LocalPacer target={self._pacing.target:.2f}/s "
+                f"now={self.rate(self._clock()):.2f}/s admitted={self.admitted}>")
+
+    def rate(self, now: float) -> float:
+        """The rate in force at `now`: the target, or on the way back to it."""
+        if self._throttled_at is None:
+            return self._pacing.target
+        climbed = (now - self._throttled_at - self._pacing.cooldown_s) \
+            * self._pacing.target / self._pacing.recover_s
+        return min(self._pacing.target, self._floor + max(0.0, climbed))
+
+    async def acquire(self) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        # One caller at a time holds the lock while it waits for its slot: the lock's FIFO
+        # order is the admission order, and nobody can slip in between check and update.
+        async with self._lock:
+            while True:
+                now = self._clock()
+                due = self._next
+                if now >= due:
+                    break
+                await self._sleep(due - now)
+            gap = 1.0 / self.rate(now)
+            self._next = max(due + gap, now + gap - min(SLACK_S, gap / 4))
+            self.admitted += 1
+
+    def throttled(self) -> None:
+        now = self._clock()
+        if self._throttled_at is not None and now - self._throttled_at < self._pacing.cooldown_s:
+            return  # the same burst of answers: one slow-down, not one per answer
+        self._floor = max(MIN_RATE, self.rate(now) / 2)
+        self._throttled_at = now
+        self._next = max(self._next, now + self._pacing.cooldown_s)

@@ -1,0 +1,82 @@
+"""Plan step: given a manifest line and what the ledger says, what to do with it. Pure."""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from worker.ledger import DONE
+from worker.manifest import Group, Invalid
+
+
+class Do(enum.Enum):
+    SEND = "send"
+    SKIP = "skip"
+    RECORD_INVALID = "record-invalid"
+
+
+# Why, as the plan and the logs say it. The key is also the counter name in `Plan.counts`.
+REASONS = {
+    "new": "not in the ledger",
+    "deferred": "deferred by an earlier run: trying again",
+    "in_doubt": "sent by an earlier run that did not record an answer: sending again "
+                "(an 'already exists' answer confirms it)",
+    "fixed": "rejected or invalid before and the line has changed since",
+    "done": "already created",
+    "done_changed": "already created; the line has changed since, but create does not "
+                    "update a group",
+    "rejected_unchanged": "rejected before and the line is unchanged: fix it to retry",
+    "invalid": "invalid manifest line",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    do: Do
+    why: str  # a key of REASONS
+
+
+def decide(item: Group | Invalid, latest: dict[str, dict[str, Any]]) -> Decision:
+    if isinstance(item, Invalid):
+        return Decision(Do.RECORD_INVALID, "invalid")
+    prev = latest.get(item.name)
+    if prev is None:
+        return Decision(Do.SEND, "new")
+    if prev.get("type") == "intent":
+        return Decision(Do.SEND, "in_doubt")
+    outcome = prev.get("outcome")
+    changed = prev.get("fingerprint") != item.fingerprint
+    if outcome in DONE:
+        return Decision(Do.SKIP, "done_changed" if changed else "done")
+    if outcome == "rejected" and not changed:
+        return Decision(Do.SKIP, "rejected_unchanged")
+    if outcome in ("rejected", "invalid"):
+        return Decision(Do.SEND, "fixed")
+    return Decision(Do.SEND, "deferred")
+
+
+@dataclass(slots=True)
+class Plan:
+    """Counts of decisions, for --dry-run and the run's opening line."""
+
+    counts: Counter[str]
+
+    @property
+    def to_send(self) -> int:
+        return sum(self.counts[k] for k in SENDS)
+
+    def lines(self) -> list[str]:
+        order = ["new", "deferred", "in_doubt", "fixed", "done", "done_changed",
+                 "rejected_unchanged", "invalid"]
+        return [f"{self.counts[k]:>8}  {k:<18} {REASONS[k]}" for k in order if self.counts[k]]
+
+
+SENDS = ("new", "deferred", "in_doubt", "fixed")
+
+
+def count(items: Iterable[Group | Invalid], latest: dict[str, dict[str, Any]]) -> Plan:
+    """Decide every line without acting: for --dry-run and the run's opening line."""
+    return Plan(Counter(decide(item, latest).why for item in items))

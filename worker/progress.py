@@ -1,0 +1,52 @@
+"""Progress: a bar on a terminal; a structured line every few seconds anywhere else."""
+
+from __future__ import annotations
+
+import time
+from typing import IO, Any
+
+import structlog
+from tqdm import tqdm
+
+from worker.runner import Tally
+
+log = structlog.get_logger("worker")
+LINE_EVERY_S = 5.0
+
+
+class Progress:
+    def __init__(self, *, total: int, tty: bool, stream: IO[str]) -> None:
+        self._total = total
+        self._bar: "tqdm[Any] | None" = (
+            tqdm(total=total, unit="group", file=stream, dynamic_ncols=True, smoothing=0.1)
+            if tty else None
+        )
+        self._last_line = time.monotonic()
+
+    def tick(self, tally: Tally) -> None:
+        done = tally.finished
+        if self._bar is not None:
+            self._bar.n = done
+            self._bar.set_postfix_str(_outcomes(tally), refresh=False)
+            self._bar.refresh()
+            return
+        now = time.monotonic()
+        if now - self._last_line < LINE_EVERY_S:
+            return
+        self._last_line = now
+        elapsed = now - tally.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = max(0, self._total - done)
+        log.info("run.progress", done=done, total=self._total, rate_per_s=round(rate, 2),
+                 eta_s=round(left / rate) if rate > 0 else None, throttles=tally.throttles,
+                 **dict(tally.outcomes))
+
+    def close(self, tally: Tally) -> None:
+        if self._bar is not None:
+            self._bar.n = tally.finished
+            self._bar.set_postfix_str(_outcomes(tally), refresh=False)
+            self._bar.close()
+
+
+def _outcomes(tally: Tally) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(tally.outcomes.items()))
