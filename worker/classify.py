@@ -94,11 +94,11 @@ def classify(result: Response | Failure, *, now: datetime | None = None) -> Verd
     retry_after = parse_retry_after(result.retry_after, now or datetime.now(timezone.utc))
     if meta is None:  # no readable envelope: only the status is left to go by
         answer = Answer(result.status, "", _snippet(result.body), "")
-        return _by_status(result.status, answer, retry_after)
+        return _by_status(result.status, answer, retry_after, readable=False)
     code, message, request_id = meta
     answer = Answer(result.status, code, message, request_id)
     if not code:
-        return _by_status(result.status, answer, retry_after)
+        return _by_status(result.status, answer, retry_after, readable=True)
     if "FlowLimitExceeded" in code:
         return Throttled(answer, retry_after)
     if code == EXISTS:
@@ -110,9 +110,11 @@ def classify(result: Response | Failure, *, now: datetime | None = None) -> Verd
     return Rejected(answer)
 
 
-def _by_status(status: int, answer: Answer, retry_after: float | None) -> Verdict:
+def _by_status(status: int, answer: Answer, retry_after: float | None, *,
+               readable: bool) -> Verdict:
+    """For answers without an error code: the status is all there is to go by."""
     if 200 <= status < 300:
-        if answer.message or answer.request_id:  # a real envelope without an error
+        if readable:
             return Created(answer)
         # 2xx without a readable envelope: it may or may not have been done. Retrying is
         # safe (an "already exists" answer confirms it); calling it created is not.
@@ -143,7 +145,7 @@ def _metadata(result: Response) -> tuple[str, str, str] | None:
     request_id = request_id if isinstance(request_id, str) else ""
     error = meta.get("Error")
     if error is None:
-        return "", "", request_id or "-"
+        return "", "", request_id
     if not isinstance(error, dict) or not isinstance(error.get("Code", ""), str):
         return None  # an Error we cannot read is not a success
     message = error.get("Message")

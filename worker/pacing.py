@@ -61,9 +61,9 @@ class LocalPacer:
         """The rate in force at `now`: the target, or on the way back to it."""
         if self._throttled_at is None:
             return self._pacing.target
-        climbed = (now - self._throttled_at - self._pacing.cooldown_s) \
-            * self._pacing.target / self._pacing.recover_s
-        return min(self._pacing.target, self._floor + max(0.0, climbed))
+        since = now - self._throttled_at - self._pacing.cooldown_s
+        share = min(1.0, max(0.0, since / self._pacing.recover_s))
+        return self._floor + (self._pacing.target - self._floor) * share
 
     async def acquire(self) -> None:
         if self._lock is None:

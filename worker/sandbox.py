@@ -400,10 +400,11 @@ async def serve(config: SandboxConfig) -> AsyncIterator[Running]:
         config = replace(config, keys=new_keys())
     state = SandboxApp(config)
     state.open_log()
-    runner = web.AppRunner(state.build(), access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(state.build(), access_log=None, handler_cancellation=True,
+                           shutdown_timeout=1.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=1.0)
+        site = web.TCPSite(runner, config.host, config.port)
         await site.start()
         host, port = runner.addresses[0][:2]
         shown = f"[{host}]" if ":" in host else host

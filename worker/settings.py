@@ -39,7 +39,7 @@ class Pacing:
     rate: float = float(api.DOCUMENTED_RATE)  # the account's limit, requests per second
     headroom: float = DEFAULT_HEADROOM
     cooldown_s: float = 1.0  # pause for everyone after a FlowLimitExceeded
-    recover_s: float = 10.0  # time to climb back from the lowered rate to the full one
+    recover_s: float = 10.0  # after the pause, time to climb from the lowered rate to the target
 
     def __post_init__(self) -> None:
         if not (0 < self.rate <= 10_000):

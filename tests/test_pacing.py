@@ -1,0 +1,117 @@
+"""The local pacer, on a fake clock: evenly spaced, no bursts after idle or stalls, AIMD."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import max_in_window
+from worker.pacing import SLACK_S, LocalPacer
+from worker.settings import Pacing
+
+
+class FakeClock:
+    """Time moves only when someone sleeps; `late` makes the next wake-up overshoot."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.late = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.t += seconds + self.late
+        self.late = 0.0
+        await asyncio.sleep(0)
+
+
+async def admissions(pacer: LocalPacer, clock: FakeClock, n: int, callers: int = 8) -> list[float]:
+    """n admissions by `callers` concurrent callers; their clock times, sorted."""
+    times: list[float] = []
+
+    async def caller(count: int) -> None:
+        for _ in range(count):
+            await pacer.acquire()
+            times.append(clock())
+
+    async with asyncio.TaskGroup() as tg:
+        for i in range(callers):
+            tg.create_task(caller(n // callers + (1 if i < n % callers else 0)))
+    return sorted(times)
+
+
+def test_even_spacing_and_rate() -> None:
+    """Admissions are 1/target apart: never more than `rate` in a second, >= 95% of it."""
+    clock = FakeClock()
+    pacer = LocalPacer(Pacing(rate=10), clock=clock, sleep=clock.sleep)
+    times = asyncio.run(admissions(pacer, clock, 200))
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert min(gaps) >= 1 / Pacing(rate=10).target - SLACK_S
+    assert max_in_window(times) <= 10
+    achieved = (len(times) - 1) / (times[-1] - times[0])
+    assert achieved >= 0.95 * 10
+
+
+def test_no_burst_after_idle() -> None:
+    """After a long idle period the next callers still go one gap apart."""
+    clock = FakeClock()
+    pacer = LocalPacer(Pacing(rate=10), clock=clock, sleep=clock.sleep)
+    async def scenario() -> list[float]:
+        await admissions(pacer, clock, 10)
+        clock.t += 120.0
+        return await admissions(pacer, clock, 20)
+
+    later = asyncio.run(scenario())
+    assert max_in_window(later) <= 10
+    assert min(b - a for a, b in zip(later, later[1:])) >= 1 / Pacing(rate=10).target - SLACK_S
+
+
+def test_stall_does_not_release_a_clump() -> None:
+    """A wake-up 0.7 s late (a stalled loop) re-anchors the schedule instead of catching up."""
+    clock = FakeClock()
+    pacer = LocalPacer(Pacing(rate=10), clock=clock, sleep=clock.sleep)
+    async def scenario() -> list[float]:
+        before = await admissions(pacer, clock, 15)
+        clock.late = 0.7
+        return before + await admissions(pacer, clock, 30)
+
+    times = asyncio.run(scenario())
+    assert max_in_window(times) <= 10
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert min(gaps) >= 1 / Pacing(rate=10).target - SLACK_S
+
+
+def test_small_lateness_keeps_the_schedule() -> None:
+    """Timer slack below SLACK_S does not lower the achieved rate."""
+    clock = FakeClock()
+    pacer = LocalPacer(Pacing(rate=50), clock=clock, sleep=clock.sleep)
+
+    async def sleepy(seconds: float) -> None:
+        clock.t += seconds + 0.001  # every wake-up 1 ms late
+        await asyncio.sleep(0)
+
+    pacer._sleep = sleepy
+    times = asyncio.run(admissions(pacer, clock, 300))
+    achieved = (len(times) - 1) / (times[-1] - times[0])
+    assert achieved >= 0.95 * 50
+    assert max_in_window(times) <= 50
+
+
+def test_throttle_pauses_halves_and_recovers() -> None:
+    """A FlowLimitExceeded pauses everyone, halves the rate, then climbs back to the target."""
+    clock = FakeClock()
+    pacing = Pacing(rate=10, cooldown_s=1.0, recover_s=10.0)
+    pacer = LocalPacer(pacing, clock=clock, sleep=clock.sleep)
+    async def scenario() -> tuple[float, list[float]]:
+        await admissions(pacer, clock, 5)
+        t0 = clock()
+        pacer.throttled()
+        pacer.throttled()  # the same burst of answers: counted once
+        assert pacer.rate(t0) == pacing.target / 2
+        return t0, await admissions(pacer, clock, 1)
+
+    t0, after = asyncio.run(scenario())
+    assert after[0] >= t0 + 1.0
+    assert pacer.rate(t0 + 1.0 + 5.0) < pacing.target
+    assert pacer.rate(t0 + 1.0 + 10.0) == pacing.target
+    assert "LocalPacer" in repr(pacer) and "admitted=6" in repr(pacer)
