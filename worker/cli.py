@@ -166,7 +166,8 @@ def _finish(tally: Tally, *, interrupted: bool) -> int:
     if interrupted:
         print("stopped; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if out["rejected"] or out["invalid"]:
+    # A rerun that skips unchanged rejected lines still has not done what the manifest asks.
+    if out["rejected"] or out["invalid"] or tally.skipped["rejected_unchanged"]:
         return EXIT_REJECTED
     if out["deferred"]:
         return EXIT_DEFERRED

@@ -1,0 +1,75 @@
+"""Shared by the tests and the benchmarks: the sandbox as a real process, and window counting."""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class SandboxProc:
+    """A `python -m worker sandbox` process and what it knows."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    log: Path
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def state(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/_sandbox/state", timeout=10) as resp:
+            data: dict[str, Any] = json.load(resp)
+        return data
+
+    def arrivals(self) -> list[dict[str, Any]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def start_sandbox(tmp: Path, *args: str, keys: dict[str, str]) -> SandboxProc:
+    stamp = time.monotonic_ns()
+    log = tmp / f"arrivals-{stamp}.jsonl"
+    cmd = [sys.executable, "-m", "worker", "sandbox", "--port", "0", "--log", str(log),
+           "--keys", ",".join(f"{k}:{v}" for k, v in keys.items()), *args]
+    errors = tmp / f"sandbox-stderr-{stamp}.txt"
+    with errors.open("w") as err:  # a file, not a pipe: a chatty sandbox must never block
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    line = proc.stdout.readline() if ready else ""
+    if not line.startswith("sandbox listening on "):
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        raise RuntimeError(f"sandbox did not start: {line!r} {errors.read_text()}")
+    return SandboxProc(proc=proc, url=line.split()[-1], log=log, keys=keys)
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    """Most arrivals inside any span (t - window, t], the sandbox's own rule."""
+    times = sorted(times)
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] <= t - window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
