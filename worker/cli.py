@@ -13,7 +13,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime, timedelta
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -28,7 +29,7 @@ from worker.errors import (
 )
 from worker.pacing import LocalPacer, Pacer
 from worker.progress import Progress
-from worker.runner import Controls, Run, Tally
+from worker.runner import Controls, Run, Tally, utcnow
 from worker.settings import Pacing, RetryPolicy, Settings
 from worker.signing import Credentials
 from worker.transport import Transport
@@ -101,54 +102,63 @@ def _dry_run(settings: Settings, scan: manifest.Scan) -> int:
 
 async def _run(settings: Settings, scan: manifest.Scan, book: ledger.Ledger,
                creds: Credentials | None, *, sandbox_on: bool) -> int:
-    async with _endpoint(settings, creds, sandbox_on) as (settings, creds):
-        controls = Controls()
-        pacer = await _pacer(settings)
-        progress: Progress | None = None
-        run = Run(settings=settings, credentials=creds, scan=scan, ledger=book, pacer=pacer,
-                  controls=controls, on_tick=lambda t: progress.tick(t) if progress else None)
+    async with _endpoint(settings, creds, sandbox_on) as (live, live_creds), \
+            _pacer(live, live_creds) as pacer:
+        progress = Progress(tty=sys.stderr.isatty(), stream=sys.stderr)
+        run = Run(settings=live, credentials=live_creds, scan=scan, ledger=book, pacer=pacer,
+                  controls=Controls(), wall=_wall_clock(), on_tick=progress.tick)
         counted = run.count_plan()
         log.info("run.start", run_id=run.run_id, manifest=str(scan.path),
-                 ledger=str(book.path), endpoint=settings.endpoint, rate=settings.pacing.rate,
-                 concurrency=settings.in_flight, **dict(counted.counts))
+                 ledger=str(book.path), endpoint=live.endpoint, rate=live.pacing.rate,
+                 concurrency=live.in_flight, **dict(counted.counts))
         for why, n in counted.counts.items():
             if why != "new":
-                log.info("run.skip" if why not in plan.SENDS else "run.resend", reason=why,
+                log.info("run.resend" if why in plan.SENDS else "run.skip", reason=why,
                          count=n, why=plan.REASONS[why])
-        progress = Progress(total=run.tally.to_send, tty=sys.stderr.isatty(), stream=sys.stderr)
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        execution = asyncio.ensure_future(_execute(run, settings))
-        signals = 0
-
-        def on_signal(signum: int) -> None:
-            nonlocal signals
-            signals += 1
-            if signals == 1:
-                log.warning("run.stopping", signal=signal.Signals(signum).name,
-                            grace_s=settings.grace_s,
-                            hint="in-flight requests may finish; signal again to stop at once")
-                controls.drain()
-                loop.call_later(settings.grace_s, execution.cancel)
-            else:
-                log.warning("run.stopping_now", signal=signal.Signals(signum).name)
-                execution.cancel()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal, sig)
-        assert task is not None
+        progress.start(total=run.tally.to_send)
         try:
-            tally = await execution
-        except asyncio.CancelledError:
-            tally = run.tally
+            tally = await _under_signals(run, live.grace_s)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
             progress.close(run.tally)
-        return _finish(tally, interrupted=controls.draining.is_set())
+        if run.failure is not None:
+            _finish(tally, interrupted=False)
+            raise run.failure
+        return _finish(tally, interrupted=run.controls.reason == "signal")
 
 
-async def _execute(run: Run, settings: Settings) -> Tally:
+async def _under_signals(run: Run, grace_s: float) -> Tally:
+    """Execute the run; the first SIGINT/SIGTERM drains it, and cancels it after `grace_s`;
+    a second signal cancels it at once."""
+    loop = asyncio.get_running_loop()
+    execution = asyncio.ensure_future(_execute(run))
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        name = signal.Signals(signum).name
+        if signals == 1:
+            log.warning("run.stopping", signal=name, grace_s=grace_s,
+                        hint="in-flight requests may finish; signal again to stop at once")
+            run.controls.drain()
+            loop.call_later(grace_s, execution.cancel)
+        else:
+            log.warning("run.stopping_now", signal=name)
+            execution.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await execution
+    except asyncio.CancelledError:
+        return run.tally
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _execute(run: Run) -> Tally:
+    settings = run.settings
     async with Transport(settings.endpoint, timeout_s=settings.timeout_s,
                          max_connections=settings.in_flight) as transport:
         try:
@@ -188,10 +198,28 @@ async def _endpoint(settings: Settings, creds: Credentials | None, sandbox_on: b
         yield replace(settings, endpoint=sb.url), Credentials(access_key=ak, secret_key=sk)
 
 
-async def _pacer(settings: Settings) -> Pacer:
-    if settings.limiter_url:
-        raise UsageError("--limiter: the shared limiter is not available in this build")
-    return LocalPacer(settings.pacing)
+@contextlib.asynccontextmanager
+async def _pacer(settings: Settings, creds: Credentials) -> AsyncIterator[Pacer]:
+    """The in-process budget, or the one shared through Redis (--limiter)."""
+    if not settings.limiter_url:
+        yield LocalPacer(settings.pacing)
+        return
+    from worker.pacing_redis import RedisPacer  # only runs with --limiter pay for redis-py
+
+    async with RedisPacer(settings.limiter_url, pacing=settings.pacing,
+                          endpoint=settings.endpoint, access_key=creds.access_key,
+                          timeout_s=settings.limiter_timeout_s) as shared:
+        log.info("limiter.shared", limiter=settings.public()["limiter"])
+        yield shared
+
+
+def _wall_clock() -> Callable[[], datetime]:
+    """UTC now, shifted by WORKER_TEST_CLOCK_OFFSET_S: a test hook that plays a host whose
+    clock is off. Nothing in the rate budget reads this clock; X-Date and ledger times do."""
+    offset = float(os.environ.get("WORKER_TEST_CLOCK_OFFSET_S", "0") or 0)
+    if not offset:
+        return utcnow
+    return lambda: utcnow() + timedelta(seconds=offset)
 
 
 def _settings(args: argparse.Namespace) -> Settings:

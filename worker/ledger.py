@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -89,17 +88,15 @@ def read_state(path: Path) -> State:
 class Ledger:
     """An open, locked ledger that the run appends to."""
 
-    def __init__(self, path: Path, fd: int, state: State, clock: Callable[[], float]) -> None:
+    def __init__(self, path: Path, fd: int, state: State) -> None:
         self.path = path
         self.state = state
         self._fd = fd
-        self._clock = clock
-        self._synced_at = clock()
         self._dirty = False
         self._broken: str | None = None
 
     @classmethod
-    def open(cls, path: Path, clock: Callable[[], float] = time.monotonic) -> Ledger:
+    def open(cls, path: Path) -> Ledger:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -118,7 +115,7 @@ class Ledger:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, state, clock)
+        return cls(path, fd, state)
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one whole record now. Raises LedgerError when it cannot; after that the
@@ -136,24 +133,24 @@ class Ledger:
             raise LedgerError(self._broken) from None
         self._dirty = True
         self.state.fold(record)
-        if self._clock() - self._synced_at >= FSYNC_EVERY_S:
-            self.sync()
 
     def sync(self) -> None:
+        """fsync if anything was written since the last one. The runner calls this from a
+        worker thread every FSYNC_EVERY_S: an fsync can take tens of milliseconds, and on the
+        event loop that stall would bunch up paced requests."""
         if not self._dirty:
             return
+        self._dirty = False  # before the fsync: a write racing with it marks it dirty again
         try:
             os.fsync(self._fd)
         except OSError as exc:
             self._broken = f"{self.path}: cannot sync the ledger: {exc.strerror}"
             raise LedgerError(self._broken) from None
-        self._dirty = False
-        self._synced_at = self._clock()
 
     def close(self) -> None:
         try:
             if self._broken is None:
-                self.sync()
+                os.fsync(self._fd)
         finally:
             os.close(self._fd)  # also drops the lock
 

@@ -15,13 +15,20 @@ LINE_EVERY_S = 5.0
 
 
 class Progress:
-    def __init__(self, *, total: int, tty: bool, stream: IO[str]) -> None:
-        self._total = total
-        self._bar: "tqdm[Any] | None" = (
-            tqdm(total=total, unit="group", file=stream, dynamic_ncols=True, smoothing=0.1)
-            if tty else None
-        )
+    """Reports a run's tally; `start` once the total is known, `tick` every second."""
+
+    def __init__(self, *, tty: bool, stream: IO[str]) -> None:
+        self._tty = tty
+        self._stream = stream
+        self._total = 0
+        self._bar: "tqdm[Any] | None" = None
         self._last_line = time.monotonic()
+
+    def start(self, *, total: int) -> None:
+        self._total = total
+        if self._tty:
+            self._bar = tqdm(total=total, unit="group", file=self._stream, dynamic_ncols=True,
+                             smoothing=0.1)
 
     def tick(self, tally: Tally) -> None:
         done = tally.finished

@@ -27,8 +27,8 @@ import structlog
 
 from worker import __version__, api, manifest, plan
 from worker.classify import Abort, Answer, Created, Exists, Rejected, Retry, Throttled, backoff_s, classify
-from worker.errors import RunAborted
-from worker.ledger import Ledger
+from worker.errors import LimiterUnavailable, RunAborted
+from worker.ledger import FSYNC_EVERY_S, Ledger
 from worker.pacing import Pacer
 from worker.settings import Settings
 from worker.signing import Credentials, sign
@@ -61,11 +61,14 @@ class Tally:
 
 @dataclass(slots=True)
 class Controls:
-    """How the CLI steers a run from outside: drain on the first signal."""
+    """How a run is stopped gently: drain on the first signal, or when the limiter is lost."""
 
     draining: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str | None = None  # "signal" | "limiter"
 
-    def drain(self) -> None:
+    def drain(self, reason: str = "signal") -> None:
+        if self.reason is None:
+            self.reason = reason
         self.draining.set()
 
 
@@ -89,6 +92,7 @@ class Run:
         self.on_tick = on_tick
         self.tally = Tally()
         self.run_id = uuid.uuid4().hex
+        self.failure: LimiterUnavailable | None = None
         self.plan = plan.Plan(Counter())
         self._host = urlsplit(settings.endpoint).netloc
 
@@ -123,7 +127,8 @@ class Run:
                 "type": "end", "run_id": self.run_id, "finished": self._stamp(),
                 "outcomes": dict(self.tally.outcomes), "skipped": dict(self.tally.skipped),
                 "codes": dict(self.tally.codes), "throttles": self.tally.throttles,
-                "interrupted": self.controls.draining.is_set(),
+                "interrupted": self.controls.reason == "signal",
+                "stopped_by": self.controls.reason,
             })
         return self.tally
 
@@ -181,6 +186,14 @@ class Run:
         while True:
             try:
                 await self._unless_draining(self.pacer.acquire())
+            except LimiterUnavailable as exc:
+                # Never fall back to a private budget: stop taking work, let what is on the
+                # wire finish, and end the run (exit 3).
+                self.failure = exc
+                self.controls.drain("limiter")
+                if sends == 0:
+                    return None
+                return self._finish(group, "deferred", last, started, sends)
             except _Stopped:
                 if sends == 0:
                     return None  # never sent: it stays as it was (pending, or in doubt)
@@ -271,8 +284,8 @@ class Run:
 
     async def _tick(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
-            self.ledger.sync()
+            await asyncio.sleep(FSYNC_EVERY_S)
+            await asyncio.to_thread(self.ledger.sync)
             if self.on_tick is not None:
                 self.on_tick(self.tally)
 

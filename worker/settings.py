@@ -78,6 +78,9 @@ class Settings:
         check_endpoint(self.endpoint)
         if self.concurrency < 0:
             raise UsageError("--concurrency must be positive")
+        if self.limiter_url is not None and not self.limiter_url.startswith(
+                ("redis://", "rediss://", "unix://")):
+            raise UsageError(f"--limiter {self.limiter_url!r}: expected redis://HOST:PORT/DB")
         if self.timeout_s <= 0 or self.grace_s < 0:
             raise UsageError("--timeout must be positive and --grace not negative")
 

@@ -1,0 +1,248 @@
+"""One rate budget for many worker processes, shared through a real Redis.
+
+Needs Redis: REDIS_URL (default redis://127.0.0.1:6379/0) for the shared-budget tests, and the
+`redis-server` binary for the outage tests (they start and kill their own server). Without
+them these tests are skipped with a message saying how to get Redis, and with CI set they
+fail instead: CI must run them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    SandboxProc, cli_env, ledger_records, max_in_window, names, run_worker, worker_cmd,
+    write_manifest,
+)
+from worker.pacing_redis import RedisPacer
+from worker.settings import Pacing
+
+pytestmark = pytest.mark.redis
+HOW = ("start one (`redis-server --port 6379 --save '' &`, after `apt-get install "
+       "redis-server`) or point REDIS_URL at one; `bash scripts/test` starts one by itself")
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (CI must run the Redis tests): {HOW}")
+    pytest.skip(f"{what}: {HOW}")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        _missing(f"no Redis at {url} ({exc})")
+    return url
+
+
+class OwnRedis:
+    """A redis-server of our own on a fixed free port, to stop and start at will."""
+
+    def __init__(self, tmp: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            _missing("the redis-server binary is not installed")
+        assert binary is not None
+        self.binary = binary
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.tmp = tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis.from_url(self.url, socket_timeout=0.5).ping()
+                return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError("own redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    server = OwnRedis(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def creates(sb: SandboxProc) -> list[dict[str, Any]]:
+    return [a for a in sb.arrivals() if a["action"] == "CreatePullToPushGroup"]
+
+
+def start_workers(tmp: Path, sb: SandboxProc, count: int, per: int, *extra: str,
+                  env_extra: list[dict[str, str]] | None = None) -> list[subprocess.Popen[str]]:
+    procs = []
+    for i in range(count):
+        manifest = write_manifest(tmp / f"w{i}.jsonl", names(per, prefix=f"进程{i}组"))
+        env = cli_env(tmp)
+        env.update((env_extra or [{}] * count)[i])
+        procs.append(subprocess.Popen(
+            worker_cmd("run", str(manifest), "--endpoint", sb.url, "--rate", "20", *extra),
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen[str]], timeout: float = 120) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        out.append((p.returncode, err))
+    return out
+
+
+def aggregate_rate(sb: SandboxProc) -> float:
+    ok = sorted(a["t"] for a in creates(sb) if a["code"] == "")
+    return (len(ok) - 1) / (ok[-1] - ok[0])
+
+
+def test_three_workers_share_one_budget(redis_url: str, sandbox_factory: Any, tmp_path: Path) -> None:
+    """3 processes x 100 groups, one AK, sandbox strict at 20/s, shared limiter: no throttle,
+    never more than 20 arrivals in a sliding second, >= 85% of 20/s together, all once."""
+    sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "20-200")
+    results = finish(start_workers(tmp_path, sb, 3, 100, "--limiter", redis_url))
+    assert [code for code, _ in results] == [0, 0, 0], [err[-2000:] for _, err in results]
+    arrivals = creates(sb)
+    assert [a for a in arrivals if a["code"] == "FlowLimitExceeded"] == []
+    assert max_in_window([a["t"] for a in arrivals]) <= 20
+    assert aggregate_rate(sb) >= 0.85 * 20
+    state = sb.state()
+    assert len(state["groups"]) == 300 and all(g["created"] == 1 for g in state["groups"])
+
+
+def test_per_process_budgets_get_throttled(sandbox_factory: Any, tmp_path: Path) -> None:
+    """The same setup with in-process limiters is throttled: the test above can tell them apart."""
+    sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "20-200")
+    results = finish(start_workers(tmp_path, sb, 3, 40))
+    assert all(code in (0, 3) for code, _ in results)
+    throttled = sum(1 for a in creates(sb) if a["code"] == "FlowLimitExceeded")
+    assert throttled > 0
+
+
+def test_redis_outage_pauses_then_resumes_without_burst(own_redis: OwnRedis, sandbox_factory: Any,
+                                                        tmp_path: Path) -> None:
+    """Redis killed for ~3 s mid-run: sending stops, resumes when it is back, no burst over the
+    limit, every group done once."""
+    sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "20-100")
+    procs = start_workers(tmp_path, sb, 2, 60, "--limiter", own_redis.url,
+                          "--limiter-timeout", "30")
+    deadline = time.monotonic() + 30
+    while len(sb.state()["groups"]) < 30 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    own_redis.kill()
+    killed_at = time.time()
+    time.sleep(3)
+    own_redis.start()
+    results = finish(procs)
+    assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
+    assert all("limiter.unreachable" in err and "limiter.back" in err for _, err in results)
+    arrivals = creates(sb)
+    assert [a for a in arrivals if a["code"] == "FlowLimitExceeded"] == []
+    assert max_in_window([a["t"] for a in arrivals]) <= 20
+    # nothing was sent while Redis was away (beyond what was already admitted when it died)
+    during = [a for a in arrivals if killed_at + 1.0 < a["t"] < killed_at + 3.0]
+    assert during == []
+    state = sb.state()
+    assert len(state["groups"]) == 120 and all(g["created"] == 1 for g in state["groups"])
+
+
+def test_redis_gone_for_good_exits_3(own_redis: OwnRedis, sandbox_factory: Any, tmp_path: Path) -> None:
+    """Redis gone longer than --limiter-timeout: exit 3, consistent ledger, and a later run
+    with Redis back completes the rest."""
+    sb: SandboxProc = sandbox_factory("--rate", "20")
+    [proc] = start_workers(tmp_path, sb, 1, 80, "--limiter", own_redis.url,
+                           "--limiter-timeout", "2")
+    deadline = time.monotonic() + 30
+    while len(sb.state()["groups"]) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    own_redis.kill()
+    [(code, err)] = finish([proc])
+    assert code == 3, err[-2000:]
+    assert "unreachable for more than 2s" in err and "Traceback" not in err
+    records = ledger_records(tmp_path / "w0.ledger.jsonl")
+    assert records[-1]["type"] == "end" and records[-1]["stopped_by"] == "limiter"
+    done = {r["name"] for r in records if r["type"] == "result" and r["outcome"] == "created"}
+    assert done == {g["Name"] for g in sb.state()["groups"]}  # every answer was recorded
+    own_redis.start()
+    again = run_worker("run", str(tmp_path / "w0.jsonl"), "--endpoint", sb.url, "--rate", "20",
+                       "--limiter", own_redis.url, env=cli_env(tmp_path))
+    assert again.returncode == 0, again.stderr[-2000:]
+    state = sb.state()
+    assert len(state["groups"]) == 80 and all(g["created"] == 1 for g in state["groups"])
+
+
+def test_skewed_host_clocks_share_the_budget(redis_url: str, sandbox_factory: Any,
+                                             tmp_path: Path) -> None:
+    """Two processes whose clocks differ by 14 s still share the budget evenly: the slots come
+    from the Redis server's clock, never from the hosts'."""
+    sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "10-100")
+    procs = start_workers(tmp_path, sb, 2, 60, "--limiter", redis_url, env_extra=[
+        {"WORKER_TEST_CLOCK_OFFSET_S": "-7"}, {"WORKER_TEST_CLOCK_OFFSET_S": "7"}])
+    results = finish(procs)
+    assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
+    arrivals = creates(sb)
+    assert Counter(a["code"] for a in arrivals) == {"": 120}
+    assert max_in_window([a["t"] for a in arrivals]) <= 20
+    assert aggregate_rate(sb) >= 0.85 * 20
+    # the hook really shifted the clocks: the two ledgers' stamps are ~14 s apart
+    started = [datetime.fromisoformat(ledger_records(tmp_path / f"w{i}.ledger.jsonl")[0]["started"])
+               for i in range(2)]
+    assert abs((started[1] - started[0]).total_seconds() - 14) < 5
+
+
+def test_pacers_in_one_loop_book_evenly_spaced_slots(redis_url: str) -> None:
+    """Several RedisPacers on one key (as separate processes would be) admit 1/target apart."""
+    async def main() -> list[float]:
+        times: list[float] = []
+        endpoint = f"http://test-{time.monotonic_ns()}"
+        pacers = [RedisPacer(redis_url, pacing=Pacing(rate=40), endpoint=endpoint,
+                             access_key="AK", timeout_s=5) for _ in range(3)]
+        async with pacers[0], pacers[1], pacers[2]:
+            async def use(p: RedisPacer) -> None:
+                for _ in range(20):
+                    await p.acquire()
+                    times.append(time.monotonic())
+            async with asyncio.TaskGroup() as tg:
+                for p in pacers:
+                    for _ in range(4):
+                        tg.create_task(use(p))
+        return sorted(times)
+
+    times = asyncio.run(main())
+    assert len(times) == 240
+    assert max_in_window(times) <= 40
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert rate >= 0.9 * 40
