@@ -269,7 +269,7 @@ def test_arrival_log_and_state(tmp_path: Path) -> None:
     with_sandbox(t, log=log)
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(r["name"], r["status"], r["code"]) for r in rows] == [
-        ("Log1", 200, ""), ("Log1", 429, "RequestLimitExceeded.Exist"), (None, 401, "SignatureDoesNotMatch")]
+        ("Log1", 200, ""), ("Log1", 429, "RequestLimitExceeded.Exist"), ("Log2", 401, "SignatureDoesNotMatch")]
     assert all(r["ak"] in ("AKSB", "") and r["action"] == api.CREATE and r["t"] > 0 for r in rows)
 
 

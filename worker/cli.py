@@ -84,7 +84,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if settings.dry_run:
         return _dry_run(settings, scan)
     creds = None if args.sandbox else credentials.load(os.environ, Path.home())
-    book = ledger.Ledger.open(settings.ledger)
+    book = ledger.Ledger.open(
+        settings.ledger,
+        torn_writes_s=float(os.environ.get("WORKER_TEST_TORN_WRITES_S", "0") or 0))
     try:
         return asyncio.run(_run(settings, scan, book, creds, sandbox_on=args.sandbox))
     finally:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,15 +89,18 @@ def read_state(path: Path) -> State:
 class Ledger:
     """An open, locked ledger that the run appends to."""
 
-    def __init__(self, path: Path, fd: int, state: State) -> None:
+    def __init__(self, path: Path, fd: int, state: State, *, torn_writes_s: float = 0.0) -> None:
         self.path = path
         self.state = state
         self._fd = fd
         self._dirty = False
+        # Test hook (WORKER_TEST_TORN_WRITES_S): write each record in two halves with this
+        # pause between, so that a kill -9 can land inside a record, as a crash can.
+        self._torn_writes_s = torn_writes_s
         self._broken: str | None = None
 
     @classmethod
-    def open(cls, path: Path) -> Ledger:
+    def open(cls, path: Path, *, torn_writes_s: float = 0.0) -> Ledger:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -115,7 +119,7 @@ class Ledger:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, state)
+        return cls(path, fd, state, torn_writes_s=torn_writes_s)
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one whole record now. Raises LedgerError when it cannot; after that the
@@ -123,11 +127,16 @@ class Ledger:
         if self._broken is not None:
             raise LedgerError(self._broken)
         data = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        whole = memoryview(data)
+        pieces = [whole[: len(whole) // 2], whole[len(whole) // 2:]] if self._torn_writes_s \
+            else [whole]
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            for i, view in enumerate(pieces):
+                if i:
+                    time.sleep(self._torn_writes_s)
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
         except OSError as exc:
             self._broken = f"{self.path}: cannot write the ledger: {exc.strerror}"
             raise LedgerError(self._broken) from None

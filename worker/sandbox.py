@@ -149,14 +149,13 @@ class SandboxApp:
         self.arrivals += 1
         body = await request.read()
         action = request.query.get("Action", "")
-        ak, name, fault = "", None, None
+        ak, name, fault = "", _name_in(body), None
         try:
             if action not in api.GROUP_ACTIONS or request.query.get("Version") != api.VERSION:
                 raise _Answer(404, "InvalidActionOrVersion", "the action or version is not supported")
             ak = self._authenticate(request, body)
             self._admit(ak, arrived_mono)
             payload = _decode(body)
-            name = payload.get("Name") if isinstance(payload.get("Name"), str) else None
             fault = self._fault(action, name)
             if fault is not None and fault not in AMBIGUOUS_MARK:
                 return await self._misbehave(request, arrived_wall, ak, action, name, fault)
@@ -344,6 +343,16 @@ class SandboxApp:
 
 # "ambiguous:X" -> X: the answer given after the create was carried out.
 AMBIGUOUS_MARK: Final = {f"ambiguous:{kind}": kind for kind in AMBIGUOUS}
+
+
+def _name_in(body: bytes) -> str | None:
+    """The Name a request is about, for the arrival log, whatever else is wrong with it."""
+    try:
+        payload = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None
+    name = payload.get("Name") if isinstance(payload, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _decode(body: bytes) -> dict[str, Any]:
