@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -76,7 +76,7 @@ async def run_naive(sb: SandboxProc, groups: int, limiter: AsyncLimiter, concurr
                     headers = sign(method="POST", host=host, path="/", query=query,
                                    content_type="application/json", body=body,
                                    credentials=creds, region="cn-north-1",
-                                   now=datetime.now(timezone.utc))
+                                   now=datetime.now(UTC))
                 await transport.send(query, headers, body)
         async with asyncio.TaskGroup() as tg:
             for _ in range(concurrency):

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
 import pytest
 
 from worker.classify import (
-    Abort, Created, Exists, Rejected, Retry, Throttled, backoff_s, classify, parse_retry_after,
+    Abort,
+    Created,
+    Exists,
+    Rejected,
+    Retry,
+    Throttled,
+    backoff_s,
+    classify,
+    parse_retry_after,
 )
 from worker.settings import RetryPolicy
 from worker.transport import Failure, Response
 
-NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def envelope(status: int, code: str | None, *, retry_after: str | None = None) -> Response:

@@ -11,10 +11,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.conftest import (
-    AK, SandboxProc, cli_env, ledger_records, max_in_window, names, run_worker, worker_cmd,
+    AK,
+    SandboxProc,
+    cli_env,
+    ledger_records,
+    max_in_window,
+    names,
+    run_worker,
+    worker_cmd,
     write_manifest,
 )
 from worker.ledger import Ledger
@@ -250,7 +255,7 @@ def test_report_text_and_ledger_shape(sandbox: SandboxProc, tmp_path: Path) -> N
     env = cli_env(tmp_path)
     assert run_worker("run", str(manifest), "--endpoint", sandbox.url, env=env).returncode == 0
     records = ledger_records(tmp_path / "m.ledger.jsonl")
-    assert [r["type"] for r in records][0] == "run" and records[-1]["type"] == "end"
+    assert next(r["type"] for r in records) == "run" and records[-1]["type"] == "end"
     header = records[0]
     assert header["manifest_sha256"] and header["settings"]["rate"] == 10
     assert "SK" not in json.dumps(header["settings"])

@@ -8,10 +8,9 @@ from typing import Any
 import pytest
 
 from worker import plan
-from worker.errors import LedgerError, LedgerLocked
+from worker.errors import LedgerError, LedgerLocked, Problem
 from worker.ledger import Ledger, default_path, read_state
 from worker.manifest import Group, Invalid
-from worker.errors import Problem
 
 
 def result(name: str, outcome: str, fingerprint: str = "f1") -> dict[str, Any]:

@@ -111,7 +111,7 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
 def test_problem_count_is_capped_but_counted(tmp_path: Path) -> None:
     """Thousands of bad lines: 50 shown, all counted, every invalid line known for --skip-invalid."""
     path = tmp_path / "m.jsonl"
-    path.write_text("".join('{"Name": "bad-%d"}\n' % i for i in range(3000)) + '{"Name":"ok"}\n')
+    path.write_text("".join(f'{{"Name": "bad-{i}"}}\n' for i in range(3000)) + '{"Name":"ok"}\n')
     result = scan(path)
     assert len(result.problems) == 50 and result.problem_count == 3000
     items = list(read(result))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from tests.conftest import max_in_window
 from worker.pacing import SLACK_S, LocalPacer
@@ -45,7 +46,7 @@ def test_even_spacing_and_rate() -> None:
     clock = FakeClock()
     pacer = LocalPacer(Pacing(rate=10), clock=clock, sleep=clock.sleep)
     times = asyncio.run(admissions(pacer, clock, 200))
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 1 / Pacing(rate=10).target - SLACK_S
     assert max_in_window(times) <= 10
     achieved = (len(times) - 1) / (times[-1] - times[0])
@@ -63,7 +64,7 @@ def test_no_burst_after_idle() -> None:
 
     later = asyncio.run(scenario())
     assert max_in_window(later) <= 10
-    assert min(b - a for a, b in zip(later, later[1:])) >= 1 / Pacing(rate=10).target - SLACK_S
+    assert min(b - a for a, b in itertools.pairwise(later)) >= 1 / Pacing(rate=10).target - SLACK_S
 
 
 def test_stall_does_not_release_a_clump() -> None:
@@ -77,7 +78,7 @@ def test_stall_does_not_release_a_clump() -> None:
 
     times = asyncio.run(scenario())
     assert max_in_window(times) <= 10
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 1 / Pacing(rate=10).target - SLACK_S
 
 

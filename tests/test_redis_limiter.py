@@ -24,7 +24,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import (
-    SandboxProc, cli_env, ledger_records, max_in_window, names, run_worker, worker_cmd,
+    SandboxProc,
+    cli_env,
+    ledger_records,
+    max_in_window,
+    names,
+    run_worker,
+    worker_cmd,
     write_manifest,
 )
 from worker.pacing_redis import RedisPacer

@@ -26,7 +26,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import (
-    AK, SK, SandboxProc, cli_env, ledger_records, names, run_worker, worker_cmd, write_manifest,
+    AK,
+    SandboxProc,
+    cli_env,
+    names,
+    run_worker,
+    worker_cmd,
+    write_manifest,
 )
 from worker.cli import run_cli
 
@@ -177,7 +183,7 @@ def test_sigterm_waits_for_in_flight_requests(sandbox_factory: Any, tmp_path: Pa
     """Requests on the wire when SIGTERM comes finish within the grace period and have their
     answers recorded."""
     sb: SandboxProc = sandbox_factory("--rate", "50", "--latency-ms", "1500-1500")
-    code, took, err = _signal_run(sb, tmp_path, 30, ["--rate", "50", "--grace", "8"],
+    code, _took, err = _signal_run(sb, tmp_path, 30, ["--rate", "50", "--grace", "8"],
                                   lambda: len(creates(sb)) >= 5, [signal.SIGTERM], timeout=20)
     assert code == 4, err[-3000:]
     sent = {a["name"] for a in creates(sb)}
@@ -253,10 +259,8 @@ def test_torn_last_record_at_every_byte_offset(sandbox_factory: Any, tmp_path: P
     for offset in offsets:
         ledger.write_bytes(head + record[:offset])
         before = len(creates(sandbox))
-        if offset in via_cli:  # a few through the real CLI process, all through its code
-            code = run_worker(*args, env=env).returncode
-        else:
-            code = run_cli(args)
+        # a few through the real CLI process, all through its code
+        code = run_worker(*args, env=env).returncode if offset in via_cli else run_cli(args)
         assert code == 0, offset
         sent = creates(sandbox)[before:]
         assert [(a["name"], a["code"]) for a in sent] == \
@@ -607,7 +611,7 @@ def test_no_secret_anywhere(sandbox_factory: Any, tmp_path: Path) -> None:
     sb: SandboxProc = sandbox_factory("--fault-rate", "0.3", "--forbid", "^禁",
                                       keys={AK: SECRET})
     outputs: list[str] = []
-    good = write_manifest(tmp_path / "good.jsonl", names(5) + [{"Name": "禁止1"}])
+    good = write_manifest(tmp_path / "good.jsonl", [*names(5), {"Name": "禁止1"}])
     bad = write_manifest(tmp_path / "bad.jsonl", names(3, prefix="坏"))
     for manifest, secret in ((good, SECRET), (bad, WRONG)):
         env = cli_env(tmp_path, sk=secret, token=TOKEN)

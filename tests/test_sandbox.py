@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -39,7 +39,7 @@ async def call(sb: Running, action: str, body: Any, *, creds: Credentials = GOOD
     query = {"Action": action, "Version": version}
     headers = sign(method="POST", host=urlsplit(sb.url).netloc, path="/", query=query,
                    content_type="application/json", body=data, credentials=creds,
-                   region=region, now=now or datetime.now(timezone.utc))
+                   region=region, now=now or datetime.now(UTC))
     if edit is not None:
         edit(headers)
     async with Transport(sb.url, timeout_s=timeout, max_connections=4) as t:
@@ -119,9 +119,9 @@ def test_authentication_errors() -> None:
             h["X-Security-Token"] = "smuggled"
         assert code_of(await call(sb, api.CREATE, body, edit=unsigned_token)) == \
             (401, "SignatureDoesNotMatch")
-        stale = datetime.now(timezone.utc) - timedelta(minutes=16)
+        stale = datetime.now(UTC) - timedelta(minutes=16)
         assert code_of(await call(sb, api.CREATE, body, now=stale)) == (400, "InvalidTimestamp")
-        near = datetime.now(timezone.utc) - timedelta(minutes=14)
+        near = datetime.now(UTC) - timedelta(minutes=14)
         assert code_of(await call(sb, api.CREATE, body, now=near)) == (200, "")
         sts = Credentials(access_key="AKSB", secret_key="SKsandbox", session_token="STS-token")
         assert code_of(await call(sb, api.CREATE, {"Name": "A2"}, creds=sts)) == (200, "")

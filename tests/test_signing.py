@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from volcengine.auth.SignerV4 import SignerV4
@@ -13,7 +13,7 @@ from volcengine.Credentials import Credentials as SdkCredentials
 
 from worker.signing import Credentials, canonical_host, canonical_query, sign
 
-WHEN = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+WHEN = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
 QUERY = {"Action": "CreatePullToPushGroup", "Version": "2023-01-01"}
 
 KNOWN = [

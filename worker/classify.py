@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -91,7 +91,7 @@ def classify(result: Response | Failure, *, now: datetime | None = None) -> Verd
             return Abort(answer, "the endpoint's TLS certificate is not trusted")
         return Retry(answer, None)
     meta = _metadata(result)
-    retry_after = parse_retry_after(result.retry_after, now or datetime.now(timezone.utc))
+    retry_after = parse_retry_after(result.retry_after, now or datetime.now(UTC))
     if meta is None:  # no readable envelope: only the status is left to go by
         answer = Answer(result.status, "", _snippet(result.body), "")
         return _by_status(result.status, answer, retry_after, readable=False)
@@ -170,7 +170,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return max(0.0, (when - now).total_seconds())
 
 

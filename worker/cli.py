@@ -14,18 +14,24 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import datetime, timedelta
 from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import orjson
 import structlog
 
 from worker import __version__, api, credentials, ledger, logs, manifest, plan, report, sandbox
 from worker.errors import (
-    CredentialsError, LedgerError, LedgerLocked, LimiterUnavailable, ManifestError, RunAborted,
-    UsageError, WorkerError,
+    CredentialsError,
+    LedgerError,
+    LedgerLocked,
+    LimiterUnavailable,
+    ManifestError,
+    RunAborted,
+    UsageError,
+    WorkerError,
 )
 from worker.pacing import LocalPacer, Pacer
 from worker.progress import Progress

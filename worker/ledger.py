@@ -79,7 +79,7 @@ def read_state(path: Path) -> State:
         return state
     try:
         with path.open("rb") as f:
-            for record in _records(path, f, tolerate_tail=True):
+            for record in _records(path, f):
                 state.fold(record)
     except OSError as exc:
         raise LedgerError(f"{path}: cannot read the ledger: {exc.strerror}") from None
@@ -104,7 +104,8 @@ class Ledger:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise LedgerError(f"{path}: cannot open the ledger for writing: {exc.strerror}") from None
+            raise LedgerError(
+                f"{path}: cannot open the ledger for writing: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -114,7 +115,7 @@ class Ledger:
             state = State()
             with os.fdopen(os.dup(fd), "rb") as f:
                 f.seek(0)
-                for record in _records(path, f, tolerate_tail=False, fd=fd):
+                for record in _records(path, f, repair_fd=fd):
                     state.fold(record)
         except BaseException:
             os.close(fd)
@@ -164,20 +165,15 @@ class Ledger:
             os.close(self._fd)  # also drops the lock
 
 
-def _records(path: Path, f: Any, *, tolerate_tail: bool, fd: int | None = None
-             ) -> Iterator[dict[str, Any]]:
-    """Parse every line; a last line without its newline is torn: cut it off (through `fd`)
-    or, when only reading, skip it."""
+def _records(path: Path, f: Any, *, repair_fd: int | None = None) -> Iterator[dict[str, Any]]:
+    """Parse every line. A last line without its newline is torn (a crash mid-write): cut
+    it off through `repair_fd`, or, when only reading, leave it out."""
     offset = 0
-    lineno = 0
-    for raw in f:
-        lineno += 1
+    for lineno, raw in enumerate(f, start=1):
         if not raw.endswith(b"\n"):
-            if fd is not None:
-                os.ftruncate(fd, offset)
-                os.fsync(fd)
-            elif not tolerate_tail:
-                raise LedgerError(f"{path}:{lineno}: torn last record")
+            if repair_fd is not None:
+                os.ftruncate(repair_fd, offset)
+                os.fsync(repair_fd)
             return
         offset += len(raw)
         try:

@@ -36,13 +36,11 @@ def configure(*, json: bool, level: int = logging.INFO, stream: IO[str] | None =
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if json:
-        processors = shared + [
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(serializer=orjson.dumps),
-        ]
+        processors = [*shared, structlog.processors.dict_tracebacks,
+                      structlog.processors.JSONRenderer(serializer=orjson.dumps)]
         factory: Any = structlog.BytesLoggerFactory(getattr(out, "buffer", None))
     else:
-        processors = shared + [structlog.dev.ConsoleRenderer(colors=out.isatty())]
+        processors = [*shared, structlog.dev.ConsoleRenderer(colors=out.isatty())]
         factory = lambda *args: _TqdmAwareWriter(out)  # noqa: E731
     structlog.configure(
         processors=processors,

@@ -26,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from dataclasses import replace
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -90,7 +90,8 @@ if th[1] then
   rate = floor + (target - floor) * share
 end
 -- %.0f: Lua 5.1's tostring keeps 14 digits, and microsecond stamps have 16
-redis.call('HSET', KEYS[1], 'at', string.format('%.0f', now), 'floor', tostring(math.max(tonumber(ARGV[4]), rate / 2)))
+local floor = math.max(tonumber(ARGV[4]), rate / 2)
+redis.call('HSET', KEYS[1], 'at', string.format('%.0f', now), 'floor', tostring(floor))
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """

@@ -21,7 +21,7 @@ class Progress:
         self._tty = tty
         self._stream = stream
         self._total = 0
-        self._bar: "tqdm[Any] | None" = None
+        self._bar: tqdm[Any] | None = None
         self._last_line = time.monotonic()
 
     def start(self, *, total: int) -> None:

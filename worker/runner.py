@@ -19,14 +19,24 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeVar, assert_never
 from urllib.parse import urlsplit
 
 import structlog
 
 from worker import __version__, api, manifest, plan
-from worker.classify import Abort, Answer, Created, Exists, Rejected, Retry, Throttled, backoff_s, classify
+from worker.classify import (
+    Abort,
+    Answer,
+    Created,
+    Exists,
+    Rejected,
+    Retry,
+    Throttled,
+    backoff_s,
+    classify,
+)
 from worker.errors import LimiterUnavailable, RunAborted
 from worker.ledger import FSYNC_EVERY_S, Ledger
 from worker.pacing import Pacer
@@ -40,7 +50,7 @@ QUERY = {"Action": api.CREATE, "Version": api.VERSION}
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass(slots=True)
@@ -258,9 +268,9 @@ class Run:
         self.ledger.append(record)
         self.tally.outcomes[outcome] += 1
         event = log.info if outcome in ("created", "exists") else log.warning
+        extra = {k: record[k] for k in ("code", "message") if record[k] and outcome != "created"}
         event(f"group.{outcome}", name=group.name, line=group.line, attempts=sends,
-              status=record["status"], code=record["code"] or None,
-              request_id=record["request_id"] or None)
+              status=record["status"], request_id=record["request_id"] or None, **extra)
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -152,7 +152,8 @@ class SandboxApp:
         ak, name, fault = "", _name_in(body), None
         try:
             if action not in api.GROUP_ACTIONS or request.query.get("Version") != api.VERSION:
-                raise _Answer(404, "InvalidActionOrVersion", "the action or version is not supported")
+                raise _Answer(404, "InvalidActionOrVersion",
+                              "the action or version is not supported")
             ak = self._authenticate(request, body)
             self._admit(ak, arrived_mono)
             payload = _decode(body)
@@ -184,7 +185,7 @@ class SandboxApp:
             raise _Answer(401, "InvalidAccessKey", f"the access key {ak} does not exist")
         xdate = request.headers.get("X-Date", "")
         try:
-            stamp = datetime.strptime(xdate, "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+            stamp = datetime.strptime(xdate, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
         except ValueError:
             raise _Answer(400, "InvalidTimestamp", "X-Date is missing or malformed") from None
         skew = abs((self._now() - stamp).total_seconds())
@@ -196,7 +197,8 @@ class SandboxApp:
                 or m["service"] != api.SERVICE or signed != sorted(set(signed))
                 or not {"host", "x-date", "x-content-sha256"} <= set(signed)
                 or ("X-Security-Token" in request.headers and "x-security-token" not in signed)):
-            raise _Answer(401, "SignatureDoesNotMatch", "the credential scope or header list is wrong")
+            raise _Answer(401, "SignatureDoesNotMatch",
+                          "the credential scope or header list is wrong")
         body_sha256 = hashlib.sha256(body).hexdigest()
         if request.headers.get("X-Content-Sha256") != body_sha256:
             raise _Answer(401, "SignatureDoesNotMatch", "X-Content-Sha256 is not the body's hash")
@@ -338,7 +340,7 @@ class SandboxApp:
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(
-            datetime.now(timezone.utc).timestamp() + self.config.clock_offset_s, timezone.utc)
+            datetime.now(UTC).timestamp() + self.config.clock_offset_s, UTC)
 
 
 # "ambiguous:X" -> X: the answer given after the create was carried out.

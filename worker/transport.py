@@ -9,7 +9,6 @@ TimeoutError, so the order of the checks matters.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -90,7 +89,7 @@ class Transport:
             return Failure("tls", str(exc))
         except aiohttp.ClientConnectorError as exc:
             return Failure("connect", f"cannot connect: {exc.strerror or exc}")
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             return Failure("timeout", "no answer in time")
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                 aiohttp.ClientPayloadError) as exc:
