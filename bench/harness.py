@@ -33,6 +33,10 @@ class SandboxProc:
             return []
         return [json.loads(line) for line in self.log.read_text().splitlines() if line]
 
+    def creates(self) -> list[dict[str, Any]]:
+        """Arrivals of CreatePullToPushGroup requests, in arrival order."""
+        return [a for a in self.arrivals() if a["action"] == "CreatePullToPushGroup"]
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

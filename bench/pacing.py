@@ -42,7 +42,7 @@ AK, SK = "AKBENCH", "SKbenchsecret"
 
 
 def figures(sb: SandboxProc, rate: float) -> dict[str, Any]:
-    arrivals = [a for a in sb.arrivals() if a["action"] == api.CREATE]
+    arrivals = sb.creates()
     ok = sorted(a["t"] for a in arrivals if a["code"] == "")
     span = ok[-1] - ok[0] if len(ok) > 1 else float("nan")
     return {

@@ -42,7 +42,7 @@ def trial(tmp: Path, processes: int, groups: int, rate: int, limiter: str | None
                                           stderr=subprocess.DEVNULL))
         for proc in procs:
             proc.wait()
-        arrivals = [a for a in sb.arrivals() if a["action"] == "CreatePullToPushGroup"]
+        arrivals = sb.creates()
     finally:
         sb.stop()
     ok = sorted(a["t"] for a in arrivals if a["code"] == "")

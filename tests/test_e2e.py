@@ -34,9 +34,6 @@ def report_json(ledger: Path, env: dict[str, str]) -> dict[str, Any]:
     return data
 
 
-def creates(sb: SandboxProc) -> list[dict[str, Any]]:
-    return [a for a in sb.arrivals() if a["action"] == "CreatePullToPushGroup"]
-
 
 def test_quick_start_example_on_embedded_sandbox(tmp_path: Path) -> None:
     """The README's quick start: the example manifest on --sandbox, then a rerun that skips all."""
@@ -62,7 +59,7 @@ def test_pacing_holds_the_window_at_rate_50(sandbox_factory: Any, tmp_path: Path
     out = run_worker("run", str(manifest), "--endpoint", sb.url, "--rate", "50",
                      env=cli_env(tmp_path))
     assert out.returncode == 0, out.stderr
-    arrivals = creates(sb)
+    arrivals = sb.creates()
     assert [a for a in arrivals if a["code"] == "FlowLimitExceeded"] == []
     assert max_in_window([a["t"] for a in arrivals]) <= 50
     state = sb.state()
@@ -83,7 +80,7 @@ def test_faults_and_ambiguous_creates_end_exactly_once(sandbox_factory: Any, tmp
     state = sb.state()
     assert len(state["groups"]) == 150
     assert all(g["created"] == 1 for g in state["groups"])
-    codes = Counter(a["code"] for a in creates(sb))
+    codes = Counter(a["code"] for a in sb.creates())
     assert codes["RequestLimitExceeded.Exist"] >= 1  # ambiguous creates were confirmed by Exist
     assert sum(v for k, v in codes.items() if k not in ("", "RequestLimitExceeded.Exist")) >= 20
     summary = report_json(tmp_path / "m.ledger.jsonl", env)
@@ -131,10 +128,10 @@ def test_forbidden_names_are_rejected_listed_and_not_resent(sandbox_factory: Any
     failed = run_worker("report", str(tmp_path / "m.ledger.jsonl"), "--failed", env=env)
     listed = [json.loads(line) for line in failed.stdout.splitlines()]
     assert listed == [{"Name": f"禁止{i}", "ProjectName": "default"} for i in range(4)]
-    before = len(creates(sb))
+    before = len(sb.creates())
     again = run_worker("run", str(manifest), "--endpoint", sb.url, "--rate", "50", env=env)
     assert again.returncode == 1  # still not all done: the manifest asks for refused groups
-    assert len(creates(sb)) == before
+    assert len(sb.creates()) == before
     assert "rejected before and the line is unchanged" in again.stderr
     # the fixed-up list is a valid manifest that can be run on its own
     fixed = tmp_path / "fixed.jsonl"
@@ -178,7 +175,7 @@ def test_wrong_secret_stops_the_run(sandbox: SandboxProc, tmp_path: Path) -> Non
     assert out.returncode == 2
     assert "SignatureDoesNotMatch" in out.stderr and "secret key" in out.stderr
     assert "Traceback" not in out.stderr
-    assert len(creates(sandbox)) <= 3  # stopped at the first answer, not after 40
+    assert len(sandbox.creates()) <= 3  # stopped at the first answer, not after 40
     summary = report_json(tmp_path / "m.ledger.jsonl", env)
     assert summary["pending"] == 40
 
@@ -198,13 +195,13 @@ def test_dry_run_and_validate_send_nothing(sandbox: SandboxProc, tmp_path: Path)
     env = cli_env(tmp_path)
     assert run_worker("run", str(manifest), "--endpoint", sandbox.url, env=env).returncode == 0
     write_manifest(manifest, names(8))
-    sent = len(creates(sandbox))
+    sent = len(sandbox.creates())
     dry = run_worker("run", str(manifest), "--endpoint", sandbox.url, "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
     assert "3  new" in dry.stdout and "5  done" in dry.stdout
     ok = run_worker("validate", str(manifest), env=env)
     assert ok.returncode == 0 and "8 group(s)" in ok.stdout
-    assert len(creates(sandbox)) == sent
+    assert len(sandbox.creates()) == sent
 
 
 def test_missing_credentials_is_a_clear_error(tmp_path: Path) -> None:

@@ -105,9 +105,6 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     server.kill()
 
 
-def creates(sb: SandboxProc) -> list[dict[str, Any]]:
-    return [a for a in sb.arrivals() if a["action"] == "CreatePullToPushGroup"]
-
 
 def start_workers(tmp: Path, sb: SandboxProc, count: int, per: int, *extra: str,
                   env_extra: list[dict[str, str]] | None = None) -> list[subprocess.Popen[str]]:
@@ -131,7 +128,7 @@ def finish(procs: list[subprocess.Popen[str]], timeout: float = 120) -> list[tup
 
 
 def aggregate_rate(sb: SandboxProc) -> float:
-    ok = sorted(a["t"] for a in creates(sb) if a["code"] == "")
+    ok = sorted(a["t"] for a in sb.creates() if a["code"] == "")
     return (len(ok) - 1) / (ok[-1] - ok[0])
 
 
@@ -141,7 +138,7 @@ def test_three_workers_share_one_budget(redis_url: str, sandbox_factory: Any, tm
     sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "20-200")
     results = finish(start_workers(tmp_path, sb, 3, 100, "--limiter", redis_url))
     assert [code for code, _ in results] == [0, 0, 0], [err[-2000:] for _, err in results]
-    arrivals = creates(sb)
+    arrivals = sb.creates()
     assert [a for a in arrivals if a["code"] == "FlowLimitExceeded"] == []
     assert max_in_window([a["t"] for a in arrivals]) <= 20
     assert aggregate_rate(sb) >= 0.85 * 20
@@ -154,7 +151,7 @@ def test_per_process_budgets_get_throttled(sandbox_factory: Any, tmp_path: Path)
     sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "20-200")
     results = finish(start_workers(tmp_path, sb, 3, 40))
     assert all(code in (0, 3) for code, _ in results)
-    throttled = sum(1 for a in creates(sb) if a["code"] == "FlowLimitExceeded")
+    throttled = sum(1 for a in sb.creates() if a["code"] == "FlowLimitExceeded")
     assert throttled > 0
 
 
@@ -175,7 +172,7 @@ def test_redis_outage_pauses_then_resumes_without_burst(own_redis: OwnRedis, san
     results = finish(procs)
     assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
     assert all("limiter.unreachable" in err and "limiter.back" in err for _, err in results)
-    arrivals = creates(sb)
+    arrivals = sb.creates()
     assert [a for a in arrivals if a["code"] == "FlowLimitExceeded"] == []
     assert max_in_window([a["t"] for a in arrivals]) <= 20
     # nothing was sent while Redis was away (beyond what was already admitted when it died)
@@ -219,7 +216,7 @@ def test_skewed_host_clocks_share_the_budget(redis_url: str, sandbox_factory: An
         {"WORKER_TEST_CLOCK_OFFSET_S": "-7"}, {"WORKER_TEST_CLOCK_OFFSET_S": "7"}])
     results = finish(procs)
     assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
-    arrivals = creates(sb)
+    arrivals = sb.creates()
     assert Counter(a["code"] for a in arrivals) == {"": 120}
     assert max_in_window([a["t"] for a in arrivals]) <= 20
     assert aggregate_rate(sb) >= 0.85 * 20

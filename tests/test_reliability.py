@@ -39,9 +39,6 @@ from worker.cli import run_cli
 CORPUS = Path(__file__).parent / "hostile_manifests"
 
 
-def creates(sb: SandboxProc) -> list[dict[str, Any]]:
-    return [a for a in sb.arrivals() if a["action"] == "CreatePullToPushGroup"]
-
 
 def every_line_parses(ledger: Path) -> list[dict[str, Any]]:
     data = ledger.read_bytes()
@@ -171,7 +168,7 @@ def test_sigterm_during_backoff(sandbox_factory: Any, tmp_path: Path) -> None:
     """Every answer a 500: items sleep in backoff; SIGTERM records them deferred, exit 4."""
     sb: SandboxProc = sandbox_factory("--fault-rate", "1", "--faults", "InternalError")
     code, took, err = _signal_run(sb, tmp_path, 6, ["--grace", "10"],
-                                  lambda: len(creates(sb)) >= 6, [signal.SIGTERM], timeout=10)
+                                  lambda: len(sb.creates()) >= 6, [signal.SIGTERM], timeout=10)
     assert code == 4, err[-3000:]
     assert took < 10
     results = latest_results(every_line_parses(tmp_path / "m.ledger.jsonl"))
@@ -184,9 +181,9 @@ def test_sigterm_waits_for_in_flight_requests(sandbox_factory: Any, tmp_path: Pa
     answers recorded."""
     sb: SandboxProc = sandbox_factory("--rate", "50", "--latency-ms", "1500-1500")
     code, _took, err = _signal_run(sb, tmp_path, 30, ["--rate", "50", "--grace", "8"],
-                                  lambda: len(creates(sb)) >= 5, [signal.SIGTERM], timeout=20)
+                                  lambda: len(sb.creates()) >= 5, [signal.SIGTERM], timeout=20)
     assert code == 4, err[-3000:]
-    sent = {a["name"] for a in creates(sb)}
+    sent = {a["name"] for a in sb.creates()}
     records = every_line_parses(tmp_path / "m.ledger.jsonl")
     results = latest_results(records)
     assert {n for n, r in results.items() if r["outcome"] == "created"} == sent
@@ -199,7 +196,7 @@ def test_grace_period_expires_then_in_doubt_items_are_resent(sandbox_factory: An
     left in doubt are resent next time and confirmed by Exist, not created twice."""
     sb: SandboxProc = sandbox_factory("--rate", "50", "--latency-ms", "6000-6000")
     code, took, err = _signal_run(sb, tmp_path, 10, ["--rate", "50", "--grace", "1"],
-                                  lambda: len(creates(sb)) >= 3, [signal.SIGTERM], timeout=20)
+                                  lambda: len(sb.creates()) >= 3, [signal.SIGTERM], timeout=20)
     assert code == 4, err[-3000:]
     assert took < 6  # did not wait for the 6 s answers
     records = every_line_parses(tmp_path / "m.ledger.jsonl")
@@ -221,7 +218,7 @@ def test_two_sigints_stop_at_once(sandbox_factory: Any, tmp_path: Path) -> None:
     """A second SIGINT does not wait for the grace period; the ledger stays consistent."""
     sb: SandboxProc = sandbox_factory("--rate", "50", "--latency-ms", "8000-8000")
     code, took, err = _signal_run(sb, tmp_path, 10, ["--rate", "50", "--grace", "30"],
-                                  lambda: len(creates(sb)) >= 3,
+                                  lambda: len(sb.creates()) >= 3,
                                   [signal.SIGINT, signal.SIGINT], timeout=15)
     assert code == 4, err[-3000:]
     assert took < 8
@@ -258,11 +255,11 @@ def test_torn_last_record_at_every_byte_offset(sandbox_factory: Any, tmp_path: P
     via_cli = {1, len(record) // 2, len(record) - 1}
     for offset in offsets:
         ledger.write_bytes(head + record[:offset])
-        before = len(creates(sandbox))
+        before = len(sandbox.creates())
         # a few through the real CLI process, all through its code
         code = run_worker(*args, env=env).returncode if offset in via_cli else run_cli(args)
         assert code == 0, offset
-        sent = creates(sandbox)[before:]
+        sent = sandbox.creates()[before:]
         assert [(a["name"], a["code"]) for a in sent] == \
             [("最后一个群组名字", "RequestLimitExceeded.Exist")], offset
         records = every_line_parses(ledger)
@@ -569,7 +566,7 @@ def test_full_disk_mid_run_stops_sending(sandbox: SandboxProc, tmp_path: Path) -
     data = ledger.read_bytes()
     complete = [json.loads(line) for line in data.split(b"\n")[:-1]]
     intents = {r["name"] for r in complete if r["type"] == "intent"}
-    sent = {a["name"] for a in creates(sandbox)}
+    sent = {a["name"] for a in sandbox.creates()}
     assert sent and sent <= intents  # nothing was sent whose intent is not recorded
     assert len(sent) < 60
     again = run_worker("run", str(manifest), "--endpoint", sandbox.url, env=cli_env(tmp_path))
