@@ -9,7 +9,7 @@ import pytest
 
 from worker import plan
 from worker.errors import LedgerError, LedgerLocked, Problem
-from worker.ledger import Ledger, default_path, read_state
+from worker.ledger import Latest, Ledger, default_path, read_state
 from worker.manifest import Group, Invalid
 
 
@@ -38,9 +38,11 @@ def test_append_and_reload(tmp_path: Path) -> None:
     book.append(result("A", "created"))
     book.append(intent("B"))
     book.close()
-    state = Ledger.open(path).state
-    assert state.latest["A"]["outcome"] == "created"
-    assert state.latest["B"]["type"] == "intent"
+    reopened = Ledger.open(path)
+    state = reopened.state
+    reopened.close()
+    assert state.latest["A"].outcome == "created" and state.latest["A"].body is None
+    assert state.latest["B"].in_doubt
     assert len(state.runs) == 1
 
 
@@ -98,20 +100,24 @@ def group(name: str, fingerprint: str = "f1") -> Group:
     return Group(name=name, line=1, body=b"{}", fingerprint=fingerprint)
 
 
-@pytest.mark.parametrize(("latest", "item", "expected"), [
+def latest(**records: dict[str, Any]) -> dict[str, Latest]:
+    return {name: Latest.of(record) for name, record in records.items()}
+
+
+@pytest.mark.parametrize(("known", "item", "expected"), [
     ({}, group("A"), (plan.Do.SEND, "new")),
-    ({"A": intent("A")}, group("A"), (plan.Do.SEND, "in_doubt")),
-    ({"A": result("A", "created")}, group("A"), (plan.Do.SKIP, "done")),
-    ({"A": result("A", "exists")}, group("A", "f2"), (plan.Do.SKIP, "done_changed")),
-    ({"A": result("A", "rejected")}, group("A"), (plan.Do.SKIP, "rejected_unchanged")),
-    ({"A": result("A", "rejected")}, group("A", "f2"), (plan.Do.SEND, "fixed")),
-    ({"A": result("A", "invalid", None)}, group("A"), (plan.Do.SEND, "fixed")),  # type: ignore[arg-type]
-    ({"A": result("A", "deferred")}, group("A"), (plan.Do.SEND, "deferred")),
+    (latest(A=intent("A")), group("A"), (plan.Do.SEND, "in_doubt")),
+    (latest(A=result("A", "created")), group("A"), (plan.Do.SKIP, "done")),
+    (latest(A=result("A", "exists")), group("A", "f2"), (plan.Do.SKIP, "done_changed")),
+    (latest(A=result("A", "rejected")), group("A"), (plan.Do.SKIP, "rejected_unchanged")),
+    (latest(A=result("A", "rejected")), group("A", "f2"), (plan.Do.SEND, "fixed")),
+    (latest(A=result("A", "invalid", "")), group("A"), (plan.Do.SEND, "fixed")),
+    (latest(A=result("A", "deferred")), group("A"), (plan.Do.SEND, "deferred")),
     ({}, Invalid(line=3, name=None, problem=Problem("m", 3, "Name", "x")),
      (plan.Do.RECORD_INVALID, "invalid")),
 ])
-def test_plan_decisions(latest: dict[str, Any], item: Group | Invalid,
+def test_plan_decisions(known: dict[str, Latest], item: Group | Invalid,
                         expected: tuple[plan.Do, str]) -> None:
     """Skip what is done or unchanged-rejected; resend deferred, in-doubt, fixed and new."""
-    decision = plan.decide(item, latest)
+    decision = plan.decide(item, known)
     assert (decision.do, decision.why) == expected

@@ -40,10 +40,34 @@ def default_path(manifest: Path) -> Path:
 
 
 @dataclass(slots=True)
+class Latest:
+    """The ledger's latest word on one Name, kept small: a run holds one per group."""
+
+    in_doubt: bool  # an intent with no result after it: sent, answer never recorded
+    outcome: str | None  # None when in doubt
+    fingerprint: str | None
+    code: str
+    line: int
+    body: dict[str, Any] | None  # only for items not done (report --failed rebuilds them)
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Latest:
+        in_doubt = record["type"] == "intent"
+        outcome = None if in_doubt else record.get("outcome")
+        return cls(in_doubt=in_doubt, outcome=outcome, fingerprint=record.get("fingerprint"),
+                   code=record.get("code") or "", line=record.get("line") or 0,
+                   body=None if outcome in DONE else record.get("body"))
+
+    @property
+    def done(self) -> bool:
+        return self.outcome in DONE
+
+
+@dataclass(slots=True)
 class State:
     """What the ledger says about each Name: its latest result, or an intent after it."""
 
-    latest: dict[str, dict[str, Any]] = field(default_factory=dict)
+    latest: dict[str, Latest] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)  # headers, oldest first
     invalid: list[dict[str, Any]] = field(default_factory=list)  # invalid results of the last run
     footer: dict[str, Any] | None = None
@@ -56,20 +80,18 @@ class State:
             self.footer = None
         elif kind == "end":
             self.footer = record
-        elif kind == "result" and record.get("outcome") == "invalid":
-            self.invalid.append(record)
-            name = record.get("name")
-            # an invalid line says nothing about a group already done under that Name
-            if isinstance(name, str) and self.latest.get(name, {}).get("outcome") not in DONE:
-                self.latest[name] = record
         elif kind in ("intent", "result"):
             name = record.get("name")
-            if isinstance(name, str):
-                # an intent after a finished result matters only if that result was not done
-                prev = self.latest.get(name)
-                if kind == "intent" and prev is not None and prev.get("outcome") in DONE:
-                    return
-                self.latest[name] = record
+            if kind == "result" and record.get("outcome") == "invalid":
+                self.invalid.append(record)
+            if not isinstance(name, str):
+                return
+            prev = self.latest.get(name)
+            # Once done, a Name stays done: an intent or an invalid line after it changes
+            # nothing (the planner never resends a done item; an invalid line is its own fact).
+            if prev is not None and prev.done:
+                return
+            self.latest[name] = Latest.of(record)
 
 
 def read_state(path: Path) -> State:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from worker.ledger import DONE
+from worker.ledger import Latest
 from worker.manifest import Group, Invalid
 
 
@@ -39,17 +38,17 @@ class Decision:
     why: str  # a key of REASONS
 
 
-def decide(item: Group | Invalid, latest: dict[str, dict[str, Any]]) -> Decision:
+def decide(item: Group | Invalid, latest: Mapping[str, Latest]) -> Decision:
     if isinstance(item, Invalid):
         return Decision(Do.RECORD_INVALID, "invalid")
     prev = latest.get(item.name)
     if prev is None:
         return Decision(Do.SEND, "new")
-    if prev.get("type") == "intent":
+    if prev.in_doubt:
         return Decision(Do.SEND, "in_doubt")
-    outcome = prev.get("outcome")
-    changed = prev.get("fingerprint") != item.fingerprint
-    if outcome in DONE:
+    outcome = prev.outcome
+    changed = prev.fingerprint != item.fingerprint
+    if prev.done:
         return Decision(Do.SKIP, "done_changed" if changed else "done")
     if outcome == "rejected" and not changed:
         return Decision(Do.SKIP, "rejected_unchanged")
@@ -77,6 +76,6 @@ class Plan:
 SENDS = ("new", "deferred", "in_doubt", "fixed")
 
 
-def count(items: Iterable[Group | Invalid], latest: dict[str, dict[str, Any]]) -> Plan:
+def count(items: Iterable[Group | Invalid], latest: Mapping[str, Latest]) -> Plan:
     """Decide every line without acting: for --dry-run and the run's opening line."""
     return Plan(Counter(decide(item, latest).why for item in items))

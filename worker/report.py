@@ -17,13 +17,13 @@ def summarize(state: State) -> dict[str, Any]:
     manifest; `pending` is what of it has no final result (never sent, or in doubt)."""
     counts: Counter[str] = Counter()
     codes: Counter[str] = Counter()
-    for record in state.latest.values():
-        if record["type"] == "intent":
+    for entry in state.latest.values():
+        if entry.outcome is None:
             counts["in_doubt"] += 1
             continue
-        counts[record["outcome"]] += 1
-        if record.get("code"):
-            codes[record["code"]] += 1
+        counts[entry.outcome] += 1
+        if entry.code:
+            codes[entry.code] += 1
     unnamed_invalid = [r for r in state.invalid if not isinstance(r.get("name"), str)]
     counts["invalid"] += len(unnamed_invalid)
     codes["InvalidManifestLine"] += len(unnamed_invalid)
@@ -66,12 +66,11 @@ def failed_manifest(state: State) -> tuple[list[bytes], int]:
     """Manifest lines (JSON bytes) of every item not done, in manifest order, and the number
     of invalid lines that cannot be listed (they have no valid body to give)."""
     items = []
-    for record in state.latest.values():
-        body = record.get("body")
-        not_done = record["type"] == "intent" or record.get("outcome") in NOT_DONE
-        if not_done and isinstance(body, dict):
-            items.append((record.get("line") or 0, orjson.dumps(body)))
+    for entry in state.latest.values():
+        not_done = entry.in_doubt or entry.outcome in NOT_DONE
+        if not_done and isinstance(entry.body, dict):
+            items.append((entry.line, orjson.dumps(entry.body)))
     items.sort(key=lambda pair: pair[0])
-    invalid = sum(1 for r in state.latest.values() if r.get("outcome") == "invalid")
+    invalid = sum(1 for e in state.latest.values() if e.outcome == "invalid")
     invalid += sum(1 for r in state.invalid if not isinstance(r.get("name"), str))
     return [line for _, line in items], invalid
