@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -289,3 +292,24 @@ async def _state(sb: Running) -> dict[str, Any]:
             data: dict[str, Any] = json.load(resp)
         return data
     return await asyncio.to_thread(fetch)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sandbox_process_prints_credentials_and_stops_cleanly(sig: int) -> None:
+    """`python -m worker sandbox` without --keys prints its URL and a throwaway pair, serves
+    them, and exits 0 on SIGINT or SIGTERM."""
+    proc = subprocess.Popen([sys.executable, "-m", "worker", "sandbox"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    url = proc.stdout.readline().split()[-1]
+    creds = dict(part.split("=", 1) for part in proc.stdout.readline().split()[1:])
+    assert url.startswith("http://127.0.0.1:")
+    ak, sk = creds["VOLC_ACCESSKEY"], creds["VOLC_SECRETKEY"]
+    running = Running(url=url, keys={ak: sk}, app=SandboxApp(SandboxConfig()))
+    resp = arun(call(running, api.CREATE, {"Name": "Printed1"},
+                     creds=Credentials(access_key=ak, secret_key=sk)))
+    assert code_of(resp) == (200, "")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "sandbox stopped" in out and "Traceback" not in err
