@@ -72,6 +72,11 @@ class State:
     invalid: list[dict[str, Any]] = field(default_factory=list)  # invalid results of the last run
     footer: dict[str, Any] | None = None
 
+    @property
+    def unnamed_invalid(self) -> int:
+        """Invalid lines of the last run that had no usable Name (so are not in `latest`)."""
+        return sum(1 for r in self.invalid if not isinstance(r.get("name"), str))
+
     def fold(self, record: dict[str, Any]) -> None:
         kind = record.get("type")
         if kind == "run":

@@ -39,7 +39,7 @@ from redis.exceptions import RedisError
 
 from worker.errors import LimiterUnavailable
 from worker.pacing import MIN_RATE
-from worker.settings import Pacing
+from worker.settings import Pacing, redact_url
 
 log = structlog.get_logger("worker")
 HORIZON_S = 1.0
@@ -180,18 +180,18 @@ class RedisPacer:
                 now = self._clock()
                 if self._down_since is None:
                     self._down_since = now
-                    log.error("limiter.unreachable", url=_safe(self._url), error=str(exc),
+                    log.error("limiter.unreachable", url=redact_url(self._url), error=str(exc),
                               action="not sending until the shared limiter answers",
                               gives_up_after_s=self._timeout_s)
                 if now - self._down_since > self._timeout_s:
                     raise LimiterUnavailable(
-                        f"the shared limiter at {_safe(self._url)} has been unreachable for "
+                        f"the shared limiter at {redact_url(self._url)} has been unreachable for "
                         f"more than {self._timeout_s:g}s ({exc})") from None
                 await self._sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
             if self._down_since is not None:
-                log.warning("limiter.back", url=_safe(self._url),
+                log.warning("limiter.back", url=redact_url(self._url),
                             away_s=round(self._clock() - self._down_since, 1))
                 self._down_since = None
                 # Slots booked before the failure may still be ahead of us, and Redis may
@@ -205,8 +205,3 @@ class RedisPacer:
 def _ignore_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # retrieved: a lost cool-down message is not worth a crash
-
-
-def _safe(url: str) -> str:
-    head, at, tail = url.rpartition("@")
-    return f"{head.split('//')[0]}//***@{tail}" if at else url

@@ -68,9 +68,9 @@ class Plan:
         return sum(self.counts[k] for k in SENDS)
 
     def lines(self) -> list[str]:
-        order = ["new", "deferred", "in_doubt", "fixed", "done", "done_changed",
-                 "rejected_unchanged", "invalid"]
-        return [f"{self.counts[k]:>8}  {k:<18} {REASONS[k]}" for k in order if self.counts[k]]
+        """One line per reason that occurs, in REASONS' order (what is sent first)."""
+        return [f"{self.counts[k]:>8}  {k:<18} {why}" for k, why in REASONS.items()
+                if self.counts[k]]
 
 
 SENDS = ("new", "deferred", "in_doubt", "fixed")

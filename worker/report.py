@@ -24,9 +24,8 @@ def summarize(state: State) -> dict[str, Any]:
         counts[entry.outcome] += 1
         if entry.code:
             codes[entry.code] += 1
-    unnamed_invalid = [r for r in state.invalid if not isinstance(r.get("name"), str)]
-    counts["invalid"] += len(unnamed_invalid)
-    codes["InvalidManifestLine"] += len(unnamed_invalid)
+    counts["invalid"] += state.unnamed_invalid
+    codes["InvalidManifestLine"] += state.unnamed_invalid
     header = state.runs[-1] if state.runs else {}
     total = int(header.get("items", 0))
     final = sum(counts[o] for o in OUTCOMES)
@@ -71,6 +70,6 @@ def failed_manifest(state: State) -> tuple[list[bytes], int]:
         if not_done and isinstance(entry.body, dict):
             items.append((entry.line, orjson.dumps(entry.body)))
     items.sort(key=lambda pair: pair[0])
-    invalid = sum(1 for e in state.latest.values() if e.outcome == "invalid")
-    invalid += sum(1 for r in state.invalid if not isinstance(r.get("name"), str))
+    invalid = state.unnamed_invalid + sum(
+        1 for e in state.latest.values() if e.outcome == "invalid")
     return [line for _, line in items], invalid

@@ -149,7 +149,7 @@ class SandboxApp:
         self.arrivals += 1
         body = await request.read()
         action = request.query.get("Action", "")
-        ak, name, fault = "", _name_in(body), None
+        ak, name, fault, ambiguous = "", _name_in(body), None, False
         try:
             if action not in api.GROUP_ACTIONS or request.query.get("Version") != api.VERSION:
                 raise _Answer(404, "InvalidActionOrVersion",
@@ -157,8 +157,8 @@ class SandboxApp:
             ak = self._authenticate(request, body)
             self._admit(ak, arrived_mono)
             payload = _decode(body)
-            fault = self._fault(action, name)
-            if fault is not None and fault not in AMBIGUOUS_MARK:
+            fault, ambiguous = self._fault(action, name)
+            if fault is not None and not ambiguous:
                 return await self._misbehave(request, arrived_wall, ak, action, name, fault)
             result = self._carry_out(action, payload)
         except _Answer as answer:
@@ -166,8 +166,7 @@ class SandboxApp:
             await self._latency()
             return self._error(action, answer.status, answer.code, answer.message)
         if fault is not None:  # ambiguous: done, but the client will not hear so
-            return await self._misbehave(request, arrived_wall, ak, action, name,
-                                         AMBIGUOUS_MARK[fault])
+            return await self._misbehave(request, arrived_wall, ak, action, name, fault)
         self._record(arrived_wall, ak, action, name, 200, "")
         await self._latency()
         return self._ok(action, result)
@@ -230,8 +229,9 @@ class SandboxApp:
                           f"more than {self.config.rate} requests in {self.config.window_s}s")
         window.append(now)
 
-    def _fault(self, action: str, name: str | None) -> str | None:
-        """Deterministic for (seed, action, name, n-th admitted request for that name)."""
+    def _fault(self, action: str, name: str | None) -> tuple[str | None, bool]:
+        """(fault kind or None, whether the request is carried out first: ambiguous).
+        Deterministic for (seed, action, name, n-th admitted request for that name)."""
         key = (action, name or "")
         self._seen[key] += 1
         digest = hashlib.sha256(
@@ -239,10 +239,10 @@ class SandboxApp:
         u = int.from_bytes(digest[:8], "big") / 2**64
         pick = int.from_bytes(digest[8:16], "big")
         if action == api.CREATE and u < self.config.ambiguous_rate:
-            return "ambiguous:" + AMBIGUOUS[pick % len(AMBIGUOUS)]
+            return AMBIGUOUS[pick % len(AMBIGUOUS)], True
         if u < self.config.ambiguous_rate + self.config.fault_rate and self.config.faults:
-            return self.config.faults[pick % len(self.config.faults)]
-        return None
+            return self.config.faults[pick % len(self.config.faults)], False
+        return None, False
 
     # -- actions --------------------------------------------------------------------------
 
@@ -341,10 +341,6 @@ class SandboxApp:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(
             datetime.now(UTC).timestamp() + self.config.clock_offset_s, UTC)
-
-
-# "ambiguous:X" -> X: the answer given after the create was carried out.
-AMBIGUOUS_MARK: Final = {f"ambiguous:{kind}": kind for kind in AMBIGUOUS}
 
 
 def _name_in(body: bytes) -> str | None:

@@ -95,7 +95,7 @@ class Settings:
             "headroom": self.pacing.headroom, "concurrency": self.in_flight,
             "max_attempts": self.retry.max_attempts, "item_deadline_s": self.retry.item_deadline_s,
             "timeout_s": self.timeout_s, "skip_invalid": self.skip_invalid,
-            "limiter": _without_password(self.limiter_url),
+            "limiter": redact_url(self.limiter_url) if self.limiter_url else None,
         }
 
 
@@ -114,10 +114,7 @@ def _is_loopback(host: str) -> bool:
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
-def _without_password(url: str | None) -> str | None:
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, for logs and the ledger header."""
+    password = urlsplit(url).password
+    return url.replace(f":{password}@", ":***@") if password else url
