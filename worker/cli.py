@@ -22,12 +22,11 @@ from typing import NoReturn
 import orjson
 import structlog
 
-from worker import __version__, api, credentials, ledger, logs, manifest, plan, report, sandbox
+from worker import __version__, api, credentials, ledger, logs, manifest, plan, report
 from worker.errors import (
-    CredentialsError,
+    Exit,
     LedgerError,
     LedgerLocked,
-    LimiterUnavailable,
     ManifestError,
     RunAborted,
     UsageError,
@@ -40,7 +39,8 @@ from worker.settings import Pacing, RetryPolicy, Settings
 from worker.signing import Credentials
 from worker.transport import Transport
 
-EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_DEFERRED, EXIT_INTERRUPTED, EXIT_LOCKED = range(6)
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_DEFERRED, EXIT_INTERRUPTED, EXIT_LOCKED = (
+    Exit.OK, Exit.REJECTED, Exit.USAGE, Exit.RETRY_LATER, Exit.INTERRUPTED, Exit.LOCKED)
 log = structlog.get_logger("worker")
 
 
@@ -65,16 +65,13 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
             print(f"... and {exc.total - len(exc.problems)} more problem(s)", file=sys.stderr)
         print(f"error: the manifest has {exc.total} problem(s); nothing was sent",
               file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_code
     except LedgerLocked as exc:
         print(f"error: {exc}; nothing was changed", file=sys.stderr)
-        return EXIT_LOCKED
-    except (UsageError, CredentialsError, LedgerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_code
     except WorkerError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_DEFERRED if isinstance(exc, LimiterUnavailable) else EXIT_USAGE
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -200,6 +197,8 @@ async def _endpoint(settings: Settings, creds: Credentials | None, sandbox_on: b
         assert creds is not None
         yield settings, creds
         return
+    from worker import sandbox
+
     async with sandbox.serve(sandbox.SandboxConfig(rate=int(settings.pacing.rate))) as sb:
         ak, sk = next(iter(sb.keys.items()))
         log.info("sandbox.started", url=sb.url, access_key=ak)
@@ -276,54 +275,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- sandbox ------------------------------------------------------------------------------
-
-def cmd_sandbox(args: argparse.Namespace) -> int:
-    keys = dict(_pair(p) for p in args.keys.split(",")) if args.keys else sandbox.new_keys()
-    config = sandbox.SandboxConfig(
-        host=args.host, port=args.port, rate=args.rate, keys=keys, fault_rate=args.fault_rate,
-        ambiguous_rate=args.ambiguous_rate, latency_ms=_range(args.latency_ms), seed=args.seed,
-        log=Path(args.log) if args.log else None, forbid=args.forbid, hang_s=args.hang,
-        max_skew_s=args.max_skew, clock_offset_s=args.clock_offset,
-        faults=tuple(args.faults.split(",")) if args.faults else sandbox.FAULTS,
-    )
-    asyncio.run(_serve(config))
-    return EXIT_OK
-
-
-async def _serve(config: sandbox.SandboxConfig) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with sandbox.serve(config) as sb:
-        print(f"sandbox listening on {sb.url}", flush=True)
-        for ak, sk in sb.keys.items():
-            print(f"credentials: VOLC_ACCESSKEY={ak} VOLC_SECRETKEY={sk}", flush=True)
-        print(f"try: VOLC_ACCESSKEY=... VOLC_SECRETKEY=... python -m worker run MANIFEST "
-              f"--endpoint {sb.url}", flush=True)
-        await stop.wait()
-    print("sandbox stopped", flush=True)
-
-
-def _pair(text: str) -> tuple[str, str]:
-    ak, sep, sk = text.partition(":")
-    if not (sep and ak and sk):
-        raise UsageError(f"--keys: expected AK:SK, got {ak or '?'}:...")
-    return ak, sk
-
-
-def _range(text: str) -> tuple[float, float]:
-    lo, sep, hi = text.partition("-")
-    try:
-        a, b = float(lo), float(hi if sep else lo)
-    except ValueError:
-        raise UsageError(f"--latency-ms: expected A-B in milliseconds, got {text!r}") from None
-    if not 0 <= a <= b:
-        raise UsageError("--latency-ms: need 0 <= A <= B")
-    return a, b
-
-
 # -- arguments ----------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -383,22 +334,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.set_defaults(command=cmd_report)
 
     s = sub.add_parser("sandbox", parents=[common], help="run the local Live API")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
-    s.add_argument("--rate", type=int, default=api.DOCUMENTED_RATE,
-                   help="requests per sliding second per access key")
-    s.add_argument("--keys", help="AK:SK[,AK:SK...] (default: a throwaway pair, printed)")
-    s.add_argument("--fault-rate", type=float, default=0.0)
-    s.add_argument("--ambiguous-rate", type=float, default=0.0)
-    s.add_argument("--faults", help=f"comma list of fault kinds (default all: "
-                   f"{','.join(sandbox.FAULTS)})")
-    s.add_argument("--latency-ms", default="0-0", help="A-B, uniform (default 0-0)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--log", help="arrival log, JSONL")
-    s.add_argument("--forbid", help="regex: a Name or ProjectName matching it gets 403")
-    s.add_argument("--hang", type=float, default=60.0, help="seconds a `hang` fault lasts")
-    s.add_argument("--max-skew", type=float, default=900.0, help="X-Date tolerance, seconds")
-    s.add_argument("--clock-offset", type=float, default=0.0,
-                   help="seconds the sandbox's clock is ahead of the real one")
-    s.set_defaults(command=cmd_sandbox)
+    from worker import sandbox  # its own arguments; the aiohttp server loads only here
+
+    sandbox.add_arguments(s)
+    s.set_defaults(command=sandbox.main)
     return p

@@ -1,22 +1,53 @@
-"""Our own failures, each carrying the data a message needs. Only the CLI maps them to exits.
+"""Our own failures, each carrying the data its message needs and the exit code it means.
 
-    WorkerError
-    ├── UsageError            bad option or environment            exit 2
-    ├── CredentialsError      no usable AK/SK                      exit 2
-    ├── ManifestError         one or more bad lines / bad file     exit 2
-    ├── LedgerError           ledger damaged or not writable       exit 2
-    │   └── LedgerLocked      another run holds the ledger         exit 5
-    ├── RunAborted            the server refused every request (auth, clock)  exit 2
-    └── LimiterUnavailable    the shared rate budget stayed away   exit 3
+The tree is the mapping from failure to exit code; the CLI only prints `str(exc)` and
+returns `exc.exit_code`. Anything that is not a WorkerError is a bug (exit 70).
+
+    WorkerError                                                         exit
+    ├── UsageError            bad option, job file or environment          2
+    ├── CredentialsError      no usable AK/SK                              2
+    ├── ManifestError         one or more bad lines, or a bad file         2
+    ├── PlanRefused           sync refused before any write (scope, --max-delete)  2
+    ├── LedgerError           ledger damaged, foreign, unreadable          2
+    │   ├── LedgerTargetMismatch  written for another endpoint/region/AK   2
+    │   ├── LedgerLocked          another run holds the ledger             5
+    │   └── LedgerWriteError      cannot write it after requests went out  7
+    ├── RunAborted            the server refused the run (auth, permission, clock,
+    │                         a redirect or a non-API answer)              7
+    ├── EndpointUnreachable   no HTTP answer at all for a bounded time     3
+    ├── ListingFailed         the account could not be listed completely   3
+    └── LimiterUnavailable    the shared rate budget stayed away           3
+
+Exit 2 always means "nothing was sent". A failure after requests went out is 3 (try
+again later) or 7 (a human must fix something first); either way the ledger is consistent
+and the same command resumes.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import ClassVar
+
+
+class Exit(enum.IntEnum):
+    """The exit-code contract (README: *Exit codes*)."""
+
+    OK = 0  # the account matches the manifest (every item done)
+    REJECTED = 1  # some item rejected, invalid or in conflict: fix the manifest
+    USAGE = 2  # nothing was sent: usage, manifest, credentials, ledger, plan refused
+    RETRY_LATER = 3  # deferred items, endpoint or limiter unreachable: run again later
+    INTERRUPTED = 4  # SIGINT/SIGTERM: resumable
+    LOCKED = 5  # another run holds the ledger
+    DRIFT = 6  # sync --check: the account does not match the manifest
+    STOPPED = 7  # the server refused the run or the ledger failed mid-run: fix, then rerun
+    INTERNAL = 70  # a bug (EX_SOFTWARE): the traceback is printed
 
 
 class WorkerError(Exception):
     """Base of every failure the worker reports to a user without a traceback."""
+
+    exit_code: ClassVar[Exit] = Exit.USAGE
 
 
 class UsageError(WorkerError):
@@ -25,6 +56,10 @@ class UsageError(WorkerError):
 
 class CredentialsError(WorkerError):
     pass
+
+
+class PlanRefused(WorkerError):
+    """sync refused its plan before any write: prune without a scope, too many deletes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,19 +88,40 @@ class LedgerError(WorkerError):
     pass
 
 
-class LedgerLocked(LedgerError):
+class LedgerTargetMismatch(LedgerError):
     pass
 
 
+class LedgerLocked(LedgerError):
+    exit_code = Exit.LOCKED
+
+
+class LedgerWriteError(LedgerError):
+    """The ledger refused a write (full disk, I/O error) after the run had started sending."""
+
+    exit_code = Exit.STOPPED
+
+
 class RunAborted(WorkerError):
-    """The server answered in a way that every further request would share (auth, clock)."""
+    """The server answered in a way that every further request would share (auth,
+    permission, clock) or that the Live API never gives (a redirect)."""
+
+    exit_code = Exit.STOPPED
 
     def __init__(self, code: str, message: str, hint: str) -> None:
         self.code = code
         self.server_message = message
         self.hint = hint
-        super().__init__(f"{code}: {message} ({hint})")
+        super().__init__(f"{code}: {message} ({hint})" if message else f"{code} ({hint})")
+
+
+class EndpointUnreachable(WorkerError):
+    exit_code = Exit.RETRY_LATER
+
+
+class ListingFailed(WorkerError):
+    exit_code = Exit.RETRY_LATER
 
 
 class LimiterUnavailable(WorkerError):
-    pass
+    exit_code = Exit.RETRY_LATER

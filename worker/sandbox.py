@@ -13,6 +13,7 @@ agree with each other, and tests judge the worker by them, not by the worker's o
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import hmac
@@ -20,6 +21,7 @@ import itertools
 import random
 import re
 import secrets
+import signal
 from collections import Counter, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -419,3 +421,71 @@ async def serve(config: SandboxConfig) -> AsyncIterator[Running]:
     finally:
         await runner.cleanup()
         state.close_log()
+
+
+# -- command line: `worker sandbox` ---------------------------------------------------------
+
+def add_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    s.add_argument("--rate", type=int, default=api.DOCUMENTED_RATE,
+                   help="requests per sliding second per access key")
+    s.add_argument("--keys", help="AK:SK[,AK:SK...] (default: a throwaway pair, printed)")
+    s.add_argument("--fault-rate", type=float, default=0.0)
+    s.add_argument("--ambiguous-rate", type=float, default=0.0)
+    s.add_argument("--faults", help=f"comma list of fault kinds (default all: "
+                   f"{','.join(FAULTS)})")
+    s.add_argument("--latency-ms", default="0-0", help="A-B, uniform (default 0-0)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--log", help="arrival log, JSONL")
+    s.add_argument("--forbid", help="regex: a Name or ProjectName matching it gets 403")
+    s.add_argument("--hang", type=float, default=60.0, help="seconds a `hang` fault lasts")
+    s.add_argument("--max-skew", type=float, default=900.0, help="X-Date tolerance, seconds")
+    s.add_argument("--clock-offset", type=float, default=0.0,
+                   help="seconds the sandbox's clock is ahead of the real one")
+
+
+def main(args: argparse.Namespace) -> int:
+    keys = dict(_pair(p) for p in args.keys.split(",")) if args.keys else new_keys()
+    config = SandboxConfig(
+        host=args.host, port=args.port, rate=args.rate, keys=keys, fault_rate=args.fault_rate,
+        ambiguous_rate=args.ambiguous_rate, latency_ms=_range(args.latency_ms), seed=args.seed,
+        log=Path(args.log) if args.log else None, forbid=args.forbid, hang_s=args.hang,
+        max_skew_s=args.max_skew, clock_offset_s=args.clock_offset,
+        faults=tuple(args.faults.split(",")) if args.faults else FAULTS,
+    )
+    asyncio.run(_serve(config))
+    return 0
+
+
+async def _serve(config: SandboxConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with serve(config) as sb:
+        print(f"sandbox listening on {sb.url}", flush=True)
+        for ak, sk in sb.keys.items():
+            print(f"credentials: VOLC_ACCESSKEY={ak} VOLC_SECRETKEY={sk}", flush=True)
+        print(f"try: VOLC_ACCESSKEY=... VOLC_SECRETKEY=... python -m worker run MANIFEST "
+              f"--endpoint {sb.url}", flush=True)
+        await stop.wait()
+    print("sandbox stopped", flush=True)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    ak, sep, sk = text.partition(":")
+    if not (sep and ak and sk):
+        raise UsageError(f"--keys: expected AK:SK, got {ak or '?'}:...")
+    return ak, sk
+
+
+def _range(text: str) -> tuple[float, float]:
+    lo, sep, hi = text.partition("-")
+    try:
+        a, b = float(lo), float(hi if sep else lo)
+    except ValueError:
+        raise UsageError(f"--latency-ms: expected A-B in milliseconds, got {text!r}") from None
+    if not 0 <= a <= b:
+        raise UsageError("--latency-ms: need 0 <= A <= B")
+    return a, b
