@@ -1,0 +1,193 @@
+"""Prometheus metrics of one run: counted by the runner, written as a textfile, served on HTTP.
+
+Every run has its own CollectorRegistry (never the library's global one), so tests and
+several runs in one process do not share counters. Every series carries two constant labels,
+`command` (run, sync) and `job_name` (the job file's or manifest's stem): node_exporter's
+textfile collector merges every *.prom file of its directory, and two jobs writing the same
+series would make the whole scrape fail.
+
+`worker_last_success_timestamp_seconds` is what an alert watches ("no successful sync in 26
+hours"). A run that does not succeed must not erase it, so the textfile of a run that has
+not (yet) succeeded carries the value over from the file it replaces.
+
+Label values that come from the network (`code`) are bounded: anything that does not look
+like an API error code becomes "other", so a hostile server cannot grow the registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.exposition import write_to_textfile
+from prometheus_client.parser import text_string_to_metric_families
+
+from worker import __version__
+from worker.errors import UsageError
+
+LAST_SUCCESS = "worker_last_success_timestamp_seconds"
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_MAX_PREVIOUS = 1 << 20  # the textfile we replace is a few KiB; do not read a huge one
+
+
+def bounded(value: str) -> str:
+    """`value` if it looks like an action, outcome or error code, else "other"."""
+    return value if _LABEL_VALUE.fullmatch(value) else "other"
+
+
+class Metrics:
+    """The counters and gauges of one run, in their own registry.
+
+    The runner calls `request`, `item`, `throttle`, `retry`, `in_flight`, `rates` as things
+    happen, `finish` once at the end; the CLI writes `write_textfile` periodically and at the
+    end, and/or wraps the run in `serve`. Without either sink it only counts.
+    """
+
+    def __init__(self, *, command: str, job_name: str, started_at: float | None = None) -> None:
+        self.command = command
+        self.job_name = job_name
+        self.registry = CollectorRegistry()
+        const = ("command", "job_name")
+        reg = self.registry
+        self._requests = Counter(
+            "worker_requests", "API requests answered, by action and answer code "
+            "(ok, an error code, or a transport failure)",
+            [*const, "action", "code"], registry=reg)  # fmt: skip
+        self._items = Counter(
+            "worker_items", "Items finished, by action and ledger outcome",
+            [*const, "action", "outcome"], registry=reg)  # fmt: skip
+        self._throttles = Counter(
+            "worker_throttles", "FlowLimitExceeded answers (each pauses everyone)",
+            const, registry=reg).labels(command, job_name)  # fmt: skip
+        self._retries = Counter(
+            "worker_retries", "Attempts scheduled again after a retryable failure",
+            const, registry=reg).labels(command, job_name)  # fmt: skip
+        self._in_flight = Gauge(
+            "worker_in_flight", "Requests sent and not yet answered",
+            const, registry=reg).labels(command, job_name)  # fmt: skip
+        self._rate_limit = Gauge(
+            "worker_rate_limit", "The rate the worker keeps under, requests/s",
+            const, registry=reg).labels(command, job_name)  # fmt: skip
+        self._rate_achieved = Gauge(
+            "worker_rate_achieved", "Requests/s achieved over the run so far",
+            const, registry=reg).labels(command, job_name)  # fmt: skip
+        self._duration = Gauge(
+            "worker_run_duration_seconds", "How long the last run took (set when it ends)",
+            const, registry=reg)  # fmt: skip
+        self._last_success = Gauge(
+            LAST_SUCCESS, "End time of the last run that finished with every item done",
+            const, registry=reg)  # fmt: skip
+        self._last_finish = Gauge(
+            "worker_last_finish_timestamp_seconds", "End time of the last run, however it ended",
+            const, registry=reg)  # fmt: skip
+        info = Gauge(
+            "worker_info", "Always 1: the worker's version", [*const, "version"], registry=reg
+        )
+        info.labels(command, job_name, __version__).set(1)
+        if started_at is not None:
+            Gauge(
+                "worker_run_start_timestamp_seconds", "When the current run started",
+                const, registry=reg).labels(command, job_name).set(started_at)  # fmt: skip
+        self._succeeded_at: float | None = None
+        self._carried = False
+
+    def __repr__(self) -> str:
+        return f"<Metrics {self.command} {self.job_name!r}>"
+
+    # -- what the runner reports -----------------------------------------------------
+
+    def request(self, action: str, code: str) -> None:
+        self._requests.labels(self.command, self.job_name, bounded(action), bounded(code)).inc()
+
+    def item(self, action: str, outcome: str) -> None:
+        self._items.labels(self.command, self.job_name, bounded(action), bounded(outcome)).inc()
+
+    def throttle(self) -> None:
+        self._throttles.inc()
+
+    def retry(self) -> None:
+        self._retries.inc()
+
+    def in_flight(self, delta: int) -> None:
+        self._in_flight.inc(delta)
+
+    def rates(self, limit: float, achieved: float) -> None:
+        self._rate_limit.set(limit)
+        self._rate_achieved.set(achieved)
+
+    def finish(self, duration_s: float, success: bool, now: float) -> None:
+        """The run ended at `now` (epoch seconds); `success`: every item done (exit 0)."""
+        labels = (self.command, self.job_name)
+        self._duration.labels(*labels).set(duration_s)
+        self._last_finish.labels(*labels).set(now)
+        if success:
+            self._succeeded_at = now
+            self._last_success.labels(*labels).set(now)
+
+    # -- sinks -----------------------------------------------------------------------
+
+    def write_textfile(self, path: Path) -> None:
+        """Write the text format to `path` atomically (a temporary file beside it, renamed
+        over it: node_exporter never reads half a file; the collector only reads *.prom, so
+        the temporary name is not picked up). Raises OSError: the caller decides whether a
+        metrics file that cannot be written should stop a run (it should not)."""
+        if self._succeeded_at is None and not self._carried:
+            self._carried = True  # read the old file once: later writes replace our own
+            previous = previous_last_success(path, command=self.command, job_name=self.job_name)
+            if previous is not None:
+                self._last_success.labels(self.command, self.job_name).set(previous)
+        write_to_textfile(str(path), self.registry)
+
+    @contextlib.contextmanager
+    def serve(self, port: int, host: str = "127.0.0.1") -> Iterator[str]:
+        """Serve /metrics on host:port while the block runs; yields the URL (port 0 picks a
+        free one). Loopback by default: the metrics name the account's projects and error
+        codes, and a Prometheus on the same host (or a pod's sidecar) reaches 127.0.0.1;
+        listening elsewhere (--metrics-host 0.0.0.0, e.g. in a pod) is an explicit choice."""
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise UsageError(f"--metrics-port {port}: cannot listen on {host}: "
+                             f"{exc.strerror or exc}") from None  # fmt: skip
+        try:
+            raw_host, bound_port = server.server_address[:2]
+            bound = raw_host.decode() if isinstance(raw_host, bytes) else raw_host
+            shown = f"[{bound}]" if ":" in bound else bound
+            yield f"http://{shown}:{bound_port}/metrics"
+        finally:
+            server.shutdown()  # stops serve_forever; the thread then returns
+            server.server_close()
+            thread.join(timeout=5)
+
+
+def previous_last_success(path: Path, *, command: str, job_name: str) -> float | None:
+    """worker_last_success_timestamp_seconds for (command, job_name) in the textfile at
+    `path`, or None: no file, not a regular file, too big, or not parseable (a damaged
+    file must not stop a run; the next success writes a good one)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(_MAX_PREVIOUS + 1)
+    if len(data) > _MAX_PREVIOUS:
+        return None
+    best: float | None = None
+    try:
+        for family in text_string_to_metric_families(data.decode("utf-8")):
+            for sample in family.samples:
+                if (sample.name == LAST_SUCCESS
+                        and sample.labels.get("command") == command
+                        and sample.labels.get("job_name") == job_name):  # fmt: skip
+                    best = sample.value if best is None else max(best, sample.value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return best
