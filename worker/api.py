@@ -24,9 +24,11 @@ DELETE: Final = "DeletePullToPushGroup"
 GROUP_ACTIONS: Final = frozenset({CREATE, LIST, UPDATE, DELETE})
 
 NAME_MAX: Final = 20
-# "Chinese characters, A-Z, a-z, 0-9". Chinese = the CJK Unified Ideographs block and its
-# Extension A; full-width digits, kana, emoji and punctuation are not in it.
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9\u3400-\u4dbf\u4e00-\u9fff]+")
+# "Chinese characters, A-Z, a-z, 0-9". The Live API's Chinese class is exactly U+4E00-U+9FA5
+# (the GB-era CJK Unified Ideographs): it refuses Extension A (U+3400-U+4DBF) and the later
+# additions U+9FA6-U+9FFF, so we do too. The sandbox imports this same rule. ASCII letters and
+# digits only: re's [A-Za-z0-9] does not match full-width or other scripts' digits.
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9\u4e00-\u9fa5]+")
 TAG_CATEGORIES: Final = ("System", "Custom")
 TAG_FIELDS: Final = frozenset({"Key", "Value", "Category"})
 CREATE_FIELDS: Final = frozenset({"Name", "ProjectName", "Tags"})
@@ -42,7 +44,10 @@ def name_problem(name: object) -> str | None:
         return f"is {len(name)} characters long; at most {NAME_MAX} are allowed"
     if not _NAME_RE.fullmatch(name):
         bad = next(c for c in name if not _NAME_RE.fullmatch(c))
-        return f"may hold only Chinese characters, letters and digits; {bad!r} is not one"
+        return (
+            f"may hold only Chinese characters, letters and digits; {bad!r} "
+            f"(U+{ord(bad):04X}) is not one (allowed: U+4E00-U+9FA5, A-Z, a-z, 0-9)"
+        )
     return None
 
 
@@ -57,7 +62,9 @@ def tags_problems(tags: object) -> list[tuple[str, str]]:
             problems.append((where, f"must be an object, not {json_type(tag)}"))
             continue
         for key in sorted(set(tag) - TAG_FIELDS):
-            problems.append((f"{where}.{key}", "unknown field (allowed: Key, Value, Category)"))
+            problems.append(
+                (f"{where}.{label(key)}", "unknown field (allowed: Key, Value, Category)")
+            )
         for key in ("Key", "Value"):
             if key not in tag:
                 problems.append((f"{where}.{key}", "is required"))
@@ -66,9 +73,21 @@ def tags_problems(tags: object) -> list[tuple[str, str]]:
         category = tag.get("Category")
         if category not in TAG_CATEGORIES:
             problems.append(
-                (f"{where}.Category", f"must be 'System' or 'Custom', not {category!r}")
+                (f"{where}.Category", f"must be 'System' or 'Custom', not {shown(category)}")
             )
     return problems
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """A manifest value fit for a message: its repr, bounded (a value may hold terminal
+    escapes or be a megabyte long)."""
+    text = repr(value[:limit] if isinstance(value, str) else value)
+    return text if len(text) <= limit + 2 else text[:limit] + "..."
+
+
+def label(key: str) -> str:
+    """A manifest key fit for the FIELD part of a message: as it is when short and plain."""
+    return key if key.isprintable() and 0 < len(key) <= 40 else shown(key)
 
 
 def json_type(value: object) -> str:

@@ -1,18 +1,31 @@
-"""Manifest step: stream a JSONL file into validated groups, or problems naming file:line:field.
+"""Manifest step: read a JSONL manifest once into validated groups, or problems naming
+file:line:field.
 
-Two passes over the file, never the file in memory: `scan` validates every line before
-anything is sent (and hashes the file for the ledger header); `read` streams it again and
-yields each line as a `Group` to send or an `Invalid` to record. Only one small map grows
-with the manifest: Name -> first line, to catch a Name given twice.
+`scan` reads the source exactly once, in bounded lines: it validates every line (before
+anything is sent), hashes the bytes for the ledger header, and writes each line's verdict to
+a private spool file: the canonical body of a valid line, the problem of an invalid one.
+`read` streams that spool, never the source, so every body sent is one that was validated,
+made from the bytes that were hashed: a pipe (`run <(gen)`, `cat m | run /dev/stdin`) works,
+and a source appended to or edited in place after `scan` has no effect. `read` may be called
+any number of times (to plan, then to send); each call is an independent pass that parses
+no JSON.
+
+Memory stays flat: lines are streamed, verdicts are on disk. Only one small map grows with
+the manifest: Name -> first line, to catch a Name given twice.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import stat
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import IO, Any, Self
 
 import orjson
 
@@ -20,8 +33,15 @@ from worker import api
 from worker.errors import ManifestError, Problem
 
 MAX_LINE_BYTES = 1 << 20  # a group body is tiny; a longer line is a mistake, not data
+# An over-long line is skipped to its end so the lines after it keep their numbers; past this
+# it is not a manifest at all (a binary file, a device such as /dev/zero) and we stop.
+MAX_SKIPPED_LINE_BYTES = 64 << 20
+# The whole source. Ten million groups are about 2 GB; a source past this is a mistake or a
+# device that never ends (/dev/zero, /dev/urandom), and we stop reading it.
+MAX_MANIFEST_BYTES = 16 << 30
 MAX_SHOWN = 50  # problems printed; all are counted
 _BOM = b"\xef\xbb\xbf"
+_SPOOL_BUFFER = 1 << 16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,92 +68,252 @@ class Invalid:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Scan:
-    """What the validation pass learnt about the whole file."""
+    """What the one pass over the source learnt, and the private copy of what it read.
+
+    A context manager: closing it removes the spool. The spool is an unlinked temporary file
+    (mode 0600), so it vanishes with the process even after `kill -9`.
+    """
 
     path: Path
-    sha256: str
+    sha256: str  # of the source's bytes exactly as read (BOM, CR and over-long lines included)
+    size: int  # bytes read from the source
     groups: int  # valid lines
-    invalid: dict[int, Problem]  # line -> its first problem (every invalid line)
+    invalid: int  # invalid lines (`read` yields each as Invalid, with its first problem)
     problems: list[Problem]  # every problem, capped at MAX_SHOWN
-    problem_count: int
+    problem_count: int  # every problem, counted
+    # One record per source line: b"" blank, b"G" name TAB body, b"!" JSON [name, field, reason]
+    spool: IO[bytes] = field(repr=False, compare=False)
+
+    def close(self) -> None:
+        self.spool.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
-def scan(path: Path) -> Scan:
-    """Validate every line. Raises ManifestError for a file that cannot be read at all."""
+def scan(path: Path, *, spool_dir: Path | None = None, max_bytes: int = MAX_MANIFEST_BYTES) -> Scan:
+    """Read `path` once: validate every line and keep a private copy for `read`.
+
+    `path` may be a regular file, a FIFO, /dev/stdin or a process substitution. The spool is
+    created in `spool_dir` (default: tempfile's directory; pass the ledger's folder to keep
+    it off a small /tmp). Raises ManifestError for a source that cannot be read at all, is
+    larger than `max_bytes`, or holds no groups; line problems are returned, not raised.
+    """
+    try:
+        spool = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (owned by the Scan)
+    except OSError as exc:
+        raise _file_error(
+            path,
+            f"cannot create a spool file in {spool_dir or tempfile.gettempdir()}: {exc.strerror}",
+        ) from None
+    try:
+        return _scan(path, spool, max_bytes)
+    except BaseException:
+        spool.close()
+        raise
+
+
+def read(scanned: Scan) -> Iterator[Group | Invalid]:
+    """Stream the spool: each non-blank line as a Group, or as Invalid with its first problem,
+    exactly as `scan` judged it."""
+    where = str(scanned.path)
+    for lineno, record in _spooled_lines(scanned.spool):
+        if record.startswith(b"G"):
+            name, _, body = record[1:].partition(b"\t")
+            yield Group(
+                name=name.decode(),
+                line=lineno,
+                body=body,
+                fingerprint=hashlib.sha256(body).hexdigest(),
+            )
+        elif record.startswith(b"!"):
+            name, field_name, reason = orjson.loads(record[1:])
+            yield Invalid(
+                line=lineno, name=name, problem=Problem(where, lineno, field_name, reason)
+            )
+
+
+def _scan(path: Path, spool: IO[bytes], max_bytes: int) -> Scan:
     digest = hashlib.sha256()
     first_line: dict[str, int] = {}
-    invalid: dict[int, Problem] = {}
     shown: list[Problem] = []
-    count = groups = 0
-    for lineno, raw in _lines(path, digest):
+    count = groups = invalid = 0
+    source = _Source(path, digest, max_bytes)
+    for lineno, raw in source.lines():
         result = _parse(path, lineno, raw)
         if isinstance(result, Group):
             seen = first_line.setdefault(result.name, lineno)
             if seen == lineno:
                 groups += 1
+                # A Name holds no TAB (api.name_problem) and canonical JSON no newline.
+                _write(path, spool, b"G" + result.name.encode() + b"\t" + result.body + b"\n")
                 continue
-            result = [Problem(str(path), lineno, "Name",
-                              f"{result.name!r} is already given on line {seen}")]
+            result = [
+                Problem(
+                    str(path), lineno, "Name", f"{result.name!r} is already given on line {seen}"
+                )
+            ]
         if result is None:
+            _write(path, spool, b"\n")  # one spool line per source line keeps numbers true
             continue
-        invalid[lineno] = result[0]
+        first = result[0]
+        _write(path, spool, b"!" + orjson.dumps([_name_of(raw), first.field, first.reason]) + b"\n")
+        invalid += 1
         count += len(result)
         shown.extend(result[: max(0, MAX_SHOWN - len(shown))])
-    if groups == 0 and not invalid:
-        raise ManifestError([Problem(str(path), 0, "", "the manifest holds no groups "
-                                     "(it is empty or has only blank lines)")], 1)
-    return Scan(path=path, sha256=digest.hexdigest(), groups=groups, invalid=invalid,
-                problems=shown, problem_count=count)
-
-
-def read(scanned: Scan) -> Iterator[Group | Invalid]:
-    """Stream the file again: each non-blank line as a Group, or as Invalid if `scan` said so."""
-    for lineno, raw in _lines(scanned.path, None):
-        if (problem := scanned.invalid.get(lineno)) is not None:
-            yield Invalid(line=lineno, name=_name_of(raw), problem=problem)
-            continue
-        result = _parse(scanned.path, lineno, raw)
-        if isinstance(result, Group):
-            yield result
-        elif result is not None:  # the file changed under us between the two passes
-            raise ManifestError([Problem(str(scanned.path), lineno, "",
-                                         "the file changed while the run was reading it")], 1)
-
-
-def _lines(path: Path, digest: Any) -> Iterator[tuple[int, bytes]]:
     try:
-        f = path.open("rb")
-    except IsADirectoryError:
-        raise ManifestError([Problem(str(path), 0, "", "is a directory, not a file")], 1) from None
-    except FileNotFoundError:
-        raise ManifestError([Problem(str(path), 0, "", "no such file")], 1) from None
+        spool.flush()  # `read` reads the descriptor, not this buffer
     except OSError as exc:
-        raise ManifestError([Problem(str(path), 0, "", f"cannot open it: {exc.strerror}")],
-                            1) from None
-    with f:
-        lineno = 0
-        while True:
-            try:
-                raw = f.readline(MAX_LINE_BYTES + 1)
-            except OSError as exc:
-                raise ManifestError([Problem(str(path), 0, "", f"cannot read it: {exc.strerror}")],
-                                    1) from None
-            if not raw:
-                return
-            lineno += 1
-            if digest is not None:
-                digest.update(raw)
-            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
-                    if digest is not None:
-                        digest.update(rest)
-                if digest is not None:
-                    digest.update(rest)
-                yield lineno, b""  # marks "too long"; _parse cannot see an empty line here
-                continue
-            if lineno == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
-            yield lineno, raw.rstrip(b"\r\n") or b" "
+        raise _spool_error(path, exc) from None
+    if groups == 0 and not invalid:
+        raise _file_error(
+            path, "the manifest holds no groups (it is empty or has only blank lines)"
+        )
+    return Scan(
+        path=path,
+        sha256=digest.hexdigest(),
+        size=source.size,
+        groups=groups,
+        invalid=invalid,
+        problems=shown,
+        problem_count=count,
+        spool=spool,
+    )
+
+
+class _Source:
+    """The source, read once in bounded lines, hashed as it is read, size-capped."""
+
+    def __init__(self, path: Path, digest: Any, max_bytes: int) -> None:
+        self.path = path
+        self.digest = digest
+        self.max_bytes = max_bytes
+        self.size = 0
+
+    def lines(self) -> Iterator[tuple[int, bytes]]:
+        """(line number, content without BOM and line end); b"" marks an over-long line,
+        which the parser cannot confuse with a blank one (that is b" ")."""
+        with self._open() as f:
+            lineno = 0
+            while raw := self._readline(f, MAX_LINE_BYTES + 1):
+                lineno += 1
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    self._skip_rest(f, lineno, len(raw))
+                    yield lineno, b""
+                    continue
+                if lineno == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM) :]
+                yield lineno, raw.rstrip(b"\r\n") or b" "
+
+    def _skip_rest(self, f: IO[bytes], lineno: int, length: int) -> None:
+        """Read past the end of an over-long line, in bounded pieces."""
+        while (rest := self._readline(f, MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+            length += len(rest)
+            if length > MAX_SKIPPED_LINE_BYTES:
+                raise _file_error(
+                    self.path,
+                    f"line {lineno} is longer than "
+                    f"{MAX_SKIPPED_LINE_BYTES} bytes: this is not a JSONL "
+                    "manifest",
+                )
+
+    def _open(self) -> IO[bytes]:
+        path = self.path
+        try:
+            # A FIFO blocks here until its writer opens it, as `cat` would: opening it
+            # non-blocking would read an empty pipe as an empty manifest.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except IsADirectoryError:
+            raise _file_error(path, "is a directory, not a file") from None
+        except FileNotFoundError:
+            raise _file_error(path, "no such file") from None
+        except OSError as exc:
+            kind = _kind(path)
+            reason = f"is {kind}, not a file" if kind else f"cannot open it: {exc.strerror}"
+            raise _file_error(path, reason) from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise _file_error(path, "is a directory, not a file")
+            if stat.S_ISSOCK(mode):
+                raise _file_error(path, "is a socket, not a file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return open(fd, "rb", buffering=_SPOOL_BUFFER)  # the caller closes it
+
+    def _readline(self, f: IO[bytes], limit: int) -> bytes:
+        try:
+            raw = f.readline(limit)
+        except OSError as exc:
+            raise _file_error(self.path, f"cannot read it: {exc.strerror}") from None
+        self.size += len(raw)
+        if self.size > self.max_bytes:
+            raise _file_error(
+                self.path,
+                f"is larger than {self.max_bytes} bytes: split it "
+                "(or it is a device that never ends)",
+            )
+        self.digest.update(raw)
+        return raw
+
+
+def _kind(path: Path) -> str | None:
+    """'a socket' etc. for a path open() refused because of what it is, else None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return None
+
+
+class _Pread(io.RawIOBase):
+    """Reads the spool at its own offset (os.pread), so passes never disturb each other."""
+
+    def __init__(self, spool: IO[bytes]) -> None:
+        self._fd = spool.fileno()
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = os.pread(self._fd, len(buffer), self._offset)
+        buffer[: len(data)] = data
+        self._offset += len(data)
+        return len(data)
+
+
+def _spooled_lines(spool: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    # Unbounded readline is safe here: `scan` wrote every line, none longer than a manifest
+    # line may be.
+    with io.BufferedReader(_Pread(spool), _SPOOL_BUFFER) as f:
+        for lineno, raw in enumerate(f, start=1):
+            yield lineno, raw[:-1]
+
+
+def _write(path: Path, out: IO[bytes], data: bytes) -> None:
+    try:
+        out.write(data)
+    except OSError as exc:
+        raise _spool_error(path, exc) from None
+
+
+def _spool_error(path: Path, exc: OSError) -> ManifestError:
+    return _file_error(path, f"cannot copy it to the private spool file: {exc.strerror}")
+
+
+def _file_error(path: Path, reason: str) -> ManifestError:
+    return ManifestError([Problem(str(path), 0, "", reason)], 1)
 
 
 def _parse(path: Path, lineno: int, raw: bytes) -> Group | list[Problem] | None:
@@ -159,8 +339,10 @@ def _parse(path: Path, lineno: int, raw: bytes) -> Group | list[Problem] | None:
         return problem("line", f"is not valid JSON ({exc.msg} at column {exc.colno})")
     if not isinstance(obj, dict):
         return problem("line", f"must be a JSON object, not {api.json_type(obj)}")
-    problems = [Problem(where, lineno, k, "unknown field (allowed: Name, ProjectName, Tags)")
-                for k in sorted(set(obj) - api.CREATE_FIELDS)]
+    problems = [
+        Problem(where, lineno, api.label(k), "unknown field (allowed: Name, ProjectName, Tags)")
+        for k in sorted(set(obj) - api.CREATE_FIELDS)
+    ]
     name = obj.get("Name")
     if "Name" not in obj:
         problems.append(Problem(where, lineno, "Name", "is required"))
@@ -168,11 +350,13 @@ def _parse(path: Path, lineno: int, raw: bytes) -> Group | list[Problem] | None:
         problems.append(Problem(where, lineno, "Name", reason))
     project = obj.get("ProjectName", api.DEFAULT_PROJECT)
     if not isinstance(project, str):
-        problems.append(Problem(where, lineno, "ProjectName",
-                                f"must be a string, not {api.json_type(project)}"))
+        problems.append(
+            Problem(where, lineno, "ProjectName", f"must be a string, not {api.json_type(project)}")
+        )
     elif not project:
-        problems.append(Problem(where, lineno, "ProjectName",
-                                "must not be empty (leave it out for 'default')"))
+        problems.append(
+            Problem(where, lineno, "ProjectName", "must not be empty (leave it out for 'default')")
+        )
     tags = obj.get("Tags", [])
     problems.extend(Problem(where, lineno, f, r) for f, r in api.tags_problems(tags))
     if problems:
@@ -184,11 +368,13 @@ def _parse(path: Path, lineno: int, raw: bytes) -> Group | list[Problem] | None:
 def _group(name: str, project: str, tags: list[dict[str, str]], lineno: int) -> Group:
     body: dict[str, Any] = {"Name": name, "ProjectName": project}
     if tags:
-        body["Tags"] = [{"Key": t["Key"], "Value": t["Value"], "Category": t["Category"]}
-                        for t in tags]
+        body["Tags"] = [
+            {"Key": t["Key"], "Value": t["Value"], "Category": t["Category"]} for t in tags
+        ]
     encoded = orjson.dumps(body)
-    return Group(name=name, line=lineno, body=encoded,
-                 fingerprint=hashlib.sha256(encoded).hexdigest())
+    return Group(
+        name=name, line=lineno, body=encoded, fingerprint=hashlib.sha256(encoded).hexdigest()
+    )
 
 
 def _name_of(raw: bytes) -> str | None:
@@ -198,4 +384,6 @@ def _name_of(raw: bytes) -> str | None:
     except orjson.JSONDecodeError:
         return None
     name = obj.get("Name") if isinstance(obj, dict) else None
-    return name if isinstance(name, str) and len(name) <= 200 else None
+    # Printable only: the Name goes to the ledger, reports and the terminal.
+    ok = isinstance(name, str) and len(name) <= 200 and name.isprintable()
+    return name if ok else None
