@@ -1,0 +1,91 @@
+"""What a sandbox is told to be: its settings, the faults it knows, and where it listens.
+
+No server code here, so the command line and the package's re-exports stay cheap to import.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from worker import api
+from worker.errors import UsageError
+
+if TYPE_CHECKING:
+    from worker.sandbox.app import SandboxApp
+
+# Faults a request may be answered with instead of being carried out (nothing changes).
+FAULTS: Final = (
+    "CommonErr",
+    "InternalError",
+    "InternalServiceError",
+    "ServiceUnavailableTemp",
+    "InternalServiceTimeout",
+    "drop",
+    "hang",
+)
+# HTTP status of each fault that answers at all (drop and hang do not).
+FAULT_STATUS: Final = {
+    "CommonErr": 200,
+    "InternalError": 500,
+    "InternalServiceError": 502,
+    "ServiceUnavailableTemp": 503,
+    "InternalServiceTimeout": 504,
+}
+# Ways the server misbehaves after it *has* created the group.
+AMBIGUOUS: Final = ("InternalServiceTimeout", "drop")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SandboxConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    rate: int = api.DOCUMENTED_RATE  # requests per sliding window per access key
+    window_s: float = 1.0
+    keys: dict[str, str] = field(default_factory=dict, repr=False)  # AK -> SK
+    fault_rate: float = 0.0
+    ambiguous_rate: float = 0.0
+    faults: tuple[str, ...] = FAULTS
+    latency_ms: tuple[float, float] = (0.0, 0.0)
+    seed: int = 0
+    log: Path | None = None
+    max_skew_s: float = 900.0
+    clock_offset_s: float = 0.0  # the server's clock minus the real one (clock tests)
+    forbid: str | None = None  # regex; a write about a matching Name or ProjectName gets 403
+    hang_s: float = 60.0
+    preload: Path | None = None  # a manifest whose groups exist at start (created 0)
+    list_lag_ms: float = 0.0  # List sees the account as it was this long ago
+    list_churn: int = 0  # after each of the first K List pages, one new group appears
+    state_file: Path | None = None  # the account (and keys) kept between runs
+
+    def __post_init__(self) -> None:
+        if self.rate < 1:
+            raise UsageError("sandbox rate must be at least 1")
+        if not 0 <= self.fault_rate + self.ambiguous_rate <= 1:
+            raise UsageError("--fault-rate + --ambiguous-rate must lie in [0, 1]")
+        if unknown := set(self.faults) - set(FAULTS):
+            raise UsageError(f"--faults: unknown kinds {sorted(unknown)}; known: {FAULTS}")
+        lo, hi = self.latency_ms
+        if not 0 <= lo <= hi:
+            raise UsageError("--latency-ms must be A-B with 0 <= A <= B")
+        if not (math.isfinite(self.list_lag_ms) and self.list_lag_ms >= 0):
+            raise UsageError("--list-lag-ms must be a finite number >= 0")
+        if self.list_churn < 0:
+            raise UsageError("--list-churn must be >= 0")
+
+
+def new_keys() -> dict[str, str]:
+    """A throwaway access key pair for a sandbox nobody configured."""
+    return {"AKSANDBOX" + secrets.token_hex(6).upper(): secrets.token_urlsafe(24)}
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A sandbox that is listening: where it is and what it knows."""
+
+    url: str
+    keys: dict[str, str] = field(repr=False)
+    app: SandboxApp = field(repr=False)
