@@ -33,9 +33,20 @@ class SandboxProc:
             return []
         return [json.loads(line) for line in self.log.read_text().splitlines() if line]
 
+    def of(self, action: str) -> list[dict[str, Any]]:
+        """Arrivals of one action (e.g. "ListPullToPushGroup"), in arrival order. Each has
+        `t`, `ak`, `action`, `name` (None for List), `page` (List's PageNum), `status`, `code`."""
+        return [a for a in self.arrivals() if a["action"] == action]
+
     def creates(self) -> list[dict[str, Any]]:
         """Arrivals of CreatePullToPushGroup requests, in arrival order."""
-        return [a for a in self.arrivals() if a["action"] == "CreatePullToPushGroup"]
+        return self.of("CreatePullToPushGroup")
+
+    def groups(self) -> dict[str, dict[str, Any]]:
+        """Every group the sandbox holds (deleted ones too, Status 1), by Name: Name,
+        ProjectName, Tags, Status and the counters created, updated, deleted,
+        exist_answers, requests."""
+        return {g["Name"]: g for g in self.state()["groups"]}
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -52,8 +63,19 @@ class SandboxProc:
 def start_sandbox(tmp: Path, *args: str, keys: dict[str, str]) -> SandboxProc:
     stamp = time.monotonic_ns()
     log = tmp / f"arrivals-{stamp}.jsonl"
-    cmd = [sys.executable, "-m", "worker", "sandbox", "--port", "0", "--log", str(log),
-           "--keys", ",".join(f"{k}:{v}" for k, v in keys.items()), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "worker",
+        "sandbox",
+        "--port",
+        "0",
+        "--log",
+        str(log),
+        "--keys",
+        ",".join(f"{k}:{v}" for k, v in keys.items()),
+        *args,
+    ]
     errors = tmp / f"sandbox-stderr-{stamp}.txt"
     with errors.open("w") as err:  # a file, not a pipe: a chatty sandbox must never block
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
