@@ -1,47 +1,40 @@
-"""Command line: arguments -> Settings, logging, the event loop, signals, exit codes.
+"""Command line: arguments in, exit codes out; the only module that knows it is a process.
 
-The only module that knows it is a process. Every WorkerError becomes a message and an exit
-code here; anything else is a bug and keeps its traceback.
+Arguments are merged (command line > job file > environment > the defaults in Settings),
+signals are handled from the first instruction to the last, and every WorkerError becomes a
+message and the exit code its class carries (errors.py). Anything else is a bug: its
+traceback is printed and the exit code is 70.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import replace
-from datetime import datetime, timedelta
+import traceback
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from types import FrameType
+from typing import Any, Literal, NoReturn
 
-import orjson
 import structlog
 
-from worker import __version__, api, credentials, ledger, logs, manifest, plan, report
-from worker.errors import (
-    Exit,
-    LedgerError,
-    LedgerLocked,
-    ManifestError,
-    RunAborted,
-    UsageError,
-    WorkerError,
-)
-from worker.pacing import LocalPacer, Pacer
-from worker.progress import Progress
-from worker.runner import Controls, Run, Tally, utcnow
-from worker.settings import Pacing, RetryPolicy, Settings
-from worker.signing import Credentials
-from worker.transport import Transport
+from worker import __version__, logs
+from worker.errors import Exit, LedgerLocked, ManifestError, UsageError, WorkerError
+from worker.records import StopReason
+from worker.runner import Controls
 
-EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_DEFERRED, EXIT_INTERRUPTED, EXIT_LOCKED = (
-    Exit.OK, Exit.REJECTED, Exit.USAGE, Exit.RETRY_LATER, Exit.INTERRUPTED, Exit.LOCKED)
 log = structlog.get_logger("worker")
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+Kind = Literal["str", "path", "int", "float", "bool", "list"]
+
+
+class Interrupted(BaseException):
+    """A signal arrived while no event loop was running (start-up, the manifest scan)."""
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -49,13 +42,15 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 def run_cli(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    tty = sys.stderr.isatty()
-    fmt = args.log_format if args.log_format != "auto" else ("console" if tty else "json")
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logs.configure(json=fmt == "json", level=level)
+    _install_early_handlers()  # first: a signal during start-up is an orderly exit 4
+    logs.guard_stdio()
     try:
+        args = _parser().parse_args(argv)
+        tty = sys.stderr.isatty()
+        fmt = args.log_format if args.log_format != "auto" else ("console" if tty else "json")
+        level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet \
+            else logging.INFO
+        logs.configure(json=fmt == "json", level=level)
         code: int = args.command(args)
         return code
     except ManifestError as exc:
@@ -72,270 +67,358 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     except WorkerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except Interrupted:
+        print("interrupted before anything was sent; nothing was changed", file=sys.stderr)
+        return Exit.INTERRUPTED
+    except Exception:
+        traceback.print_exc(file=sys.stderr)
+        print("error: internal error (a bug in worker; the ledger is consistent): please "
+              "report it with the traceback above", file=sys.stderr)
+        return Exit.INTERNAL
 
 
-# -- run ----------------------------------------------------------------------------------
+# -- signals ------------------------------------------------------------------------------
+
+def _early(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+def _install_early_handlers() -> None:
+    for sig in SIGNALS:
+        signal.signal(sig, _early)
+
+
+def loop_under_signals(grace_s: float) -> Any:
+    """The `Loop` for compose: run a coroutine with SIGINT/SIGTERM handled in the loop.
+
+    The first signal drains the run (no new requests; those on the wire may finish for
+    `grace_s`), then cancels it; a second signal cancels it at once. A signal that arrives
+    before any write request went out cancels at once: there is nothing to wait for."""
+
+    def run(main: Coroutine[Any, Any, Exit], controls: Controls) -> Exit:
+        async def guarded() -> Exit:
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+            assert task is not None
+            seen = 0
+
+            def on_signal(signum: int) -> None:
+                nonlocal seen
+                seen += 1
+                name = signal.Signals(signum).name
+                if seen == 1 and controls.writes_started:
+                    log.warning("run.stopping", signal=name, grace_s=grace_s,
+                                hint="requests on the wire may finish; signal again to stop "
+                                     "at once")
+                    controls.drain(StopReason.SIGNAL)
+                    loop.call_later(grace_s, task.cancel)
+                else:
+                    log.warning("run.stopping_now", signal=name)
+                    controls.drain(StopReason.SIGNAL)
+                    task.cancel()
+
+            for sig in SIGNALS:
+                loop.add_signal_handler(sig, on_signal, sig)
+            try:
+                return await main
+            except asyncio.CancelledError:
+                return Exit.INTERRUPTED
+            finally:
+                for sig in SIGNALS:
+                    loop.remove_signal_handler(sig)
+                _install_early_handlers()  # asyncio restored the defaults: ours again
+
+        code = asyncio.run(guarded())
+        if code is Exit.INTERRUPTED:
+            print("stopped; run the same command again to resume", file=sys.stderr)
+        return code
+
+    return run
+
+
+# -- commands -----------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    scan = manifest.scan(settings.manifest)
-    if scan.problem_count and not settings.skip_invalid:
-        raise ManifestError(scan.problems, scan.problem_count)
-    if settings.dry_run:
-        return _dry_run(settings, scan)
-    creds = None if args.sandbox else credentials.load(os.environ, Path.home())
-    book = ledger.Ledger.open(
-        settings.ledger,
-        torn_writes_s=float(os.environ.get("WORKER_TEST_TORN_WRITES_S", "0") or 0))
-    try:
-        return asyncio.run(_run(settings, scan, book, creds, sandbox_on=args.sandbox))
-    finally:
-        book.close()
+    from worker import compose
+
+    settings, options = _resolve(args, "run")
+    controls = Controls()
+    return compose.run(settings, options, controls, loop_under_signals(settings.grace_s),
+                       sys.stdout)
 
 
-def _dry_run(settings: Settings, scan: manifest.Scan) -> int:
-    state = ledger.read_state(settings.ledger)
-    counted = plan.count(manifest.read(scan), state.latest)
-    print(f"plan for {settings.manifest} (ledger {settings.ledger}); dry run, nothing sent:")
-    for line in counted.lines():
-        print(line)
-    return EXIT_OK
+def cmd_sync(args: argparse.Namespace) -> int:
+    from worker import compose
+
+    settings, options = _resolve(args, "sync")
+    controls = Controls()
+    return compose.sync(settings, options, _sync_options(args), controls,
+                        loop_under_signals(settings.grace_s), sys.stdout)
 
 
-async def _run(settings: Settings, scan: manifest.Scan, book: ledger.Ledger,
-               creds: Credentials | None, *, sandbox_on: bool) -> int:
-    async with _endpoint(settings, creds, sandbox_on) as (live, live_creds), \
-            _pacer(live, live_creds) as pacer:
-        progress = Progress(tty=sys.stderr.isatty(), stream=sys.stderr)
-        run = Run(settings=live, credentials=live_creds, scan=scan, ledger=book, pacer=pacer,
-                  controls=Controls(), wall=_wall_clock(), on_tick=progress.tick)
-        counted = run.count_plan()
-        log.info("run.start", run_id=run.run_id, manifest=str(scan.path),
-                 ledger=str(book.path), endpoint=live.endpoint, rate=live.pacing.rate,
-                 concurrency=live.in_flight, **dict(counted.counts))
-        for why, n in counted.counts.items():
-            if why != "new":
-                log.info("run.resend" if why in plan.SENDS else "run.skip", reason=why,
-                         count=n, why=plan.REASONS[why])
-        progress.start(total=run.tally.to_send)
-        try:
-            tally = await _under_signals(run, live.grace_s)
-        finally:
-            progress.close(run.tally)
-        if run.failure is not None:
-            _finish(tally, interrupted=False)
-            raise run.failure
-        return _finish(tally, interrupted=run.controls.reason == "signal")
+def cmd_export(args: argparse.Namespace) -> int:
+    from worker import compose
 
+    settings, options = _resolve(args, "export")
+    controls = Controls()
+    projects = frozenset(args.project or ())
+    return compose.export(settings, options, projects, Path(args.output) if args.output
+                          else None, controls, loop_under_signals(settings.grace_s),
+                          sys.stdout)
 
-async def _under_signals(run: Run, grace_s: float) -> Tally:
-    """Execute the run; the first SIGINT/SIGTERM drains it, and cancels it after `grace_s`;
-    a second signal cancels it at once."""
-    loop = asyncio.get_running_loop()
-    execution = asyncio.ensure_future(_execute(run))
-    signals = 0
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        name = signal.Signals(signum).name
-        if signals == 1:
-            log.warning("run.stopping", signal=name, grace_s=grace_s,
-                        hint="in-flight requests may finish; signal again to stop at once")
-            run.controls.drain()
-            loop.call_later(grace_s, execution.cancel)
-        else:
-            log.warning("run.stopping_now", signal=name)
-            execution.cancel()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    try:
-        return await execution
-    except asyncio.CancelledError:
-        return run.tally
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-
-async def _execute(run: Run) -> Tally:
-    settings = run.settings
-    async with Transport(settings.endpoint, timeout_s=settings.timeout_s,
-                         max_connections=settings.in_flight) as transport:
-        try:
-            return await run.execute(transport)
-        except* RunAborted as group:
-            raise group.exceptions[0] from None
-        except* LedgerError as group:
-            raise group.exceptions[0] from None
-
-
-def _finish(tally: Tally, *, interrupted: bool) -> int:
-    out = tally.outcomes
-    log.info("run.summary", interrupted=interrupted, throttles=tally.throttles,
-             skipped=sum(tally.skipped.values()), **{k: out[k] for k in ledger.OUTCOMES})
-    if interrupted:
-        print("stopped; run the same command again to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    # A rerun that skips unchanged rejected lines still has not done what the manifest asks.
-    if out["rejected"] or out["invalid"] or tally.skipped["rejected_unchanged"]:
-        return EXIT_REJECTED
-    if out["deferred"]:
-        return EXIT_DEFERRED
-    return EXIT_OK
-
-
-@contextlib.asynccontextmanager
-async def _endpoint(settings: Settings, creds: Credentials | None, sandbox_on: bool
-                    ) -> AsyncIterator[tuple[Settings, Credentials]]:
-    """The real endpoint with the user's credentials, or an in-process sandbox."""
-    if not sandbox_on:
-        assert creds is not None
-        yield settings, creds
-        return
-    from worker import sandbox
-
-    async with sandbox.serve(sandbox.SandboxConfig(rate=int(settings.pacing.rate))) as sb:
-        ak, sk = next(iter(sb.keys.items()))
-        log.info("sandbox.started", url=sb.url, access_key=ak)
-        yield replace(settings, endpoint=sb.url), Credentials(access_key=ak, secret_key=sk)
-
-
-@contextlib.asynccontextmanager
-async def _pacer(settings: Settings, creds: Credentials) -> AsyncIterator[Pacer]:
-    """The in-process budget, or the one shared through Redis (--limiter)."""
-    if not settings.limiter_url:
-        yield LocalPacer(settings.pacing)
-        return
-    from worker.pacing_redis import RedisPacer  # only runs with --limiter pay for redis-py
-
-    async with RedisPacer(settings.limiter_url, pacing=settings.pacing,
-                          endpoint=settings.endpoint, access_key=creds.access_key,
-                          timeout_s=settings.limiter_timeout_s) as shared:
-        log.info("limiter.shared", limiter=settings.public()["limiter"])
-        yield shared
-
-
-def _wall_clock() -> Callable[[], datetime]:
-    """UTC now, shifted by WORKER_TEST_CLOCK_OFFSET_S: a test hook that plays a host whose
-    clock is off. Nothing in the rate budget reads this clock; X-Date and ledger times do."""
-    offset = float(os.environ.get("WORKER_TEST_CLOCK_OFFSET_S", "0") or 0)
-    if not offset:
-        return utcnow
-    return lambda: utcnow() + timedelta(seconds=offset)
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    path = Path(args.manifest)
-    return Settings(
-        manifest=path,
-        ledger=Path(args.ledger) if args.ledger else ledger.default_path(path),
-        endpoint=args.endpoint, region=args.region,
-        pacing=Pacing(rate=args.rate, headroom=args.headroom),
-        concurrency=args.concurrency,
-        retry=RetryPolicy(max_attempts=args.max_attempts, item_deadline_s=args.item_deadline),
-        timeout_s=args.timeout, grace_s=args.grace, dry_run=args.dry_run,
-        skip_invalid=args.skip_invalid, limiter_url=args.limiter,
-        limiter_timeout_s=args.limiter_timeout,
-    )
-
-
-# -- validate, report ---------------------------------------------------------------------
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    scan = manifest.scan(Path(args.manifest))
-    if scan.problem_count:
-        raise ManifestError(scan.problems, scan.problem_count)
-    print(f"{args.manifest}: {scan.groups} group(s), no problems")
-    return EXIT_OK
+    from worker import manifest
+
+    with manifest.scan(Path(args.manifest)) as scan:
+        if scan.problem_count:
+            raise ManifestError(scan.problems, scan.problem_count)
+        print(f"{args.manifest}: {scan.groups} group(s), no problems")
+    return Exit.OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    import orjson
+
+    from worker import ledger, report
+
+    if hasattr(report, "main"):  # the new report (being landed); until then the old one
+        code: int = report.main(Path(args.ledger), manifest=Path(args.manifest)
+                                if args.manifest else None, json=args.json,
+                                failed=args.failed, out=sys.stdout)
+        return code
     path = Path(args.ledger)
     if not path.is_file():
         raise UsageError(f"{path}: no such ledger")
     state = ledger.read_state(path)
     if args.failed:
-        lines, invalid = report.failed_manifest(state)
+        lines, _ = report.failed_manifest(state)
         sys.stdout.buffer.write(b"".join(line + b"\n" for line in lines))
         sys.stdout.flush()
-        if invalid:
-            print(f"note: {invalid} invalid manifest line(s) are not listed; "
-                  "`report` names them, fix them in the manifest", file=sys.stderr)
-        return EXIT_OK
+        return Exit.OK
     summary = report.summarize(state)
-    if args.json:
-        print(orjson.dumps(summary).decode())
-    else:
-        print(report.render(summary))
-    return EXIT_OK
+    print(orjson.dumps(summary).decode() if args.json else report.render(summary))
+    return Exit.OK
 
 
-# -- arguments ----------------------------------------------------------------------------
+# -- options ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Opt:
+    """One long option of run/sync/export: also a job-file key and a WORKER_* variable."""
+
+    name: str  # as on the command line without "--", and as a job-file key
+    kind: Kind
+    help: str
+    commands: tuple[str, ...] = ("run", "sync", "export")
+
+
+OPTIONS: tuple[Opt, ...] = (
+    Opt("ledger", "path", "the result ledger (default: MANIFEST's name + .ledger.jsonl)",
+        ("run", "sync")),
+    Opt("endpoint", "str", "API endpoint (default https://live.volcengineapi.com); plain http "
+        "only to loopback"),
+    Opt("region", "str", "signing region (default cn-north-1)"),
+    Opt("profile", "str", "credentials profile: a `ve` CLI profile or a ~/.volc/credentials "
+        "section"),
+    Opt("rate", "float", "the account's limit in requests/s (default 10, the documented one)"),
+    Opt("concurrency", "int", "cap on requests in flight, 1-1000 (default: follows latency, "
+        "at most 512)"),
+    Opt("max-attempts", "int", "sends per item on retryable errors, 1-100 (default 8)"),
+    Opt("item-deadline", "float", "seconds one item may take across its attempts "
+        "(default 300)"),
+    Opt("timeout", "float", "seconds one attempt may take, (0, 600] (default 15)"),
+    Opt("grace", "float", "seconds requests on the wire may finish after SIGINT/SIGTERM "
+        "(default 10)"),
+    Opt("limiter", "str", "shared rate budget, redis://HOST:PORT/DB (default: in-process)"),
+    Opt("limiter-timeout", "float", "seconds the shared limiter may stay unreachable "
+        "(default 60)"),
+    Opt("skip-invalid", "bool", "record invalid lines as `invalid` and go on with the rest",
+        ("run", "sync")),
+    Opt("retry-rejected", "bool", "send again the lines rejected before, though unchanged",
+        ("run",)),
+    Opt("prune", "bool", "delete the account's groups that the manifest does not name, "
+        "inside the scope", ("sync",)),
+    Opt("scope-project", "list", "prune scope: a ProjectName (repeatable)", ("sync",)),
+    Opt("scope-match", "str", "prune scope: a regular expression the whole Name must match",
+        ("sync",)),
+    Opt("max-delete", "int", "refuse a sync that would delete more than N groups "
+        "(default 50)", ("sync",)),
+)
+
+
+def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
+    """Settings and compose.Options from the command line, the job file, the environment."""
+    from worker import compose
+    from worker.settings import Pacing, RetryPolicy, Settings
+
+    values = _merged(args, command)
+    sandbox = bool(args.sandbox or args.sandbox_account)
+    manifest = values.get("manifest")
+    if command != "export" and manifest is None:
+        raise UsageError(f"{command}: give a MANIFEST (or a job file naming one)")
+    manifest_path = Path(str(manifest)) if manifest is not None else Path("export.jsonl")
+    ledger_path = values.get("ledger")
+    if ledger_path is None:
+        ledger_path = compose.default_ledger(manifest_path, sandbox=sandbox)
+    account = None
+    if sandbox:
+        account = Path(args.sandbox_account) if args.sandbox_account else (
+            Path("sandbox-account.json") if command == "export"
+            else compose.sandbox_account_for(Path(str(ledger_path))))
+    pacing: dict[str, Any] = {k: values[o] for k, o in (("rate", "rate"),
+                                                        ("headroom", "headroom"))
+                              if values.get(o) is not None}
+    retry: dict[str, Any] = {k: values[o] for k, o in (("max_attempts", "max-attempts"),
+                                                       ("item_deadline_s", "item-deadline"))
+                             if values.get(o) is not None}
+    plain = {"endpoint": "endpoint", "region": "region", "concurrency": "concurrency",
+             "timeout_s": "timeout", "grace_s": "grace", "limiter_url": "limiter",
+             "limiter_timeout_s": "limiter-timeout", "skip_invalid": "skip-invalid"}
+    kwargs: dict[str, Any] = {k: values[o] for k, o in plain.items()
+                              if values.get(o) is not None}
+    settings = Settings(manifest=manifest_path, ledger=Path(str(ledger_path)),
+                        pacing=Pacing(**pacing), retry=RetryPolicy(**retry),
+                        dry_run=bool(getattr(args, "dry_run", False)), **kwargs)
+    options = compose.Options(sandbox_account=account, profile=values.get("profile"),
+                              retry_rejected=bool(values.get("retry-rejected")),
+                              json=bool(getattr(args, "json", False)))
+    return settings, options
+
+
+def _sync_options(args: argparse.Namespace) -> Any:
+    from worker import compose
+
+    values = _merged(args, "sync")
+    return compose.SyncOptions.build(
+        prune=bool(values.get("prune")), projects=values.get("scope-project") or (),
+        match=values.get("scope-match"), max_delete=values.get("max-delete"),
+        check=bool(args.check))
+
+
+def _merged(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Each option's value: the command line, else the job file, else WORKER_* variables."""
+    from worker import jobfile
+
+    schema = {o.name: jobfile.OptionSpec(kind=o.kind) for o in OPTIONS if command in o.commands}
+    schema["manifest"] = jobfile.OptionSpec(kind="path")
+    merged: dict[str, Any] = dict(jobfile.env_values(os.environ, schema))
+    if getattr(args, "job", None):
+        job = jobfile.load(Path(args.job), schema, command=command)
+        merged.update(job.values)
+    for name in schema:
+        value = getattr(args, name.replace("-", "_"), None)
+        if value is not None and value != []:
+            merged[name] = value
+    if getattr(args, "headroom", None) is not None:
+        merged["headroom"] = args.headroom
+    return merged
+
+
+# -- the parser ---------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # argparse exits 2 too; keep its usage text
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"error: {message}\n")
+        self.exit(Exit.USAGE, f"error: {message}\n")
+
+
+EPILOG = """\
+exit codes: 0 the account matches the manifest; 1 rejected, invalid or conflicting items;
+2 nothing was sent (usage, job file, manifest, credentials, ledger, plan refused);
+3 run again later (deferred, endpoint or limiter unreachable, listing incomplete);
+4 interrupted (resumable); 5 the ledger is locked by another run; 6 drift (sync --check);
+7 stopped: the server refused the run or the ledger failed mid-run; 70 internal error.
+
+environment: every run/sync/export option also reads WORKER_<NAME> (WORKER_RATE,
+WORKER_ENDPOINT, WORKER_LIMITER, WORKER_SCOPE_PROJECT=a,b, ...); the command line wins over a
+job file, which wins over the environment. Credentials: VOLCENGINE_ACCESS_KEY /
+VOLCENGINE_SECRET_KEY / VOLCENGINE_SESSION_TOKEN or VOLC_ACCESSKEY / VOLC_SECRETKEY /
+VOLC_SESSION_TOKEN, a `ve` profile (--profile), ~/.volc/credentials, ~/.volc/config.
+"""
+
+
+def _global_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
+    # On the subcommands the defaults are suppressed, so `-v run …` and `run … -v` both work.
+    default: Any = argparse.SUPPRESS if sub else None
+    p.add_argument("-v", "--verbose", action="store_true",
+                   default=default if sub else False, help="debug logs")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   default=default if sub else False, help="warnings and errors only")
+    p.add_argument("--log-format", choices=("auto", "console", "json"),
+                   default=default if sub else "auto",
+                   help="auto: console on a terminal, JSON lines otherwise")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="worker", description="Bulk provisioning of Volcengine Live "
-                "pull-to-push groups: signed, paced, resumable.")
+                "pull-to-push groups: signed, paced, resumable.", epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"worker {__version__}")
-    common = _Parser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logs")
-    common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    common.add_argument("--log-format", choices=("auto", "console", "json"), default="auto",
-                        help="auto: console on a terminal, JSON lines otherwise")
+    _global_options(p, sub=False)
     sub = p.add_subparsers(required=True, metavar="COMMAND", parser_class=_Parser)
 
-    r = sub.add_parser("run", parents=[common], help="create every group of a manifest")
-    r.add_argument("manifest", help="JSONL file, one group per line")
-    r.add_argument("--ledger", help="result ledger (default: MANIFEST's name + .ledger.jsonl)")
-    r.add_argument("--endpoint", default=api.DEFAULT_ENDPOINT)
-    r.add_argument("--region", default=api.DEFAULT_REGION)
-    r.add_argument("--rate", type=float, default=float(api.DOCUMENTED_RATE),
-                   help="the account's limit in requests/s (default 10, the documented one)")
-    r.add_argument("--headroom", type=float, default=Pacing().headroom, help=argparse.SUPPRESS)
-    r.add_argument("--concurrency", type=int, default=0,
-                   help="requests in flight (default: enough for the rate at 2 s latency)")
-    r.add_argument("--max-attempts", type=int, default=RetryPolicy().max_attempts)
-    r.add_argument("--item-deadline", type=float, default=RetryPolicy().item_deadline_s,
-                   help="seconds one item may take across its attempts (default 300)")
-    r.add_argument("--timeout", type=float, default=Settings.__dataclass_fields__[
-        "timeout_s"].default, help="seconds one attempt may take (default 15)")
-    r.add_argument("--grace", type=float, default=10.0,
-                   help="seconds in-flight requests may finish after SIGINT/SIGTERM")
-    r.add_argument("--dry-run", action="store_true", help="validate and show the plan only")
-    r.add_argument("--skip-invalid", action="store_true",
-                   help="record invalid lines as `invalid` and go on with the rest")
-    r.add_argument("--sandbox", action="store_true",
-                   help="run against an in-process sandbox with throwaway keys")
-    r.add_argument("--limiter", default=os.environ.get("WORKER_LIMITER"),
-                   help="shared rate budget, redis://HOST:PORT/DB (env WORKER_LIMITER)")
-    r.add_argument("--limiter-timeout", type=float, default=60.0,
-                   help="seconds the shared limiter may stay unreachable (default 60)")
-    r.set_defaults(command=cmd_run)
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _global_options(c, sub=True)
+        return c
 
-    v = sub.add_parser("validate", parents=[common], help="check a manifest, send nothing")
+    r = command("run", "create every manifest group the ledger does not record as done")
+    s = command("sync", "make the account match the manifest: create, update, and with "
+                "--prune delete, planned from what the account holds")
+    e = command("export", "write the account's groups as a manifest")
+    for c, name in ((r, "run"), (s, "sync"), (e, "export")):
+        if name != "export":
+            c.add_argument("manifest", nargs="?", help="JSONL file, one group per line "
+                           "(may come from --job)")
+            c.add_argument("--job", help="a job file (TOML) naming the manifest and options")
+            c.add_argument("--dry-run", action="store_true",
+                           help="show the plan; send no write, record nothing")
+        for o in OPTIONS:
+            if name not in o.commands:
+                continue
+            flag = f"--{o.name}"
+            if o.kind == "bool":
+                c.add_argument(flag, action="store_true", default=None, help=o.help)
+            elif o.kind == "list":
+                c.add_argument(flag, action="append", metavar=o.name.split("-")[-1].upper(),
+                               help=o.help)
+            else:
+                kind = {"int": int, "float": float}.get(o.kind, str)
+                c.add_argument(flag, type=kind, help=o.help)
+        c.add_argument("--headroom", type=float, help=argparse.SUPPRESS)
+        c.add_argument("--sandbox", action="store_true",
+                       help="run against an embedded sandbox whose account is kept in "
+                            "--sandbox-account (no cloud account needed)")
+        c.add_argument("--sandbox-account", help="the embedded sandbox's account file "
+                       "(default: beside the ledger; export: ./sandbox-account.json)")
+    r.set_defaults(command=cmd_run)
+    s.add_argument("--check", action="store_true",
+                   help="plan, write nothing; exit 0 when the account matches, 6 when not")
+    s.add_argument("--json", action="store_true", help="with --dry-run/--check: the plan as "
+                   "one JSON object on stdout")
+    s.set_defaults(command=cmd_sync)
+    e.add_argument("--project", action="append", help="only this ProjectName (repeatable)")
+    e.add_argument("-o", "--output", help="write here (atomically) instead of stdout")
+    e.set_defaults(command=cmd_export)
+
+    v = command("validate", "check a manifest; send nothing")
     v.add_argument("manifest")
     v.set_defaults(command=cmd_validate)
 
-    rep = sub.add_parser("report", parents=[common], help="summarize a ledger")
+    rep = command("report", "what a ledger says: counts, runs, what is not done")
     rep.add_argument("ledger")
-    rep.add_argument("--json", action="store_true", help="machine-readable counts")
+    rep.add_argument("--manifest", help="count against this manifest (default: the one the "
+                     "last run used, if unchanged)")
+    rep.add_argument("--json", action="store_true", help="machine-readable")
     rep.add_argument("--failed", action="store_true",
-                     help="print a manifest of the items not done, to fix and run again")
+                     help="print a manifest of every line not done, to fix and run again")
     rep.set_defaults(command=cmd_report)
 
-    s = sub.add_parser("sandbox", parents=[common], help="run the local Live API")
-    from worker import sandbox  # its own arguments; the aiohttp server loads only here
+    sb = command("sandbox", "run the local Live API in the foreground")
+    from worker.sandbox import cli as sandbox_cli  # its arguments; the server loads in main
 
-    sandbox.add_arguments(s)
-    s.set_defaults(command=sandbox.main)
+    sandbox_cli.add_arguments(sb)
+    sb.set_defaults(command=sandbox_cli.main)
     return p

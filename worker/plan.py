@@ -1,4 +1,7 @@
-"""Plan step: given a manifest line and what the ledger says, what to do with it. Pure."""
+"""Plan step for `run`: given a manifest line and what the ledger says, what to do. Pure.
+
+(`sync` plans from the account instead: see reconcile.py.)
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 
 from worker.ledger import Latest
 from worker.manifest import Group, Invalid
+from worker.records import Outcome
 
 
 class Do(enum.Enum):
@@ -27,7 +31,9 @@ REASONS = {
     "done": "already created",
     "done_changed": "already created; the line has changed since, but create does not "
                     "update a group",
-    "rejected_unchanged": "rejected before and the line is unchanged: fix it to retry",
+    "retry_rejected": "rejected before; sending again (--retry-rejected)",
+    "rejected_unchanged": "rejected before and the line is unchanged: fix it, or pass "
+                          "--retry-rejected once the cause is fixed",
     "invalid": "invalid manifest line",
 }
 
@@ -38,7 +44,8 @@ class Decision:
     why: str  # a key of REASONS
 
 
-def decide(item: Group | Invalid, latest: Mapping[str, Latest]) -> Decision:
+def decide(item: Group | Invalid, latest: Mapping[str, Latest], *,
+           retry_rejected: bool = False) -> Decision:
     if isinstance(item, Invalid):
         return Decision(Do.RECORD_INVALID, "invalid")
     prev = latest.get(item.name)
@@ -50,9 +57,11 @@ def decide(item: Group | Invalid, latest: Mapping[str, Latest]) -> Decision:
     changed = prev.fingerprint != item.fingerprint
     if prev.done:
         return Decision(Do.SKIP, "done_changed" if changed else "done")
-    if outcome == "rejected" and not changed:
+    if outcome == Outcome.REJECTED and not changed:
+        if retry_rejected:
+            return Decision(Do.SEND, "retry_rejected")
         return Decision(Do.SKIP, "rejected_unchanged")
-    if outcome in ("rejected", "invalid"):
+    if outcome in (Outcome.REJECTED, Outcome.INVALID):
         return Decision(Do.SEND, "fixed")
     return Decision(Do.SEND, "deferred")
 
@@ -73,9 +82,11 @@ class Plan:
                 if self.counts[k]]
 
 
-SENDS = ("new", "deferred", "in_doubt", "fixed")
+SENDS = ("new", "deferred", "in_doubt", "fixed", "retry_rejected")
 
 
-def count(items: Iterable[Group | Invalid], latest: Mapping[str, Latest]) -> Plan:
+def count(items: Iterable[Group | Invalid], latest: Mapping[str, Latest], *,
+          retry_rejected: bool = False) -> Plan:
     """Decide every line without acting: for --dry-run and the run's opening line."""
-    return Plan(Counter(decide(item, latest).why for item in items))
+    return Plan(Counter(decide(item, latest, retry_rejected=retry_rejected).why
+                        for item in items))

@@ -1,7 +1,12 @@
-"""Progress: a bar on a terminal; a structured line every few seconds anywhere else."""
+"""Progress: a bar on a terminal; a structured line every few seconds anywhere else.
+
+The line is also where throttles and retries show at the default level: in aggregate, since
+one line per event would drown the log of a long run.
+"""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import IO, Any
 
@@ -15,20 +20,15 @@ LINE_EVERY_S = 5.0
 
 
 class Progress:
-    """Reports a run's tally; `start` once the total is known, `tick` every second."""
+    """Reports a run's tally: `tick` every second, `close` at the end."""
 
-    def __init__(self, *, tty: bool, stream: IO[str]) -> None:
-        self._tty = tty
-        self._stream = stream
-        self._total = 0
-        self._bar: tqdm[Any] | None = None
-        self._last_line = time.monotonic()
-
-    def start(self, *, total: int) -> None:
+    def __init__(self, *, tty: bool, total: int, stream: IO[str] | None = None) -> None:
         self._total = total
-        if self._tty:
-            self._bar = tqdm(total=total, unit="group", file=self._stream, dynamic_ncols=True,
-                             smoothing=0.1)
+        self._last_line = time.monotonic()
+        self._bar: tqdm[Any] | None = None
+        if tty:
+            self._bar = tqdm(total=total, unit="group", file=stream or sys.stderr,
+                             dynamic_ncols=True, smoothing=0.1)
 
     def tick(self, tally: Tally) -> None:
         done = tally.finished
@@ -45,8 +45,8 @@ class Progress:
         rate = done / elapsed if elapsed > 0 else 0.0
         left = max(0, self._total - done)
         log.info("run.progress", done=done, total=self._total, rate_per_s=round(rate, 2),
-                 eta_s=round(left / rate) if rate > 0 else None, throttles=tally.throttles,
-                 **dict(tally.outcomes))
+                 requests=tally.requests, eta_s=round(left / rate) if rate > 0 else None,
+                 throttles=tally.throttles, retries=tally.retries, **tally.by_key())
 
     def close(self, tally: Tally) -> None:
         if self._bar is not None:
@@ -56,4 +56,4 @@ class Progress:
 
 
 def _outcomes(tally: Tally) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(tally.outcomes.items()))
+    return " ".join(f"{k}={v}" for k, v in tally.by_key().items())

@@ -1,303 +1,502 @@
-"""The run: composes the steps for every manifest line under one TaskGroup.
+"""Run step: carries out a stream of writes under one rate budget and records each one.
 
-    manifest.read -> plan.decide -> queue -> N senders: pace -> sign -> send -> classify -> ledger
+    work items -> dispatcher: capacity -> pace -> request task: intent -> sign -> send
+               -> classify -> retry.next_step -> result record | back to the retry heap
 
-A bounded queue between one producer and `in_flight` senders keeps memory flat however long
-the manifest is. Stopping has two stages (as arq and Kubernetes do it): `drain()` stops
-taking items and aborts waits (pacing, backoff), recording those items as deferred, while
-requests already on the wire may finish; the caller cancels the whole run after the grace
-period or on a second signal. Every ledger write is synchronous, so a cancellation lands
-either before a record or after it, never inside.
+One dispatcher task takes items (new ones from the source, due ones from the retry heap),
+waits for room in flight and for the pacer, then starts one task per request on the wire.
+So pacing is one wait, not thousands of parked senders; memory holds only what is in flight
+and waiting to be retried, however long the source is.
+
+The in-flight limit follows latency (Little's law: in flight = rate x latency): it is sized
+from a moving average of answer times, never above the cap (`--concurrency`, else
+DEFAULT_CAP and what the open-file limit allows).
+
+Stopping has two stages (as arq and Kubernetes do it). `drain()` cancels the dispatcher,
+which is only ever waiting (for room, for the pacer, for a retry to fall due): items it held
+or that wait in the retry heap are recorded `deferred` if they were sent before, and stay
+pending if not; requests already on the wire may finish. The caller cancels the whole run
+after the grace period or on a second signal: what is still on the wire is then in doubt
+(an intent without a result), which the next run resends. Every ledger write is synchronous,
+so a cancellation lands before a record or after it, never inside.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import math
 import random
+import resource
 import time
-import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar, assert_never
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import orjson
 import structlog
 
-from worker import __version__, api, manifest, plan
-from worker.classify import (
-    Abort,
-    Answer,
-    Created,
-    Exists,
-    Rejected,
-    Retry,
-    Throttled,
-    backoff_s,
-    classify,
+from worker import api
+from worker.classify import Abort, Answer, Retry, Succeeded, Throttled, Verdict, backoff_s, classify
+from worker.errors import (
+    EndpointUnreachable,
+    LedgerWriteError,
+    LimiterUnavailable,
+    ListingFailed,
+    RunAborted,
+    WorkerError,
 )
-from worker.errors import LimiterUnavailable, RunAborted
-from worker.ledger import FSYNC_EVERY_S, Ledger
+from worker.ledger import FSYNC_EVERY_S
 from worker.pacing import Pacer
+from worker.records import DONE, Action, Intent, Outcome, Record, Result, StopReason
+from worker.retry import Finish, Stop, Wait, next_step
 from worker.settings import Settings
 from worker.signing import Credentials, sign
-from worker.transport import Transport
+from worker.transport import Failure, Reachability, Sender
 
 log = structlog.get_logger("worker")
-T = TypeVar("T")
-QUERY = {"Action": api.CREATE, "Version": api.VERSION}
+
+DEFAULT_CAP = 512  # requests in flight at most, unless --concurrency says otherwise
+MIN_IN_FLIGHT = 2
+START_LATENCY_S = 0.5  # the latency assumed before the first answer
+_ACTION_NAMES = {Action.CREATE: api.CREATE, Action.UPDATE: api.UPDATE, Action.DELETE: api.DELETE}
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def stamp(now: datetime) -> str:
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Journal(Protocol):
+    """What the runner needs of a ledger (worker.ledger.Ledger; a list in unit tests)."""
+
+    def append(self, record: Record) -> None: ...
+    def sync(self) -> None: ...
+
+
+class Metrics(Protocol):
+    """What the runner reports as it goes (worker.metrics.Metrics implements it)."""
+
+    def request(self, action: str, code: str) -> None: ...
+    def item(self, action: str, outcome: str) -> None: ...
+    def throttle(self) -> None: ...
+    def retry(self) -> None: ...
+    def in_flight(self, delta: int) -> None: ...
+
+
+@dataclass(slots=True)
+class Work:
+    """One item to write: what to send, and how its attempts went so far."""
+
+    action: Action
+    name: str
+    line: int
+    fingerprint: str | None
+    body: bytes  # the exact bytes signed and sent
+    sends: int = 0
+    attempts: int = 0  # failed sends that count against max_attempts (throttles do not)
+    started: str = ""
+    deadline: float = 0.0
+    last: Answer | None = None
+
+
 @dataclass(slots=True)
 class Tally:
-    """Live counts: outcomes of this run, skips, and what is still to do."""
+    """Live counts of one run: outcomes per action, skips, answer codes, requests."""
 
     to_send: int = 0
-    outcomes: Counter[str] = field(default_factory=Counter)
+    outcomes: Counter[tuple[Action | None, Outcome]] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
     codes: Counter[str] = field(default_factory=Counter)
+    requests: int = 0
     throttles: int = 0
+    retries: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
     def finished(self) -> int:
-        return sum(self.outcomes.values())
+        return sum(n for (action, _), n in self.outcomes.items() if action is not None)
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(n for (_, o), n in self.outcomes.items() if o is outcome)
+
+    def by_key(self) -> dict[str, int]:
+        """"action/outcome" -> count, as the footer and the metrics name them."""
+        return {f"{a or 'none'}/{o}": n for (a, o), n in sorted(
+            self.outcomes.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1])))}
 
 
 @dataclass(slots=True)
 class Controls:
-    """How a run is stopped gently: drain on the first signal, or when the limiter is lost."""
+    """How a run is stopped gently. The CLI's signal handler and the runner both drain it."""
 
-    draining: asyncio.Event = field(default_factory=asyncio.Event)
-    reason: str | None = None  # "signal" | "limiter"
+    reason: StopReason | None = None
+    writes_started: bool = False  # a write request went out: a signal now drains gently
+    _on_drain: list[Callable[[], None]] = field(default_factory=list)
 
-    def drain(self, reason: str = "signal") -> None:
-        if self.reason is None:
-            self.reason = reason
-        self.draining.set()
+    @property
+    def draining(self) -> bool:
+        return self.reason is not None
+
+    def drain(self, reason: StopReason = StopReason.SIGNAL) -> None:
+        if self.reason is not None:
+            return
+        self.reason = reason
+        for callback in self._on_drain:
+            callback()
+
+    def on_drain(self, callback: Callable[[], None]) -> None:
+        self._on_drain.append(callback)
+        if self.reason is not None:
+            callback()
+
+    def forget(self, callback: Callable[[], None]) -> None:
+        self._on_drain.remove(callback)
 
 
-class _Stopped(Exception):
-    """A wait was cut short by drain()."""
+class Concurrency:
+    """The in-flight limit: rate x latency (Little's law) with room to spare, capped."""
+
+    def __init__(self, *, rate: float, cap: int, alpha: float = 0.2) -> None:
+        self._rate = rate
+        self.cap = cap
+        self._alpha = alpha
+        self.latency_s = START_LATENCY_S
+
+    def __repr__(self) -> str:
+        return f"<Concurrency limit={self.limit} latency={self.latency_s:.3f}s cap={self.cap}>"
+
+    @property
+    def limit(self) -> int:
+        want = math.ceil(self._rate * self.latency_s * 1.5) + 1
+        return max(MIN_IN_FLIGHT, min(self.cap, want))
+
+    def observe(self, latency_s: float) -> None:
+        # Rise at once (a slow server must not starve the rate), fall slowly.
+        if latency_s > self.latency_s:
+            self.latency_s = latency_s
+        else:
+            self.latency_s += self._alpha * (latency_s - self.latency_s)
 
 
-class Run:
-    def __init__(self, *, settings: Settings, credentials: Credentials, scan: manifest.Scan,
-                 ledger: Ledger, pacer: Pacer, controls: Controls,
+def machine_cap(explicit: int | None) -> int:
+    """--concurrency, else DEFAULT_CAP; never more than the open-file limit leaves room for."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = max(MIN_IN_FLIGHT, (soft if soft != resource.RLIM_INFINITY else 1 << 20) - 64)
+    return min(explicit or DEFAULT_CAP, room)
+
+
+class Runner:
+    """Sends work items and records their outcomes; one instance per run."""
+
+    def __init__(self, *, settings: Settings, credentials: Credentials, sender: Sender,
+                 pacer: Pacer, ledger: Journal | None, controls: Controls, run_id: str,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  wall: Callable[[], datetime] = utcnow, rng: random.Random | None = None,
+                 metrics: Metrics | None = None,
                  on_tick: Callable[[Tally], None] | None = None) -> None:
         self.settings = settings
         self.credentials = credentials
-        self.scan = scan
-        self.ledger = ledger
+        self.sender = sender
         self.pacer = pacer
+        self.ledger = ledger
         self.controls = controls
+        self.run_id = run_id
+        self.clock = clock
+        self.sleep = sleep
         self.wall = wall
         self.rng = rng or random.Random()
+        self.metrics = metrics
         self.on_tick = on_tick
         self.tally = Tally()
-        self.run_id = uuid.uuid4().hex
-        self.failure: LimiterUnavailable | None = None
-        self.plan = plan.Plan(Counter())
+        self.failure: WorkerError | None = None
+        self.concurrency = Concurrency(rate=settings.pacing.rate,
+                                       cap=machine_cap(settings.concurrency))
+        self.reachability = Reachability()
         self._host = urlsplit(settings.endpoint).netloc
+        self._region = settings.region
+        self._heap: list[tuple[float, int, Work]] = []
+        self._seq = itertools.count()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self.sent_writes = 0  # write requests that left this process
 
-    def count_plan(self) -> plan.Plan:
-        self.plan = plan.count(manifest.read(self.scan), self.ledger.state.latest)
-        self.tally.to_send = self.plan.to_send
-        return self.plan
+    # -- one request ----------------------------------------------------------------------
 
-    async def execute(self, transport: Transport) -> Tally:
-        self.ledger.append({
-            "type": "run", "run_id": self.run_id, "started": self._stamp(),
-            "version": __version__, "manifest": str(self.scan.path),
-            "manifest_sha256": self.scan.sha256, "items": self.scan.groups + len(self.scan.invalid),
-            "plan": dict(self.plan.counts), "settings": self.settings.public(),
-        })
-        queue: asyncio.Queue[manifest.Group | None] = asyncio.Queue(self.settings.in_flight * 2)
-        try:
-            async with asyncio.TaskGroup() as tg:
-                ticker = tg.create_task(self._tick())
-                senders = [tg.create_task(self._sender(queue, transport))
-                           for _ in range(self.settings.in_flight)]
-                await self._produce(queue)
-                try:
-                    for _ in senders:  # one end mark per sender
-                        await self._unless_draining(queue.put(None))
-                except _Stopped:
-                    pass  # senders see the drain themselves
-                await asyncio.gather(*senders)
-                ticker.cancel()
-        finally:
-            self.ledger.append({
-                "type": "end", "run_id": self.run_id, "finished": self._stamp(),
-                "outcomes": dict(self.tally.outcomes), "skipped": dict(self.tally.skipped),
-                "codes": dict(self.tally.codes), "throttles": self.tally.throttles,
-                "interrupted": self.controls.reason == "signal",
-                "stopped_by": self.controls.reason,
-            })
-        return self.tally
+    async def _send(self, action: str, body: bytes) -> Verdict:
+        """Sign (after pacing admitted it: an X-Date that waited goes stale), send, classify."""
+        query = {"Action": action, "Version": api.VERSION}
+        headers = sign(method="POST", host=self._host, path="/", query=query,
+                       content_type="application/json", body=body,
+                       credentials=self.credentials, region=self._region, now=self.wall())
+        began = self.clock()
+        result = await self.sender.send(query, headers, body)
+        self.concurrency.observe(self.clock() - began)
+        verdict = classify(result, region=self._region,
+                           retry_after_max_s=self.settings.retry.retry_after_max_s)
+        code = verdict.answer.code or "OK"
+        self.tally.requests += 1
+        self.tally.codes[code] += 1
+        if self.metrics is not None:
+            self.metrics.request(action, code)
+        if isinstance(result, Failure) and isinstance(verdict, Retry) and verdict.no_answer:
+            if self.reachability.saw_no_answer(self.clock()):
+                self._fail(EndpointUnreachable(
+                    f"{self.settings.public()['endpoint']} has not answered at all "
+                    f"({verdict.answer.message}); check --endpoint, DNS and the network"),
+                    StopReason.UNREACHABLE)
+        else:
+            self.reachability.saw_answer()
+        if isinstance(verdict, Throttled):
+            self.tally.throttles += 1
+            self.pacer.throttled()
+            if self.metrics is not None:
+                self.metrics.throttle()
+        return verdict
 
-    # -- producer -------------------------------------------------------------------------
-
-    async def _produce(self, queue: asyncio.Queue[manifest.Group | None]) -> None:
-        for item in manifest.read(self.scan):
-            if self.controls.draining.is_set():
-                return
-            decision = plan.decide(item, self.ledger.state.latest)
-            if decision.do is plan.Do.SKIP:
-                self.tally.skipped[decision.why] += 1
-                continue
-            if isinstance(item, manifest.Invalid):
-                self._record_invalid(item)
-                continue
-            try:
-                await self._unless_draining(queue.put(item))
-            except _Stopped:
-                return
-
-    def _record_invalid(self, item: manifest.Invalid) -> None:
-        now = self._stamp()
-        self.ledger.append({
-            "type": "result", "run_id": self.run_id, "name": item.name, "outcome": "invalid",
-            "status": None, "code": "InvalidManifestLine", "message": str(item.problem),
-            "request_id": "", "attempts": 0, "fingerprint": None, "line": item.line,
-            "started": now, "finished": now,
-        })
-        self.tally.outcomes["invalid"] += 1
-        log.warning("group.invalid", line=item.line, name=item.name, problem=str(item.problem))
-
-    # -- senders --------------------------------------------------------------------------
-
-    async def _sender(self, queue: asyncio.Queue[manifest.Group | None],
-                      transport: Transport) -> None:
-        while True:
-            if self.controls.draining.is_set():
-                return
-            try:
-                group = await self._unless_draining(queue.get())
-            except _Stopped:
-                return
-            if group is None:
-                return
-            await self._provision(group, transport)
-
-    async def _provision(self, group: manifest.Group, transport: Transport) -> None:
+    async def read(self, action: str, body: bytes) -> dict[str, Any]:
+        """A read (List): paced, retried like any request, never recorded in the ledger.
+        Returns the answer's `Result`; raises ListingFailed when it cannot be had."""
         policy = self.settings.retry
-        started = self._stamp()
-        deadline = time.monotonic() + policy.item_deadline_s
-        attempts = 0  # failed sends; throttled answers do not use up an attempt
-        sends = 0
-        last: Answer | None = None
+        deadline = self.clock() + policy.item_deadline_s
+        attempts = 0
         while True:
-            try:
-                await self._unless_draining(self.pacer.acquire())
-            except LimiterUnavailable as exc:
-                # Never fall back to a private budget: stop taking work, let what is on the
-                # wire finish, and end the run (exit 3).
-                self.failure = exc
-                self.controls.drain("limiter")
-                if sends == 0:
-                    return None
-                return self._finish(group, "deferred", last, started, sends)
-            except _Stopped:
-                if sends == 0:
-                    return None  # never sent: it stays as it was (pending, or in doubt)
-                return self._finish(group, "deferred", last, started, sends)
-            sends += 1
-            self.ledger.append({
-                "type": "intent", "run_id": self.run_id, "name": group.name, "line": group.line,
-                "fingerprint": group.fingerprint, "attempt": sends, "at": self._stamp(),
-                "body": group.payload,
-            })
-            # Signed here, after pacing let it go: an X-Date that waited in a queue goes stale.
-            headers = sign(method="POST", host=self._host, path="/", query=QUERY,
-                           content_type="application/json", body=group.body,
-                           credentials=self.credentials, region=self.settings.region,
-                           now=self.wall())
-            verdict = classify(await transport.send(QUERY, headers, group.body))
-            last = verdict.answer
-            self.tally.codes[verdict.answer.code or "OK"] += 1
+            await self._paced()
+            verdict = await self._send(action, body)
+            if self.failure is not None:
+                raise self.failure
             match verdict:
-                case Created():
-                    return self._finish(group, "created", verdict.answer, started, sends)
-                case Exists():
-                    return self._finish(group, "exists", verdict.answer, started, sends)
-                case Rejected():
-                    return self._finish(group, "rejected", verdict.answer, started, sends)
+                case Succeeded() if isinstance(verdict.result, dict):
+                    return verdict.result
                 case Abort():
                     raise RunAborted(verdict.answer.code, verdict.answer.message, verdict.hint)
                 case Throttled():
-                    self.tally.throttles += 1
-                    self.pacer.throttled()
                     delay = verdict.retry_after_s or 0.0
                 case Retry():
                     attempts += 1
                     if attempts >= policy.max_attempts:
-                        return self._finish(group, "deferred", verdict.answer, started, sends)
+                        raise ListingFailed(self._gave_up(action, verdict.answer))
                     delay = backoff_s(attempts, policy, self.rng, verdict.retry_after_s)
+                    self.tally.retries += 1
                 case _:
-                    assert_never(verdict)
-            if time.monotonic() + delay > deadline:
-                return self._finish(group, "deferred", verdict.answer, started, sends)
-            log.debug("group.retry_scheduled", name=group.name, code=verdict.answer.code,
-                      delay_s=round(delay, 3), attempt=sends)
-            try:
-                await self._unless_draining(asyncio.sleep(delay))
-            except _Stopped:
-                return self._finish(group, "deferred", verdict.answer, started, sends)
+                    raise ListingFailed(self._gave_up(action, verdict.answer))
+            if self.clock() + delay > deadline:
+                raise ListingFailed(self._gave_up(action, verdict.answer))
+            await self._interruptible(self.sleep(delay))
 
-    def _finish(self, group: manifest.Group, outcome: str, answer: Answer | None,
-                started: str, sends: int) -> None:
-        """Record the outcome. Synchronous on purpose: no await may split decide and write."""
-        record: dict[str, Any] = {
-            "type": "result", "run_id": self.run_id, "name": group.name, "outcome": outcome,
-            "status": answer.status if answer else None,
-            "code": answer.code if answer else "Interrupted",
-            "message": answer.message if answer else "stopped before an answer",
-            "request_id": answer.request_id if answer else "",
-            "attempts": sends, "fingerprint": group.fingerprint, "line": group.line,
-            "started": started, "finished": self._stamp(),
-        }
-        if outcome not in ("created", "exists"):
-            record["body"] = group.payload  # so `report --failed` can rebuild the line
-        self.ledger.append(record)
-        self.tally.outcomes[outcome] += 1
-        event = log.info if outcome in ("created", "exists") else log.warning
-        extra = {k: record[k] for k in ("code", "message") if record[k] and outcome != "created"}
-        event(f"group.{outcome}", name=group.name, line=group.line, attempts=sends,
-              status=record["status"], request_id=record["request_id"] or None, **extra)
+    def _gave_up(self, action: str, answer: Answer) -> str:
+        return (f"{action} failed: {answer.code or answer.status} {answer.message}".rstrip()
+                + "; nothing was changed")
 
-    # -- helpers --------------------------------------------------------------------------
+    async def _paced(self) -> None:
+        await self._interruptible(self.pacer.acquire())
 
-    async def _unless_draining(self, aw: Awaitable[T]) -> T:
-        """Await `aw`, or raise _Stopped as soon as drain() is called."""
-        if self.controls.draining.is_set():
+    async def _interruptible(self, aw: Awaitable[None]) -> None:
+        """Await `aw` unless the run drains first (reads and set-up, not the hot path)."""
+        if self.controls.draining:
             if asyncio.iscoroutine(aw):
                 aw.close()
-            raise _Stopped
+            raise asyncio.CancelledError
         task = asyncio.ensure_future(aw)
-        stop = asyncio.ensure_future(self.controls.draining.wait())
+        me = asyncio.current_task()
+        assert me is not None
+
+        def cancel() -> None:
+            me.cancel()
+
+        self.controls.on_drain(cancel)
         try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await task
         finally:
-            stop.cancel()
+            self.controls.forget(cancel)
             if not task.done():
                 task.cancel()
-        if task.done() and not task.cancelled():
-            return task.result()
-        raise _Stopped
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def apply(self, source: Iterator[Work | Result]) -> Tally:
+        """Carry out every item of `source` (a `Result` is recorded as it is: an invalid line
+        or a conflict). Returns when the source is done and nothing is in flight or waiting,
+        or when the run drained."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                ticker = tg.create_task(self._tick())
+                self._dispatcher = tg.create_task(self._dispatch(source, tg))
+                self.controls.on_drain(self._stop_dispatcher)
+                await self._dispatcher
+                while self._in_flight:
+                    await asyncio.wait(set(self._in_flight))
+                ticker.cancel()
+        except* LedgerWriteError as group:
+            raise group.exceptions[0] from None
+        if self.failure is not None:
+            raise self.failure
+        return self.tally
+
+    def _stop_dispatcher(self) -> None:
+        if self._dispatcher is not None and not self._dispatcher.done():
+            self._dispatcher.cancel()
+
+    async def _dispatch(self, source: Iterator[Work | Result], tg: asyncio.TaskGroup) -> None:
+        held: Work | None = None
+        try:
+            while not self.controls.draining:
+                now = self.clock()
+                if self._heap and self._heap[0][0] <= now:
+                    held = heapq.heappop(self._heap)[2]
+                else:
+                    item = next(source, None)
+                    if isinstance(item, Result):
+                        self._record(item)
+                        continue
+                    if item is None:
+                        if not self._heap and not self._in_flight:
+                            return
+                        await self._idle(self._heap[0][0] - now if self._heap else None)
+                        continue
+                    held = item
+                    held.started = stamp(self.wall())
+                    held.deadline = now + self.settings.retry.item_deadline_s
+                while len(self._in_flight) >= self.concurrency.limit:
+                    await self._idle(None)
+                try:
+                    await self.pacer.acquire()
+                except LimiterUnavailable as exc:
+                    # Never fall back to a private budget: stop taking work, let what is on
+                    # the wire finish, and end the run (exit 3).
+                    self._fail(exc, StopReason.LIMITER)
+                    break
+                task = tg.create_task(self._attempt(held))
+                self._in_flight.add(task)
+                task.add_done_callback(self._landed)
+                held = None
+        except asyncio.CancelledError:
+            if not self.controls.draining:
+                raise  # cancelled from outside: the whole run is being torn down
+            me = asyncio.current_task()
+            if me is not None:
+                me.uncancel()
+        finally:
+            # What waited when the run stopped: deferred if it was sent before, else pending.
+            if held is not None and held.sends:
+                self._finish(held, Outcome.DEFERRED, held.last)
+            while self._heap:
+                waiting = heapq.heappop(self._heap)[2]
+                self._finish(waiting, Outcome.DEFERRED, waiting.last)
+
+    async def _idle(self, timeout: float | None) -> None:
+        """Wait until a request lands, or `timeout` seconds (a retry falls due)."""
+        self._wake.clear()
+        if timeout is None:
+            await self._wake.wait()
+            return
+        waiter = asyncio.ensure_future(self._wake.wait())
+        sleeper = asyncio.ensure_future(self.sleep(max(0.0, timeout)))
+        try:
+            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            sleeper.cancel()
+
+    def _landed(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._wake.set()
+
+    async def _attempt(self, work: Work) -> None:
+        work.sends += 1
+        self.controls.writes_started = True
+        if self.ledger is not None:
+            self.ledger.append(Intent(
+                run_id=self.run_id, action=work.action, name=work.name, line=work.line,
+                fingerprint=work.fingerprint, attempt=work.sends, at=stamp(self.wall()),
+                body=orjson.loads(work.body)))
+        self.sent_writes += 1
+        if self.metrics is not None:
+            self.metrics.in_flight(1)
+        try:
+            verdict = await self._send(_ACTION_NAMES[work.action], work.body)
+        finally:
+            if self.metrics is not None:
+                self.metrics.in_flight(-1)
+        work.last = verdict.answer
+        now = self.clock()
+        step = next_step(verdict, action=work.action, attempts=work.attempts,
+                         policy=self.settings.retry, rng=self.rng, now=now,
+                         deadline=work.deadline)
+        match step:
+            case Finish():
+                self._finish(work, step.outcome, step.answer)
+            case Stop():
+                self._fail(RunAborted(step.answer.code, step.answer.message, step.hint),
+                           StopReason.ABORTED)
+                self._finish(work, Outcome.DEFERRED, step.answer)
+            case Wait():
+                if step.counts:
+                    work.attempts += 1
+                    self.tally.retries += 1
+                    if self.metrics is not None:
+                        self.metrics.retry()
+                if self.controls.draining:
+                    self._finish(work, Outcome.DEFERRED, step.answer)
+                    return
+                log.debug("group.retry_scheduled", name=work.name, code=step.answer.code,
+                          delay_s=round(step.delay_s, 3), attempt=work.sends)
+                heapq.heappush(self._heap, (now + step.delay_s, next(self._seq), work))
+
+    def _fail(self, exc: WorkerError, reason: StopReason) -> None:
+        if self.failure is None:
+            self.failure = exc
+        self.controls.drain(reason)
+
+    def _finish(self, work: Work, outcome: Outcome, answer: Answer | None) -> None:
+        """Record the outcome. Synchronous on purpose: no await may split decide and write."""
+        self._record(Result(
+            run_id=self.run_id, action=work.action, name=work.name, outcome=outcome,
+            status=answer.status if answer else None,
+            code=answer.code if answer else "Interrupted",
+            message=answer.message if answer else "stopped before an answer",
+            request_id=answer.request_id if answer else "", sends=work.sends,
+            fingerprint=work.fingerprint, line=work.line, started=work.started,
+            finished=stamp(self.wall()),
+            # For items not done: `report --failed` rebuilds the line from it.
+            body=None if outcome in DONE else orjson.loads(work.body)))
+
+    def _record(self, result: Result) -> None:
+        if self.ledger is not None:
+            self.ledger.append(result)
+        self.tally.outcomes[(result.action, result.outcome)] += 1
+        if self.metrics is not None:
+            self.metrics.item(str(result.action or "none"), str(result.outcome))
+        event = log.info if result.outcome in DONE else log.warning
+        extra = {"code": result.code, "message": result.message} \
+            if result.outcome not in (Outcome.CREATED, Outcome.UPDATED, Outcome.DELETED) \
+            and result.code else {}
+        event(f"group.{result.outcome}", action=str(result.action or "none"), name=result.name,
+              line=result.line, sends=result.sends, status=result.status,
+              request_id=result.request_id or None, duration_s=_duration(result), **extra)
 
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(FSYNC_EVERY_S)
-            await asyncio.to_thread(self.ledger.sync)
+            if self.ledger is not None:
+                await asyncio.to_thread(self.ledger.sync)
             if self.on_tick is not None:
                 self.on_tick(self.tally)
 
-    def _stamp(self) -> str:
-        return self.wall().isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+def _duration(result: Result) -> float | None:
+    try:
+        a = datetime.fromisoformat(result.started.replace("Z", "+00:00"))
+        b = datetime.fromisoformat(result.finished.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return round((b - a).total_seconds(), 3)
