@@ -1,11 +1,19 @@
-"""Settings: frozen values built once by the CLI and passed down explicitly."""
+"""Settings: frozen values built once by the CLI and passed down explicitly.
+
+Every number a user can give is checked here, once, against the range in LIMITS (finite, in
+range, the right kind): a UsageError names the flag, the range and the value. URLs are
+checked here too (`check_endpoint`, `check_limiter`), and `redact_url` is the one way a URL
+reaches a message, a log line or the ledger.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Final, TypeVar
+from urllib.parse import unquote_plus, urlsplit
 
 from worker import api
 from worker.errors import UsageError
@@ -15,6 +23,77 @@ from worker.errors import UsageError
 DEFAULT_HEADROOM = 0.03
 # Latency the default concurrency is sized for: in-flight = rate x latency (Little's law).
 DESIGN_LATENCY_S = 2.0
+
+N = TypeVar("N", int, float)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limit:
+    """The documented range of one numeric option."""
+
+    flag: str
+    low: float
+    high: float
+    low_open: bool = False  # (low, ...: low itself is refused
+    high_open: bool = False  # ..., high): high itself is refused
+    whole: bool = False  # an int is required
+
+    def __str__(self) -> str:
+        low = f"{self.low:g}" if not self.whole else str(int(self.low))
+        high = f"{self.high:g}" if not self.whole else str(int(self.high))
+        if self.whole:
+            return f"{low}..{high}"
+        return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+    def check(self, value: N) -> N:
+        """`value` when it is a finite number in range, else a UsageError naming the flag.
+
+        Refused: bool (a TOML `true` is not a number), NaN, infinities, -0.0 (a sign a
+        setting cannot have), floats where a whole number is needed, huge ints out of range.
+        """
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._error(value, "a number")
+        if self.whole and not isinstance(value, int):
+            raise self._error(value, "a whole number")
+        # Compare before any float(): an int with 400 digits has no float, but compares fine.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self._error(value, "a finite number")
+        if isinstance(value, float) and value == 0 and math.copysign(1.0, value) < 0:
+            raise self._error(value, "a number without a minus sign")
+        below = value <= self.low if self.low_open else value < self.low
+        above = value >= self.high if self.high_open else value > self.high
+        if below or above:
+            raise self._error(value, "in range")
+        return value
+
+    def _error(self, value: object, what: str) -> UsageError:
+        shown = repr(value)
+        if len(shown) > 24:  # 99999999999999999999999 is still readable; 400 digits are not
+            shown = shown[:20] + "..."
+        return UsageError(f"--{self.flag} must be {what} in {self}, not {shown}")
+
+
+# Keys are the option names as on the command line (and in job files) without "--".
+LIMITS: Final[dict[str, Limit]] = {
+    limit.flag: limit
+    for limit in (
+        Limit(flag="rate", low=0, high=10_000, low_open=True),
+        Limit(flag="headroom", low=0, high=0.5, high_open=True),
+        Limit(flag="concurrency", low=1, high=1000, whole=True),
+        Limit(flag="max-attempts", low=1, high=100, whole=True),
+        Limit(flag="item-deadline", low=0, high=86_400, low_open=True),
+        Limit(flag="timeout", low=0, high=600, low_open=True),
+        Limit(flag="grace", low=0, high=3600),
+        Limit(flag="limiter-timeout", low=0, high=86_400, low_open=True),
+        Limit(flag="max-delete", low=0, high=1_000_000, whole=True),
+    )
+}
+
+
+def _positive(name: str, value: float) -> None:
+    """Internal knobs (not flags): finite and positive, or a bug."""
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{name} must be a finite positive number, not {value!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,12 +105,12 @@ class RetryPolicy:
     retry_after_max_s: float = 60.0  # a server's Retry-After is honoured up to this
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise UsageError("--max-attempts must be at least 1")
-        if self.initial_s <= 0 or self.max_delay_s < self.initial_s:
-            raise UsageError("backoff: need 0 < initial <= max delay")
-        if self.item_deadline_s <= 0:
-            raise UsageError("--item-deadline must be positive")
+        LIMITS["max-attempts"].check(self.max_attempts)
+        LIMITS["item-deadline"].check(self.item_deadline_s)
+        for name in ("initial_s", "max_delay_s", "retry_after_max_s"):
+            _positive(name, getattr(self, name))
+        if self.max_delay_s < self.initial_s:
+            raise UsageError("backoff: need initial <= max delay")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,10 +121,10 @@ class Pacing:
     recover_s: float = 10.0  # after the pause, time to climb from the lowered rate to the target
 
     def __post_init__(self) -> None:
-        if not (0 < self.rate <= 10_000):
-            raise UsageError("--rate must lie in (0, 10000]")
-        if not (0 <= self.headroom < 0.5):
-            raise UsageError("headroom must lie in [0, 0.5)")
+        LIMITS["rate"].check(self.rate)
+        LIMITS["headroom"].check(self.headroom)
+        _positive("cooldown_s", self.cooldown_s)
+        _positive("recover_s", self.recover_s)
 
     @property
     def target(self) -> float:
@@ -54,8 +133,10 @@ class Pacing:
 
 
 def default_concurrency(rate: float) -> int:
-    """Enough requests in flight to keep `rate` going at DESIGN_LATENCY_S per answer."""
-    return max(4, math.ceil(rate * DESIGN_LATENCY_S * 1.25))
+    """Enough requests in flight to keep `rate` going at DESIGN_LATENCY_S per answer, within
+    the documented cap of --concurrency."""
+    cap = int(LIMITS["concurrency"].high)
+    return min(cap, max(4, math.ceil(rate * DESIGN_LATENCY_S * 1.25)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,7 +146,7 @@ class Settings:
     endpoint: str = api.DEFAULT_ENDPOINT
     region: str = api.DEFAULT_REGION
     pacing: Pacing = field(default_factory=Pacing)
-    concurrency: int = 0  # 0: default_concurrency(pacing.rate)
+    concurrency: int | None = None  # None: the default (adaptive); else an explicit cap
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeout_s: float = 15.0  # one attempt, connect + answer
     grace_s: float = 10.0
@@ -76,13 +157,13 @@ class Settings:
 
     def __post_init__(self) -> None:
         check_endpoint(self.endpoint)
-        if self.concurrency < 0:
-            raise UsageError("--concurrency must be positive")
-        if self.limiter_url is not None and not self.limiter_url.startswith(
-                ("redis://", "rediss://", "unix://")):
-            raise UsageError(f"--limiter {self.limiter_url!r}: expected redis://HOST:PORT/DB")
-        if self.timeout_s <= 0 or self.grace_s < 0:
-            raise UsageError("--timeout must be positive and --grace not negative")
+        if self.concurrency is not None:
+            LIMITS["concurrency"].check(self.concurrency)
+        if self.limiter_url is not None:
+            check_limiter(self.limiter_url)
+        LIMITS["timeout"].check(self.timeout_s)
+        LIMITS["grace"].check(self.grace_s)
+        LIMITS["limiter-timeout"].check(self.limiter_timeout_s)
 
     @property
     def in_flight(self) -> int:
@@ -91,30 +172,121 @@ class Settings:
     def public(self) -> dict[str, object]:
         """What the ledger header records: everything that shapes a run, no secrets."""
         return {
-            "endpoint": self.endpoint, "region": self.region, "rate": self.pacing.rate,
-            "headroom": self.pacing.headroom, "concurrency": self.in_flight,
-            "max_attempts": self.retry.max_attempts, "item_deadline_s": self.retry.item_deadline_s,
-            "timeout_s": self.timeout_s, "skip_invalid": self.skip_invalid,
+            "endpoint": redact_url(self.endpoint),
+            "region": self.region,
+            "rate": self.pacing.rate,
+            "headroom": self.pacing.headroom,
+            "concurrency": self.in_flight,
+            "max_attempts": self.retry.max_attempts,
+            "item_deadline_s": self.retry.item_deadline_s,
+            "timeout_s": self.timeout_s,
+            "skip_invalid": self.skip_invalid,
             "limiter": redact_url(self.limiter_url) if self.limiter_url else None,
         }
 
 
-def check_endpoint(endpoint: str) -> None:
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"--endpoint {endpoint!r}: expected http(s)://HOST[:PORT]")
-    if parts.path not in ("", "/") or parts.query:
-        raise UsageError(f"--endpoint {endpoint!r}: give only scheme, host and port")
-    # Plain http would show the signed request (and any STS token) to the network.
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        raise UsageError(f"--endpoint {endpoint!r}: plain http is allowed only to loopback")
+# -- URLs ---------------------------------------------------------------------------------
 
-
-def _is_loopback(host: str) -> bool:
-    return host == "localhost" or host == "::1" or host.startswith("127.")
+UNPARSABLE_URL: Final = "<unparsable URL>"
+# Query or fragment parameters whose value is (or may be) a credential: exact names, and
+# words that make any name containing them one. Over-redacting a harmless parameter costs
+# nothing; missing one prints a secret.
+_SECRET_NAMES: Final = frozenset({"sk", "pw", "pwd", "pass", "sig", "code"})
+_SECRET_WORDS: Final = (
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "signature",
+    "credential",
+    "auth",
+    "key",
+    "session",
+)
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***, for logs and the ledger header."""
-    password = urlsplit(url).password
-    return url.replace(f":{password}@", ":***@") if password else url
+    """`url` fit to print or store: a userinfo password (or a bare userinfo token) and the
+    values of password-like query and fragment parameters become ***, and characters a
+    terminal would act on are escaped. Never raises: an unparsable URL is UNPARSABLE_URL."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if not netloc and "@" in url:
+            return UNPARSABLE_URL  # "user:pw@host" without a scheme: no safe reading of it
+        userinfo, at, host = netloc.rpartition("@")
+        if at:
+            user, colon, _ = userinfo.partition(":")
+            netloc = f"{user}:***@{host}" if colon else f"***@{host}"
+        # Built by hand: urlunsplit drops the "//" of schemes it does not know (unix:///...).
+        slashes = "//" if netloc or "://" in url else ""
+        query = f"?{_redact_params(parts.query)}" if parts.query else ""
+        fragment = f"#{_redact_params(parts.fragment)}" if parts.fragment else ""
+        scheme = f"{parts.scheme}:" if parts.scheme else ""
+        redacted = f"{scheme}{slashes}{netloc}{parts.path}{query}{fragment}"
+    except Exception:  # any malformed input: a placeholder, never the raw text
+        return UNPARSABLE_URL
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in redacted)
+
+
+def _redact_params(text: str) -> str:
+    out = []
+    for part in text.split("&"):
+        name, eq, _ = part.partition("=")
+        key = unquote_plus(name).lower().replace("-", "_")
+        secret = key in _SECRET_NAMES or any(word in key for word in _SECRET_WORDS)
+        out.append(f"{name}=***" if eq and secret else part)
+    return "&".join(out)
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and for an IP literal in 127.0.0.0/8 or ::1 (also as an
+    IPv4-mapped IPv6 address); a name such as 127.example.com is not a literal."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def check_endpoint(endpoint: str) -> None:
+    """A UsageError, showing only the redacted URL, unless `endpoint` is http(s)://HOST[:PORT]
+    with no credentials in it, and plain http only to loopback."""
+    shown = redact_url(endpoint)
+
+    def refuse(why: str) -> UsageError:
+        return UsageError(f"--endpoint {shown}: {why}")
+
+    if not all(c.isprintable() and not c.isspace() for c in endpoint):
+        raise refuse("holds spaces or control characters")
+    try:
+        parts = urlsplit(endpoint)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise refuse("not a URL (expected https://HOST[:PORT])") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise refuse("expected http(s)://HOST[:PORT]")
+    if "@" in parts.netloc:
+        # Credentials never belong in the endpoint: requests are signed with the AK/SK.
+        raise refuse("remove the user:password@ part; the worker signs with your AK/SK")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise refuse("give only scheme, host and port")
+    if port == 0:
+        raise refuse("port 0 is not a port to connect to")
+    # Plain http would show the signed request (and any STS token) to the network.
+    if parts.scheme == "http" and not is_loopback(host):
+        raise refuse("plain http is allowed only to loopback (localhost, 127.0.0.0/8, ::1)")
+
+
+def check_limiter(url: str) -> None:
+    """A UsageError, showing only the redacted URL, unless `url` is a Redis URL."""
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        scheme = ""
+    if scheme not in ("redis", "rediss", "unix"):
+        raise UsageError(f"--limiter {redact_url(url)}: expected redis://HOST:PORT/DB")
