@@ -1,36 +1,65 @@
-"""Ledger step: the append-only JSONL record of every run, and what it says is done.
+"""Ledger step: the append-only JSONL journal of every run against one target, and what it
+says about each Name.
 
-Records (one JSON object per line, `type` first):
-  run     header: run_id, started, version, manifest path and sha256, settings (no secrets)
-  intent  written before each attempt is sent: name, line, fingerprint, attempt, body
-  result  one per finished item: name, outcome, status, code, message, request_id, attempts,
-          fingerprint, line, started, finished (+ body for items not done)
-  end     footer: the run's summary and exit code
+One typed record per line (records.py): a `run` header opens each run, `intent` before each
+request, `result` once per finished item, `end` when a run ends (not after `kill -9`).
 
 Writes are synchronous `os.write` calls of whole records on an O_APPEND descriptor: nothing
 can be scheduled between deciding an outcome and recording it, and a crash can tear only the
-last line. `open` cuts such a torn tail off; damage anywhere else is an error naming the line.
-An exclusive `flock` on the file keeps a second run out; the kernel drops it when a process
-dies, so a killed run leaves no stale lock.
+last line. Opening repairs exactly that and nothing else:
+
+* A ledger belongs to one target (endpoint, region, access key): a file whose headers name
+  another target, or none (worker 0.1), is refused before anything is written.
+* A file is a ledger only if its first line is our run header. Anything else (a config
+  file, the manifest, a FIFO, a device, a directory) is refused untouched; a 0-byte file is
+  adopted. A torn last line is cut only after every line before it has parsed, and a lone
+  first line only if it starts with the exact bytes our header starts with.
+* Every line read is bounded (MAX_RECORD_BYTES); a longer one is damage, not data.
+* A run holds `flock` on `<ledger>.lock`, a file beside the ledger that is never deleted
+  (deleting lock files races). The lock stays with the path, so renaming the ledger away does
+  not let a second run in; the kernel drops it when the process dies, so `kill -9` leaves no
+  stale lock. `report` probes the same file to tell a running run from a crashed one.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import stat
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from types import TracebackType
+from typing import IO, Final, Self
 
 import orjson
 
-from worker.errors import LedgerError, LedgerLocked
+from worker.errors import LedgerError, LedgerLocked, LedgerTargetMismatch, LedgerWriteError
+from worker.records import (
+    DONE,
+    Action,
+    Footer,
+    Intent,
+    Outcome,
+    Record,
+    Result,
+    RunHeader,
+    Target,
+    parse,
+)
 
-OUTCOMES: Final = ("created", "exists", "rejected", "deferred", "invalid")
-DONE: Final = frozenset({"created", "exists"})
 FSYNC_EVERY_S: Final = 1.0
+# The largest record we write is a result holding a 1 MiB manifest body and a bounded
+# message; four times that leaves room and still bounds what one line can make us hold.
+MAX_RECORD_BYTES: Final = 4 << 20
+# How long `open` retries a held lock before saying "locked": long enough to ride out a
+# `report` probing the lock (microseconds), far shorter than any run that really holds it.
+LOCK_WAIT_S: Final = 0.5
+# orjson writes dataclass fields in order, so every header we write starts with these bytes.
+# Only a lone unterminated first line that starts so is a torn header of ours.
+_HEADER_PREFIX: Final = b'{"type":"run","run_id":"'
 
 
 def default_path(manifest: Path) -> Path:
@@ -39,87 +68,169 @@ def default_path(manifest: Path) -> Path:
     return manifest.with_name(f"{stem}.ledger.jsonl")
 
 
+def lock_path(ledger: Path) -> Path:
+    """`<ledger>.lock` beside the file the path finally names (symbolic links resolved), so
+    every path to one ledger shares one lock."""
+    real = Path(os.path.realpath(ledger))
+    return real.with_name(real.name + ".lock")
+
+
 @dataclass(slots=True)
 class Latest:
-    """The ledger's latest word on one Name, kept small: a run holds one per group."""
+    """The ledger's latest word on one Name. A run holds one per Name, so it is kept small:
+    no body or message (report reads those from the manifest, or streams the ledger again),
+    the fingerprint as its 32 raw bytes, enum members and interned codes shared by all."""
 
-    in_doubt: bool  # an intent with no result after it: sent, answer never recorded
-    outcome: str | None  # None when in doubt
-    fingerprint: str | None
-    code: str
+    outcome: Outcome | None  # None: an intent with no result after it (in doubt)
+    action: Action | None
+    fp: bytes | None  # sha256 digest of the body sent; None for deletes and nameless lines
+    code: str  # the last answer's error code, "" for success or in doubt
     line: int
-    body: dict[str, Any] | None  # only for items not done (report --failed rebuilds them)
 
     @classmethod
-    def of(cls, record: dict[str, Any]) -> Latest:
-        in_doubt = record["type"] == "intent"
-        outcome = None if in_doubt else record.get("outcome")
-        return cls(in_doubt=in_doubt, outcome=outcome, fingerprint=record.get("fingerprint"),
-                   code=record.get("code") or "", line=record.get("line") or 0,
-                   body=None if outcome in DONE else record.get("body"))
+    def of(cls, record: Intent | Result) -> Latest:
+        fp = bytes.fromhex(record.fingerprint) if record.fingerprint is not None else None
+        if isinstance(record, Intent):
+            return cls(outcome=None, action=record.action, fp=fp, code="", line=record.line)
+        return cls(
+            outcome=record.outcome,
+            action=record.action,
+            fp=fp,
+            code=sys.intern(record.code),
+            line=record.line,
+        )
+
+    @property
+    def in_doubt(self) -> bool:
+        """Sent, and no answer recorded: the next run sends it again."""
+        return self.outcome is None
 
     @property
     def done(self) -> bool:
         return self.outcome in DONE
 
+    @property
+    def fingerprint(self) -> str | None:
+        return self.fp.hex() if self.fp is not None else None
+
 
 @dataclass(slots=True)
 class State:
-    """What the ledger says about each Name: its latest result, or an intent after it."""
+    """What a ledger says: the latest word per Name, the runs, and the last run's invalid
+    lines (by manifest line: a duplicate Name's invalid line is a fact of its own)."""
 
     latest: dict[str, Latest] = field(default_factory=dict)
-    runs: list[dict[str, Any]] = field(default_factory=list)  # headers, oldest first
-    invalid: list[dict[str, Any]] = field(default_factory=list)  # invalid results of the last run
-    footer: dict[str, Any] | None = None
+    runs: list[RunHeader] = field(default_factory=list)  # oldest first
+    footers: dict[str, Footer] = field(default_factory=dict)  # run_id -> its footer
+    invalid_lines: dict[int, str | None] = field(default_factory=dict)  # last run: line -> Name
+    torn_tail: bool = False  # the last line was torn (cut by `Ledger.open`, skipped by readers)
+    path: Path | None = None  # the file it was read from
 
     @property
-    def unnamed_invalid(self) -> int:
-        """Invalid lines of the last run that had no usable Name (so are not in `latest`)."""
-        return sum(1 for r in self.invalid if not isinstance(r.get("name"), str))
+    def target(self) -> Target | None:
+        """The target of the first run: the one this ledger belongs to."""
+        return self.runs[0].target if self.runs else None
 
-    def fold(self, record: dict[str, Any]) -> None:
-        kind = record.get("type")
-        if kind == "run":
-            self.runs.append(record)
-            self.invalid = []
-            self.footer = None
-        elif kind == "end":
-            self.footer = record
-        elif kind in ("intent", "result"):
-            name = record.get("name")
-            if kind == "result" and record.get("outcome") == "invalid":
-                self.invalid.append(record)
-            if not isinstance(name, str):
-                return
-            prev = self.latest.get(name)
-            # Once done, a Name stays done: an intent or an invalid line after it changes
-            # nothing (the planner never resends a done item; an invalid line is its own fact).
-            if prev is not None and prev.done:
-                return
-            self.latest[name] = Latest.of(record)
+    @property
+    def header(self) -> RunHeader | None:
+        return self.runs[-1] if self.runs else None
+
+    @property
+    def footer(self) -> Footer | None:
+        """The last run's footer; None while it runs, or when it was killed or crashed."""
+        return self.footers.get(self.runs[-1].run_id) if self.runs else None
+
+    def fold(self, record: Record) -> None:
+        match record:
+            case RunHeader():
+                self.runs.append(record)
+                self.invalid_lines = {}
+            case Footer():
+                self.footers[record.run_id] = record
+            case Result(outcome=Outcome.INVALID):
+                self.invalid_lines[record.line] = record.name
+                # An invalid line never hides what was sent for its Name: with a duplicate,
+                # the valid line's intent or result is the Name's state. It only tells the
+                # planner that a Name the ledger knows nothing else about was invalid.
+                if record.name is not None and record.name not in self.latest:
+                    self.latest[record.name] = Latest.of(record)
+            case Intent() | Result():
+                if record.name is not None:
+                    self.latest[record.name] = Latest.of(record)
 
 
 def read_state(path: Path) -> State:
-    """Load without locking or repairing (dry runs and reports). A torn tail is ignored."""
-    state = State()
-    if not path.exists():
-        return state
-    try:
-        with path.open("rb") as f:
-            for record in _records(path, f):
-                state.fold(record)
-    except OSError as exc:
-        raise LedgerError(f"{path}: cannot read the ledger: {exc.strerror}") from None
+    """Load without locking, repairing or checking the target (dry runs and reports). A
+    missing file is an empty ledger; a torn tail is skipped; anything else is refused."""
+    state = State(path=path)
+    reader = _FileRecords(path)
+    for record in reader:
+        state.fold(record)
+    state.torn_tail = reader.torn_at is not None
     return state
 
 
-class Ledger:
-    """An open, locked ledger that the run appends to."""
+def records_of(path: Path) -> Iterator[Record]:
+    """Every record of the ledger at `path`, streamed, as `read_state` reads them (a second
+    pass for what the state does not keep, such as bodies)."""
+    return iter(_FileRecords(path))
 
-    def __init__(self, path: Path, fd: int, state: State, *, torn_writes_s: float = 0.0) -> None:
+
+class _FileRecords:
+    """The records of a ledger file, opened safely; remembers where a torn tail began."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.torn_at: int | None = None
+
+    def __iter__(self) -> Iterator[Record]:
+        fd = _open_regular(self.path, write=False)
+        if fd is None:
+            return
+        with open(fd, "rb") as f:
+            reader = _Reader(self.path, f)
+            yield from reader
+            self.torn_at = reader.torn_at
+
+
+def probe_lock(path: Path) -> bool | None:
+    """Whether a process holds the ledger's lock now (a run is going on): True, False, or
+    None when it cannot be told. Takes the lock for an instant and drops it at once; a run
+    starting in that instant waits it out (LOCK_WAIT_S). Never creates the lock file."""
+    try:
+        fd = os.open(
+            lock_path(path),
+            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY,
+        )
+    except FileNotFoundError:
+        return False  # no run has ever locked it
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+class Ledger:
+    """An open, locked ledger that a run appends to. Use as `with Ledger.open(...) as book:`."""
+
+    def __init__(
+        self, path: Path, fd: int, lock_fd: int, state: State, *, torn_writes_s: float = 0.0
+    ) -> None:
         self.path = path
         self.state = state
         self._fd = fd
+        self._lock_fd = lock_fd
         self._dirty = False
         # Test hook (WORKER_TEST_TORN_WRITES_S): write each record in two halves with this
         # pause between, so that a kill -9 can land inside a record, as a crash can.
@@ -127,37 +238,77 @@ class Ledger:
         self._broken: str | None = None
 
     @classmethod
-    def open(cls, path: Path, *, torn_writes_s: float = 0.0) -> Ledger:
+    def open(cls, path: Path, *, target: Target, torn_writes_s: float = 0.0) -> Ledger:
+        """Open (or create) the ledger of `target` at `path`, lock it, load it, cut a torn
+        tail. Raises LedgerError (not a ledger, damaged, unreadable), LedgerTargetMismatch
+        (another target's, or worker 0.1's) or LedgerLocked; in every case nothing in the
+        file has changed."""
+        fd = _open_regular(path, write=True)
+        assert fd is not None
+        lock_fd = -1
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise LedgerError(
-                f"{path}: cannot open the ledger for writing: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LedgerLocked(f"{path}: another run is using this ledger") from None
-        try:
-            state = State()
-            with os.fdopen(os.dup(fd), "rb") as f:
-                f.seek(0)
-                for record in _records(path, f, repair_fd=fd):
+            # The first header decides whose ledger this is: checked before the lock file is
+            # created, so a mistyped --ledger leaves nothing behind beside a foreign file.
+            with open(os.dup(fd), "rb") as f:
+                first = next(iter(_Reader(path, f)), None)
+            if isinstance(first, RunHeader):
+                _check_target(path, first, target)
+            lock_fd = _lock(path)
+            _check_same_file(path, fd)
+            state = State(path=path)
+            with open(os.dup(fd), "rb") as f:
+                reader = _Reader(path, f)
+                for record in reader:
+                    if isinstance(record, RunHeader):
+                        _check_target(path, record, target)
                     state.fold(record)
+            if reader.torn_at is not None:
+                # The only write `open` makes, after every other line proved this a ledger of
+                # this target: a crash mid-write left this tail; the next append would glue
+                # a record to it.
+                os.ftruncate(fd, reader.torn_at)
+                os.fsync(fd)
+                state.torn_tail = True
+        except OSError as exc:
+            _close_quietly(fd, lock_fd)
+            raise LedgerError(
+                f"{path}: cannot read or repair the ledger: {exc.strerror}; nothing was changed"
+            ) from None
         except BaseException:
-            os.close(fd)
+            _close_quietly(fd, lock_fd)
             raise
-        return cls(path, fd, state, torn_writes_s=torn_writes_s)
+        return cls(path, fd, lock_fd, state, torn_writes_s=torn_writes_s)
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Write one whole record now. Raises LedgerError when it cannot; after that the
-        ledger refuses every write, so nothing more is sent whose outcome it could not keep."""
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        status = "closed" if self._fd < 0 else "broken" if self._broken else "open"
+        return f"<Ledger {str(self.path)!r} {status} names={len(self.state.latest)}>"
+
+    def append(self, record: Record) -> None:
+        """Write one whole record now, then fold it into `state`. Raises LedgerWriteError when
+        it cannot; after that the ledger refuses every write, so nothing more is sent whose
+        outcome it could not keep."""
         if self._broken is not None:
-            raise LedgerError(self._broken)
+            raise LedgerWriteError(self._broken)
+        if self._fd < 0:
+            raise LedgerWriteError(f"{self.path}: the ledger is closed")
         data = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        if len(data) > MAX_RECORD_BYTES:
+            # Nothing is written: a line this long would read back as damage.
+            raise LedgerWriteError(
+                f"{self.path}: a {record.type} record of {len(data)} bytes "
+                f"is over the {MAX_RECORD_BYTES}-byte limit; not written"
+            )
         whole = memoryview(data)
-        pieces = [whole[: len(whole) // 2], whole[len(whole) // 2:]] if self._torn_writes_s \
-            else [whole]
+        half = len(whole) // 2
+        pieces = [whole[:half], whole[half:]] if self._torn_writes_s else [whole]
         try:
             for i, view in enumerate(pieces):
                 if i:
@@ -167,7 +318,7 @@ class Ledger:
                     view = view[written:]
         except OSError as exc:
             self._broken = f"{self.path}: cannot write the ledger: {exc.strerror}"
-            raise LedgerError(self._broken) from None
+            raise LedgerWriteError(self._broken) from None
         self._dirty = True
         self.state.fold(record)
 
@@ -175,41 +326,213 @@ class Ledger:
         """fsync if anything was written since the last one. The runner calls this from a
         worker thread every FSYNC_EVERY_S: an fsync can take tens of milliseconds, and on the
         event loop that stall would bunch up paced requests."""
-        if not self._dirty:
+        if not self._dirty or self._fd < 0:
             return
         self._dirty = False  # before the fsync: a write racing with it marks it dirty again
         try:
             os.fsync(self._fd)
         except OSError as exc:
             self._broken = f"{self.path}: cannot sync the ledger: {exc.strerror}"
-            raise LedgerError(self._broken) from None
+            raise LedgerWriteError(self._broken) from None
 
     def close(self) -> None:
+        """fsync, close, drop the lock. Idempotent. The lock goes last, after the fsync, so
+        the next run never reads a ledger this one has not finished writing."""
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
         try:
             if self._broken is None:
-                os.fsync(self._fd)
+                os.fsync(fd)
+        except OSError as exc:
+            self._broken = f"{self.path}: cannot sync the ledger: {exc.strerror}"
+            raise LedgerWriteError(self._broken) from None
         finally:
-            os.close(self._fd)  # also drops the lock
+            _close_quietly(fd, self._lock_fd)
 
 
-def _records(path: Path, f: Any, *, repair_fd: int | None = None) -> Iterator[dict[str, Any]]:
-    """Parse every line. A last line without its newline is torn (a crash mid-write): cut
-    it off through `repair_fd`, or, when only reading, leave it out."""
-    offset = 0
-    for lineno, raw in enumerate(f, start=1):
-        if not raw.endswith(b"\n"):
-            if repair_fd is not None:
-                os.ftruncate(repair_fd, offset)
-                os.fsync(repair_fd)
-            return
-        offset += len(raw)
+# -- opening safely -----------------------------------------------------------------------
+
+
+def _open_regular(path: Path, *, write: bool) -> int | None:
+    """An fd on `path` if it is (or, with `write`, can be created as) a regular file; None
+    when it does not exist and `write` is off. A symbolic link is followed only to a regular
+    file. O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat after opening is
+    the check that counts (the path may change between the stat and the open)."""
+    flags = (
+        (os.O_RDWR | os.O_APPEND if write else os.O_RDONLY)
+        | os.O_NONBLOCK
+        | os.O_NOCTTY
+        | os.O_CLOEXEC
+    )
+    for _ in range(2):  # a second time only if the file appeared between stat and create
+        create = 0
         try:
-            record = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or record.get("type") not in ("run", "intent",
-                                                                      "result", "end"):
-            raise LedgerError(
-                f"{path}:{lineno}: damaged ledger record; the ledger is not a worker ledger "
-                "or was edited. Move it aside (or fix that line) and run again")
-        yield record
+            st = os.stat(path)
+        except FileNotFoundError:
+            if os.path.lexists(path):
+                raise LedgerError(
+                    f"{path}: is a symbolic link to {os.readlink(path)!r}, which "
+                    "does not exist; a ledger must be a regular file"
+                ) from None
+            if not write:
+                return None
+            create = os.O_CREAT | os.O_EXCL  # O_EXCL: never through a link planted meanwhile
+        except OSError as exc:
+            raise LedgerError(f"{path}: cannot open the ledger: {exc.strerror}") from None
+        else:
+            _require_regular(path, st.st_mode)
+        try:
+            fd = os.open(path, flags | create, 0o644)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            what = "for writing" if write else "for reading"
+            raise LedgerError(f"{path}: cannot open the ledger {what}: {exc.strerror}") from None
+        try:
+            _require_regular(path, os.fstat(fd).st_mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    raise LedgerError(f"{path}: the file kept changing while the ledger was opened")
+
+
+def _require_regular(path: Path, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = (
+        "a directory"
+        if stat.S_ISDIR(mode)
+        else "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a character device"
+        if stat.S_ISCHR(mode)
+        else "a block device"
+        if stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
+    raise LedgerError(f"{path}: is {kind}; a ledger must be a regular file (nothing was changed)")
+
+
+def _lock(path: Path) -> int:
+    lock = lock_path(path)
+    try:
+        fd = os.open(
+            lock,
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+            0o644,
+        )
+    except OSError as exc:
+        raise LedgerError(
+            f"{path}: cannot create its lock file {lock}: {exc.strerror}; nothing was changed"
+        ) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise LedgerError(f"{lock}: the ledger's lock file is not a regular file")
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LedgerLocked(f"another run is using {path} (lock {lock})") from None
+                time.sleep(0.02)
+    except OSError as exc:
+        os.close(fd)
+        raise LedgerError(f"{lock}: cannot lock it: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_same_file(path: Path, fd: int) -> None:
+    """After locking: the path must still name the file we opened, or we would hold the
+    path's lock while writing a file that was moved away."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        now = None
+    held = os.fstat(fd)
+    if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+        raise LedgerError(
+            f"{path}: was moved or replaced while it was being opened; "
+            "nothing was changed, run again"
+        )
+
+
+def _check_target(path: Path, header: RunHeader, target: Target) -> None:
+    if header.target != target:
+        raise LedgerTargetMismatch(
+            f"{path}: this ledger belongs to {header.target}, not to {target}; nothing was "
+            "sent. Use another --ledger for this target, or move this one aside"
+        )
+
+
+def _close_quietly(*fds: int) -> None:
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Typed records of a ledger, line by bounded line. After iterating, `torn_at` is the
+    offset of a torn last line (None if there was none); the reader never writes."""
+
+    def __init__(self, path: Path, f: IO[bytes]) -> None:
+        self.path = path
+        self.f = f
+        self.torn_at: int | None = None
+
+    def __iter__(self) -> Iterator[Record]:
+        self.f.seek(0)  # descriptors dup'ed from one open file share its offset
+        offset = lineno = 0
+        while True:
+            try:
+                raw = self.f.readline(MAX_RECORD_BYTES + 1)
+            except OSError as exc:
+                raise LedgerError(f"{self.path}: cannot read the ledger: {exc.strerror}") from None
+            if not raw:
+                return
+            lineno += 1
+            where = f"{self.path}:{lineno}"
+            if not raw.endswith(b"\n"):
+                if len(raw) > MAX_RECORD_BYTES:
+                    if lineno == 1:
+                        raise self._foreign()
+                    raise LedgerError(
+                        f"{where}: damaged ledger record: the line is longer "
+                        f"than {MAX_RECORD_BYTES} bytes"
+                    )
+                if lineno == 1 and not raw.startswith(_HEADER_PREFIX):
+                    raise self._foreign()
+                self.torn_at = offset  # the end of the file, inside a record: a crash
+                return
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                obj = None
+            if lineno == 1 and not (isinstance(obj, dict) and obj.get("type") == "run"):
+                raise self._foreign()
+            if obj is None:
+                raise LedgerError(
+                    f"{where}: damaged ledger record: the line is not JSON; "
+                    "move the ledger aside (or fix that line) and run again"
+                )
+            yield parse(obj, where=where)
+            offset += len(raw)
+
+    def _foreign(self) -> LedgerError:
+        return LedgerError(
+            f"{self.path}: is not a worker ledger (its first line is not a "
+            "run header); nothing was changed. Check --ledger"
+        )

@@ -1,75 +1,508 @@
-"""Report: what a ledger says, across all its runs, per Name (the latest word wins)."""
+"""Report: what a ledger says about its runs and about each line of the last run's manifest.
+
+Counts are about a manifest, line by line, never about every Name the ledger ever saw: a
+ledger outlives manifests (lines removed, Names renamed), and "created 13 of total 10" is a
+lie. Which manifest: `--manifest PATH` if given; else the one the last run header names, if
+it is still a regular file whose sha256 is the one recorded; else none, and the counts say
+they cover every Name the ledger has recorded (`scope: "ledger"`, no `pending`).
+
+Per manifest line, the status is: `invalid` (the line does not validate; kept per line, so a
+duplicate Name's invalid line is never hidden by the valid line's result), `pending` (never
+sent, or the line changed since a result that was not done), `in_doubt` (sent, no answer
+recorded), or the outcome of the Name's latest result.
+
+`gather` does the I/O (read the ledger, probe its lock, find the manifest); `summary_of` and
+`failures_of` are pure; `render` and `main` print.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 from collections import Counter
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Final
 
 import orjson
 
-from worker.ledger import OUTCOMES, State
+from worker import manifest as manifest_step
+from worker.errors import Exit, ManifestError, UsageError
+from worker.ledger import Latest, State, probe_lock, read_state, records_of
+from worker.manifest import Group, Invalid
+from worker.records import DONE, Footer, Intent, Outcome, Result, RunHeader, StopReason
 
-NOT_DONE = ("rejected", "deferred")
+# Every status a manifest line can have, in the order reports list them.
+STATUSES: Final = (*(o.value for o in Outcome), "pending", "in_doubt")
+RUNS_SHOWN: Final = 10  # runs in the text report (all of them in --json)
+
+_STOPPED: Final = {
+    StopReason.LIMITER: "stopped: the shared limiter stayed unreachable",
+    StopReason.UNREACHABLE: "stopped: the endpoint gave no HTTP answer",
+    StopReason.ABORTED: "stopped: the server refused the run (credentials, permission, clock)",
+    StopReason.LEDGER: "stopped: a ledger write failed",
+    StopReason.LISTING: "stopped: the account could not be listed completely",
+    StopReason.ERROR: "stopped: an internal error",
+}
 
 
-def summarize(state: State) -> dict[str, Any]:
-    """Counts per outcome and per code. `total` is the item count of the latest run's
-    manifest; `pending` is what of it has no final result (never sent, or in doubt)."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failure:
+    """A manifest line that is not done, and why."""
+
+    line: int
+    name: str | None
+    status: str  # a STATUSES value other than the done outcomes
+    reason: str
+    body: bytes | None  # the canonical line to send again; None for an invalid line
+
+
+@dataclass(slots=True, kw_only=True)
+class Gathered:
+    """What `report` reads before the pure core runs. A context manager: it may hold the
+    manifest's scan open."""
+
+    ledger: Path
+    state: State
+    locked: bool | None  # a process holds the ledger's lock now (None: cannot tell)
+    scan: manifest_step.Scan | None  # the manifest counted against, if any
+    note: str  # which manifest and why, or why none
+
+    def items(self) -> Iterator[Group | Invalid] | None:
+        return manifest_step.read(self.scan) if self.scan is not None else None
+
+    def close(self) -> None:
+        if self.scan is not None:
+            with contextlib.suppress(AttributeError):  # a Scan without a spool has no close
+                self.scan.close()
+
+    def __enter__(self) -> Gathered:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def gather(ledger: Path, *, manifest: Path | None = None, state: State | None = None) -> Gathered:
+    """Read the ledger (unless `state` is given), probe its lock, choose the manifest."""
+    if state is None:
+        if not os.path.lexists(ledger):
+            raise UsageError(f"{ledger}: no such ledger")
+        state = read_state(ledger)
+    locked = probe_lock(ledger)
+    header = state.header
+    if manifest is not None:
+        scan = manifest_step.scan(manifest)  # the user named it: its problems are errors
+        note = f"counted against {manifest} (--manifest)"
+        if header is not None and scan.sha256 != header.manifest_sha256:
+            note += "; it is not the manifest the last run used"
+        return Gathered(ledger=ledger, state=state, locked=locked, scan=scan, note=note)
+    if header is None:
+        return Gathered(
+            ledger=ledger,
+            state=state,
+            locked=locked,
+            scan=None,
+            note="the ledger records no run yet",
+        )
+    path = Path(header.manifest)
+    every = (
+        "the counts cover every Name the ledger has recorded (pass --manifest to count "
+        "against a manifest)"
+    )
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        regular = False
+    if not regular:  # never read a pipe or /dev/stdin named by an old header
+        return Gathered(
+            ledger=ledger,
+            state=state,
+            locked=locked,
+            scan=None,
+            note=f"the last run's manifest {path} is not a file here; {every}",
+        )
+    try:
+        scan = manifest_step.scan(path)
+    except ManifestError:
+        return Gathered(
+            ledger=ledger,
+            state=state,
+            locked=locked,
+            scan=None,
+            note=f"the last run's manifest {path} cannot be read; {every}",
+        )
+    if scan.sha256 != header.manifest_sha256:
+        with contextlib.suppress(AttributeError):
+            scan.close()
+        return Gathered(
+            ledger=ledger,
+            state=state,
+            locked=locked,
+            scan=None,
+            note=f"the last run's manifest {path} has changed since; {every}",
+        )
+    return Gathered(
+        ledger=ledger,
+        state=state,
+        locked=locked,
+        scan=scan,
+        note=f"counted against {path}, the last run's manifest (unchanged)",
+    )
+
+
+# -- the pure core ------------------------------------------------------------------------
+
+
+def status_of(item: Group | Invalid, latest: Mapping[str, Latest]) -> tuple[str, str]:
+    """(status, reason) of one manifest line given the ledger's latest word per Name."""
+    if isinstance(item, Invalid):
+        return (
+            "invalid",
+            f"invalid: {item.problem.field}: {item.problem.reason}"
+            if item.problem.field
+            else f"invalid: {item.problem.reason}",
+        )
+    entry = latest.get(item.name)
+    if entry is None:
+        return "pending", "pending: never sent"
+    if entry.outcome is None:
+        return (
+            "in_doubt",
+            "in doubt: sent, but no answer was recorded; the next run sends "
+            "it again (an 'already exists' answer confirms it)",
+        )
+    if entry.done:
+        return str(entry.outcome), ""
+    if entry.outcome is Outcome.INVALID or entry.fingerprint != item.fingerprint:
+        return "pending", f"pending: {entry.outcome} before, and the line has changed since"
+    return str(entry.outcome), _reason(entry)
+
+
+def _reason(entry: Latest) -> str:
+    code = f" ({entry.code})" if entry.code else ""
+    match entry.outcome:
+        case Outcome.REJECTED:
+            return (
+                f"rejected{code}: fix the line, or rerun with --retry-rejected once the "
+                "cause is fixed"
+            )
+        case Outcome.DEFERRED:
+            return f"deferred{code}: out of attempts or time, or stopped; run again later"
+        case Outcome.VANISHED:
+            return "vanished: the group was gone when it was updated; the next sync creates it"
+        case Outcome.CONFLICT:
+            return f"conflict{code}: the account holds it in another project"
+        case _:
+            return f"{entry.outcome}{code}"
+
+
+def summary_of(
+    state: State, *, items: Iterable[Group | Invalid] | None, locked: bool | None, note: str = ""
+) -> dict[str, Any]:
+    """Counts per status (with `items`: per manifest line; without: per Name recorded), per
+    "action/outcome" and per answer code; every run with how it ended."""
     counts: Counter[str] = Counter()
+    actions: Counter[str] = Counter()
     codes: Counter[str] = Counter()
-    for entry in state.latest.values():
-        if entry.outcome is None:
-            counts["in_doubt"] += 1
-            continue
-        counts[entry.outcome] += 1
-        if entry.code:
-            codes[entry.code] += 1
-    counts["invalid"] += state.unnamed_invalid
-    codes["InvalidManifestLine"] += state.unnamed_invalid
-    header = state.runs[-1] if state.runs else {}
-    total = int(header.get("items", 0))
-    final = sum(counts[o] for o in OUTCOMES)
-    summary: dict[str, Any] = {"total": total}
-    summary.update({o: counts[o] for o in OUTCOMES})
-    summary["pending"] = max(0, total - final)
-    summary["in_doubt"] = counts["in_doubt"]
-    summary["codes"] = dict(sorted(codes.items()))
-    summary["runs"] = len(state.runs)
-    summary["last_run"] = {
-        "run_id": header.get("run_id"), "started": header.get("started"),
-        "manifest": header.get("manifest"), "finished": (state.footer or {}).get("finished"),
-        "interrupted": (state.footer or {}).get("interrupted"),
-        "completed": state.footer is not None,
+
+    def count(status: str, entry: Latest | None) -> None:
+        counts[status] += 1
+        if entry is not None and entry.outcome is not None and status == entry.outcome:
+            actions[f"{entry.action or 'none'}/{entry.outcome}"] += 1
+            if entry.code:
+                codes[entry.code] += 1
+
+    if items is not None:
+        for item in items:
+            status, _ = status_of(item, state.latest)
+            if status == "invalid":
+                codes["InvalidManifestLine"] += 1
+                counts[status] += 1
+            else:
+                assert isinstance(item, Group)
+                count(status, state.latest.get(item.name))
+    else:
+        for entry in state.latest.values():
+            if entry.outcome is Outcome.INVALID:
+                continue  # invalid lines are counted by line, below
+            count("in_doubt" if entry.outcome is None else str(entry.outcome), entry)
+        counts["invalid"] += len(state.invalid_lines)
+        codes["InvalidManifestLine"] += len(state.invalid_lines)
+    summary: dict[str, Any] = {
+        "scope": "manifest" if items is not None else "ledger",
+        "note": note,
+        "total": sum(counts.values()),
     }
+    summary.update({s: counts[s] for s in STATUSES})
+    if items is None:
+        summary["pending"] = None  # unknowable without a manifest
+    summary["done"] = sum(counts[o] for o in DONE)
+    summary["not_done"] = summary["total"] - summary["done"]
+    summary["actions"] = dict(sorted(actions.items()))
+    summary["codes"] = {k: v for k, v in sorted(codes.items()) if v}
+    runs = [
+        _run(h, state.footers.get(h.run_id), last=i == len(state.runs) - 1, locked=locked)
+        for i, h in enumerate(state.runs)
+    ]
+    summary["runs"] = runs
+    summary["last_run"] = runs[-1] if runs else None
+    summary["locked"] = locked
     return summary
 
 
+def _run(
+    header: RunHeader, footer: Footer | None, *, last: bool, locked: bool | None
+) -> dict[str, Any]:
+    """One run as the report shows it: when, how it ended, its pacing."""
+    if footer is not None:
+        state = (
+            "finished"
+            if footer.stopped_by is None
+            else "interrupted"
+            if footer.stopped_by is StopReason.SIGNAL
+            else "stopped"
+        )
+        ended = {
+            "finished": "finished",
+            "interrupted": "interrupted by a signal (resumable)",
+            "stopped": _STOPPED.get(footer.stopped_by, "stopped"),  # type: ignore[arg-type]
+        }[state]
+    elif last and locked:
+        state, ended = "running", "running (another process holds the ledger's lock)"
+    elif last and locked is None:
+        state, ended = "unknown", "running, killed or crashed (its lock cannot be probed)"
+    else:
+        state, ended = "crashed", "did not finish (killed or crashed): run again to resume"
+    rate = header.settings.get("rate")
+    return {
+        "run_id": header.run_id,
+        "command": header.command,
+        "started": header.started,
+        "version": header.version,
+        "manifest": header.manifest,
+        "items": header.items,
+        "target": str(header.target),
+        "state": state,
+        "ended": ended,
+        "stopped_by": str(footer.stopped_by) if footer and footer.stopped_by else None,
+        "finished": footer.finished if footer else None,
+        "exit_code": footer.exit_code if footer else None,
+        "duration_s": footer.duration_s if footer else None,
+        "rate_limit": footer.rate_limit
+        if footer
+        else (float(rate) if isinstance(rate, int | float) else None),
+        "rate_achieved": footer.rate_achieved if footer else None,
+        "requests": footer.requests if footer else None,
+        "throttles": footer.throttles if footer else None,
+        "retries": footer.retries if footer else None,
+        "outcomes": footer.outcomes if footer else None,
+    }
+
+
+def failures_of(
+    state: State,
+    *,
+    items: Iterable[Group | Invalid] | None,
+    bodies: Mapping[str, bytes] | None = None,
+) -> Iterator[Failure]:
+    """Every line that is not done, in line order. With `items` (the manifest): every line,
+    never-sent ones included, with the manifest's own canonical body. Without: what the
+    ledger knows (its recorded bodies, from `bodies`); never-sent lines cannot be listed."""
+    if items is not None:
+        for item in items:
+            status, reason = status_of(item, state.latest)
+            if status in DONE:
+                continue
+            if isinstance(item, Invalid):
+                yield Failure(
+                    line=item.line, name=item.name, status=status, reason=reason, body=None
+                )
+            else:
+                yield Failure(
+                    line=item.line, name=item.name, status=status, reason=reason, body=item.body
+                )
+        return
+    bodies = bodies or {}
+    found = [
+        Failure(line=line, name=name, status="invalid", reason="invalid manifest line", body=None)
+        for line, name in state.invalid_lines.items()
+    ]
+    for name, entry in state.latest.items():
+        if entry.done or entry.outcome is Outcome.INVALID:
+            continue
+        status = "in_doubt" if entry.outcome is None else str(entry.outcome)
+        reason = (
+            "in doubt: sent, but no answer was recorded"
+            if entry.outcome is None
+            else _reason(entry)
+        )
+        found.append(
+            Failure(line=entry.line, name=name, status=status, reason=reason, body=bodies.get(name))
+        )
+    yield from sorted(found, key=lambda f: f.line)
+
+
+def recorded_bodies(path: Path, names: set[str]) -> dict[str, bytes]:
+    """The last body the ledger recorded for each of `names` (a second, streaming pass: the
+    ledger state keeps no bodies)."""
+    bodies: dict[str, bytes] = {}
+    if not names:
+        return bodies
+    for record in records_of(path):
+        if isinstance(record, Intent | Result) and record.name in names and record.body is not None:
+            bodies[record.name] = orjson.dumps(record.body)
+    return bodies
+
+
+# -- rendering ----------------------------------------------------------------------------
+
+
 def render(summary: dict[str, Any]) -> str:
-    lines = [f"{'total':<10}{summary['total']:>8}"]
-    lines += [f"{k:<10}{summary[k]:>8}" for k in (*OUTCOMES, "pending")]
+    """The summary as text for a terminal."""
+    lines = []
+    if summary["note"]:
+        lines.append(summary["note"])
+    lines.append(f"{'total':<12}{summary['total']:>8}")
+    for status in STATUSES:
+        n = summary[status]
+        if status == "pending" and n is None:
+            continue
+        if n or status in ("created", "exists", "rejected", "deferred", "invalid", "pending"):
+            label = "in doubt" if status == "in_doubt" else status
+            lines.append(f"{label:<12}{n:>8}")
     if summary["in_doubt"]:
-        lines.append(f"  ({summary['in_doubt']} of the pending were sent without a recorded "
-                     "answer; the next run sends them again)")
+        lines.append(
+            f"  ({summary['in_doubt']} sent without a recorded answer; the next run "
+            "sends them again)"
+        )
+    if summary["actions"]:
+        lines.append("by action:")
+        lines += [f"  {k:<28}{n:>8}" for k, n in summary["actions"].items()]
     if summary["codes"]:
         lines.append("codes:")
         lines += [f"  {code:<36}{n:>8}" for code, n in summary["codes"].items()]
-    last = summary["last_run"]
-    if last["run_id"]:
-        state = ("interrupted" if last["interrupted"] else "finished") if last["completed"] \
-            else "did not finish (killed or crashed)"
-        lines.append(f"last run {last['run_id']} started {last['started']}: {state}")
+    runs = summary["runs"]
+    if runs:
+        shown = runs[-RUNS_SHOWN:]
+        lines.append(
+            f"runs ({len(runs)}; the last {len(shown)}):"
+            if len(runs) > len(shown)
+            else f"runs ({len(runs)}):"
+        )
+        lines += [f"  {_run_line(run)}" for run in shown]
+        last = runs[-1]
+        lines.append(f"last run {last['run_id']} started {last['started']}: {last['ended']}")
     return "\n".join(lines)
 
 
+def _run_line(run: dict[str, Any]) -> str:
+    parts = [run["run_id"], run["command"], run["started"], run["state"]]
+    if run["exit_code"] is not None:
+        parts.append(f"exit {run['exit_code']}")
+    if run["stopped_by"]:
+        parts.append(f"by {run['stopped_by']}")
+    if run["duration_s"] is not None:
+        parts.append(f"{run['duration_s']:.1f} s")
+    if run["rate_achieved"] is not None and run["rate_limit"]:
+        parts.append(
+            f"{run['rate_achieved']:.2f}/s of {run['rate_limit']:g}/s "
+            f"({run['rate_achieved'] / run['rate_limit']:.0%})"
+        )
+    if run["throttles"] is not None:
+        parts.append(f"{run['throttles']} throttled")
+    return "  ".join(parts)
+
+
+def main(
+    ledger: Path,
+    *,
+    manifest: Path | None = None,
+    as_json: bool = False,
+    failed: bool = False,
+    out: IO[bytes],
+    err: IO[str],
+) -> int:
+    """`worker report`: the summary (text or one JSON object), or with `failed` the lines not
+    done: as a manifest on `out` with each reason on `err`, or with `as_json` one JSON object
+    per line (line, name, status, reason, body) on `out`. Returns the exit code (0)."""
+    with gather(ledger, manifest=manifest) as got:
+        if not failed:
+            summary = summary_of(got.state, items=got.items(), locked=got.locked, note=got.note)
+            summary["ledger"] = str(ledger)
+            out.write(
+                orjson.dumps(summary, option=orjson.OPT_APPEND_NEWLINE)
+                if as_json
+                else (render(summary) + "\n").encode()
+            )
+            return Exit.OK
+        items = got.items()
+        bodies = None
+        if items is None:
+            print(f"note: {got.note}; lines never sent cannot be listed", file=err)
+            wanted = {n for n, e in got.state.latest.items() if not e.done}
+            bodies = recorded_bodies(ledger, wanted)
+        where = str(got.scan.path) if got.scan is not None else "(ledger)"
+        listed = unlisted = 0
+        for failure in failures_of(got.state, items=items, bodies=bodies):
+            if as_json:
+                out.write(
+                    orjson.dumps(
+                        {
+                            "line": failure.line,
+                            "name": failure.name,
+                            "status": failure.status,
+                            "reason": failure.reason,
+                            "body": orjson.Fragment(failure.body)
+                            if failure.body is not None
+                            else None,
+                        },
+                        option=orjson.OPT_APPEND_NEWLINE,
+                    )
+                )
+                continue
+            print(f"{where}:{failure.line}: {failure.name or '-'}: {failure.reason}", file=err)
+            if failure.body is None:
+                unlisted += 1
+                continue
+            out.write(failure.body + b"\n")
+            listed += 1
+        if not as_json:
+            print(
+                f"{listed} line(s) not done printed as a manifest"
+                + (
+                    f"; {unlisted} not printed (invalid, or no body recorded): fix them in "
+                    "the manifest"
+                    if unlisted
+                    else ""
+                ),
+                file=err,
+            )
+        return Exit.OK
+
+
+# -- transitional: what cli.cmd_report calls today; remove once it calls `main` ------------
+
+
+def summarize(state: State) -> dict[str, Any]:
+    """The summary of a ledger read by `read_state` (its `path`), counted as `main` counts."""
+    assert state.path is not None
+    with gather(state.path, state=state) as got:
+        return summary_of(got.state, items=got.items(), locked=got.locked, note=got.note)
+
+
 def failed_manifest(state: State) -> tuple[list[bytes], int]:
-    """Manifest lines (JSON bytes) of every item not done, in manifest order, and the number
-    of invalid lines that cannot be listed (they have no valid body to give)."""
-    items = []
-    for entry in state.latest.values():
-        not_done = entry.in_doubt or entry.outcome in NOT_DONE
-        if not_done and isinstance(entry.body, dict):
-            items.append((entry.line, orjson.dumps(entry.body)))
-    items.sort(key=lambda pair: pair[0])
-    invalid = state.unnamed_invalid + sum(
-        1 for e in state.latest.values() if e.outcome == "invalid")
-    return [line for _, line in items], invalid
+    """Manifest lines of every line not done, and how many could not be listed."""
+    assert state.path is not None
+    with gather(state.path, state=state) as got:
+        items = got.items()
+        bodies = (
+            recorded_bodies(state.path, {n for n, e in state.latest.items() if not e.done})
+            if items is None
+            else None
+        )
+        failures = list(failures_of(state, items=items, bodies=bodies))
+    lines = [f.body for f in failures if f.body is not None]
+    return lines, len(failures) - len(lines)
