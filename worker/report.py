@@ -20,11 +20,12 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import Any, Final, TextIO
 
 import orjson
 
@@ -420,23 +421,22 @@ def main(
     ledger: Path,
     *,
     manifest: Path | None = None,
-    as_json: bool = False,
+    json: bool = False,
     failed: bool = False,
-    out: IO[bytes],
-    err: IO[str],
+    out: TextIO | None = None,
+    err: TextIO | None = None,
 ) -> int:
-    """`worker report`: the summary (text or one JSON object), or with `failed` the lines not
-    done: as a manifest on `out` with each reason on `err`, or with `as_json` one JSON object
-    per line (line, name, status, reason, body) on `out`. Returns the exit code (0)."""
+    """`worker report`: the summary (text, or one JSON object with `json`); or with `failed`
+    the lines not done: as a manifest on `out` with each reason on `err`, or with `json` one
+    JSON object per line (line, name, status, reason, body) on `out`. `out` and `err` default
+    to stdout and stderr. Returns the exit code (0); a ledger it cannot read raises."""
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
     with gather(ledger, manifest=manifest) as got:
         if not failed:
             summary = summary_of(got.state, items=got.items(), locked=got.locked, note=got.note)
             summary["ledger"] = str(ledger)
-            out.write(
-                orjson.dumps(summary, option=orjson.OPT_APPEND_NEWLINE)
-                if as_json
-                else (render(summary) + "\n").encode()
-            )
+            out.write(orjson.dumps(summary).decode() + "\n" if json else render(summary) + "\n")
             return Exit.OK
         items = got.items()
         bodies = None
@@ -447,39 +447,35 @@ def main(
         where = str(got.scan.path) if got.scan is not None else "(ledger)"
         listed = unlisted = 0
         for failure in failures_of(got.state, items=items, bodies=bodies):
-            if as_json:
-                out.write(
-                    orjson.dumps(
-                        {
-                            "line": failure.line,
-                            "name": failure.name,
-                            "status": failure.status,
-                            "reason": failure.reason,
-                            "body": orjson.Fragment(failure.body)
-                            if failure.body is not None
-                            else None,
-                        },
-                        option=orjson.OPT_APPEND_NEWLINE,
-                    )
-                )
+            if json:
+                body = orjson.Fragment(failure.body) if failure.body is not None else None
+                row = {
+                    "line": failure.line,
+                    "name": failure.name,
+                    "status": failure.status,
+                    "reason": failure.reason,
+                    "body": body,
+                }
+                out.write(orjson.dumps(row).decode() + "\n")
                 continue
             print(f"{where}:{failure.line}: {failure.name or '-'}: {failure.reason}", file=err)
             if failure.body is None:
                 unlisted += 1
                 continue
-            out.write(failure.body + b"\n")
+            out.write(failure.body.decode() + "\n")
             listed += 1
-        if not as_json:
+        if not json:
             print(
                 f"{listed} line(s) not done printed as a manifest"
                 + (
-                    f"; {unlisted} not printed (invalid, or no body recorded): fix them in "
-                    "the manifest"
+                    f"; {unlisted} not printed (invalid, or no body recorded): fix them in the "
+                    "manifest"
                     if unlisted
                     else ""
                 ),
                 file=err,
             )
+        out.flush()
         return Exit.OK
 
 

@@ -1,0 +1,255 @@
+"""report: counts per line of the last run's manifest, how each run ended, and --failed."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tests.conftest import names, write_manifest
+from tests.test_ledger import TARGET, footer, header, intent, line, result
+from worker import manifest, report
+from worker.ledger import State, read_state
+from worker.manifest import Group
+from worker.records import Outcome, Record, StopReason
+
+
+def groups_of(path: Path) -> dict[str, Group]:
+    with manifest.scan(path) as scan:
+        return {g.name: g for g in manifest.read(scan) if isinstance(g, Group)}
+
+
+def ledger_for(tmp_path: Path, manifest_path: Path, *records: Record) -> Path:
+    """A ledger whose one run used `manifest_path` as it is now, then `records`."""
+    sha = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+    path = tmp_path / "m.ledger.jsonl"
+    first = header(manifest=str(manifest_path), manifest_sha256=sha)
+    path.write_bytes(b"".join(line(r) for r in (first, *records)))
+    return path
+
+
+def done(g: Group, outcome: Outcome = Outcome.CREATED, code: str = "") -> list[Record]:
+    return [
+        intent(g.name, g.fingerprint, g.line),
+        result(g.name, outcome, g.fingerprint, g.line, code=code),
+    ]
+
+
+def run_main(ledger: Path, **kwargs: Any) -> tuple[bytes, str]:
+    out, err = io.StringIO(), io.StringIO()
+    assert report.main(ledger, out=out, err=err, **kwargs) == 0
+    return out.getvalue().encode(), err.getvalue()
+
+
+def summary(ledger: Path, **kwargs: Any) -> dict[str, Any]:
+    out, _ = run_main(ledger, json=True, **kwargs)
+    loaded: dict[str, Any] = json.loads(out)
+    return loaded
+
+
+def test_names_no_longer_in_the_manifest_are_not_counted(tmp_path: Path) -> None:
+    """13 Names created by earlier manifests, 10 lines now, 7 of them done: created 7 of 10,
+    pending 3 (never "created 13 of total 10")."""
+    old = write_manifest(tmp_path / "old.jsonl", names(13, "旧"))
+    now = write_manifest(tmp_path / "m.jsonl", names(10))
+    records = [r for g in groups_of(old).values() for r in done(g)]
+    records += [r for g in list(groups_of(now).values())[:7] for r in done(g)]
+    got = summary(ledger_for(tmp_path, now, *records))
+    assert (got["scope"], got["total"], got["created"], got["pending"]) == ("manifest", 10, 7, 3)
+    assert got["done"] == 7 and got["not_done"] == 3
+    assert got["actions"] == {"create/created": 7}
+
+
+def test_a_duplicate_names_invalid_line_is_counted_by_line(tmp_path: Path) -> None:
+    """Invalid lines (duplicates of valid Names among them) are counted per line, whatever
+    the valid line's result says: invalid 3 after a run that recorded 3 invalid lines."""
+    rows: list[dict[str, Any]] = names(4)
+    rows += [rows[0], rows[1], {"Name": "bad name!"}]
+    path = write_manifest(tmp_path / "m.jsonl", rows)
+    valid = groups_of(path)
+    records: list[Record] = [
+        result(rows[0]["Name"], Outcome.INVALID, None, 5),
+        result(rows[1]["Name"], Outcome.INVALID, None, 6),
+        result(None, Outcome.INVALID, None, 7),
+    ]
+    records += [r for g in valid.values() for r in done(g)]
+    got = summary(ledger_for(tmp_path, path, *records))
+    assert (got["total"], got["created"], got["invalid"], got["pending"]) == (7, 4, 3, 0)
+    assert got["codes"] == {"InvalidManifestLine": 3}
+
+
+def test_no_phantom_zero_rows(tmp_path: Path) -> None:
+    """Codes that did not occur are not listed (no `InvalidManifestLine 0`)."""
+    path = write_manifest(tmp_path / "m.jsonl", names(2))
+    records = [r for g in groups_of(path).values() for r in done(g)]
+    ledger = ledger_for(tmp_path, path, *records)
+    assert summary(ledger)["codes"] == {}
+    text, _ = run_main(ledger)
+    assert b"InvalidManifestLine" not in text
+
+
+def test_each_line_gets_its_status(tmp_path: Path) -> None:
+    """Done, rejected, deferred, in doubt, never sent, and a rejected line changed since
+    (pending: the next run sends it) are told apart."""
+    path = write_manifest(tmp_path / "m.jsonl", names(6))
+    g = list(groups_of(path).values())
+    changed = result(g[5].name, Outcome.REJECTED, "9" * 64, g[5].line, code="InvalidParam")
+    records = [
+        *done(g[0]),
+        *done(g[1], Outcome.REJECTED, "InvalidParam"),
+        *done(g[2], Outcome.DEFERRED, "InternalError"),
+        intent(g[3].name, g[3].fingerprint, g[3].line),
+        changed,
+    ]
+    got = summary(ledger_for(tmp_path, path, *records))
+    assert {k: got[k] for k in ("created", "rejected", "deferred", "in_doubt", "pending")} == {
+        "created": 1,
+        "rejected": 1,
+        "deferred": 1,
+        "in_doubt": 1,
+        "pending": 2,
+    }
+    assert got["codes"] == {"InternalError": 1, "InvalidParam": 1}
+
+
+def test_a_changed_manifest_falls_back_to_every_name_recorded(tmp_path: Path) -> None:
+    """When the last run's manifest has changed, the report says its counts cover every
+    Name recorded and does not claim a pending count; --manifest counts against a file."""
+    path = write_manifest(tmp_path / "m.jsonl", names(3))
+    records = [r for g in groups_of(path).values() for r in done(g)]
+    ledger = ledger_for(tmp_path, path, *records)
+    write_manifest(path, names(5))
+    got = summary(ledger)
+    assert got["scope"] == "ledger" and got["pending"] is None and got["created"] == 3
+    assert "has changed since" in got["note"] and "every Name" in got["note"]
+    forced = summary(ledger, manifest=path)
+    assert (forced["scope"], forced["created"], forced["pending"]) == ("manifest", 3, 2)
+    assert "not the manifest the last run used" in forced["note"]
+
+
+def test_how_each_run_ended(tmp_path: Path) -> None:
+    """finished, interrupted, stopped (with the reason), crashed, and the last run running
+    while its lock is held, from the footers and the lock probe."""
+    runs: list[Record] = [
+        header("r1"),
+        footer("r1"),
+        header("r2"),
+        footer("r2", StopReason.SIGNAL),
+        header("r3"),
+        footer("r3", StopReason.ABORTED),
+        header("r4"),
+        header("r5"),
+    ]
+    state = State()
+    for record in runs:
+        state.fold(record)
+    got = report.summary_of(state, items=None, locked=True)
+    assert [r["state"] for r in got["runs"]] == [
+        "finished",
+        "interrupted",
+        "stopped",
+        "crashed",
+        "running",
+    ]
+    assert got["runs"][2]["stopped_by"] == "aborted"
+    assert "refused the run" in got["runs"][2]["ended"]
+    assert report.summary_of(state, items=None, locked=False)["last_run"]["state"] == "crashed"
+
+
+def test_each_run_shows_its_pacing(tmp_path: Path) -> None:
+    """Duration, achieved rate against --rate and throttles come from the footer, in JSON
+    and in text."""
+    path = write_manifest(tmp_path / "m.jsonl", names(1))
+    end = footer()
+    paced = type(end)(
+        **{
+            **{f: getattr(end, f) for f in end.__dataclass_fields__},
+            "duration_s": 12.5,
+            "rate_achieved": 9.7,
+            "throttles": 2,
+        }
+    )
+    ledger = ledger_for(tmp_path, path, *done(next(iter(groups_of(path).values()))), paced)
+    run = summary(ledger)["last_run"]
+    assert (run["duration_s"], run["rate_limit"], run["rate_achieved"], run["throttles"]) == (
+        12.5,
+        10.0,
+        9.7,
+        2,
+    )
+    text, _ = run_main(ledger)
+    assert "12.5 s" in text.decode() and "9.70/s of 10/s (97%)" in text.decode()
+    assert "2 throttled" in text.decode()
+
+
+def test_failed_lists_every_line_not_done_as_a_manifest(tmp_path: Path) -> None:
+    """--failed prints every line not done, never-sent ones included, as a valid manifest
+    on stdout in line order; each reason goes to stderr; invalid lines are named there."""
+    rows = names(5)
+    rows.append({"Name": "bad name!"})
+    path = write_manifest(tmp_path / "m.jsonl", rows)
+    g = list(groups_of(path).values())
+    records = [
+        *done(g[0]),
+        *done(g[1], Outcome.REJECTED, "InvalidParam"),
+        intent(g[2].name, g[2].fingerprint, g[2].line),
+    ]  # 3, 4: never sent
+    ledger = ledger_for(tmp_path, path, *records)
+    out, err = run_main(ledger, failed=True)
+    listed = [json.loads(x) for x in out.splitlines()]
+    assert [x["Name"] for x in listed] == [x.name for x in g[1:]]
+    again = write_manifest(tmp_path / "again.jsonl", listed)
+    with manifest.scan(again) as scan:
+        assert scan.problem_count == 0
+    assert f"{path}:2: {g[1].name}: rejected (InvalidParam)" in err
+    assert f"{path}:3: {g[2].name}: in doubt" in err
+    assert f"{path}:4: {g[3].name}: pending: never sent" in err
+    assert f"{path}:6: bad name!: invalid: Name:" in err
+
+
+def test_failed_json_gives_line_name_reason_body(tmp_path: Path) -> None:
+    """--failed --json prints one JSON object per line not done: line, name, reason, body."""
+    path = write_manifest(tmp_path / "m.jsonl", names(2))
+    g = list(groups_of(path).values())
+    out, _ = run_main(ledger_for(tmp_path, path, *done(g[0])), failed=True, json=True)
+    (only,) = [json.loads(x) for x in out.splitlines()]
+    assert only == {
+        "line": 2,
+        "name": g[1].name,
+        "status": "pending",
+        "reason": "pending: never sent",
+        "body": orjson.loads(g[1].body),
+    }
+
+
+def test_failed_without_the_manifest_uses_the_recorded_bodies(tmp_path: Path) -> None:
+    """When the manifest is gone, --failed lists what the ledger recorded (bodies from a
+    second pass) and says that never-sent lines cannot be listed."""
+    path = write_manifest(tmp_path / "m.jsonl", names(3))
+    g = list(groups_of(path).values())
+    rejected = result(g[1].name, Outcome.REJECTED, g[1].fingerprint, g[1].line, code="X")
+    rejected = type(rejected)(
+        **{
+            **{f: getattr(rejected, f) for f in rejected.__dataclass_fields__},
+            "body": orjson.loads(g[1].body),
+        }
+    )
+    ledger = ledger_for(tmp_path, path, *done(g[0]), rejected)
+    path.unlink()
+    out, err = run_main(ledger, failed=True)
+    assert out == g[1].body + b"\n"
+    assert "lines never sent cannot be listed" in err
+    assert report.failed_manifest(read_state(ledger)) == ([g[1].body], 0)
+
+
+def test_the_transitional_summarize_counts_like_main(tmp_path: Path) -> None:
+    """summarize(read_state(path)) (what cmd_report calls today) gives main's counts."""
+    path = write_manifest(tmp_path / "m.jsonl", names(2))
+    ledger = ledger_for(tmp_path, path, *done(next(iter(groups_of(path).values()))))
+    got = report.summarize(read_state(ledger))
+    assert (got["created"], got["pending"], got["locked"]) == (1, 1, False)
+    assert str(TARGET) == got["last_run"]["target"]
