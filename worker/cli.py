@@ -282,7 +282,8 @@ def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
                         dry_run=bool(getattr(args, "dry_run", False)), **kwargs)
     options = compose.Options(sandbox_account=account, profile=values.get("profile"),
                               retry_rejected=bool(values.get("retry-rejected")),
-                              json=bool(getattr(args, "json", False)))
+                              json=bool(getattr(args, "json", False)),
+                              region_given=values.get("region") is not None)
     return settings, options
 
 

@@ -33,9 +33,13 @@ from worker.records import Action, Footer, Outcome, Result, RunHeader, StopReaso
 from worker.runner import Controls, Runner, Tally, Work, machine_cap, stamp, utcnow
 from worker.settings import Settings, redact_url
 from worker.signing import Credentials
-from worker.transport import Transport
+from worker.transport import Reachability, Transport
 
 log = structlog.get_logger("worker")
+
+
+# A List page of 1000 groups with their tags can pass the transport's 1 MiB default.
+LIST_BODY_BYTES = 16 << 20
 
 
 class Loop(Protocol):
@@ -52,6 +56,7 @@ class Options:
     profile: str | None = None
     retry_rejected: bool = False
     json: bool = False
+    region_given: bool = False  # --region (or a job file / WORKER_REGION) named one
 
 
 def default_ledger(manifest: Path, *, sandbox: bool) -> Path:
@@ -89,12 +94,16 @@ def target_of(settings: Settings, creds: Credentials | None, options: Options) -
                   access_key=creds.access_key)
 
 
-def load_credentials(options: Options) -> Credentials | None:
+def load_credentials(settings: Settings, options: Options
+                     ) -> tuple[Settings, Credentials | None, str]:
+    """The keys to sign with, and the settings with the region their source names (unless
+    --region was given), and where they came from (never the secret)."""
     if options.sandbox_account is not None:
-        return None
+        return settings, None, "the embedded sandbox's keys"
     loaded = credentials.load(os.environ, Path.home(), profile=options.profile)
-    log.info("credentials", source=loaded.source, access_key=loaded.credentials.access_key)
-    return loaded.credentials
+    if loaded.region and not options.region_given:
+        settings = replace(settings, region=loaded.region)
+    return settings, loaded.credentials, loaded.source
 
 
 @contextlib.asynccontextmanager
@@ -138,10 +147,18 @@ async def runner_for(account: Account, *, book: Ledger | None, controls: Control
     settings = account.settings
     async with _pacer(settings, account.credentials) as pacer, \
             Transport(settings.endpoint, timeout_s=settings.timeout_s,
-                      max_connections=machine_cap(settings.concurrency)) as transport:
+                      max_connections=machine_cap(settings.concurrency),
+                      max_body_bytes=LIST_BODY_BYTES) as transport:
         yield Runner(settings=settings, credentials=account.credentials, sender=transport,
                      pacer=pacer, ledger=book, controls=controls, run_id=run_id,
-                     wall=wall_clock(), on_tick=on_tick)
+                     wall=wall_clock(), on_tick=on_tick, reachability=_reachability())
+
+
+def _reachability() -> Reachability:
+    """WORKER_TEST_UNREACHABLE_S: a test hook that shortens the 30 s an endpoint may stay
+    silent before the run gives up (each test of it would otherwise take half a minute)."""
+    hook = os.environ.get("WORKER_TEST_UNREACHABLE_S")
+    return Reachability(window_s=float(hook)) if hook else Reachability()
 
 
 def wall_clock() -> Callable[[], Any]:
@@ -226,14 +243,16 @@ def run(settings: Settings, options: Options, controls: Controls, loop: Loop,
             for line in counted.lines():
                 print(line, file=out)
             return Exit.OK
-        creds = load_credentials(options)
+        settings, creds, source = load_credentials(settings, options)
         target = target_of(settings, creds, options)
         with open_ledger(settings.ledger, target) as book:
-            return loop(_run(settings, options, scan, book, creds, target, controls), controls)
+            return loop(_run(settings, options, scan, book, creds, target, source, controls),
+                        controls)
 
 
 async def _run(settings: Settings, options: Options, scan: manifest.Scan, book: Ledger,
-               creds: Credentials | None, target: Target, controls: Controls) -> Exit:
+               creds: Credentials | None, target: Target, source: str,
+               controls: Controls) -> Exit:
     run_id = uuid.uuid4().hex
     structlog.contextvars.bind_contextvars(run_id=run_id)
     counted = plan.count(manifest.read(scan), book.state.latest,
@@ -244,7 +263,7 @@ async def _run(settings: Settings, options: Options, scan: manifest.Scan, book: 
                        on_tick=progress.tick) as runner:
         runner.tally.to_send = counted.to_send
         log.info("run.start", manifest=str(scan.path), ledger=str(book.path),
-                 target=str(target), rate=settings.pacing.rate,
+                 target=str(target), credentials=source, rate=settings.pacing.rate,
                  concurrency_cap=runner.concurrency.cap, **dict(counted.counts))
         for why, n in counted.counts.items():
             if why != "new":
@@ -256,8 +275,8 @@ async def _run(settings: Settings, options: Options, scan: manifest.Scan, book: 
             items=scan.groups + scan.invalid, plan=dict(counted.counts),
             settings=settings.public())
         try:
-            source = _run_source(scan, book, runner, options.retry_rejected)
-            return await journal(runner, book, header, runner.apply(source))
+            work = _run_source(scan, book, runner, options.retry_rejected)
+            return await journal(runner, book, header, runner.apply(work))
         finally:
             progress.close(runner.tally)
 
@@ -307,7 +326,8 @@ def sync(settings: Settings, options: Options, sync_options: SyncOptions, contro
     with manifest.scan(settings.manifest, spool_dir=settings.ledger.parent) as scan:
         if scan.problem_count and not settings.skip_invalid:
             raise ManifestError(scan.problems, scan.problem_count)
-        creds = load_credentials(options)
+        settings, creds, source = load_credentials(settings, options)
+        log.info("sync.start", credentials=source)
         target = target_of(settings, creds, options)
         if settings.dry_run or sync_options.check:
             return loop(_sync_plan_only(settings, options, sync_options, scan, creds, target,
@@ -378,8 +398,8 @@ async def _sync(settings: Settings, options: Options, sync_options: SyncOptions,
             manifest_sha256=scan.sha256, items=scan.groups + scan.invalid,
             plan=the_plan.counts, settings=settings.public())
         try:
-            source = _sync_source(the_plan, scan, groups, runner)
-            return await journal(runner, book, header, runner.apply(source))
+            work = _sync_source(the_plan, scan, groups, runner)
+            return await journal(runner, book, header, runner.apply(work))
         finally:
             progress.close(runner.tally)
 
@@ -430,7 +450,8 @@ def export(settings: Settings, options: Options, projects: frozenset[str],
     """`worker export`: the account's available groups as a manifest, sorted by Name."""
     if output is not None and output.exists() and not output.is_file():
         raise UsageError(f"-o {output}: not a regular file")
-    creds = load_credentials(options)
+    settings, creds, source = load_credentials(settings, options)
+    log.info("export.start", credentials=source)
     target = target_of(settings, creds, options)
     return loop(_export(settings, options, projects, output, creds, target, controls, out),
                 controls)

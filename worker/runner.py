@@ -201,7 +201,7 @@ class Runner:
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  wall: Callable[[], datetime] = utcnow, rng: random.Random | None = None,
-                 metrics: Metrics | None = None,
+                 metrics: Metrics | None = None, reachability: Reachability | None = None,
                  on_tick: Callable[[Tally], None] | None = None) -> None:
         self.settings = settings
         self.credentials = credentials
@@ -220,7 +220,7 @@ class Runner:
         self.failure: WorkerError | None = None
         self.concurrency = Concurrency(rate=settings.pacing.rate,
                                        cap=machine_cap(settings.concurrency))
-        self.reachability = Reachability()
+        self.reachability = reachability or Reachability()
         self._host = urlsplit(settings.endpoint).netloc
         self._region = settings.region
         self._heap: list[tuple[float, int, Work]] = []

@@ -1,0 +1,279 @@
+"""`worker sync` and `worker export` end to end: the real CLI against the sandbox process.
+
+The sandbox's state and arrival log are the judge, never the worker's own account.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import SandboxProc, cli_env, names, run_worker, worker_cmd, write_manifest
+
+LIST, CREATE, UPDATE, DELETE = ("ListPullToPushGroup", "CreatePullToPushGroup",
+                                "UpdatePullToPushGroup", "DeletePullToPushGroup")
+FAST = ("--rate", "50")
+
+
+def tag(k: str, v: str, c: str = "Custom") -> dict[str, str]:
+    return {"Key": k, "Value": v, "Category": c}
+
+
+def group(name: str, project: str = "default", tags: list[dict[str, str]] | None = None
+          ) -> dict[str, Any]:
+    g: dict[str, Any] = {"Name": name, "ProjectName": project}
+    if tags:
+        g["Tags"] = tags
+    return g
+
+
+def start(sandbox_factory: Any, tmp: Path, account: list[dict[str, Any]], *args: str
+          ) -> SandboxProc:
+    preload = write_manifest(tmp / "preload.jsonl", account) if account else None
+    extra = ("--preload", str(preload)) if preload else ()
+    sb: SandboxProc = sandbox_factory("--rate", "50", *extra, *args)
+    return sb
+
+
+def sync(sb: SandboxProc, manifest: Path, tmp: Path, *args: str,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return run_worker("sync", str(manifest), "--endpoint", sb.url, *FAST, *args,
+                      env=env or cli_env(tmp))
+
+
+def available(sb: SandboxProc) -> dict[str, dict[str, Any]]:
+    return {n: g for n, g in sb.groups().items() if g["Status"] == 0}
+
+
+def tagset(g: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {(t["Key"], t["Value"], t["Category"]) for t in g.get("Tags") or []}
+
+
+ACCOUNT = [
+    group("Same", tags=[tag("a", "1")]),
+    group("Retag", tags=[tag("a", "1"), tag("b", "2")]),
+    group("Moved", project="other"),
+    group("Extra1"),
+    group("Extra2", project="teamB"),
+]
+MANIFEST = [
+    group("New", tags=[tag("k", "v")]),
+    group("Same", tags=[tag("a", "1")]),
+    group("Retag", tags=[tag("b", "2"), tag("c", "3", "System")]),
+    group("Moved", project="default"),
+]
+
+
+def test_sync_applies_every_row_of_the_plan_table(sandbox_factory: Any, tmp_path: Path) -> None:
+    """absent -> created; same -> untouched; other tags -> updated to the manifest's set;
+    other project -> conflict (nothing sent, exit 1); extras kept without --prune."""
+    sb = start(sandbox_factory, tmp_path, ACCOUNT)
+    manifest = write_manifest(tmp_path / "m.jsonl", MANIFEST)
+    out = sync(sb, manifest, tmp_path)
+    assert out.returncode == 1, out.stderr  # the project conflict needs a human
+    groups = available(sb)
+    assert groups["New"]["created"] == 1 and tagset(groups["New"]) == {("k", "v", "Custom")}
+    assert groups["Same"]["updated"] == 0 and groups["Same"]["requests"] == 0
+    assert tagset(groups["Retag"]) == {("b", "2", "Custom"), ("c", "3", "System")}
+    assert groups["Retag"]["updated"] == 1
+    assert groups["Moved"]["ProjectName"] == "other" and groups["Moved"]["requests"] == 0
+    assert {"Extra1", "Extra2"} <= set(groups)
+    assert [a["name"] for a in sb.of(CREATE)] == ["New"]
+    assert [a["name"] for a in sb.of(UPDATE)] == ["Retag"]
+    assert sb.of(DELETE) == []
+    assert "conflict" in out.stderr and "'other'" in out.stderr
+    report = json.loads(run_worker("report", str(tmp_path / "m.ledger.jsonl"), "--json",
+                                   env=cli_env(tmp_path)).stdout)
+    text = json.dumps(report)
+    assert "conflict" in text
+
+
+def test_a_second_sync_sends_only_list_requests(sandbox_factory: Any, tmp_path: Path) -> None:
+    """After a complete sync, the next one lists the account and writes nothing (exit 0)."""
+    sb = start(sandbox_factory, tmp_path, [])
+    manifest = write_manifest(tmp_path / "m.jsonl", names(30))
+    assert sync(sb, manifest, tmp_path).returncode == 0
+    before = len(sb.arrivals())
+    again = sync(sb, manifest, tmp_path)
+    assert again.returncode == 0, again.stderr
+    new = sb.arrivals()[before:]
+    assert new and {a["action"] for a in new} == {LIST}
+
+
+def test_prune_deletes_only_extras_inside_the_scope(sandbox_factory: Any, tmp_path: Path) -> None:
+    """--prune --scope-project teamB deletes Extra2 only; Extra1 (project default, outside
+    the scope) and every manifest group stay."""
+    sb = start(sandbox_factory, tmp_path, ACCOUNT)
+    manifest = write_manifest(tmp_path / "m.jsonl", MANIFEST[:3])  # Moved is now an extra
+    out = sync(sb, manifest, tmp_path, "--prune", "--scope-project", "teamB")
+    assert out.returncode == 0, out.stderr
+    groups = sb.groups()
+    assert groups["Extra2"]["Status"] == 1 and groups["Extra2"]["deleted"] == 1
+    assert groups["Extra1"]["Status"] == 0 and groups["Moved"]["Status"] == 0
+    assert [a["name"] for a in sb.of(DELETE)] == ["Extra2"]
+
+
+def test_prune_by_name_pattern_matches_the_whole_name(sandbox_factory: Any,
+                                                      tmp_path: Path) -> None:
+    """--scope-match Extra.* deletes both extras in any project; a pattern matching only a
+    part of a Name does not count."""
+    sb = start(sandbox_factory, tmp_path, ACCOUNT)
+    manifest = write_manifest(tmp_path / "m.jsonl", MANIFEST)
+    partial = sync(sb, manifest, tmp_path, "--prune", "--scope-match", "Extra")
+    assert sb.of(DELETE) == [] and partial.returncode == 1  # still the conflict
+    sync(sb, manifest, tmp_path, "--prune", "--scope-match", "Extra.*")
+    assert sorted(a["name"] for a in sb.of(DELETE)) == ["Extra1", "Extra2"]
+
+
+def test_prune_without_a_scope_is_refused_before_any_request(sandbox_factory: Any,
+                                                             tmp_path: Path) -> None:
+    """--prune alone: exit 2, the message names the scope flags, the sandbox saw nothing."""
+    sb = start(sandbox_factory, tmp_path, ACCOUNT)
+    manifest = write_manifest(tmp_path / "m.jsonl", MANIFEST)
+    out = sync(sb, manifest, tmp_path, "--prune")
+    assert out.returncode == 2
+    assert "--scope-project" in out.stderr and "--scope-match" in out.stderr
+    assert sb.arrivals() == []
+
+
+def test_more_deletes_than_max_delete_refuses_the_whole_sync(sandbox_factory: Any,
+                                                              tmp_path: Path) -> None:
+    """Three extras in scope with --max-delete 2: exit 2, the count and the flag named, and
+    no write at all (only List requests); with --max-delete 3 all three go."""
+    account = [group(f"Old{i}", project="p") for i in range(3)]
+    sb = start(sandbox_factory, tmp_path, account)
+    manifest = write_manifest(tmp_path / "m.jsonl", [group("Keep1")])
+    out = sync(sb, manifest, tmp_path, "--prune", "--scope-project", "p", "--max-delete", "2")
+    assert out.returncode == 2
+    assert "3" in out.stderr and "--max-delete" in out.stderr
+    assert {a["action"] for a in sb.arrivals()} == {LIST}
+    ok = sync(sb, manifest, tmp_path, "--prune", "--scope-project", "p", "--max-delete", "3")
+    assert ok.returncode == 0, ok.stderr
+    assert len(sb.of(DELETE)) == 3 and "Keep1" in available(sb)
+
+
+def test_check_exits_6_on_drift_and_0_in_sync(sandbox_factory: Any, tmp_path: Path) -> None:
+    """--check writes nothing: exit 6 while the account differs, 0 once a sync made it
+    match; extras count only with --prune."""
+    sb = start(sandbox_factory, tmp_path, [group("Extra")])
+    manifest = write_manifest(tmp_path / "m.jsonl", names(3))
+    drift = sync(sb, manifest, tmp_path, "--check")
+    assert drift.returncode == 6, drift.stderr
+    assert {a["action"] for a in sb.arrivals()} == {LIST}
+    assert not (tmp_path / "m.ledger.jsonl").exists()
+    assert sync(sb, manifest, tmp_path).returncode == 0
+    assert sync(sb, manifest, tmp_path, "--check").returncode == 0
+    pruning = sync(sb, manifest, tmp_path, "--check", "--prune", "--scope-match", "Extra")
+    assert pruning.returncode == 6
+
+
+def test_dry_run_json_is_one_object_and_sends_only_lists(sandbox_factory: Any,
+                                                         tmp_path: Path) -> None:
+    """--dry-run --json prints one JSON object with the counts and every change; the
+    sandbox saw List requests only; the text form marks each change + ~ ! - ?."""
+    sb = start(sandbox_factory, tmp_path, ACCOUNT)
+    manifest = write_manifest(tmp_path / "m.jsonl", MANIFEST)
+    out = sync(sb, manifest, tmp_path, "--dry-run", "--json", "--prune", "--scope-match",
+               "Extra2")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["counts"]["create"] == 1 and plan["counts"]["update"] == 1
+    assert plan["counts"]["conflict"] == 1 and plan["counts"]["delete"] == 1
+    assert {a["action"] for a in sb.arrivals()} == {LIST}
+    text = sync(sb, manifest, tmp_path, "--dry-run", "--prune", "--scope-match", "Extra2")
+    marks = {line.split()[0] for line in text.stdout.splitlines()[1:] if line.strip()}
+    assert {"+", "~", "!", "-", "?"} <= marks, text.stdout
+
+
+def test_export_then_sync_into_an_empty_account_reproduces_it(sandbox_factory: Any,
+                                                              tmp_path: Path) -> None:
+    """export -o FILE from one account, sync FILE into an empty one: same names, projects
+    and tag sets; the export is a manifest `validate` accepts."""
+    source = start(sandbox_factory, tmp_path, ACCOUNT)
+    exported = tmp_path / "export.jsonl"
+    out = run_worker("export", "--endpoint", source.url, *FAST, "-o", str(exported),
+                     env=cli_env(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert run_worker("validate", str(exported), env=cli_env(tmp_path)).returncode == 0
+    target = sandbox_factory("--rate", "50")
+    assert sync(target, exported, tmp_path).returncode == 0
+    want = {n: (g["ProjectName"], tagset(g)) for n, g in available(source).items()}
+    got = {n: (g["ProjectName"], tagset(g)) for n, g in available(target).items()}
+    assert got == want
+
+
+def test_a_listing_that_changes_while_paging_is_listed_again(sandbox_factory: Any,
+                                                              tmp_path: Path) -> None:
+    """Two pages, and a group appears after the first page (--list-churn 1): the collected
+    groups do not add up to Total, so the worker lists again before planning, and nothing
+    the manifest names is created twice."""
+    account = [group(f"Pre{i:05d}") for i in range(1200)]
+    sb = start(sandbox_factory, tmp_path, account, "--list-churn", "1")
+    manifest = write_manifest(tmp_path / "m.jsonl", account[:5] + [group("Fresh")])
+    out = sync(sb, manifest, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert len(sb.of(LIST)) >= 4  # two pages, then two again
+    assert "sync.relist" in out.stderr
+    assert [a["name"] for a in sb.of(CREATE)] == ["Fresh"]
+
+
+def test_a_lagging_listing_converges_without_duplicates(sandbox_factory: Any,
+                                                        tmp_path: Path) -> None:
+    """With List 5 s behind writes, a sync right after a sync does not see the new groups:
+    it sends their creates again, gets 'already exists' (outcome exists), and every group
+    exists exactly once."""
+    sb = start(sandbox_factory, tmp_path, [], "--list-lag-ms", "5000")
+    manifest = write_manifest(tmp_path / "m.jsonl", names(10))
+    assert sync(sb, manifest, tmp_path).returncode == 0
+    again = sync(sb, manifest, tmp_path)
+    assert again.returncode == 0, again.stderr
+    groups = available(sb)
+    assert len(groups) == 10 and all(g["created"] == 1 for g in groups.values())
+    assert sum(g["exist_answers"] for g in groups.values()) == 10
+
+
+def test_kill_9_in_the_middle_of_a_sync_with_faults_converges(sandbox_factory: Any,
+                                                              tmp_path: Path) -> None:
+    """A sync of creates, updates and deletes with 15 % faults (some ambiguous) is killed
+    with SIGKILL mid-way, then run again until exit 0: every manifest group exists once
+    with the manifest's tags, every extra in scope is gone, nothing outside scope touched."""
+    seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
+    print(f"CHAOS_SEED={seed}")
+    rng = random.Random(seed)
+    account = ([group(f"Old{i:03d}", project="p") for i in range(20)]
+               + [group(f"Keep{i:03d}", project="other") for i in range(5)]
+               + [group(f"组{i:05d}", tags=[tag("批次", "old")]) for i in range(20)])
+    sb = start(sandbox_factory, tmp_path, account, "--fault-rate", "0.1",
+               "--ambiguous-rate", "0.05", "--seed", str(seed), "--hang", "3")
+    manifest = write_manifest(tmp_path / "m.jsonl", names(80))
+    args = ["sync", str(manifest), "--endpoint", sb.url, *FAST, "--timeout", "1",
+            "--prune", "--scope-project", "p"]
+    proc = subprocess.Popen(worker_cmd(*args), env=cli_env(tmp_path), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(sb.arrivals()) < 10 + rng.randrange(30):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for _ in range(6):
+        out = run_worker(*args, env=cli_env(tmp_path))
+        if out.returncode == 0:
+            break
+        assert out.returncode == 3, out.stderr  # deferred by faults: run again
+    assert out.returncode == 0, out.stderr
+    groups = sb.groups()
+    for i, g in enumerate(names(80)):
+        live = groups[g["Name"]]
+        assert live["Status"] == 0 and tagset(live) == tagset(g)
+        assert live["created"] == (0 if i < 20 else 1)  # the first 20 were preloaded
+    assert all(g["created"] <= 1 for g in groups.values())
+    assert all(groups[f"Old{i:03d}"]["Status"] == 1 for i in range(20))
+    assert all(groups[f"Old{i:03d}"]["deleted"] == 1 for i in range(20))
+    assert all(groups[f"Keep{i:03d}"]["Status"] == 0 and groups[f"Keep{i:03d}"]["requests"] == 0
+               for i in range(5))
