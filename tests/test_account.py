@@ -1,0 +1,420 @@
+"""The account as List shows it: strict page parsing and the paging state machine."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from worker.account import (
+    MAX_PAGES,
+    PAGE_SIZE,
+    Interner,
+    Listed,
+    Listing,
+    ListingError,
+    Page,
+    parse_page,
+)
+from worker.errors import Exit, ListingFailed
+
+
+def item(
+    name: str,
+    project: str = "default",
+    tags: list[tuple[str, str, str]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "Name": name,
+        "ProjectName": project,
+        "Status": 0,
+        "Tags": [{"Category": c, "Key": k, "Value": v} for k, v, c in tags or []],
+    }
+    out.update(extra)
+    return out
+
+
+def result(items: list[dict[str, Any]], total: int | None = None) -> dict[str, Any]:
+    return {"List": items, "Total": len(items) if total is None else total}
+
+
+def test_parse_page_reads_groups_and_keeps_listed_tag_order() -> None:
+    """Name, project and tags are read; tags keep the listed order; the set ignores it."""
+    page = parse_page(
+        result(
+            [item("华北01", "p1", [("区域", "华北", "Custom"), ("k", "v", "System")]), item("B2")],
+            total=7,
+        )
+    )
+    assert page.total == 7
+    first, second = page.items
+    assert first == Listed(
+        name="华北01", project="p1", tags=(("区域", "华北", "Custom"), ("k", "v", "System"))
+    )
+    assert first.tag_set == frozenset({("k", "v", "System"), ("区域", "华北", "Custom")})
+    assert second == Listed(name="B2", project="default", tags=())
+
+
+def test_parse_page_ignores_unknown_fields_and_reads_null_as_empty() -> None:
+    """Extra fields are ignored; `List: null`, `Tags: null` and a missing Tags mean empty."""
+    page = parse_page(
+        {
+            "List": [
+                item("A1", Extra=1, CreateTime="x") | {"Tags": None},
+                {"Name": "A2", "ProjectName": "p", "Status": 0},
+                item("A3", tags=[("k", "v", "Custom")])
+                | {"Tags": [{"Category": "Custom", "Key": "k", "Value": "v", "Id": 9}]},
+            ],
+            "Total": 3,
+            "PageInfo": {},
+        }
+    )
+    assert [(g.name, g.tags) for g in page.items] == [
+        ("A1", ()),
+        ("A2", ()),
+        ("A3", (("k", "v", "Custom"),)),
+    ]
+    assert parse_page({"List": None, "Total": 0}) == Page(items=[], total=0)
+
+
+MALFORMED: list[tuple[object, str]] = [
+    (None, "null, not an object"),
+    ([], "an array, not an object"),
+    ({"List": []}, "without Result.Total"),
+    ({"Total": 0}, "without Result.List"),
+    ({"List": [], "Total": -1}, "Result.Total -1"),
+    ({"List": [], "Total": True}, "Result.Total True"),
+    ({"List": [], "Total": "3"}, "Result.Total '3'"),
+    ({"List": [], "Total": 1.5}, "Result.Total 1.5"),
+    ({"List": {}, "Total": 0}, "Result.List as an object"),
+    (result(["A1"]), "Result.List[0] is a string"),  # type: ignore[list-item]
+    (
+        result([item("A1"), {"ProjectName": "p", "Status": 0}]),
+        "Result.List[1].Name must be a string, not null",
+    ),
+    (result([item("")]), "Result.List[0].Name must not be empty"),
+    (result([item("a-b")]), "Result.List[0].Name may hold only"),
+    (result([item("X" * 21)]), "Result.List[0].Name is 21 characters long"),
+    (
+        result([item("A1") | {"ProjectName": ""}]),
+        "Result.List[0] (A1).ProjectName must be a non-empty string",
+    ),
+    (
+        result([item("A1") | {"ProjectName": 5}]),
+        "Result.List[0] (A1).ProjectName must be a non-empty string, not 5",
+    ),
+    (
+        result([{"Name": "A1", "ProjectName": "p"}]),
+        "Result.List[0] (A1).Status must be a whole number, not null",
+    ),
+    (result([item("A1") | {"Status": False}]), "Status must be a whole number, not False"),
+    (
+        result([item("A1") | {"Status": 1}]),
+        "Result.List[0] (A1).Status is 1 in a listing of available groups",
+    ),
+    (
+        result([item("A1") | {"Tags": {}}]),
+        "Result.List[0] (A1).Tags must be an array, not an object",
+    ),
+    (
+        result([item("A1") | {"Tags": ["k=v"]}]),
+        "Result.List[0] (A1).Tags[0] is a string, not an object",
+    ),
+    (
+        result([item("A1") | {"Tags": [{"Value": "v", "Category": "Custom"}]}]),
+        "Tags[0].Key must be a string, not null",
+    ),
+    (
+        result([item("A1") | {"Tags": [{"Key": "k", "Value": 1, "Category": "Custom"}]}]),
+        "Tags[0].Value must be a string, not 1",
+    ),
+    (
+        result([item("A1", tags=[("k", "v", "custom")])]),
+        "Tags[0].Category must be 'System' or 'Custom', not 'custom'",
+    ),
+    (
+        result([item("A1") | {"Tags": [{"Key": "k", "Value": "v"}]}]),
+        "Tags[0].Category must be 'System' or 'Custom', not null",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "message"), MALFORMED)
+def test_parse_page_refuses_malformed_results(raw: object, message: str) -> None:
+    """Every malformed Result is a ListingError (exit 3) that names what was wrong."""
+    with pytest.raises(ListingError, match=None) as err:
+        parse_page(raw)
+    assert message in str(err.value)
+    assert isinstance(err.value, ListingFailed) and err.value.exit_code == Exit.RETRY_LATER
+
+
+def test_parse_page_bounds_the_page_to_its_size() -> None:
+    """A page with more items than PageSize is malformed, not data."""
+    with pytest.raises(ListingError, match="3 groups on one page; PageSize was 2"):
+        parse_page(result([item("A1"), item("A2"), item("A3")]), page_size=2)
+    assert len(parse_page(result([item("A1"), item("A2")]), page_size=2).items) == 2
+
+
+def test_parse_page_keeps_untrusted_values_short_in_messages() -> None:
+    """A huge bad value from the server is cut in the message, not echoed whole."""
+    with pytest.raises(ListingError) as err:
+        parse_page(result([item("A1") | {"ProjectName": 7, "Status": "x" * 10_000}]))
+    with pytest.raises(ListingError) as err:
+        parse_page(result([item("A1") | {"Status": "x" * 10_000}]))
+    assert len(str(err.value)) < 200
+
+
+# --- paging ------------------------------------------------------------------------------
+
+
+Server = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def offset_server(
+    account: list[dict[str, Any]], *, after_page: Callable[[int], None] | None = None
+) -> Server:
+    """A List endpoint over a mutable list, paging by offset like a SQL LIMIT/OFFSET."""
+    calls = [0]
+
+    def answer(body: dict[str, Any]) -> dict[str, Any]:
+        calls[0] += 1
+        n, size = body["PageNum"], body["PageSize"]
+        out = result(account[(n - 1) * size : n * size], total=len(account))
+        if after_page is not None:
+            after_page(calls[0])
+        return out
+
+    return answer
+
+
+def drive(listing: Listing, server: Server) -> list[dict[str, Any]]:
+    """Run the listing to the end the way the runner does; returns the bodies sent."""
+    sent = []
+    while (body := listing.next_request()) is not None:
+        sent.append(body)
+        listing.add_result(server(body))
+    return sent
+
+
+def test_listing_pages_until_total_and_sends_exact_bodies() -> None:
+    """Five groups at page size 2 take three List requests with PageNum 1..3, StatusList [0]."""
+    account = [item(f"G{i}") for i in range(5)]
+    listing = Listing(page_size=2)
+    sent = drive(listing, offset_server(account))
+    assert sent == [{"PageNum": n, "PageSize": 2, "StatusList": [0]} for n in (1, 2, 3)]
+    assert sorted(listing.groups) == [f"G{i}" for i in range(5)]
+    assert listing.restarts == 0 and listing.requests == 3 and listing.done
+
+
+def test_listing_default_page_size_is_the_api_maximum() -> None:
+    """Without a page size the listing asks for 1000 per page."""
+    assert Listing().next_request() == {"PageNum": 1, "PageSize": PAGE_SIZE, "StatusList": [0]}
+
+
+def test_listing_of_an_empty_account_takes_one_request() -> None:
+    """Total 0 with an empty page is a complete, empty listing."""
+    listing = Listing(page_size=3)
+    assert drive(listing, offset_server([])) == [{"PageNum": 1, "PageSize": 3, "StatusList": [0]}]
+    assert listing.groups == {}
+
+
+def test_listing_exact_multiple_of_page_size_needs_no_extra_page() -> None:
+    """Four groups at page size 2 end after page 2: no empty third page is asked for."""
+    listing = Listing(page_size=2)
+    assert len(drive(listing, offset_server([item(f"G{i}") for i in range(4)]))) == 2
+
+
+def test_listing_is_never_partial() -> None:
+    """Before the last page `groups` refuses: there is no way to read part of a listing."""
+    listing = Listing(page_size=2)
+    body = listing.next_request()
+    assert body is not None
+    listing.add_result(result([item("A1"), item("A2")], total=3))
+    with pytest.raises(RuntimeError, match="not complete"):
+        _ = listing.groups
+    assert "collected=2 total=3" in repr(listing)
+
+
+def test_listing_refuses_out_of_order_use() -> None:
+    """A second request before the first page is added, or a page nobody asked for, is a bug."""
+    listing = Listing(page_size=2)
+    with pytest.raises(RuntimeError, match="without a request"):
+        listing.add(Page(items=[], total=0))
+    listing.next_request()
+    with pytest.raises(RuntimeError, match="previous request"):
+        listing.next_request()
+
+
+def test_listing_restarts_when_total_changes_between_pages() -> None:
+    """A group created while paging moves Total: the listing starts over and ends consistent."""
+    account = [item(f"G{i}") for i in range(5)]
+
+    def create_once(call: int) -> None:
+        if call == 1:
+            account.insert(0, item("New1"))
+
+    listing = Listing(page_size=2)
+    sent = drive(listing, offset_server(account, after_page=create_once))
+    assert listing.restarts == 1 and listing.last_restart is not None
+    assert "Total changed from 5 to 6" in listing.last_restart
+    assert [b["PageNum"] for b in sent] == [1, 2, 1, 2, 3]
+    assert sorted(listing.groups) == sorted(g["Name"] for g in account)
+
+
+def test_listing_restarts_on_a_name_seen_twice() -> None:
+    """A create and a delete that keep Total but push a Name onto the next page: start over."""
+    account = [item(f"G{i}") for i in range(5)]
+
+    def shift_once(call: int) -> None:
+        if call == 1:  # A0 created in front, G4 deleted: Total stays 5, G1 moves to page 2
+            account.insert(0, item("A0"))
+            del account[-1]
+
+    listing = Listing(page_size=2)
+    drive(listing, offset_server(account, after_page=shift_once))
+    assert listing.restarts == 1 and "G1 was listed twice" in str(listing.last_restart)
+    assert sorted(listing.groups) == ["A0", "G0", "G1", "G2", "G3"]
+
+
+def test_listing_cannot_see_a_balanced_move_that_hides_a_name() -> None:
+    """Known limit: a delete in front and a create behind between pages keep every count right
+    and pull a Name back onto a page already read. The listing misses G2 and still holds G0
+    (deleted after it was read): a plan can then only send a create answered 'exists', an
+    update or delete answered ResourceNotFound, or leave a delete to the next sync."""
+    account = [item(f"G{i}") for i in range(5)]
+
+    def shift_once(call: int) -> None:
+        if call == 1:
+            del account[0]
+            account.append(item("G9"))
+
+    listing = Listing(page_size=2)
+    drive(listing, offset_server(account, after_page=shift_once))
+    assert listing.restarts == 0 and sorted(listing.groups) == ["G0", "G1", "G3", "G4", "G9"]
+
+
+def test_listing_restarts_on_a_duplicate_within_one_page() -> None:
+    """The same Name twice on one page cannot be a consistent account either."""
+    listing = Listing(page_size=3, max_restarts=0)
+    listing.next_request()
+    with pytest.raises(ListingError, match="A1 was listed twice"):
+        listing.add_result(result([item("A1"), item("A1")], total=2))
+
+
+@pytest.mark.parametrize(
+    ("items", "total", "why"),
+    [
+        (["A1"], 3, "page 1 held 1 groups where Total 3 means 2"),  # short page before the end
+        ([], 1, "page 1 held 0 groups where Total 1 means 1"),  # empty page, Total says one
+        (["A1"], 0, "page 1 held 1 groups where Total 0 means 0"),  # a group beyond Total
+    ],
+)
+def test_listing_restarts_when_a_page_has_the_wrong_count(
+    items: list[str], total: int, why: str
+) -> None:
+    """A page shorter or longer than Total implies is thrown away with the whole listing."""
+    listing = Listing(page_size=2)
+    listing.next_request()
+    assert listing.add_result(result([item(n) for n in items], total=total)) == why
+    assert listing.restarts == 1 and not listing.done
+    assert listing.next_request() == {"PageNum": 1, "PageSize": 2, "StatusList": [0]}
+
+
+def test_listing_gives_up_after_max_restarts() -> None:
+    """An account that never holds still is a ListingError after max_restarts fresh starts."""
+    account = [item(f"G{i}") for i in range(3)]
+
+    def grow(call: int) -> None:
+        account.append(item(f"N{call}"))
+
+    listing = Listing(page_size=2, max_restarts=3)
+    with pytest.raises(ListingError, match="4 listings in a row did not add up") as err:
+        drive(listing, offset_server(account, after_page=grow))
+    assert "Total changed" in str(err.value) and err.value.exit_code == Exit.RETRY_LATER
+    assert listing.restarts == 3
+
+
+def test_listing_refuses_more_groups_than_list_can_page_through() -> None:
+    """Total above 1000 pages x PageSize (1 000 000 at 1000) is an error, never a partial plan."""
+    listing = Listing()
+    listing.next_request()
+    with pytest.raises(
+        ListingError, match="holds 1000001 groups; List can page through at most 1000000"
+    ):
+        listing.add(
+            Page(items=[Listed(name=f"G{i}", project="p") for i in range(1000)], total=1_000_001)
+        )
+
+
+def test_listing_accepts_exactly_the_pageable_maximum() -> None:
+    """Total = MAX_PAGES x PageSize is listable: the last page is PageNum 1000."""
+    size = 1
+    listing = Listing(page_size=size)
+    account = [item(f"G{i}") for i in range(MAX_PAGES * size)]
+    sent = drive(listing, offset_server(account))
+    assert sent[-1]["PageNum"] == MAX_PAGES and len(listing.groups) == MAX_PAGES
+
+
+def test_listing_refuses_a_page_larger_than_its_size() -> None:
+    """A Page built elsewhere with too many items is refused by add too."""
+    listing = Listing(page_size=1)
+    listing.next_request()
+    with pytest.raises(ListingError, match="2 groups on one page"):
+        listing.add(
+            Page(items=[Listed(name="A1", project="p"), Listed(name="A2", project="p")], total=2)
+        )
+
+
+def test_listing_shares_repeated_projects_and_tag_lists() -> None:
+    """Groups with equal tag lists and projects hold one shared copy (memory per group)."""
+    tags = [("区域", "华北", "Custom"), ("env", "prod", "System")]
+    listing = Listing(page_size=3)
+    drive(listing, offset_server([item(f"G{i}", "proj", tags) for i in range(3)]))
+    g = list(listing.groups.values())
+    assert g[0].tags is g[1].tags is g[2].tags and g[0].project is g[2].project
+
+
+def test_listing_memory_per_group_is_small() -> None:
+    """5 000 listed groups (CJK names, decoded from the wire) cost < 300 bytes each."""
+    n, size = 5_000, 1000
+    projects = ["default", "直播一部", "live2"]
+    tags = [[("区域", r, "Custom"), ("env", "prod", "System")] for r in ("华北", "华南", "华东")]
+    wire = [
+        orjson.dumps(
+            result(
+                [
+                    item(f"华北直播群组{i:06d}", projects[i % 3], tags[i % 3])
+                    for i in range(p * size, (p + 1) * size)
+                ],
+                total=n,
+            )
+        )
+        for p in range(n // size)
+    ]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        listing = Listing(page_size=size)
+        for page in wire:
+            listing.next_request()
+            listing.add_result(orjson.loads(page))  # the decoded page is garbage right after
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    assert len(listing.groups) == n
+    assert grown / n < 300, grown / n
+
+
+def test_interner_keeps_a_bounded_number_of_values() -> None:
+    """Values past the limit are handed back unshared: the table never outgrows `limit`."""
+    share = Interner(limit=2)
+    a, b = "".join(["x", "1"]), "".join(["x", "1"])
+    assert a is not b and share(a) is a and share(b) is a
+    share(("k", "v", "Custom"))
+    c = "".join(["y", "2"])
+    assert share(c) is c and len(share) == 2
