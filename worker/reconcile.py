@@ -1,0 +1,368 @@
+"""Reconcile step (sync): the manifest against the listed account, by Name. Pure.
+
+    manifest  account                        change
+    present   absent                         Create(group)
+    present   same project, same tag set     InSync(group)
+    present   same project, other tag set    Update(group, listed, added, removed)
+    present   other project                  Conflict(group, listed): nothing is sent
+    absent    present                        Delete(listed) with --prune inside the scope,
+                                             else Keep(listed, why)
+
+The manifest is streamed, never held: `plan_sync` makes one pass and keeps only the Names it
+saw that the account also holds (at most the size of the account, which is in memory
+anyway), and from those the extras. The runner re-derives each Create/Update/Conflict in a
+second streaming pass with `classify_group` (or `iter_changes`). Deletes come only from
+`SyncPlan.deletes`, which by construction holds no Name the manifest gives, valid or not.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, assert_never
+
+import orjson
+
+from worker.account import Listed, Tag
+from worker.errors import PlanRefused, UsageError
+from worker.manifest import Group, Invalid
+
+DEFAULT_MAX_DELETE: Final = 50
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scope:
+    """Which extras `--prune` may delete. An extra is in scope when it meets EVERY criterion
+    given: with both `--scope-project` and `--scope-match`, its project must be one of those
+    named AND its whole Name must match the pattern. No criterion given = no scope."""
+
+    projects: frozenset[str] = frozenset()
+    match: re.Pattern[str] | None = None
+
+    @classmethod
+    def from_flags(cls, projects: Iterable[str], match: str | None) -> Scope:
+        """Build from `--scope-project P`... and `--scope-match REGEX`; UsageError if bad."""
+        named = frozenset(projects)
+        if "" in named:
+            raise UsageError("--scope-project must not be empty")
+        if match is None:
+            return cls(projects=named)
+        try:
+            pattern = re.compile(match)
+        except re.error as exc:
+            raise UsageError(
+                f"--scope-match {match!r} is not a valid regular expression: {exc}"
+            ) from None
+        return cls(projects=named, match=pattern)
+
+    @property
+    def given(self) -> bool:
+        return bool(self.projects) or self.match is not None
+
+    def contains(self, listed: Listed) -> bool:
+        if not self.given:
+            return False  # no scope is an empty fence, never "everything"
+        if self.projects and listed.project not in self.projects:
+            return False
+        # fullmatch: "--scope-match tmp" must not reach "tmp2" or "mytmp".
+        return self.match is None or self.match.fullmatch(listed.name) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Create:
+    group: Group
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    group: Group
+    listed: Listed
+    added: tuple[Tag, ...]  # in the manifest, not on the group: sorted
+    removed: tuple[Tag, ...]  # on the group, not in the manifest: sorted
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """ProjectName cannot be changed after creation: reported, nothing sent."""
+
+    group: Group
+    listed: Listed
+
+    @property
+    def manifest_project(self) -> str:
+        return str(group_payload(self.group)["ProjectName"])
+
+
+@dataclass(frozen=True, slots=True)
+class InSync:
+    group: Group
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    listed: Listed
+
+
+@dataclass(frozen=True, slots=True)
+class Keep:
+    """An extra that stays: `why` is NO_PRUNE or OUT_OF_SCOPE."""
+
+    listed: Listed
+    why: str
+
+
+NO_PRUNE: Final = "not in the manifest; kept (no --prune)"
+OUT_OF_SCOPE: Final = "not in the manifest; kept (outside the --prune scope)"
+
+GroupChange = Create | Update | Conflict | InSync  # what a manifest group needs
+Change = GroupChange | Delete | Keep
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncPlan:
+    """Counts of every change, and the extras by name. Creates, updates and conflicts are
+    counted only: `classify_group` re-derives them while the manifest is streamed again."""
+
+    listed: int  # groups in the account
+    create: int
+    update: int
+    conflict: int
+    in_sync: int
+    invalid: int  # invalid manifest lines (--skip-invalid); their Names are still protected
+    prune: bool
+    deletes: tuple[Listed, ...]  # sorted by Name; never a Name the manifest gives
+    kept: tuple[Listed, ...]  # extras not deleted, sorted by Name (see `keep_why`)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            "listed": self.listed,
+            "create": self.create,
+            "update": self.update,
+            "conflict": self.conflict,
+            "in_sync": self.in_sync,
+            "delete": len(self.deletes),
+            "keep": len(self.kept),
+            "invalid": self.invalid,
+        }
+
+    @property
+    def keep_why(self) -> str:
+        # Every kept extra is kept for the same reason: no --prune, or outside its scope.
+        return OUT_OF_SCOPE if self.prune else NO_PRUNE
+
+
+def require_scope(prune: bool, scope: Scope) -> None:
+    """Refuse `--prune` without a scope. Call it before the first request (exit 2)."""
+    if prune and not scope.given:
+        raise PlanRefused(
+            "--prune needs a scope: give --scope-project P (repeatable) and/or "
+            "--scope-match REGEX (the whole Name); nothing was sent"
+        )
+
+
+def plan_sync(
+    items: Iterable[Group | Invalid],
+    account: Mapping[str, Listed],
+    *,
+    prune: bool = False,
+    scope: Scope = Scope(),
+    max_delete: int = DEFAULT_MAX_DELETE,
+) -> SyncPlan:
+    """One pass over the manifest. Raises PlanRefused for prune without a scope and for more
+    than `max_delete` deletes (exactly `max_delete` is allowed)."""
+    require_scope(prune, scope)
+    if max_delete < 0:
+        raise UsageError("--max-delete must be >= 0")
+    counts = {Create: 0, Update: 0, Conflict: 0, InSync: 0}
+    invalid = 0
+    named: set[str] = set()  # Names the manifest gives that the account holds
+    for item in items:
+        if isinstance(item, Invalid):
+            # An invalid line still names its group: never delete what a user listed.
+            invalid += 1
+            if item.name is not None and item.name in account:
+                named.add(item.name)
+            continue
+        if item.name in account:
+            named.add(item.name)
+        counts[type(classify_group(item, account))] += 1
+    deletes: list[Listed] = []
+    kept: list[Listed] = []
+    for name in sorted(account.keys() - named):
+        listed = account[name]
+        (deletes if prune and scope.contains(listed) else kept).append(listed)
+    if len(deletes) > max_delete:
+        raise PlanRefused(
+            f"sync would delete {len(deletes)} groups, more than --max-delete "
+            f"{max_delete} allows; nothing was changed (narrow the scope, or "
+            "raise --max-delete after checking the plan with --dry-run)"
+        )
+    return SyncPlan(
+        listed=len(account),
+        create=counts[Create],
+        update=counts[Update],
+        conflict=counts[Conflict],
+        in_sync=counts[InSync],
+        invalid=invalid,
+        prune=prune,
+        deletes=tuple(deletes),
+        kept=tuple(kept),
+    )
+
+
+def classify_group(group: Group, account: Mapping[str, Listed]) -> GroupChange:
+    """What one manifest group needs, given the account."""
+    listed = account.get(group.name)
+    if listed is None:
+        return Create(group)
+    payload = group_payload(group)
+    if payload["ProjectName"] != listed.project:
+        return Conflict(group, listed)
+    wanted = frozenset(_tags_of(payload))
+    have = listed.tag_set
+    if wanted == have:
+        return InSync(group)
+    return Update(group, listed, tuple(sorted(wanted - have)), tuple(sorted(have - wanted)))
+
+
+def iter_changes(
+    plan: SyncPlan, items: Iterable[Group | Invalid], account: Mapping[str, Listed]
+) -> Iterator[Change]:
+    """Every change in order: the manifest's (streamed again), then deletes, then kept."""
+    for item in items:
+        if isinstance(item, Group):
+            yield classify_group(item, account)
+    yield from (Delete(listed) for listed in plan.deletes)
+    why = plan.keep_why
+    yield from (Keep(listed, why) for listed in plan.kept)
+
+
+def in_sync(plan: SyncPlan, prune: bool) -> bool:
+    """For `--check`: nothing to create, update or resolve; extras count only with --prune
+    (and then only those in scope: outside it the manifest does not speak for the account)."""
+    drift = plan.create + plan.update + plan.conflict
+    if prune:
+        drift += len(plan.deletes)
+    return drift == 0
+
+
+def group_payload(group: Group) -> dict[str, Any]:
+    payload: dict[str, Any] = orjson.loads(group.body)
+    return payload
+
+
+def _tags_of(payload: Mapping[str, Any]) -> list[Tag]:
+    return [(t["Key"], t["Value"], t["Category"]) for t in payload.get("Tags", ())]
+
+
+def update_body(group: Group) -> bytes:
+    """UpdatePullToPushGroup body: the manifest's tags replace the group's (`[]` clears)."""
+    tags = group_payload(group).get("Tags", [])
+    return orjson.dumps({"Name": group.name, "Tags": tags})
+
+
+def delete_body(name: str) -> bytes:
+    return orjson.dumps({"Name": name})
+
+
+def render_text(plan: SyncPlan, changes: Iterable[Change]) -> Iterator[str]:
+    """The plan for people: counts, then one line per change (in-sync groups are counted only).
+
+    `+ name` create, `~ name` update with the tag difference, `! name` project conflict,
+    `- name` delete, `? name` extra kept.
+    """
+    c = plan.counts
+    invalid = f", {c['invalid']} invalid lines" if c["invalid"] else ""
+    yield (
+        f"sync plan: {c['create']} to create, {c['update']} to update, "
+        f"{c['conflict']} in conflict, {c['delete']} to delete, {c['keep']} extra kept, "
+        f"{c['in_sync']} in sync ({c['listed']} listed{invalid})"
+    )
+    for change in changes:
+        match change:
+            case Create(group):
+                yield f"+ {group.name}"
+            case Update(group, _, added, removed):
+                diff = [f"+{_tag_text(t)}" for t in added] + [f"-{_tag_text(t)}" for t in removed]
+                yield f"~ {group.name}  tags: {', '.join(diff)}"
+            case Conflict(group, listed):
+                yield (
+                    f"! {group.name}  project: manifest {_text(change.manifest_project)}, "
+                    f"account {_text(listed.project)} (a project cannot be changed)"
+                )
+            case InSync():
+                pass
+            case Delete(listed):
+                yield f"- {listed.name}  (project {_text(listed.project)})"
+            case Keep(listed, why):
+                yield f"? {listed.name}  (project {_text(listed.project)}) {why}"
+            case _:
+                assert_never(change)
+
+
+def render_json(plan: SyncPlan, changes: Iterable[Change]) -> dict[str, Any]:
+    """The plan as one JSON object: counts, then a list per kind of change."""
+    out: dict[str, Any] = {
+        "prune": plan.prune,
+        "counts": plan.counts,
+        "create": [],
+        "update": [],
+        "conflict": [],
+        "delete": [],
+        "keep": [],
+    }
+    for change in changes:
+        match change:
+            case Create(group):
+                out["create"].append(
+                    {"Name": group.name, "ProjectName": group_payload(group)["ProjectName"]}
+                )
+            case Update(group, listed, added, removed):
+                out["update"].append(
+                    {
+                        "Name": group.name,
+                        "ProjectName": listed.project,
+                        "added": [_tag_json(t) for t in added],
+                        "removed": [_tag_json(t) for t in removed],
+                    }
+                )
+            case Conflict(group, listed):
+                out["conflict"].append(
+                    {
+                        "Name": group.name,
+                        "manifest_project": change.manifest_project,
+                        "account_project": listed.project,
+                    }
+                )
+            case InSync():
+                pass
+            case Delete(listed):
+                out["delete"].append({"Name": listed.name, "ProjectName": listed.project})
+            case Keep(listed, why):
+                out["keep"].append(
+                    {
+                        "Name": listed.name,
+                        "ProjectName": listed.project,
+                        "why": "no_prune" if why == NO_PRUNE else "out_of_scope",
+                    }
+                )
+            case _:
+                assert_never(change)
+    return out
+
+
+def _tag_json(tag: Tag) -> dict[str, str]:
+    return {"Key": tag[0], "Value": tag[1], "Category": tag[2]}
+
+
+def _tag_text(tag: Tag) -> str:
+    return f"{_text(tag[0])}={_text(tag[1])}/{tag[2]}"
+
+
+def _text(s: str) -> str:
+    """`s` as is when it reads unambiguously on one line; else JSON-quoted (escapes shown)."""
+    if s and s.isprintable() and not any(ch in s for ch in " =,/()\"'"):
+        return s
+    return orjson.dumps(s).decode()
