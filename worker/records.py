@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -156,7 +157,7 @@ _KINDS: Final[dict[str, type[RunHeader | Intent | Result | Footer]]] = {
     "end": Footer,
 }
 _SHA256_FIELDS: Final = frozenset({"fingerprint", "manifest_sha256"})
-_HEX: Final = frozenset("0123456789abcdef")
+_SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 
 
 class _Bad(Exception):
@@ -316,7 +317,7 @@ def _float(v: Any) -> float:
 
 
 def _sha256(v: Any) -> str:
-    if not isinstance(v, str) or len(v) != 64 or not _HEX.issuperset(v):
+    if not isinstance(v, str) or _SHA256_HEX.fullmatch(v) is None:
         raise _Bad(f"must be a sha256 in lowercase hex, not {_shown(v)}")
     return v
 
