@@ -324,6 +324,9 @@ EXPECTED = {
     "34-only-blank-lines.jsonl": ": the manifest holds no groups",
     "35-empty.jsonl": ": the manifest holds no groups",
     "36-tag-category-missing.jsonl": ":2: Tags[0].Category: must be 'System' or 'Custom', not None",
+    "37-name-cjk-extension-a.jsonl": ":2: Name: may hold only Chinese characters, letters and digits; '㐀' (U+3400)",
+    "38-name-past-u9fa5.jsonl": ":2: Name: may hold only Chinese characters, letters and digits; '龦' (U+9FA6)",
+    "39-unknown-field-terminal-escape.jsonl": ":2: '\\x1b[31mRed': unknown field",
 }
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 
 from tests.conftest import names, write_manifest
-from tests.test_ledger import TARGET, footer, header, intent, line, result
+from tests.test_ledger import footer, header, intent, line, result
 from worker import manifest, report
-from worker.ledger import State, read_state
+from worker.ledger import State
 from worker.manifest import Group
 from worker.records import Outcome, Record, StopReason
 
@@ -243,13 +243,3 @@ def test_failed_without_the_manifest_uses_the_recorded_bodies(tmp_path: Path) ->
     out, err = run_main(ledger, failed=True)
     assert out == g[1].body + b"\n"
     assert "lines never sent cannot be listed" in err
-    assert report.failed_manifest(read_state(ledger)) == ([g[1].body], 0)
-
-
-def test_the_transitional_summarize_counts_like_main(tmp_path: Path) -> None:
-    """summarize(read_state(path)) (what cmd_report calls today) gives main's counts."""
-    path = write_manifest(tmp_path / "m.jsonl", names(2))
-    ledger = ledger_for(tmp_path, path, *done(next(iter(groups_of(path).values()))))
-    got = report.summarize(read_state(ledger))
-    assert (got["created"], got["pending"], got["locked"]) == (1, 1, False)
-    assert str(TARGET) == got["last_run"]["target"]

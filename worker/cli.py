@@ -178,27 +178,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import orjson
+    from worker import report
 
-    from worker import ledger, report
-
-    if hasattr(report, "main"):  # the new report (being landed); until then the old one
-        code: int = report.main(Path(args.ledger), manifest=Path(args.manifest)
-                                if args.manifest else None, json=args.json,
-                                failed=args.failed, out=sys.stdout)
-        return code
-    path = Path(args.ledger)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such ledger")
-    state = ledger.read_state(path)
-    if args.failed:
-        lines, _ = report.failed_manifest(state)
-        sys.stdout.buffer.write(b"".join(line + b"\n" for line in lines))
-        sys.stdout.flush()
-        return Exit.OK
-    summary = report.summarize(state)
-    print(orjson.dumps(summary).decode() if args.json else report.render(summary))
-    return Exit.OK
+    return report.main(Path(args.ledger), manifest=Path(args.manifest) if args.manifest
+                       else None, json=args.json, failed=args.failed, out=sys.stdout,
+                       err=sys.stderr)
 
 
 # -- options ------------------------------------------------------------------------------
@@ -259,6 +243,9 @@ def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
         raise UsageError(f"{command}: give a MANIFEST (or a job file naming one)")
     manifest_path = Path(str(manifest)) if manifest is not None else Path("export.jsonl")
     ledger_path = values.get("ledger")
+    if ledger_path is None and command != "export" and not manifest_path.is_file():
+        raise UsageError(f"{manifest_path} is not a regular file (a pipe?): give --ledger, "
+                         "since no default ledger can go beside it")
     if ledger_path is None:
         ledger_path = compose.default_ledger(manifest_path, sandbox=sandbox)
     account = None
@@ -282,8 +269,7 @@ def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
                         dry_run=bool(getattr(args, "dry_run", False)), **kwargs)
     options = compose.Options(sandbox_account=account, profile=values.get("profile"),
                               retry_rejected=bool(values.get("retry-rejected")),
-                              json=bool(getattr(args, "json", False)),
-                              region_given=values.get("region") is not None)
+                              json=bool(getattr(args, "json", False)))
     return settings, options
 
 

@@ -24,14 +24,21 @@ import structlog
 
 from worker import __version__, api, credentials, ledger, manifest, plan, reconcile
 from worker.account import Listed, Listing
-from worker.errors import Exit, ManifestError, UsageError, WorkerError
+from worker.errors import (
+    Exit,
+    LedgerError,
+    LedgerWriteError,
+    ManifestError,
+    UsageError,
+    WorkerError,
+)
 from worker.export import export_lines
 from worker.ledger import Ledger
 from worker.pacing import LocalPacer, Pacer
 from worker.progress import Progress
 from worker.records import Action, Footer, Outcome, Result, RunHeader, StopReason, Target
 from worker.runner import Controls, Runner, Tally, Work, machine_cap, stamp, utcnow
-from worker.settings import Settings, redact_url
+from worker.settings import LIMITS, Settings, redact_url
 from worker.signing import Credentials
 from worker.transport import Reachability, Transport
 
@@ -56,7 +63,6 @@ class Options:
     profile: str | None = None
     retry_rejected: bool = False
     json: bool = False
-    region_given: bool = False  # --region (or a job file / WORKER_REGION) named one
 
 
 def default_ledger(manifest: Path, *, sandbox: bool) -> Path:
@@ -96,13 +102,18 @@ def target_of(settings: Settings, creds: Credentials | None, options: Options) -
 
 def load_credentials(settings: Settings, options: Options
                      ) -> tuple[Settings, Credentials | None, str]:
-    """The keys to sign with, and the settings with the region their source names (unless
-    --region was given), and where they came from (never the secret)."""
+    """The keys to sign with and where they came from (never the secret).
+
+    A region the source names (a `ve` profile's, VOLCENGINE_REGION) is not applied: the Live
+    API signs in cn-north-1 whatever region a profile was made for, and a profile's
+    cn-beijing would fail every request. It is only reported when it differs."""
     if options.sandbox_account is not None:
         return settings, None, "the embedded sandbox's keys"
     loaded = credentials.load(os.environ, Path.home(), profile=options.profile)
-    if loaded.region and not options.region_given:
-        settings = replace(settings, region=loaded.region)
+    if loaded.region and loaded.region != settings.region:
+        log.warning("credentials.region_ignored", source=loaded.source,
+                    source_region=loaded.region, region=settings.region,
+                    hint="the Live API signs in --region (default cn-north-1)")
     return settings, loaded.credentials, loaded.source
 
 
@@ -118,11 +129,19 @@ async def _account(settings: Settings, creds: Credentials | None, target: Target
 
     config = sandbox.SandboxConfig(rate=int(settings.pacing.rate),
                                    state_file=options.sandbox_account)
-    async with sandbox.serve(config) as sb:
-        ak, sk = next(iter(sb.keys.items()))
-        log.info("sandbox.started", url=sb.url, account=str(options.sandbox_account))
-        yield Account(replace(settings, endpoint=sb.url),
-                      Credentials(access_key=ak, secret_key=sk), target)
+    finished = False
+    try:
+        async with sandbox.serve(config) as sb:
+            ak, sk = next(iter(sb.keys.items()))
+            log.info("sandbox.started", url=sb.url, account=str(options.sandbox_account))
+            yield Account(replace(settings, endpoint=sb.url),
+                          Credentials(access_key=ak, secret_key=sk), target)
+            finished = True
+    except UsageError as exc:
+        if not finished:
+            raise  # a bad account file at start: nothing was sent
+        # Saving the account failed after requests went out: not "nothing was sent".
+        raise LedgerWriteError(f"the sandbox account was not saved: {exc}") from None
 
 
 @contextlib.asynccontextmanager
@@ -175,6 +194,12 @@ def open_ledger(path: Path, target: Target) -> Ledger:
     return Ledger.open(path, target=target, torn_writes_s=torn)
 
 
+def _manifest_name(path: Path) -> str:
+    """The manifest as the header records it: absolute for a regular file, so that `report`
+    finds it from any folder; as given for a pipe (there is nothing to find again)."""
+    return str(path.resolve()) if path.is_file() else str(path)
+
+
 def outcome_exit(tally: Tally, controls: Controls) -> Exit:
     """How a run that was not stopped by a failure ends, for the exit code and the footer."""
     if controls.reason is StopReason.SIGNAL:
@@ -191,11 +216,21 @@ def outcome_exit(tally: Tally, controls: Controls) -> Exit:
 async def journal(runner: Runner, book: Ledger, header: RunHeader,
                   work: Coroutine[Any, Any, Tally]) -> Exit:
     """Write the header, do the work, and always write the footer (unless killed)."""
-    book.append(header)
+    try:
+        book.append(header)
+    except LedgerWriteError as exc:
+        work.close()
+        raise LedgerError(f"{exc}; nothing was sent") from None  # exit 2: nothing went out
     code: Exit = Exit.INTERNAL
     try:
         await work
         code = outcome_exit(runner.tally, runner.controls)
+    except LedgerWriteError as exc:
+        if runner.tally.requests == 0:
+            code = Exit.USAGE
+            raise LedgerError(f"{exc}; nothing was sent") from None
+        code = exc.exit_code
+        raise
     except WorkerError as exc:
         code = exc.exit_code
         raise
@@ -215,13 +250,14 @@ async def journal(runner: Runner, book: Ledger, header: RunHeader,
                 codes=dict(tally.codes), requests=tally.requests, throttles=tally.throttles,
                 retries=tally.retries, duration_s=round(elapsed, 3),
                 rate_limit=runner.settings.pacing.rate,
-                rate_achieved=round(tally.requests / elapsed, 3)))
+                rate_achieved=round(tally.rate, 3)))
         summarize(tally, code)
     return code
 
 
 def summarize(tally: Tally, code: Exit) -> None:
     log.info("run.summary", exit_code=int(code), requests=tally.requests,
+             rate_achieved=round(tally.rate, 3),
              throttles=tally.throttles, retries=tally.retries,
              skipped=sum(tally.skipped.values()), **tally.by_key())
 
@@ -271,8 +307,9 @@ async def _run(settings: Settings, options: Options, scan: manifest.Scan, book: 
                          count=n, why=plan.REASONS[why])
         header = RunHeader(
             run_id=run_id, started=stamp(runner.wall()), version=__version__, command="run",
-            target=target, manifest=str(scan.path), manifest_sha256=scan.sha256,
-            items=scan.groups + scan.invalid, plan=dict(counted.counts),
+            target=target, manifest=_manifest_name(scan.path),
+            manifest_sha256=scan.sha256, items=scan.groups + scan.invalid,
+            plan=dict(counted.counts),
             settings=settings.public())
         try:
             work = _run_source(scan, book, runner, options.retry_rejected)
@@ -314,9 +351,8 @@ class SyncOptions:
         """Checked before anything is read or sent: prune needs a scope (exit 2)."""
         scope = reconcile.Scope.from_flags(projects, match)
         reconcile.require_scope(prune, scope)
-        limit = reconcile.DEFAULT_MAX_DELETE if max_delete is None else max_delete
-        if not 0 <= limit <= 1_000_000:
-            raise UsageError("--max-delete must lie in 0..1000000")
+        limit = LIMITS["max-delete"].check(
+            reconcile.DEFAULT_MAX_DELETE if max_delete is None else max_delete)
         return cls(prune=prune, scope=scope, max_delete=limit, check=check)
 
 
@@ -394,7 +430,7 @@ async def _sync(settings: Settings, options: Options, sync_options: SyncOptions,
         runner.tally.to_send = to_send
         header = RunHeader(
             run_id=run_id, started=stamp(runner.wall()), version=__version__,
-            command="sync", target=target, manifest=str(scan.path),
+            command="sync", target=target, manifest=_manifest_name(scan.path),
             manifest_sha256=scan.sha256, items=scan.groups + scan.invalid,
             plan=the_plan.counts, settings=settings.public())
         try:

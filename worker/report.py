@@ -477,28 +477,3 @@ def main(
             )
         out.flush()
         return Exit.OK
-
-
-# -- transitional: what cli.cmd_report calls today; remove once it calls `main` ------------
-
-
-def summarize(state: State) -> dict[str, Any]:
-    """The summary of a ledger read by `read_state` (its `path`), counted as `main` counts."""
-    assert state.path is not None
-    with gather(state.path, state=state) as got:
-        return summary_of(got.state, items=got.items(), locked=got.locked, note=got.note)
-
-
-def failed_manifest(state: State) -> tuple[list[bytes], int]:
-    """Manifest lines of every line not done, and how many could not be listed."""
-    assert state.path is not None
-    with gather(state.path, state=state) as got:
-        items = got.items()
-        bodies = (
-            recorded_bodies(state.path, {n for n, e in state.latest.items() if not e.done})
-            if items is None
-            else None
-        )
-        failures = list(failures_of(state, items=items, bodies=bodies))
-    lines = [f.body for f in failures if f.body is not None]
-    return lines, len(failures) - len(lines)

@@ -119,10 +119,21 @@ class Tally:
     throttles: int = 0
     retries: int = 0
     started: float = field(default_factory=time.monotonic)
+    first_send: float | None = None
+    last_send: float | None = None
 
     @property
     def finished(self) -> int:
         return sum(n for (action, _), n in self.outcomes.items() if action is not None)
+
+    @property
+    def rate(self) -> float:
+        """Requests per second between the first and the last send: what the pacer achieved
+        (a run's start-up and its last answer's latency are not part of it)."""
+        if self.first_send is None or self.last_send is None or self.requests < 2:
+            return 0.0
+        span = self.last_send - self.first_send
+        return (self.requests - 1) / span if span > 0 else 0.0
 
     def count(self, outcome: Outcome) -> int:
         return sum(n for (_, o), n in self.outcomes.items() if o is outcome)
@@ -239,6 +250,9 @@ class Runner:
                        content_type="application/json", body=body,
                        credentials=self.credentials, region=self._region, now=self.wall())
         began = self.clock()
+        if self.tally.first_send is None:
+            self.tally.first_send = began
+        self.tally.last_send = began
         result = await self.sender.send(query, headers, body)
         self.concurrency.observe(self.clock() - began)
         verdict = classify(result, region=self._region,
