@@ -23,32 +23,38 @@ last line. Opening repairs exactly that and nothing else:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Final, Self
+from typing import IO, Any, Final, Self
 
 import orjson
 
+from worker import index
 from worker.errors import LedgerError, LedgerLocked, LedgerTargetMismatch, LedgerWriteError
+from worker.index import Latest, Table
 from worker.records import (
-    DONE,
-    Action,
     Footer,
     Intent,
+    Item,
     Outcome,
     Record,
     Result,
     RunHeader,
     Target,
+    item_of,
     parse,
 )
+
+__all__ = ["Latest", "Ledger", "State", "read_state", "records_of"]
 
 FSYNC_EVERY_S: Final = 1.0
 # The largest record we write is a result holding a 1 MiB manifest body and a bounded
@@ -76,50 +82,14 @@ def lock_path(ledger: Path) -> Path:
 
 
 @dataclass(slots=True)
-class Latest:
-    """The ledger's latest word on one Name. A run holds one per Name, so it is kept small:
-    no body or message (report reads those from the manifest, or streams the ledger again),
-    the fingerprint as its 32 raw bytes, enum members and interned codes shared by all."""
-
-    outcome: Outcome | None  # None: an intent with no result after it (in doubt)
-    action: Action | None
-    fp: bytes | None  # sha256 digest of the body sent; None for deletes and nameless lines
-    code: str  # the last answer's error code, "" for success or in doubt
-    line: int
-
-    @classmethod
-    def of(cls, record: Intent | Result) -> Latest:
-        fp = bytes.fromhex(record.fingerprint) if record.fingerprint is not None else None
-        if isinstance(record, Intent):
-            return cls(outcome=None, action=record.action, fp=fp, code="", line=record.line)
-        return cls(
-            outcome=record.outcome,
-            action=record.action,
-            fp=fp,
-            code=sys.intern(record.code),
-            line=record.line,
-        )
-
-    @property
-    def in_doubt(self) -> bool:
-        """Sent, and no answer recorded: the next run sends it again."""
-        return self.outcome is None
-
-    @property
-    def done(self) -> bool:
-        return self.outcome in DONE
-
-    @property
-    def fingerprint(self) -> str | None:
-        return self.fp.hex() if self.fp is not None else None
-
-
-@dataclass(slots=True)
 class State:
     """What a ledger says: the latest word per Name, the runs, and the last run's invalid
-    lines (by manifest line: a duplicate Name's invalid line is a fact of its own)."""
+    lines (by manifest line: a duplicate Name's invalid line is a fact of its own).
 
-    latest: dict[str, Latest] = field(default_factory=dict)
+    `latest` is the on-disk index (index.Table) when read from a file; a plain dict when a
+    State is built by folding records in memory (tests, small tools)."""
+
+    latest: MutableMapping[str, Latest] | Table = field(default_factory=dict)
     runs: list[RunHeader] = field(default_factory=list)  # oldest first
     footers: dict[str, Footer] = field(default_factory=dict)  # run_id -> its footer
     invalid_lines: dict[int, str | None] = field(default_factory=dict)  # last run: line -> Name
@@ -140,57 +110,215 @@ class State:
         """The last run's footer; None while it runs, or when it was killed or crashed."""
         return self.footers.get(self.runs[-1].run_id) if self.runs else None
 
-    def fold(self, record: Record) -> None:
+    def fold(self, record: Record, offset: int = 0) -> None:
+        """Take in one record (read at byte `offset` of the ledger)."""
         match record:
             case RunHeader():
                 self.runs.append(record)
                 self.invalid_lines = {}
             case Footer():
                 self.footers[record.run_id] = record
-            case Result(outcome=Outcome.INVALID):
-                self.invalid_lines[record.line] = record.name
-                # An invalid line never hides what was sent for its Name: with a duplicate,
-                # the valid line's intent or result is the Name's state. It only tells the
-                # planner that a Name the ledger knows nothing else about was invalid.
-                if record.name is not None and record.name not in self.latest:
-                    self.latest[record.name] = Latest.of(record)
             case Intent() | Result():
-                if record.name is not None:
-                    self.latest[record.name] = Latest.of(record)
+                self.fold_item(Item.of(record), offset)
+
+    def fold_item(self, item: Item, offset: int) -> None:
+        if item.outcome is Outcome.INVALID:
+            self.invalid_lines[item.line] = item.name
+        if item.name is None:
+            return
+        latest = self.latest
+        if isinstance(latest, Table):
+            latest.put(item, offset)  # the same rule as below, in the table
+        elif item.outcome is not Outcome.INVALID or item.name not in latest:
+            # An invalid line never hides what was sent for its Name: with a duplicate,
+            # the valid line's intent or result is the Name's state. It only tells the
+            # planner that a Name the ledger knows nothing else about was invalid.
+            fp = bytes.fromhex(item.fingerprint) if item.fingerprint is not None else None
+            latest[item.name] = Latest(
+                outcome=item.outcome,
+                action=item.action,
+                fp=fp,
+                code=sys.intern(item.code),
+                line=item.line,
+            )
+
+    def trailer(self) -> dict[str, Any]:
+        """What the index keeps beside the table: runs, footers, the last run's invalid
+        lines, the codes (see index.finish)."""
+        assert isinstance(self.latest, Table)
+        return {
+            "codes": self.latest.codes,
+            "runs": [orjson.loads(orjson.dumps(r)) for r in self.runs],
+            "footers": [orjson.loads(orjson.dumps(f)) for f in self.footers.values()],
+            "invalid": [[line, name] for line, name in self.invalid_lines.items()],
+        }
+
+    def close(self) -> None:
+        """Release the index (a State read from a file holds it open)."""
+        if isinstance(self.latest, Table):
+            self.latest.close()
 
 
 def read_state(path: Path) -> State:
     """Load without locking, repairing or checking the target (dry runs and reports). A
-    missing file is an empty ledger; a torn tail is skipped; anything else is refused."""
-    state = State(path=path)
-    reader = _FileRecords(path)
-    for record in reader:
-        state.fold(record)
-    state.torn_tail = reader.torn_at is not None
+    missing file is an empty ledger; a torn tail is skipped; anything else is refused.
+    Uses the ledger's index if it is clean and covers the whole ledger, else builds a
+    private one (only a run, holding the lock, writes the shared index). Close the State
+    (or let it go) to release the index."""
+    fd = _open_regular(path, write=False)
+    if fd is None:
+        return State(path=path)
+    try:
+        with open(os.dup(fd), "rb") as f:
+            next(iter(_Reader(path, f)), None)  # refuses a file that is not a ledger
+        state, torn_at, _, _ = _load(path, fd, lock_held=False, expect_names=0, check=None)
+    finally:
+        os.close(fd)
+    state.torn_tail = torn_at is not None
     return state
 
 
 def records_of(path: Path) -> Iterator[Record]:
     """Every record of the ledger at `path`, streamed, as `read_state` reads them (a second
     pass for what the state does not keep, such as bodies)."""
-    return iter(_FileRecords(path))
+    fd = _open_regular(path, write=False)
+    if fd is None:
+        return
+    with open(fd, "rb") as f:
+        for _, where, obj in _Reader(path, f).objects():
+            yield parse(obj, where=where)
 
 
-class _FileRecords:
-    """The records of a ledger file, opened safely; remembers where a torn tail began."""
+def _load(
+    path: Path,
+    fd: int,
+    *,
+    lock_held: bool,
+    expect_names: int,
+    check: Callable[[RunHeader], None] | None,
+) -> tuple[State, int | None, int, int]:
+    """The State of the ledger open on `fd`, through its index: (state, offset of a torn
+    tail or None, end offset of the last whole line, lines read). With `lock_held` the
+    shared index is brought up to date (extended, or rebuilt) and left marked dirty until
+    `Ledger.close`; without, it is used only when current, else a private one is built."""
+    state, start, lineno = _open_index(path, fd, lock_held=lock_held, expect_names=expect_names)
+    try:
+        if check is not None:
+            for header in state.runs:
+                check(header)
+        with open(os.dup(fd), "rb") as f:
+            reader = _Reader(path, f, start=start, lineno=lineno)
+            fold_item = state.fold_item
+            for offset, where, obj in reader.objects():
+                item = item_of(obj)
+                if item is not None:
+                    fold_item(item, offset)
+                    continue
+                record = parse(obj, where=where)
+                if check is not None and isinstance(record, RunHeader):
+                    check(record)
+                state.fold(record, offset)
+    except BaseException:
+        state.close()
+        raise
+    return state, reader.torn_at, reader.end, reader.lineno
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.torn_at: int | None = None
 
-    def __iter__(self) -> Iterator[Record]:
-        fd = _open_regular(self.path, write=False)
-        if fd is None:
-            return
-        with open(fd, "rb") as f:
-            reader = _Reader(self.path, f)
-            yield from reader
-            self.torn_at = reader.torn_at
+def _open_index(
+    path: Path, fd: int, *, lock_held: bool, expect_names: int
+) -> tuple[State, int, int]:
+    """(state so far, ledger offset and line number to read on from)."""
+    here = str(Path(os.path.realpath(path)).parent)
+    size = os.fstat(fd).st_size
+    ipath = index.index_path(path)
+    ifd = _open_index_file(ipath, write=lock_held)
+    if ifd is not None:
+        try:
+            slots, used, at, trailer = index.read_index(ifd, fd)
+            if not lock_held and (at.offset != size or at.size != size):
+                raise index.Stale("the ledger has grown since (a run is going on, or was killed)")
+            state = State(path=path)
+            where = f"{index.index_path(path)} (trailer)"
+            state.runs = [_trailer_record(o, where, RunHeader) for o in trailer["runs"]]
+            footers = [_trailer_record(o, where, Footer) for o in trailer["footers"]]
+            state.footers = {f.run_id: f for f in footers}
+            state.invalid_lines = {int(line): name for line, name in trailer["invalid"]}
+            state.latest = Table(
+                ifd,
+                slots=slots,
+                used=used,
+                codes=list(trailer["codes"]),
+                ledger_fd=os.dup(fd),
+                writable=lock_held,
+                tmp_dir=here,
+                path=ipath,
+            )
+            if lock_held:
+                index.mark_dirty(state.latest)
+            return state, at.offset, at.lines
+        except (index.Stale, LedgerError, ValueError, TypeError):
+            pass
+        except BaseException:
+            os.close(ifd)
+            raise
+        os.close(ifd)
+        ifd = None
+        if lock_held:
+            # Stale: rebuilt from the whole ledger, in a new file (whoever still maps the
+            # old one keeps reading it; a file cut under a mapping would be a SIGBUS).
+            with contextlib.suppress(OSError):
+                os.unlink(ipath)
+            ifd = _open_index_file(ipath, write=True)
+    shared = ipath if ifd is not None and lock_held else None
+    if ifd is None:
+        ifd = _private_file(here)
+    names = max(expect_names, size // 600)  # a done Name costs ~600 B: intent and result
+    table = Table(
+        ifd,
+        slots=index.slots_for(names),
+        used=0,
+        codes=[],
+        ledger_fd=os.dup(fd),
+        writable=True,
+        tmp_dir=here,
+        path=shared,
+    )
+    if lock_held:
+        index.mark_dirty(table)
+    return State(path=path, latest=table), 0, 0
+
+
+def _trailer_record(obj: Any, where: str, kind: type[RunHeader] | type[Footer]) -> Any:
+    record = parse(obj, where=where)
+    if not isinstance(record, kind):
+        raise index.Stale("damaged trailer")
+    return record
+
+
+def _open_index_file(path: Path, *, write: bool) -> int | None:
+    """The shared index's descriptor, or None when there is none (reading) or it cannot be
+    used (not a regular file, no permission): then a private one does the job."""
+    flags = (os.O_RDWR | os.O_CREAT if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY, 0o644)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _private_file(directory: str) -> int:
+    """An unlinked temporary file beside the ledger (else in the temporary directory)."""
+    for where in (directory, None):
+        try:
+            fd, name = tempfile.mkstemp(prefix=".worker-index-", dir=where)
+        except OSError:
+            continue
+        os.unlink(name)
+        return fd
+    raise LedgerError(f"cannot create a temporary index file in {directory} or the temp dir")
 
 
 def probe_lock(path: Path) -> bool | None:
@@ -236,13 +364,18 @@ class Ledger:
         # pause between, so that a kill -9 can land inside a record, as a crash can.
         self._torn_writes_s = torn_writes_s
         self._broken: str | None = None
+        self._end = 0  # the ledger's size: where the next record starts
+        self._lines = 0
 
     @classmethod
-    def open(cls, path: Path, *, target: Target, torn_writes_s: float = 0.0) -> Ledger:
+    def open(
+        cls, path: Path, *, target: Target, torn_writes_s: float = 0.0, expect_names: int = 0
+    ) -> Ledger:
         """Open (or create) the ledger of `target` at `path`, lock it, load it, cut a torn
         tail. Raises LedgerError (not a ledger, damaged, unreadable), LedgerTargetMismatch
         (another target's, or worker 0.1's) or LedgerLocked; in every case nothing in the
-        file has changed."""
+        file has changed. The index beside it (`<ledger>.index`) is brought up to date;
+        `expect_names` (the manifest's groups) sizes a new one so it need not grow."""
         fd = _open_regular(path, write=True)
         assert fd is not None
         lock_fd = -1
@@ -255,18 +388,18 @@ class Ledger:
                 _check_target(path, first, target)
             lock_fd = _lock(path)
             _check_same_file(path, fd)
-            state = State(path=path)
-            with open(os.dup(fd), "rb") as f:
-                reader = _Reader(path, f)
-                for record in reader:
-                    if isinstance(record, RunHeader):
-                        _check_target(path, record, target)
-                    state.fold(record)
-            if reader.torn_at is not None:
+            state, torn_at, end, lines = _load(
+                path,
+                fd,
+                lock_held=True,
+                expect_names=expect_names,
+                check=lambda header: _check_target(path, header, target),
+            )
+            if torn_at is not None:
                 # The only write `open` makes, after every other line proved this a ledger of
                 # this target: a crash mid-write left this tail; the next append would glue
                 # a record to it.
-                os.ftruncate(fd, reader.torn_at)
+                os.ftruncate(fd, torn_at)
                 os.fsync(fd)
                 state.torn_tail = True
         except OSError as exc:
@@ -277,7 +410,9 @@ class Ledger:
         except BaseException:
             _close_quietly(fd, lock_fd)
             raise
-        return cls(path, fd, lock_fd, state, torn_writes_s=torn_writes_s)
+        book = cls(path, fd, lock_fd, state, torn_writes_s=torn_writes_s)
+        book._end, book._lines = end, lines
+        return book
 
     def __enter__(self) -> Self:
         return self
@@ -320,7 +455,12 @@ class Ledger:
             self._broken = f"{self.path}: cannot write the ledger: {exc.strerror}"
             raise LedgerWriteError(self._broken) from None
         self._dirty = True
-        self.state.fold(record)
+        offset, self._end, self._lines = self._end, self._end + len(data), self._lines + 1
+        try:
+            self.state.fold(record, offset)
+        except OSError as exc:  # the index could not grow (a full disk): stop sending
+            self._broken = f"{self.path}: cannot update the ledger's index: {exc.strerror}"
+            raise LedgerWriteError(self._broken) from None
 
     def sync(self) -> None:
         """fsync if anything was written since the last one. The runner calls this from a
@@ -336,18 +476,29 @@ class Ledger:
             raise LedgerWriteError(self._broken) from None
 
     def close(self) -> None:
-        """fsync, close, drop the lock. Idempotent. The lock goes last, after the fsync, so
-        the next run never reads a ledger this one has not finished writing."""
+        """fsync, bring the index up to date, close, drop the lock. Idempotent. The lock goes
+        last, after the fsyncs, so the next run never reads a ledger (or an index) this one
+        has not finished writing. After a failed write the index stays marked dirty: the
+        next open rebuilds it from the ledger."""
         if self._fd < 0:
             return
         fd, self._fd = self._fd, -1
         try:
             if self._broken is None:
                 os.fsync(fd)
+                table = self.state.latest
+                if isinstance(table, Table):
+                    try:
+                        at = index.covered(fd, self._end, self._lines)
+                        index.finish(table, at, self.state.trailer())
+                    except OSError:
+                        pass  # it stays marked dirty: the next open rebuilds it
         except OSError as exc:
             self._broken = f"{self.path}: cannot sync the ledger: {exc.strerror}"
             raise LedgerWriteError(self._broken) from None
         finally:
+            # `state` stays readable after close (its index is unmapped when it is let go,
+            # or by state.close()).
             _close_quietly(fd, self._lock_fd)
 
 
@@ -485,27 +636,37 @@ def _close_quietly(*fds: int) -> None:
 
 
 class _Reader:
-    """Typed records of a ledger, line by bounded line. After iterating, `torn_at` is the
-    offset of a torn last line (None if there was none); the reader never writes."""
+    """Decoded ledger lines, line by bounded line, from byte `start` (line `lineno` + 1 is
+    the first read). After iterating, `torn_at` is the offset of a torn last line (None if
+    there was none), `end` the offset after the last whole line, `lineno` the lines read;
+    the reader never writes."""
 
-    def __init__(self, path: Path, f: IO[bytes]) -> None:
+    def __init__(self, path: Path, f: IO[bytes], *, start: int = 0, lineno: int = 0) -> None:
         self.path = path
         self.f = f
         self.torn_at: int | None = None
+        self.end = start
+        self.lineno = lineno
 
     def __iter__(self) -> Iterator[Record]:
-        self.f.seek(0)  # descriptors dup'ed from one open file share its offset
-        offset = lineno = 0
+        for _, where, obj in self.objects():
+            yield parse(obj, where=where)
+
+    def objects(self) -> Iterator[tuple[int, str, Any]]:
+        """(offset, FILE:LINE, decoded object) per whole line."""
+        self.f.seek(self.end)  # descriptors dup'ed from one open file share its offset
+        offset, lineno = self.end, self.lineno
+        readline, loads, name = self.f.readline, orjson.loads, str(self.path)
         while True:
             try:
-                raw = self.f.readline(MAX_RECORD_BYTES + 1)
+                raw = readline(MAX_RECORD_BYTES + 1)
             except OSError as exc:
                 raise LedgerError(f"{self.path}: cannot read the ledger: {exc.strerror}") from None
             if not raw:
                 return
             lineno += 1
-            where = f"{self.path}:{lineno}"
             if not raw.endswith(b"\n"):
+                where = f"{self.path}:{lineno}"
                 if len(raw) > MAX_RECORD_BYTES:
                     if lineno == 1:
                         raise self._foreign()
@@ -518,18 +679,19 @@ class _Reader:
                 self.torn_at = offset  # the end of the file, inside a record: a crash
                 return
             try:
-                obj = orjson.loads(raw)
+                obj = loads(raw)
             except orjson.JSONDecodeError:
                 obj = None
             if lineno == 1 and not (isinstance(obj, dict) and obj.get("type") == "run"):
                 raise self._foreign()
             if obj is None:
                 raise LedgerError(
-                    f"{where}: damaged ledger record: the line is not JSON; "
+                    f"{self.path}:{lineno}: damaged ledger record: the line is not JSON; "
                     "move the ledger aside (or fix that line) and run again"
                 )
-            yield parse(obj, where=where)
+            yield offset, f"{name}:{lineno}", obj
             offset += len(raw)
+            self.end, self.lineno = offset, lineno
 
     def _foreign(self) -> LedgerError:
         return LedgerError(

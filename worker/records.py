@@ -358,3 +358,127 @@ def _shown(v: Any) -> str:
 _TABLES: Final[dict[type, tuple[tuple[str, _Check, Any], ...]]] = {
     cls: _fields(cls) for cls in _KINDS.values()
 }
+
+
+# -- the fast path for reading a whole ledger ---------------------------------------------
+#
+# A ledger is almost all intent and result records, and `parse` spends most of its time in
+# one checker call per field and in building a frozen dataclass that the state fold throws
+# away. `item_of` checks the same fields with inline tests and returns only what the fold
+# keeps. It accepts a strict subset of what `parse` accepts: on anything it does not like it
+# returns None and the caller runs `parse`, which raises the precise error (or, for an
+# unusual but valid record, returns it). So the fast path never changes a verdict.
+
+_OUTCOME_OF: Final = {m.value: m for m in Outcome}
+_ACTION_OF: Final = {m.value: m for m in Action}
+# `item_of` checks these fields by hand: a field added to Intent or Result must be added
+# there too, and this stops the import until it is.
+assert {f.name for f in dataclasses.fields(Intent)} == {
+    "type",
+    "run_id",
+    "action",
+    "name",
+    "line",
+    "fingerprint",
+    "attempt",
+    "at",
+    "body",
+}, "records.item_of must check every Intent field"
+assert {f.name for f in dataclasses.fields(Result)} == {
+    "type",
+    "run_id",
+    "action",
+    "name",
+    "outcome",
+    "status",
+    "code",
+    "message",
+    "request_id",
+    "sends",
+    "fingerprint",
+    "line",
+    "started",
+    "finished",
+    "body",
+}, "records.item_of must check every Result field"
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """What the ledger state keeps of an intent (outcome None) or a result."""
+
+    name: str | None
+    line: int
+    fingerprint: str | None
+    action: Action | None
+    outcome: Outcome | None
+    code: str
+
+    @classmethod
+    def of(cls, record: Intent | Result) -> Item:
+        if isinstance(record, Intent):
+            return cls(record.name, record.line, record.fingerprint, record.action, None, "")
+        return cls(
+            record.name,
+            record.line,
+            record.fingerprint,
+            record.action,
+            record.outcome,
+            record.code,
+        )
+
+
+def _nat(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _sha_or_none(v: Any) -> bool:
+    return v is None or (type(v) is str and _SHA256_HEX.fullmatch(v) is not None)
+
+
+def item_of(obj: dict[str, Any]) -> Item | None:
+    """The fold's view of a decoded intent or result line, if every field of it is exactly
+    what `parse` accepts; None for anything else (another type, or something to look at
+    closely: the caller then calls `parse`)."""
+    kind = obj.get("type")
+    if kind == "result":
+        try:
+            outcome = _OUTCOME_OF[obj["outcome"]]
+            action = obj["action"]
+            action = None if action is None else _ACTION_OF[action]
+            name, line, fp, code = obj["name"], obj["line"], obj["fingerprint"], obj["code"]
+            status, body = obj["status"], obj.get("body")
+            ok = (
+                (name is None or type(name) is str)
+                and _nat(line)
+                and _sha_or_none(fp)
+                and type(code) is str
+                and (status is None or _nat(status))
+                and type(obj["run_id"]) is str
+                and type(obj["message"]) is str
+                and type(obj["request_id"]) is str
+                and _nat(obj["sends"])
+                and type(obj["started"]) is str
+                and type(obj["finished"]) is str
+                and (body is None or type(body) is dict)
+            )
+        except (KeyError, TypeError):  # missing field, or an unhashable value as a key
+            return None
+        return Item(name, line, fp, action, outcome, code) if ok else None
+    if kind == "intent":
+        try:
+            action = _ACTION_OF[obj["action"]]
+            name, line, fp = obj["name"], obj["line"], obj["fingerprint"]
+            ok = (
+                type(name) is str
+                and _nat(line)
+                and _sha_or_none(fp)
+                and _nat(obj["attempt"])
+                and type(obj["run_id"]) is str
+                and type(obj["at"]) is str
+                and type(obj["body"]) is dict
+            )
+        except (KeyError, TypeError):
+            return None
+        return Item(name, line, fp, action, None, "") if ok else None
+    return None

@@ -1,0 +1,319 @@
+"""The ledger's on-disk index (worker/index.py): derived, rebuilt when it cannot be trusted,
+and never changing what a run decides. Behaviour only: the figures are in bench/scale.py."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from worker import index, plan
+from worker.index import Table
+from worker.ledger import Ledger, State, read_state, records_of
+from worker.manifest import Group
+from worker.records import Action, Footer, Intent, Outcome, Result, RunHeader, Target
+
+TARGET = Target(endpoint="http://127.0.0.1:1", region="cn-north-1", access_key="AK")
+
+
+def fp(name: str, version: int = 0) -> str:
+    return hashlib.sha256(f"{name}/{version}".encode()).hexdigest()
+
+
+def header(run_id: str) -> RunHeader:
+    return RunHeader(
+        run_id=run_id,
+        started="t",
+        version="0",
+        command="run",
+        target=TARGET,
+        manifest="m.jsonl",
+        manifest_sha256="0" * 64,
+        items=0,
+        plan={},
+        settings={},
+    )
+
+
+def intent(run_id: str, name: str, line: int, version: int = 0) -> Intent:
+    return Intent(
+        run_id=run_id,
+        action=Action.CREATE,
+        name=name,
+        line=line,
+        fingerprint=fp(name, version),
+        attempt=1,
+        at="t",
+        body={"Name": name},
+    )
+
+
+def result(
+    run_id: str, name: str | None, line: int, outcome: Outcome, code: str = "", version: int = 0
+) -> Result:
+    return Result(
+        run_id=run_id,
+        action=None if outcome is Outcome.INVALID else Action.CREATE,
+        name=name,
+        outcome=outcome,
+        status=None,
+        code=code,
+        message="",
+        request_id="",
+        sends=1,
+        fingerprint=None if name is None else fp(name, version),
+        line=line,
+        started="t",
+        finished="t",
+    )
+
+
+def footer(run_id: str) -> Footer:
+    return Footer(
+        run_id=run_id,
+        finished="t",
+        stopped_by=None,
+        exit_code=0,
+        outcomes={},
+        skipped={},
+        codes={},
+        requests=0,
+        throttles=0,
+        retries=0,
+        duration_s=0.0,
+        rate_limit=10.0,
+        rate_achieved=0.0,
+    )
+
+
+def history(run_id: str, n: int) -> list[RunHeader | Intent | Result | Footer]:
+    """A run over n Names with every kind of latest word: done, rejected, deferred, in
+    doubt, invalid, and a Name sent twice."""
+    records: list[RunHeader | Intent | Result | Footer] = [header(run_id)]
+    kinds = [
+        Outcome.CREATED,
+        Outcome.EXISTS,
+        Outcome.REJECTED,
+        Outcome.DEFERRED,
+        None,
+        Outcome.INVALID,
+    ]
+    for i in range(n):
+        name, kind = f"组{i:05d}", kinds[i % len(kinds)]
+        if kind is Outcome.INVALID:
+            records.append(result(run_id, name, i + 1, kind))
+            continue
+        records.append(intent(run_id, name, i + 1))
+        if kind is not None:
+            records.append(
+                result(run_id, name, i + 1, kind, code="Code" if kind is Outcome.REJECTED else "")
+            )
+    records.append(result(run_id, None, n + 1, Outcome.INVALID))
+    records.append(footer(run_id))
+    return records
+
+
+def write_run(path: Path, records: list[RunHeader | Intent | Result | Footer]) -> None:
+    with Ledger.open(path, target=TARGET) as book:
+        for record in records:
+            book.append(record)
+
+
+def in_memory(path: Path) -> State:
+    """The ledger folded record by record into a plain dict: what the index must equal."""
+    state = State()
+    for record in records_of(path):
+        state.fold(record)
+    return state
+
+
+def manifest_items(n: int) -> list[Group]:
+    """The run's Names, half of them changed since, plus Names the ledger never saw."""
+    return [
+        Group(name=f"组{i:05d}", line=i + 1, body=b"{}", fingerprint=fp(f"组{i:05d}", i % 2))
+        for i in range(n + 5)
+    ]
+
+
+def decisions(state: State, items: list[Group]) -> list[tuple[str, str]]:
+    return [(item.name, plan.decide(item, state.latest).why) for item in items]
+
+
+def same_state(got: State, want: State) -> None:
+    assert isinstance(got.latest, Table)
+    assert dict(got.latest.items()) == dict(want.latest.items())
+    assert len(got.latest) == len(want.latest)
+    assert got.runs == want.runs and got.footers == want.footers
+    assert got.invalid_lines == want.invalid_lines
+
+
+def test_a_resume_with_the_index_plans_as_one_without(tmp_path: Path) -> None:
+    """The index a run leaves, a private one built from scratch and a plain fold of every
+    record give the same latest word per Name and the same plan, line by line."""
+    path = tmp_path / "l.jsonl"
+    write_run(path, history("r1", 60))
+    write_run(
+        path,
+        [
+            header("r2"),
+            intent("r2", "组00002", 3, 1),
+            result("r2", "组00002", 3, Outcome.CREATED, version=1),
+            footer("r2"),
+        ],
+    )
+    assert index.index_path(path).exists()
+    want = in_memory(path)
+    items = manifest_items(60)
+    with_index = read_state(path)
+    assert isinstance(with_index.latest, Table) and with_index.latest.path is not None
+    same_state(with_index, want)
+    os.unlink(index.index_path(path))
+    without = read_state(path)  # a private index: nothing written beside the ledger
+    assert not index.index_path(path).exists()
+    assert isinstance(without.latest, Table) and without.latest.path is None
+    same_state(without, want)
+    assert decisions(with_index, items) == decisions(without, items) == decisions(want, items)
+    counted = Counter(why for _, why in decisions(with_index, items))
+    assert set(counted) == {
+        "done",
+        "done_changed",
+        "rejected_unchanged",
+        "fixed",
+        "deferred",
+        "in_doubt",
+        "new",
+    }
+
+
+def test_the_index_is_rebuilt_after_it_is_deleted(tmp_path: Path) -> None:
+    """A run whose index was deleted rebuilds it from the ledger and leaves it current."""
+    path = tmp_path / "l.jsonl"
+    write_run(path, history("r1", 30))
+    os.unlink(index.index_path(path))
+    with Ledger.open(path, target=TARGET) as book:
+        same_state(book.state, in_memory(path))
+    assert index.index_path(path).exists()
+    same_state(read_state(path), in_memory(path))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["garbage header", "cut short", "trailer garbage", "empty file", "other version"],
+)
+def test_a_damaged_index_is_rebuilt(tmp_path: Path, damage: str) -> None:
+    """Whatever happened to the index file, readers and the next run get the ledger's word."""
+    path = tmp_path / "l.jsonl"
+    write_run(path, history("r1", 30))
+    ipath = index.index_path(path)
+    data = bytearray(ipath.read_bytes())
+    match damage:
+        case "garbage header":
+            data[:64] = os.urandom(64)
+        case "cut short":
+            del data[len(data) // 2 :]
+        case "trailer garbage":
+            data[-20:] = b"x" * 20
+        case "empty file":
+            data.clear()
+        case "other version":
+            data[7] ^= 0xFF
+    ipath.write_bytes(bytes(data))
+    want = in_memory(path)
+    same_state(read_state(path), want)
+    with Ledger.open(path, target=TARGET) as book:
+        same_state(book.state, want)
+    assert ipath.read_bytes()[:8] == index.MAGIC
+
+
+def test_an_index_from_another_ledger_is_not_trusted(tmp_path: Path) -> None:
+    """An index copied beside another ledger, even one with the same bytes, is ignored."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_run(a, history("r1", 30))
+    write_run(b, [header("r9"), intent("r9", "组00000", 1), footer("r9")])
+    index.index_path(b).write_bytes(index.index_path(a).read_bytes())
+    got = read_state(b)
+    same_state(got, in_memory(b))
+    assert got.latest.get("组00001") is None
+    twin = tmp_path / "twin.jsonl"  # same bytes, another file: its own inode
+    twin.write_bytes(a.read_bytes())
+    index.index_path(twin).write_bytes(index.index_path(a).read_bytes())
+    os.utime(twin, ns=(os.stat(a).st_atime_ns, os.stat(a).st_mtime_ns))
+    same_state(read_state(twin), in_memory(a))
+
+
+def test_records_appended_behind_the_index_are_read(tmp_path: Path) -> None:
+    """A ledger that grew or was edited without the index (another tool, an older version)
+    is read as the ledger says: readers build a private index, a run extends or rebuilds."""
+    path = tmp_path / "l.jsonl"
+    write_run(path, history("r1", 12))
+    with path.open("ab") as f:
+        f.write(orjson.dumps(result("r1", "组00004", 5, Outcome.CREATED)) + b"\n")
+    assert read_state(path).latest["组00004"].done
+    with Ledger.open(path, target=TARGET) as book:
+        assert book.state.latest["组00004"].done
+    edited = path.read_bytes().replace(b'"outcome":"created"', b'"outcome":"deferred"')
+    path.write_bytes(edited)  # same size, new mtime: the ledger's word wins
+    assert not read_state(path).latest["组00004"].done
+    with Ledger.open(path, target=TARGET) as book:
+        same_state(book.state, in_memory(path))
+
+
+def test_a_killed_run_leaves_an_index_nobody_trusts(tmp_path: Path) -> None:
+    """A run killed while it updates the index (kill -9) leaves it marked dirty: readers and
+    the next run read the ledger, including what the killed run wrote."""
+    path = tmp_path / "l.jsonl"
+    write_run(path, history("r1", 12))
+    code = f"""
+import os
+from pathlib import Path
+from tests.test_scale import TARGET, header, intent, result
+from worker.ledger import Ledger
+from worker.records import Outcome
+book = Ledger.open(Path({str(path)!r}), target=TARGET)
+book.append(header("r2"))
+book.append(intent("r2", "组00003", 4))
+book.append(result("r2", "组00003", 4, Outcome.CREATED))
+book.append(intent("r2", "新名字", 99))
+os._exit(9)
+"""
+    subprocess.run([sys.executable, "-c", code], check=False, cwd=Path(__file__).parents[1])
+    assert index.index_path(path).read_bytes()[8:12] == b"\0\0\0\0"  # not clean
+    want = in_memory(path)
+    assert want.latest["组00003"].done and want.latest["新名字"].in_doubt
+    same_state(read_state(path), want)
+    with Ledger.open(path, target=TARGET) as book:
+        same_state(book.state, want)
+
+
+def test_the_table_grows_and_keeps_every_name(tmp_path: Path) -> None:
+    """Past its load limit the table doubles into a new file and loses nothing."""
+    path = tmp_path / "l.jsonl"
+    n = int(index.MIN_SLOTS * index.MAX_LOAD) + 50
+    records: list[RunHeader | Intent | Result | Footer] = [header("r1")]
+    records += [intent("r1", f"名{i}", i + 1) for i in range(n)]
+    write_run(path, records)
+    got = read_state(path)
+    assert isinstance(got.latest, Table) and got.latest.slots == 2 * index.MIN_SLOTS
+    assert len(got.latest) == n and all(f"名{i}" in got.latest for i in range(n))
+
+
+def test_names_that_share_a_home_slot_stay_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a hash that sends every Name to the same slot, probing still keeps each Name's
+    own word (the full 128-bit key decides, never the slot)."""
+    real = index.name_key
+
+    def crowded(name: str) -> bytes:
+        return real(name)[:8] + bytes(8)  # the slot comes from the last 8 bytes
+
+    monkeypatch.setattr(index, "name_key", crowded)
+    path = tmp_path / "l.jsonl"
+    write_run(path, history("r1", 40))
+    same_state(read_state(path), in_memory(path))
