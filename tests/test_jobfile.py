@@ -48,7 +48,9 @@ def error_of(path: Path, command: str = "sync") -> str:
 def test_every_kind_is_typed_and_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     """Values come back typed by option name; relative paths join the job file's directory."""
     (tmp_path / "jobs").mkdir()
-    path = job(tmp_path / "jobs", '''
+    path = job(
+        tmp_path / "jobs",
+        """
 # the nightly sync
 command = "sync"
 manifest = "groups.jsonl"
@@ -60,7 +62,8 @@ prune = true
 "scope-project" = ["live", "直播"]
 max-delete = 10
 metrics-file = "../metrics/sync.prom"
-''')
+""",
+    )
     loaded = load(path, SCHEMA, command="sync")
     assert loaded.command == "sync" and loaded.path == path
     assert loaded.values == {
@@ -90,23 +93,58 @@ def test_a_relative_job_path_gives_paths_relative_to_the_working_directory(tmp_p
     assert loaded.values["manifest"] == Path("jobs/examples/groups.jsonl")
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ('command = "sync"\n\nrate = "fast"\n', "job.toml:3: rate: must be a number, not a string"),
-    ('command = "sync"\nconcurrency = 2.5\n', "job.toml:2: concurrency: must be an integer, not a number"),
-    ('command = "sync"\nconcurrency = true\n', "job.toml:2: concurrency: must be an integer, not a boolean"),
-    ('command = "sync"\nrate = true\n', "job.toml:2: rate: must be a number, not a boolean"),
-    ('command = "sync"\nrate = inf\n', "job.toml:2: rate: must be a finite number, not inf"),
-    ('command = "sync"\nprune = "yes"\n', "job.toml:2: prune: must be true or false, not a string"),
-    ('command = "sync"\nscope-project = "live"\n', 'job.toml:2: scope-project: must be a list of strings, not a string (write scope-project = ["live"])'),
-    ('command = "sync"\nscope-project = [1]\n', "job.toml:2: scope-project: must be a list of strings, not an array"),
-    ('command = "sync"\nmanifest = ""\n', "job.toml:2: manifest: must be a path (a string), not a string"),
-    ('command = "sync"\nmanifest = 1979-05-27\n', "job.toml:2: manifest: must be a path (a string), not a date or time"),
-    ('command = "sync"\n# rate = 1\nrat = 1\n', "job.toml:3: rat: unknown key (did you mean rate?)"),
-    ('command = "sync"\nmax_delete = 3\n', "job.toml:2: max_delete: unknown key (options are spelled with '-': max-delete)"),
-    ('command = "sync"\n\n[limits]\nrate = 3\n', "job.toml:3: limits: unknown key (did you mean limiter?)"),
-    ('command = "sync"\n"quoted key" = 1\n', "job.toml:2: quoted key: unknown key"),
-])
-def test_wrong_types_and_unknown_keys_name_file_key_and_line(tmp_path: Path, text: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('command = "sync"\n\nrate = "fast"\n', "job.toml:3: rate: must be a number, not a string"),
+        (
+            'command = "sync"\nconcurrency = 2.5\n',
+            "job.toml:2: concurrency: must be an integer, not a number",
+        ),
+        (
+            'command = "sync"\nconcurrency = true\n',
+            "job.toml:2: concurrency: must be an integer, not a boolean",
+        ),
+        ('command = "sync"\nrate = true\n', "job.toml:2: rate: must be a number, not a boolean"),
+        ('command = "sync"\nrate = inf\n', "job.toml:2: rate: must be a finite number, not inf"),
+        (
+            'command = "sync"\nprune = "yes"\n',
+            "job.toml:2: prune: must be true or false, not a string",
+        ),
+        (
+            'command = "sync"\nscope-project = "live"\n',
+            'job.toml:2: scope-project: must be a list of strings, not a string (write scope-project = ["live"])',
+        ),
+        (
+            'command = "sync"\nscope-project = [1]\n',
+            "job.toml:2: scope-project: must be a list of strings, not an array",
+        ),
+        (
+            'command = "sync"\nmanifest = ""\n',
+            "job.toml:2: manifest: must be a path (a string), not a string",
+        ),
+        (
+            'command = "sync"\nmanifest = 1979-05-27\n',
+            "job.toml:2: manifest: must be a path (a string), not a date or time",
+        ),
+        (
+            'command = "sync"\n# rate = 1\nrat = 1\n',
+            "job.toml:3: rat: unknown key (did you mean rate?)",
+        ),
+        (
+            'command = "sync"\nmax_delete = 3\n',
+            "job.toml:2: max_delete: unknown key (options are spelled with '-': max-delete)",
+        ),
+        (
+            'command = "sync"\n\n[limits]\nrate = 3\n',
+            "job.toml:3: limits: unknown key (did you mean limiter?)",
+        ),
+        ('command = "sync"\n"quoted key" = 1\n', "job.toml:2: quoted key: unknown key"),
+    ],
+)
+def test_wrong_types_and_unknown_keys_name_file_key_and_line(
+    tmp_path: Path, text: str, expected: str
+) -> None:
     """Every refused value names FILE:LINE: KEY and what was expected."""
     message = error_of(job(tmp_path, text))
     assert message == f"{tmp_path}/{expected}"
@@ -122,20 +160,40 @@ def test_command_must_be_the_one_invoked(tmp_path: Path) -> None:
     """A sync job given to `run` is refused, with the command that would run it."""
     path = job(tmp_path, '# header\ncommand = "sync"\n')
     assert error_of(path, command="run") == (
-        f"{path}:2: command: this job is for 'sync', not 'run'; run it with `worker sync --job {path}`")
+        f"{path}:2: command: this job is for 'sync', not 'run'; run it with `worker sync --job {path}`"
+    )
 
 
 def test_command_is_required_and_a_string(tmp_path: Path) -> None:
     """A job file that does not say its command, or says it with a non-string, is refused."""
-    assert error_of(job(tmp_path, "rate = 1\n")).endswith("command: missing; say which command "
-                                                          'this job is for (command = "sync")')
-    assert error_of(job(tmp_path, "command = 1\n")) == f"{tmp_path}/job.toml:1: command: must be a string"
+    assert error_of(job(tmp_path, "rate = 1\n")).endswith(
+        'command: missing; say which command this job is for (command = "sync")'
+    )
+    assert (
+        error_of(job(tmp_path, "command = 1\n"))
+        == f"{tmp_path}/job.toml:1: command: must be a string"
+    )
 
 
-@pytest.mark.parametrize("key", [
-    "ak", "sk", "AK", "secret", "secret_key", "Secret-Key", "access-key", "ACCESS_KEY",
-    "accesskey", "session_token", "token", "password", "redis-password", "credentials",
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "ak",
+        "sk",
+        "AK",
+        "secret",
+        "secret_key",
+        "Secret-Key",
+        "access-key",
+        "ACCESS_KEY",
+        "accesskey",
+        "session_token",
+        "token",
+        "password",
+        "redis-password",
+        "credentials",
+    ],
+)
 def test_keys_that_look_like_credentials_are_refused(tmp_path: Path, key: str) -> None:
     """Credentials never go in a job file: the key is refused before anything else is read."""
     message = error_of(job(tmp_path, f'command = "run"\n{key} = "AKLT..."\n'))
@@ -146,11 +204,15 @@ def test_keys_that_look_like_credentials_are_refused(tmp_path: Path, key: str) -
 def test_credentials_inside_a_table_are_refused_too(tmp_path: Path) -> None:
     """A [credentials] table with access_key inside is refused as credentials, not as unknown."""
     path = job(tmp_path, 'command = "sync"\n[volc]\naccess_key_id = "x"\n')
-    assert error_of(path) == (f"{path}:3: access_key_id: looks like a credential; credentials "
-                              "never go in a job file (use the environment, ~/.volc or --profile)")
+    assert error_of(path) == (
+        f"{path}:3: access_key_id: looks like a credential; credentials "
+        "never go in a job file (use the environment, ~/.volc or --profile)"
+    )
 
 
-@pytest.mark.parametrize("key", ["rate", "max-delete", "limiter-timeout", "task", "scope-project", "profile"])
+@pytest.mark.parametrize(
+    "key", ["rate", "max-delete", "limiter-timeout", "task", "scope-project", "profile"]
+)
 def test_ordinary_option_names_do_not_look_like_credentials(key: str) -> None:
     """No real option name is taken for a credential."""
     assert not looks_like_credential(key)
@@ -179,7 +241,9 @@ def test_bad_bytes_missing_files_and_non_files_are_refused(tmp_path: Path) -> No
     bad = tmp_path / "bad.toml"
     bad.write_bytes(b'command = "sync"\nendpoint = "\xff"\n')
     assert error_of(bad) == f"{bad}:2: not valid UTF-8"
-    assert error_of(tmp_path / "none.toml").startswith(f"{tmp_path}/none.toml: cannot open the job file:")
+    assert error_of(tmp_path / "none.toml").startswith(
+        f"{tmp_path}/none.toml: cannot open the job file:"
+    )
     assert error_of(tmp_path) == f"{tmp_path}: not a regular file"
     fifo = tmp_path / "fifo.toml"
     os.mkfifo(fifo)
@@ -200,28 +264,57 @@ def test_a_symlinked_job_file_is_read(tmp_path: Path) -> None:
 def test_env_var_names() -> None:
     """Every option's variable is WORKER_ + its name in capitals with - as _."""
     assert [env_var(n) for n in ("rate", "scope-project", "metrics-file")] == [
-        "WORKER_RATE", "WORKER_SCOPE_PROJECT", "WORKER_METRICS_FILE"]
+        "WORKER_RATE",
+        "WORKER_SCOPE_PROJECT",
+        "WORKER_METRICS_FILE",
+    ]
 
 
 def test_env_values_are_typed() -> None:
     """Numbers, booleans in their usual spellings, comma lists; empty means unset."""
-    env = {"WORKER_RATE": "2.5", "WORKER_CONCURRENCY": " 8 ", "WORKER_PRUNE": "TRUE",
-           "WORKER_SCOPE_PROJECT": "live, 直播,,", "WORKER_LEDGER": "state/l.jsonl",
-           "WORKER_ENDPOINT": "", "WORKER_LIMITER": "redis://r:6379/0", "PATH": "/bin"}
+    env = {
+        "WORKER_RATE": "2.5",
+        "WORKER_CONCURRENCY": " 8 ",
+        "WORKER_PRUNE": "TRUE",
+        "WORKER_SCOPE_PROJECT": "live, 直播,,",
+        "WORKER_LEDGER": "state/l.jsonl",
+        "WORKER_ENDPOINT": "",
+        "WORKER_LIMITER": "redis://r:6379/0",
+        "PATH": "/bin",
+    }
     assert env_values(env, SCHEMA) == {
-        "rate": 2.5, "concurrency": 8, "prune": True, "scope-project": ["live", "直播"],
-        "ledger": Path("state/l.jsonl"), "limiter": "redis://r:6379/0"}
-    for word, value in [("1", True), ("yes", True), ("on", True), ("0", False), ("false", False),
-                        ("No", False), ("off", False)]:
+        "rate": 2.5,
+        "concurrency": 8,
+        "prune": True,
+        "scope-project": ["live", "直播"],
+        "ledger": Path("state/l.jsonl"),
+        "limiter": "redis://r:6379/0",
+    }
+    for word, value in [
+        ("1", True),
+        ("yes", True),
+        ("on", True),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+    ]:
         assert env_values({"WORKER_PRUNE": word}, SCHEMA) == {"prune": value}
 
 
-@pytest.mark.parametrize(("var", "raw", "expected"), [
-    ("WORKER_RATE", "fast", "WORKER_RATE='fast': must be a number"),
-    ("WORKER_RATE", "nan", "WORKER_RATE='nan': must be a finite number"),
-    ("WORKER_CONCURRENCY", "2.5", "WORKER_CONCURRENCY='2.5': must be an integer"),
-    ("WORKER_PRUNE", "maybe", "WORKER_PRUNE='maybe': must be 1/0, true/false, yes/no or on/off"),
-])
+@pytest.mark.parametrize(
+    ("var", "raw", "expected"),
+    [
+        ("WORKER_RATE", "fast", "WORKER_RATE='fast': must be a number"),
+        ("WORKER_RATE", "nan", "WORKER_RATE='nan': must be a finite number"),
+        ("WORKER_CONCURRENCY", "2.5", "WORKER_CONCURRENCY='2.5': must be an integer"),
+        (
+            "WORKER_PRUNE",
+            "maybe",
+            "WORKER_PRUNE='maybe': must be 1/0, true/false, yes/no or on/off",
+        ),
+    ],
+)
 def test_env_errors_name_the_variable(var: str, raw: str, expected: str) -> None:
     """A bad value is refused with the variable's name and its value."""
     with pytest.raises(UsageError) as caught:

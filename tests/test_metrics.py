@@ -19,8 +19,11 @@ from worker.metrics import LAST_SUCCESS, Metrics, bounded, previous_last_success
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of a text exposition, keyed by (name, sorted labels)."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(text: str, name: str, **labels: str) -> float | None:
@@ -73,8 +76,14 @@ def test_registries_are_per_run() -> None:
     """Two runs in one process count separately (no global registry)."""
     a, b = Metrics(command="run", job_name="a"), Metrics(command="run", job_name="a")
     a.throttle()
-    assert a.registry.get_sample_value("worker_throttles_total", {"command": "run", "job_name": "a"}) == 1
-    assert b.registry.get_sample_value("worker_throttles_total", {"command": "run", "job_name": "a"}) == 0
+    assert (
+        a.registry.get_sample_value("worker_throttles_total", {"command": "run", "job_name": "a"})
+        == 1
+    )
+    assert (
+        b.registry.get_sample_value("worker_throttles_total", {"command": "run", "job_name": "a"})
+        == 0
+    )
 
 
 def test_network_label_values_are_bounded() -> None:
@@ -117,7 +126,9 @@ def test_last_success_is_not_taken_from_another_job(tmp_path: Path) -> None:
     other.write_textfile(path)
     assert previous_last_success(path, command="sync", job_name="nightly") is None
     assert previous_last_success(path, command="run", job_name="migration") == 500.0
-    assert previous_last_success(tmp_path / "none.prom", command="run", job_name="migration") is None
+    assert (
+        previous_last_success(tmp_path / "none.prom", command="run", job_name="migration") is None
+    )
     path.write_bytes(b"\xff\xfe not metrics {{{\n")
     assert previous_last_success(path, command="run", job_name="migration") is None
     fresh = Metrics(command="run", job_name="migration")
