@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -272,6 +273,7 @@ def test_a_killed_run_leaves_an_index_nobody_trusts(tmp_path: Path) -> None:
     code = f"""
 import os
 from pathlib import Path
+from typing import Any
 from tests.test_scale import TARGET, header, intent, result
 from worker.ledger import Ledger
 from worker.records import Outcome
@@ -317,3 +319,68 @@ def test_names_that_share_a_home_slot_stay_apart(
     path = tmp_path / "l.jsonl"
     write_run(path, history("r1", 40))
     same_state(read_state(path), in_memory(path))
+
+
+# -- the manifest's duplicate-Name check ---------------------------------------------------
+
+
+@pytest.mark.parametrize("tiny_hash", [lambda name: 7, len], ids=["one hash", "by length"])
+def test_colliding_hashes_never_make_a_false_duplicate(tmp_path: Path, tiny_hash: Any) -> None:
+    """With a hash under which many Names collide, only a Name really given twice is a
+    duplicate, and its problem names both lines; every other line stays a group."""
+    from worker import manifest
+
+    lines = [
+        '{"Name": "A1"}',
+        '{"Name": "B2"}',
+        "",
+        '{"Name": "C33"}',
+        '{"Name": "A1"}',
+        '{"Name": "bad name"}',
+        '{"Name": "B2"}',
+        '{"Name": "A1"}',
+        '{"Name": "D4"}',
+    ]
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with manifest.scan(path, name_hash=tiny_hash) as scanned:
+        got = [str(p) for p in scanned.problems]
+        items = list(manifest.read(scanned))
+        assert (scanned.groups, scanned.invalid, scanned.problem_count) == (4, 4, 4)
+    assert [g for g in got if "already given" in g] == [
+        f"{path}:5: Name: 'A1' is already given on line 1",
+        f"{path}:7: Name: 'B2' is already given on line 2",
+        f"{path}:8: Name: 'A1' is already given on line 1",
+    ]
+    assert got[1].startswith(f"{path}:6: Name: ")  # problems stay in line order
+    assert [(i.line, i.name, type(i).__name__) for i in items] == [
+        (1, "A1", "Group"),
+        (2, "B2", "Group"),
+        (4, "C33", "Group"),
+        (5, "A1", "Invalid"),
+        (6, "bad name", "Invalid"),
+        (7, "B2", "Invalid"),
+        (8, "A1", "Invalid"),
+        (9, "D4", "Group"),
+    ]
+
+
+def test_the_duplicate_check_is_the_same_with_the_real_hash(tmp_path: Path) -> None:
+    """The default hash gives the same verdicts as a colliding one."""
+    from worker import manifest
+
+    lines = [f'{{"Name": "N{i % 700}"}}' for i in range(1000)]
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    verdicts = []
+    for name_hash in (hash, lambda name: hash(name) % 5):
+        with manifest.scan(path, name_hash=name_hash) as scanned:
+            verdicts.append(
+                [
+                    (i.line, type(i).__name__, str(getattr(i, "problem", "")))
+                    for i in manifest.read(scanned)
+                ]
+            )
+    assert verdicts[0] == verdicts[1]
+    assert sum(kind == "Invalid" for _, kind, _ in verdicts[0]) == 300
+    assert verdicts[0][700][2].endswith("'N0' is already given on line 1")

@@ -10,18 +10,24 @@ and a source appended to or edited in place after `scan` has no effect. `read` m
 any number of times (to plan, then to send); each call is an independent pass that parses
 no JSON.
 
-Memory stays flat: lines are streamed, verdicts are on disk. Only one small map grows with
-the manifest: Name -> first line, to catch a Name given twice.
+Memory stays flat: lines are streamed, verdicts are on disk. Only the duplicate check grows
+with the manifest, by about 11 bytes per Name (`_Seen`): a 64-bit hash per Name in
+open-addressing `array('Q')` tables, not a dict (which cost ~194 B per line). A hash seen
+before only makes a line a suspect; the suspects are settled after the pass by one read of
+the spool that compares the Names themselves, so a hash collision never reports a duplicate,
+and the message still names the first line.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -96,13 +102,20 @@ class Scan:
         self.close()
 
 
-def scan(path: Path, *, spool_dir: Path | None = None, max_bytes: int = MAX_MANIFEST_BYTES) -> Scan:
+def scan(
+    path: Path,
+    *,
+    spool_dir: Path | None = None,
+    max_bytes: int = MAX_MANIFEST_BYTES,
+    name_hash: Callable[[str], int] = hash,
+) -> Scan:
     """Read `path` once: validate every line and keep a private copy for `read`.
 
     `path` may be a regular file, a FIFO, /dev/stdin or a process substitution. The spool is
     created in `spool_dir` (default: tempfile's directory; pass the ledger's folder to keep
     it off a small /tmp). Raises ManifestError for a source that cannot be read at all, is
     larger than `max_bytes`, or holds no groups; line problems are returned, not raised.
+    `name_hash` is the duplicate check's hash (tests pass a tiny one to force collisions).
     """
     try:
         spool = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (owned by the Scan)
@@ -112,7 +125,7 @@ def scan(path: Path, *, spool_dir: Path | None = None, max_bytes: int = MAX_MANI
             f"cannot create a spool file in {spool_dir or tempfile.gettempdir()}: {exc.strerror}",
         ) from None
     try:
-        return _scan(path, spool, max_bytes)
+        return _scan(path, spool, max_bytes, name_hash, spool_dir)
     except BaseException:
         spool.close()
         raise
@@ -138,26 +151,29 @@ def read(scanned: Scan) -> Iterator[Group | Invalid]:
             )
 
 
-def _scan(path: Path, spool: IO[bytes], max_bytes: int) -> Scan:
+def _scan(
+    path: Path,
+    spool: IO[bytes],
+    max_bytes: int,
+    name_hash: Callable[[str], int],
+    spool_dir: Path | None,
+) -> Scan:
     digest = hashlib.sha256()
-    first_line: dict[str, int] = {}
+    seen = _Seen()
+    suspects: set[int] = set()  # hashes seen again: their lines are settled after the pass
     shown: list[Problem] = []
     count = groups = invalid = 0
     source = _Source(path, digest, max_bytes)
     for lineno, raw in source.lines():
         result = _parse(path, lineno, raw)
         if isinstance(result, Group):
-            seen = first_line.setdefault(result.name, lineno)
-            if seen == lineno:
-                groups += 1
-                # A Name holds no TAB (api.name_problem) and canonical JSON no newline.
-                _write(path, spool, b"G" + result.name.encode() + b"\t" + result.body + b"\n")
-                continue
-            result = [
-                Problem(
-                    str(path), lineno, "Name", f"{result.name!r} is already given on line {seen}"
-                )
-            ]
+            h = name_hash(result.name)
+            if seen.add(h):
+                suspects.add(h)
+            groups += 1
+            # A Name holds no TAB (api.name_problem) and canonical JSON no newline.
+            _write(path, spool, b"G" + result.name.encode() + b"\t" + result.body + b"\n")
+            continue
         if result is None:
             _write(path, spool, b"\n")  # one spool line per source line keeps numbers true
             continue
@@ -170,6 +186,20 @@ def _scan(path: Path, spool: IO[bytes], max_bytes: int) -> Scan:
         spool.flush()  # `read` reads the descriptor, not this buffer
     except OSError as exc:
         raise _spool_error(path, exc) from None
+    del seen  # before the second pass: its memory is the scan's peak
+    if suspects:
+        duplicates = _confirm(spool, suspects, name_hash)
+        if duplicates:
+            spool = _respool(path, spool, duplicates, spool_dir)
+            dup_problems = [
+                Problem(str(path), line, "Name", f"{name!r} is already given on line {first}")
+                for line, (name, first) in duplicates.items()
+            ]
+            groups -= len(duplicates)
+            invalid += len(duplicates)
+            count += len(duplicates)
+            merged = heapq.merge(shown, dup_problems[:MAX_SHOWN], key=lambda p: p.line)
+            shown = list(merged)[:MAX_SHOWN]
     if groups == 0 and not invalid:
         raise _file_error(
             path, "the manifest holds no groups (it is empty or has only blank lines)"
@@ -184,6 +214,87 @@ def _scan(path: Path, spool: IO[bytes], max_bytes: int) -> Scan:
         problem_count=count,
         spool=spool,
     )
+
+
+class _Seen:
+    """A set of 64-bit hashes in open-addressing `array('Q')` tables (0 marks an empty slot).
+
+    When the newest table is full, a new one twice its size is added and the old ones stay
+    as they are: no rehash, so memory never holds an old and a new copy at once (a rehash
+    would peak at three times the table). A lookup probes each table (at most ~5 for ten
+    million Names), still far below what parsing the line costs. About 11 B per Name."""
+
+    FIRST_SLOTS = 1 << 16
+    MAX_LOAD = 0.7
+
+    def __init__(self) -> None:
+        self.tables: list[array[int]] = []
+        self.used = self.limit = 0
+
+    def add(self, h: int) -> bool:
+        """Add `h`; True if it was there already."""
+        h = (h & 0xFFFF_FFFF_FFFF_FFFF) or 1
+        for table in self.tables:
+            mask = len(table) - 1
+            i = h & mask
+            while (there := table[i]) != 0:
+                if there == h:
+                    return True
+                i = (i + 1) & mask
+        if self.used >= self.limit:
+            size = len(self.tables[-1]) * 2 if self.tables else self.FIRST_SLOTS
+            self.tables.append(array("Q", bytes(8 * size)))
+            self.used, self.limit = 0, int(size * self.MAX_LOAD)
+        table = self.tables[-1]
+        mask = len(table) - 1
+        i = h & mask
+        while table[i] != 0:
+            i = (i + 1) & mask
+        table[i] = h
+        self.used += 1
+        return False
+
+
+def _confirm(
+    spool: IO[bytes], suspects: set[int], name_hash: Callable[[str], int]
+) -> dict[int, tuple[str, int]]:
+    """Settle the suspects by their Names: {line: (Name, first line)} for each real
+    duplicate. One pass over the spool; it holds only the Names whose hash was seen twice."""
+    first: dict[str, int] = {}
+    duplicates: dict[int, tuple[str, int]] = {}
+    for lineno, record in _spooled_lines(spool):
+        if not record.startswith(b"G"):
+            continue
+        name = record[1:].partition(b"\t")[0].decode()
+        if name_hash(name) not in suspects:
+            continue
+        earlier = first.setdefault(name, lineno)
+        if earlier != lineno:
+            duplicates[lineno] = (name, earlier)
+    return duplicates
+
+
+def _respool(
+    path: Path, spool: IO[bytes], duplicates: dict[int, tuple[str, int]], spool_dir: Path | None
+) -> IO[bytes]:
+    """A copy of the spool with each duplicate's record turned into its problem."""
+    try:
+        out = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (owned by the Scan)
+    except OSError as exc:
+        raise _spool_error(path, exc) from None
+    try:
+        for lineno, record in _spooled_lines(spool):
+            if lineno in duplicates:
+                name, first = duplicates[lineno]
+                reason = f"{name!r} is already given on line {first}"
+                record = b"!" + orjson.dumps([name, "Name", reason])
+            _write(path, out, record + b"\n")
+        out.flush()
+    except BaseException:
+        out.close()
+        raise
+    spool.close()
+    return out
 
 
 class _Source:
