@@ -1,0 +1,254 @@
+"""Benchmark: memory and time at scale (issue 11), the real CLI in child processes.
+
+    python -m bench.scale            # 10^6 lines (a few minutes on 2 cores)
+    python -m bench.scale --quick    # 10^5 lines: a smoke run
+    python -m bench.scale --full     # also 10^7 lines (minutes more, ~8 GB of temp files)
+
+Each row runs `python -m worker ...` as a user would, in a temporary directory, and reads
+the child's own peak RSS from `os.wait4` (the kernel's ru_maxrss of that process alone) and
+its wall time. Manifests and ledgers are generated from byte templates (the ledger lines are
+what the worker writes: an intent and a `created` result per done Name, fingerprints the
+sha256 of the canonical body), for a target that is the sandbox process the runs talk to.
+Time to the first request is the sandbox's first arrival minus the moment the child was
+started. Every row prints this project's figure beside the goal of the issue.
+
+Not part of the test suite (tests/test_scale.py asserts the behaviour).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.harness import SandboxProc, start_sandbox
+
+AK, SK = "AKSCALE", "SKscalesecret"
+RUN_ID = "0" * 32
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    rss_mb: float
+    wall_s: float
+    code: int
+    first_request_s: float | None = None
+
+
+def name(i: int) -> str:
+    return f"组{i:08d}"
+
+
+def line(i: int) -> bytes:
+    # Exactly orjson's canonical body (the manifest step's), so fingerprints match.
+    return (
+        f'{{"Name":"{name(i)}","ProjectName":"default","Tags":[{{"Key":"批次",'
+        f'"Value":"b{i % 7}","Category":"Custom"}}]}}'
+    ).encode()
+
+
+def generate(folder: Path, lines: int, done: int, endpoint: str) -> tuple[Path, Path]:
+    """A manifest of `lines` groups and a ledger in which the first `done` are created."""
+    manifest, ledger = folder / "m.jsonl", folder / "m.ledger.jsonl"
+    with manifest.open("wb", buffering=1 << 20) as f:
+        for i in range(lines):
+            f.write(line(i) + b"\n")
+    stamp = "2024-01-01T00:00:00.000Z"
+    header = (
+        f'{{"type":"run","run_id":"{RUN_ID}","started":"{stamp}","version":"0.1.0",'
+        f'"command":"run","target":{{"endpoint":"{endpoint}","region":"cn-north-1",'
+        f'"access_key":"{AK}"}},"manifest":"{manifest}","manifest_sha256":"{"0" * 64}",'
+        f'"items":{lines},"plan":{{"new":{lines}}},"settings":{{}}}}\n'
+    ).encode()
+    with ledger.open("wb", buffering=1 << 20) as f:
+        f.write(header)
+        for i in range(done):
+            body = line(i)
+            fp = hashlib.sha256(body).hexdigest()
+            n = name(i)
+            f.write(
+                f'{{"type":"intent","run_id":"{RUN_ID}","action":"create","name":"{n}",'
+                f'"line":{i + 1},"fingerprint":"{fp}","attempt":1,"at":"{stamp}","body":'.encode()
+                + body
+                + b"}\n"
+            )
+            f.write(
+                f'{{"type":"result","run_id":"{RUN_ID}","action":"create","name":"{n}",'
+                f'"outcome":"created","status":200,"code":"","message":"",'
+                f'"request_id":"r{i}","sends":1,"fingerprint":"{fp}","line":{i + 1},'
+                f'"started":"{stamp}","finished":"{stamp}"}}\n'.encode()
+            )
+    return manifest, ledger
+
+
+def child(
+    args: list[str],
+    *,
+    env: dict[str, str],
+    sandbox: SandboxProc | None = None,
+    stop_after_first_s: float | None = None,
+) -> Measured:
+    """Run `python -m worker ARGS`; with `stop_after_first_s`, SIGTERM it that long after the
+    sandbox saw its first request (a resume is measured until it is sending steadily)."""
+    before = len(sandbox.creates()) if sandbox is not None else 0  # earlier runs' arrivals
+    started_wall, started = time.time(), time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first: float | None = None
+    while stop_after_first_s is not None and sandbox is not None and proc.poll() is None:
+        arrivals = sandbox.creates()[before:] if first is None else []
+        if first is None and arrivals:
+            first = arrivals[0]["t"] - started_wall
+            deadline = time.monotonic() + stop_after_first_s
+        if first is not None and time.monotonic() >= deadline:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return Measured(
+        rss_mb=usage.ru_maxrss / 1024,
+        wall_s=time.monotonic() - started,
+        code=proc.returncode,
+        first_request_s=first,
+    )
+
+
+def row(figure: str, got: str, goal: str) -> None:
+    print(f"| {figure} | {got} | {goal} |", flush=True)
+
+
+def scale(
+    folder: Path,
+    lines: int,
+    sb: SandboxProc,
+    env: dict[str, str],
+    label: str,
+    *,
+    resume: bool = True,
+) -> None:
+    endpoint = sb.url.rstrip("/")
+    run = ["run", "--endpoint", endpoint, "--rate", "5000", "-q"]
+    goal_rss = "≤ 100 MB" if lines <= 1_000_000 else "≤ 200 MB"
+
+    work = folder / f"{label}-none"
+    work.mkdir()
+    manifest, ledger = generate(work, lines, 0, endpoint)
+    got = child(["validate", str(manifest)], env=env)
+    row(
+        f"peak RSS, `validate`, {label} lines",
+        f"{got.rss_mb:.0f} MB ({got.wall_s:.1f} s)",
+        goal_rss,
+    )
+    got = child([*run, str(manifest), "--dry-run"], env=env)
+    row(
+        f"peak RSS, `run --dry-run`, {label} lines, empty ledger",
+        f"{got.rss_mb:.0f} MB ({got.wall_s:.1f} s)",
+        goal_rss,
+    )
+    manifest.unlink()
+    ledger.unlink(missing_ok=True)
+
+    if resume:
+        work = folder / f"{label}-part"
+        work.mkdir()
+        done = lines * 3 // 10
+        manifest, ledger = generate(work, lines, done, endpoint)
+        got = child([*run, str(manifest)], env=env, sandbox=sb, stop_after_first_s=3)
+        row(
+            f"peak RSS, resuming {label} lines with {done} done (first index build, "
+            "stopped 3 s after the first request)",
+            f"{got.rss_mb:.0f} MB",
+            goal_rss,
+        )
+        row(
+            "time to the first request, that resume (no index yet)",
+            f"{got.first_request_s:.1f} s" if got.first_request_s else "none",
+            "≤ 5 s",
+        )
+        got = child([*run, str(manifest)], env=env, sandbox=sb, stop_after_first_s=1)
+        row(
+            "time to the first request, resuming again (index current)",
+            f"{got.first_request_s:.1f} s" if got.first_request_s else "none",
+            "≤ 5 s",
+        )
+        for p in work.iterdir():
+            p.unlink()
+
+    work = folder / f"{label}-all"
+    work.mkdir()
+    manifest, ledger = generate(work, lines, lines, endpoint)
+    got = child([*run, str(manifest)], env=env)
+    row(
+        f"peak RSS and time, rerun of {label} lines all done (first: builds the index)",
+        f"{got.rss_mb:.0f} MB, {got.wall_s:.1f} s (exit {got.code})",
+        f"{goal_rss}, ≤ 10 s",
+    )
+    got = child([*run, str(manifest)], env=env)
+    row(
+        "peak RSS and time, rerun again (index current)",
+        f"{got.rss_mb:.0f} MB, {got.wall_s:.1f} s (exit {got.code})",
+        f"{goal_rss}, ≤ 10 s",
+    )
+    got = child(["report", str(ledger), "--json"], env=env)
+    row(
+        "peak RSS, `report --json` on that ledger",
+        f"{got.rss_mb:.0f} MB ({got.wall_s:.1f} s)",
+        goal_rss,
+    )
+    for p in work.iterdir():
+        p.unlink()
+
+
+def one_line(folder: Path, sb: SandboxProc, env: dict[str, str]) -> None:
+    work = folder / "one"
+    work.mkdir()
+    manifest, _ = generate(work, 1, 0, sb.url.rstrip("/"))
+    got = child(
+        ["run", str(manifest), "--endpoint", sb.url.rstrip("/"), "--rate", "5000", "-q"], env=env
+    )
+    row(
+        "a 1-line run at `--rate 5000` (process start to exit)",
+        f"{got.wall_s:.2f} s (exit {got.code})",
+        "≤ 0.4 s",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="10^5 lines only")
+    size.add_argument("--full", action="store_true", help="10^6 and 10^7 lines")
+    opts = parser.parse_args()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VOLC_", "WORKER_"))}
+    env.update(VOLC_ACCESSKEY=AK, VOLC_SECRETKEY=SK)
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        folder = Path(tmp)
+        sb = start_sandbox(folder, keys={AK: SK})
+        try:
+            print("| figure | this project | goal |\n| --- | --- | --- |", flush=True)
+            one_line(folder, sb, env)
+            if opts.quick:
+                scale(folder, 100_000, sb, env, "100 000")
+            else:
+                scale(folder, 1_000_000, sb, env, "1 000 000")
+            if opts.full:
+                scale(folder, 10_000_000, sb, env, "10 000 000")
+        finally:
+            sb.stop()
+
+
+if __name__ == "__main__":
+    main()
