@@ -23,6 +23,7 @@ from tests.conftest import (
     write_manifest,
 )
 from worker.ledger import Ledger
+from worker.records import Target
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,13 +37,15 @@ def report_json(ledger: Path, env: dict[str, str]) -> dict[str, Any]:
 
 
 def test_quick_start_example_on_embedded_sandbox(tmp_path: Path) -> None:
-    """The README's quick start: the example manifest on --sandbox, then a rerun that skips all."""
+    """The README's quick start: the example manifest on --sandbox, then a rerun that skips
+    all, truthfully: the embedded sandbox kept its account beside the sandbox ledger."""
     manifest = tmp_path / "groups.jsonl"
     shutil.copy(ROOT / "jobs/examples/groups.jsonl", manifest)
     env = cli_env(tmp_path, ak="", sk="")  # no credentials needed
     first = run_worker("run", str(manifest), "--sandbox", env=env)
     assert first.returncode == 0, first.stderr
-    ledger = tmp_path / "groups.ledger.jsonl"
+    ledger = tmp_path / "groups.sandbox.ledger.jsonl"
+    assert not (tmp_path / "groups.ledger.jsonl").exists()
     results = [r for r in ledger_records(ledger) if r["type"] == "result"]
     assert len(results) == 12 and {r["outcome"] for r in results} == {"created"}
     second = run_worker("run", str(manifest), "--sandbox", env=env)
@@ -168,16 +171,18 @@ def test_skip_invalid_records_and_goes_on(sandbox: SandboxProc, tmp_path: Path) 
 
 
 def test_wrong_secret_stops_the_run(sandbox: SandboxProc, tmp_path: Path) -> None:
-    """SignatureDoesNotMatch stops the run at once: exit 2, a clear message, rest pending."""
+    """SignatureDoesNotMatch stops the run at once: exit 7 (requests went out, a human must
+    fix the keys), a clear message; nothing rejected, the rest pending."""
     manifest = write_manifest(tmp_path / "m.jsonl", names(40))
     env = cli_env(tmp_path, sk="not-the-secret")
     out = run_worker("run", str(manifest), "--endpoint", sandbox.url, "--concurrency", "2", env=env)
-    assert out.returncode == 2
+    assert out.returncode == 7
     assert "SignatureDoesNotMatch" in out.stderr and "secret key" in out.stderr
     assert "Traceback" not in out.stderr
     assert len(sandbox.creates()) <= 3  # stopped at the first answer, not after 40
     summary = report_json(tmp_path / "m.ledger.jsonl", env)
-    assert summary["pending"] == 40
+    assert summary["rejected"] == 0 and summary["created"] == 0
+    assert summary["pending"] + summary["deferred"] == 40 and summary["deferred"] <= 3
 
 
 def test_server_clock_far_off_names_the_local_clock(sandbox_factory: Any, tmp_path: Path) -> None:
@@ -185,7 +190,7 @@ def test_server_clock_far_off_names_the_local_clock(sandbox_factory: Any, tmp_pa
     sb: SandboxProc = sandbox_factory("--clock-offset", "3600")
     manifest = write_manifest(tmp_path / "m.jsonl", names(10))
     out = run_worker("run", str(manifest), "--endpoint", sb.url, env=cli_env(tmp_path))
-    assert out.returncode == 2
+    assert out.returncode == 7
     assert "InvalidTimestamp" in out.stderr and "local clock" in out.stderr
 
 
@@ -227,8 +232,10 @@ def test_locked_ledger_exits_5_and_touches_nothing(sandbox: SandboxProc, tmp_pat
     """While another run holds the ledger: exit 5, nothing sent, ledger bytes unchanged."""
     manifest = write_manifest(tmp_path / "m.jsonl", names(3))
     ledger = tmp_path / "m.ledger.jsonl"
-    holder = Ledger.open(ledger)
-    holder.append({"type": "run", "run_id": "other"})
+    assert run_worker("run", str(manifest), "--dry-run", env=cli_env(tmp_path)).returncode == 0
+    ledger.touch()  # an empty file is adopted as a new ledger
+    holder = Ledger.open(ledger, target=Target(endpoint=sandbox.url, region="cn-north-1",
+                                               access_key=AK))
     before = ledger.read_bytes()
     try:
         out = run_worker("run", str(manifest), "--endpoint", sandbox.url, env=cli_env(tmp_path))
@@ -257,7 +264,7 @@ def test_report_text_and_ledger_shape(sandbox: SandboxProc, tmp_path: Path) -> N
     assert header["manifest_sha256"] and header["settings"]["rate"] == 10
     assert "SK" not in json.dumps(header["settings"])
     result = next(r for r in records if r["type"] == "result")
-    assert {"name", "outcome", "status", "code", "message", "request_id", "attempts",
+    assert {"action", "name", "outcome", "status", "code", "message", "request_id", "sends",
             "fingerprint", "line", "started", "finished"} <= set(result)
     text = run_worker("report", str(tmp_path / "m.ledger.jsonl"), env=env).stdout
     assert "created" in text and "3" in text

@@ -91,9 +91,10 @@ def own(path: Path, uid: int, gid: int, mode: int) -> Path:
 
 
 def remap(text: str, moves: dict[str, Path]) -> str:
-    for old, new in moves.items():
-        text = text.replace(old, str(new))
-    return text
+    """Replace each production path by its test stand-in, longest first and in one pass, so
+    a path already moved (/var/lib/prometheus/...) is not moved again by a shorter prefix."""
+    pattern = re.compile("|".join(re.escape(k) for k in sorted(moves, key=len, reverse=True)))
+    return pattern.sub(lambda m: str(moves[m.group(0)]), text)
 
 
 def run_as(
@@ -201,6 +202,7 @@ def test_systemd_unit_run_as_its_user_in_its_state_directory(
     ledger = state / "groups.ledger.jsonl"
     assert ledger.stat().st_uid == uid and stat.S_IMODE(ledger.stat().st_mode) & 0o007 == 0
     prom = textfile / "live-groups-sync.prom"
+    assert prom.exists(), explain(first)
     success = last_success(prom)
     assert success is not None
 

@@ -228,6 +228,12 @@ OPTIONS: tuple[Opt, ...] = (
         ("sync",)),
     Opt("max-delete", "int", "refuse a sync that would delete more than N groups "
         "(default 50)", ("sync",)),
+    Opt("metrics-file", "path", "write Prometheus metrics here, atomically, during the run "
+        "and at its end (node_exporter textfile collector: name it *.prom)", ("run", "sync")),
+    Opt("metrics-port", "int", "serve /metrics on this port while the run lasts",
+        ("run", "sync")),
+    Opt("metrics-host", "str", "the address /metrics listens on (default 127.0.0.1)",
+        ("run", "sync")),
 )
 
 
@@ -267,10 +273,26 @@ def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
     settings = Settings(manifest=manifest_path, ledger=Path(str(ledger_path)),
                         pacing=Pacing(**pacing), retry=RetryPolicy(**retry),
                         dry_run=bool(getattr(args, "dry_run", False)), **kwargs)
-    options = compose.Options(sandbox_account=account, profile=values.get("profile"),
-                              retry_rejected=bool(values.get("retry-rejected")),
-                              json=bool(getattr(args, "json", False)))
+    job = getattr(args, "job", None)
+    port = values.get("metrics-port")
+    if port is not None and not 0 <= port <= 65535:
+        raise UsageError(f"--metrics-port must lie in 0..65535, not {port}")
+    metrics_file = values.get("metrics-file")
+    options = compose.Options(
+        sandbox_account=account, profile=values.get("profile"),
+        retry_rejected=bool(values.get("retry-rejected")),
+        json=bool(getattr(args, "json", False)),
+        job_name=_stem(Path(job) if job else manifest_path),
+        metrics_file=Path(str(metrics_file)) if metrics_file is not None else None,
+        metrics_port=port, metrics_host=values.get("metrics-host") or "127.0.0.1")
     return settings, options
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".jsonl", ".toml"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 def _sync_options(args: argparse.Namespace) -> Any:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -34,6 +35,7 @@ from worker.errors import (
 )
 from worker.export import export_lines
 from worker.ledger import Ledger
+from worker.metrics import Metrics
 from worker.pacing import LocalPacer, Pacer
 from worker.progress import Progress
 from worker.records import Action, Footer, Outcome, Result, RunHeader, StopReason, Target
@@ -63,6 +65,51 @@ class Options:
     profile: str | None = None
     retry_rejected: bool = False
     json: bool = False
+    job_name: str = ""  # the job file's stem, else the manifest's: the metrics' job_name
+    metrics_file: Path | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
+
+class Published:
+    """The run's metrics and where they go: a textfile every tick and at the end, and
+    /metrics while the run lasts. A metrics file that cannot be written never stops a run."""
+
+    def __init__(self, options: Options, command: str) -> None:
+        self.metrics = Metrics(command=command, job_name=options.job_name,
+                               started_at=time.time())
+        self._file = options.metrics_file
+        self._port = options.metrics_port
+        self._host = options.metrics_host
+        self._warned = False
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        if self._port is None:
+            yield
+            return
+        with self.metrics.serve(self._port, self._host) as url:
+            log.info("metrics.serving", url=url)
+            yield
+
+    def tick(self, tally: Tally, rate_limit: float) -> None:
+        self.metrics.rates(rate_limit, tally.rate)
+        self.write()
+
+    def finish(self, tally: Tally, rate_limit: float, duration_s: float, code: Exit) -> None:
+        self.metrics.rates(rate_limit, tally.rate)
+        self.metrics.finish(duration_s, success=code is Exit.OK, now=time.time())
+        self.write()
+
+    def write(self) -> None:
+        if self._file is None:
+            return
+        try:
+            self.metrics.write_textfile(self._file)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("metrics.unwritable", path=str(self._file), error=exc.strerror)
 
 
 def default_ledger(manifest: Path, *, sandbox: bool) -> Path:
@@ -161,8 +208,7 @@ async def _pacer(settings: Settings, creds: Credentials) -> AsyncIterator[Pacer]
 
 @contextlib.asynccontextmanager
 async def runner_for(account: Account, *, book: Ledger | None, controls: Controls,
-                     run_id: str, on_tick: Callable[[Tally], None] | None = None
-                     ) -> AsyncIterator[Runner]:
+                     run_id: str, metrics: Metrics | None = None) -> AsyncIterator[Runner]:
     settings = account.settings
     async with _pacer(settings, account.credentials) as pacer, \
             Transport(settings.endpoint, timeout_s=settings.timeout_s,
@@ -170,7 +216,7 @@ async def runner_for(account: Account, *, book: Ledger | None, controls: Control
                       max_body_bytes=LIST_BODY_BYTES) as transport:
         yield Runner(settings=settings, credentials=account.credentials, sender=transport,
                      pacer=pacer, ledger=book, controls=controls, run_id=run_id,
-                     wall=wall_clock(), on_tick=on_tick, reachability=_reachability())
+                     wall=wall_clock(), metrics=metrics, reachability=_reachability())
 
 
 def _reachability() -> Reachability:
@@ -214,7 +260,7 @@ def outcome_exit(tally: Tally, controls: Controls) -> Exit:
 
 
 async def journal(runner: Runner, book: Ledger, header: RunHeader,
-                  work: Coroutine[Any, Any, Tally]) -> Exit:
+                  work: Coroutine[Any, Any, Tally], published: Published) -> Exit:
     """Write the header, do the work, and always write the footer (unless killed)."""
     try:
         book.append(header)
@@ -251,6 +297,7 @@ async def journal(runner: Runner, book: Ledger, header: RunHeader,
                 retries=tally.retries, duration_s=round(elapsed, 3),
                 rate_limit=runner.settings.pacing.rate,
                 rate_achieved=round(tally.rate, 3)))
+        published.finish(tally, runner.settings.pacing.rate, elapsed, code)
         summarize(tally, code)
     return code
 
@@ -294,28 +341,46 @@ async def _run(settings: Settings, options: Options, scan: manifest.Scan, book: 
     counted = plan.count(manifest.read(scan), book.state.latest,
                          retry_rejected=options.retry_rejected)
     progress = Progress(tty=sys.stderr.isatty(), total=counted.to_send)
-    async with _account(settings, creds, target, options) as account, \
-            runner_for(account, book=book, controls=controls, run_id=run_id,
-                       on_tick=progress.tick) as runner:
-        runner.tally.to_send = counted.to_send
-        log.info("run.start", manifest=str(scan.path), ledger=str(book.path),
-                 target=str(target), credentials=source, rate=settings.pacing.rate,
-                 concurrency_cap=runner.concurrency.cap, **dict(counted.counts))
-        for why, n in counted.counts.items():
-            if why != "new":
-                log.info("run.resend" if why in plan.SENDS else "run.skip", reason=why,
-                         count=n, why=plan.REASONS[why])
-        header = RunHeader(
-            run_id=run_id, started=stamp(runner.wall()), version=__version__, command="run",
-            target=target, manifest=_manifest_name(scan.path),
-            manifest_sha256=scan.sha256, items=scan.groups + scan.invalid,
-            plan=dict(counted.counts),
-            settings=settings.public())
-        try:
-            work = _run_source(scan, book, runner, options.retry_rejected)
-            return await journal(runner, book, header, runner.apply(work))
-        finally:
-            progress.close(runner.tally)
+    published = Published(options, "run")
+    with published.serving():
+        async with _account(settings, creds, target, options) as account, \
+                runner_for(account, book=book, controls=controls, run_id=run_id,
+                           metrics=published.metrics) as runner:
+            runner.on_tick = _ticker(progress, published, settings)
+            return await _run_in(runner, settings, scan, book, target, source, counted,
+                                 progress, published, options)
+
+
+def _ticker(progress: Progress, published: Published, settings: Settings
+            ) -> Callable[[Tally], None]:
+    def tick(tally: Tally) -> None:
+        progress.tick(tally)
+        published.tick(tally, settings.pacing.rate)
+
+    return tick
+
+
+async def _run_in(runner: Runner, settings: Settings, scan: manifest.Scan, book: Ledger,
+                  target: Target, source: str, counted: plan.Plan, progress: Progress,
+                  published: Published, options: Options) -> Exit:
+    runner.tally.to_send = counted.to_send
+    log.info("run.start", manifest=str(scan.path), ledger=str(book.path), target=str(target),
+             credentials=source, rate=settings.pacing.rate,
+             concurrency_cap=runner.concurrency.cap, **dict(counted.counts))
+    for why, n in counted.counts.items():
+        if why != "new":
+            log.info("run.resend" if why in plan.SENDS else "run.skip", reason=why, count=n,
+                     why=plan.REASONS[why])
+    header = RunHeader(
+        run_id=runner.run_id, started=stamp(runner.wall()), version=__version__,
+        command="run", target=target, manifest=_manifest_name(scan.path),
+        manifest_sha256=scan.sha256, items=scan.groups + scan.invalid,
+        plan=dict(counted.counts), settings=settings.public())
+    try:
+        work = _run_source(scan, book, runner, options.retry_rejected)
+        return await journal(runner, book, header, runner.apply(work), published)
+    finally:
+        progress.close(runner.tally)
 
 
 def _run_source(scan: manifest.Scan, book: Ledger, runner: Runner,
@@ -419,25 +484,35 @@ async def _sync(settings: Settings, options: Options, sync_options: SyncOptions,
                 controls: Controls) -> Exit:
     run_id = uuid.uuid4().hex
     structlog.contextvars.bind_contextvars(run_id=run_id)
-    async with _account(settings, creds, target, options) as account, \
-            runner_for(account, book=book, controls=controls, run_id=run_id) as runner:
-        groups = await list_account(runner)
-        # Nothing is written before the listing is complete and the plan accepted.
-        the_plan = _plan(sync_options, scan, groups)
-        to_send = the_plan.create + the_plan.update + len(the_plan.deletes)
-        progress = Progress(tty=sys.stderr.isatty(), total=to_send)
-        runner.on_tick = progress.tick
-        runner.tally.to_send = to_send
-        header = RunHeader(
-            run_id=run_id, started=stamp(runner.wall()), version=__version__,
-            command="sync", target=target, manifest=_manifest_name(scan.path),
-            manifest_sha256=scan.sha256, items=scan.groups + scan.invalid,
-            plan=the_plan.counts, settings=settings.public())
-        try:
-            work = _sync_source(the_plan, scan, groups, runner)
-            return await journal(runner, book, header, runner.apply(work))
-        finally:
-            progress.close(runner.tally)
+    published = Published(options, "sync")
+    with published.serving():
+        async with _account(settings, creds, target, options) as account, \
+                runner_for(account, book=book, controls=controls, run_id=run_id,
+                           metrics=published.metrics) as runner:
+            return await _sync_in(runner, settings, sync_options, scan, book, target,
+                                  published)
+
+
+async def _sync_in(runner: Runner, settings: Settings, sync_options: SyncOptions,
+                   scan: manifest.Scan, book: Ledger, target: Target,
+                   published: Published) -> Exit:
+    groups = await list_account(runner)
+    # Nothing is written before the listing is complete and the plan accepted.
+    the_plan = _plan(sync_options, scan, groups)
+    to_send = the_plan.create + the_plan.update + len(the_plan.deletes)
+    progress = Progress(tty=sys.stderr.isatty(), total=to_send)
+    runner.on_tick = _ticker(progress, published, settings)
+    runner.tally.to_send = to_send
+    header = RunHeader(
+        run_id=runner.run_id, started=stamp(runner.wall()), version=__version__,
+        command="sync", target=target, manifest=_manifest_name(scan.path),
+        manifest_sha256=scan.sha256, items=scan.groups + scan.invalid,
+        plan=the_plan.counts, settings=settings.public())
+    try:
+        work = _sync_source(the_plan, scan, groups, runner)
+        return await journal(runner, book, header, runner.apply(work), published)
+    finally:
+        progress.close(runner.tally)
 
 
 def _sync_source(the_plan: reconcile.SyncPlan, scan: manifest.Scan,
