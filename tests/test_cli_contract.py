@@ -27,6 +27,8 @@ from tests.conftest import (
 from worker import cli
 from worker.errors import Exit
 
+pytestmark = pytest.mark.slow  # real processes: `pytest -m 'not slow'` skips them
+
 
 def free_port() -> int:
     import socket

@@ -11,6 +11,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import (
     AK,
     SandboxProc,
@@ -24,6 +26,8 @@ from tests.conftest import (
 )
 from worker.ledger import Ledger
 from worker.records import Target
+
+pytestmark = pytest.mark.slow  # real processes: `pytest -m 'not slow'` skips them
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -36,6 +36,8 @@ from tests.conftest import (
 )
 from worker.cli import run_cli
 
+pytestmark = pytest.mark.slow  # real processes: `pytest -m 'not slow'` skips them
+
 CORPUS = Path(__file__).parent / "hostile_manifests"
 
 

@@ -317,3 +317,24 @@ def test_reads_are_retried_and_return_the_result() -> None:
     runner = make(sender)
     result = asyncio.run(runner.read("ListPullToPushGroup", b'{"PageNum":1}'))
     assert result == {"List": [], "Total": 0} and runner.tally.requests == 2
+
+
+def test_group_events_carry_the_bound_run_id_and_a_duration() -> None:
+    """Each finished item logs one `group.<outcome>` event with its action and duration, and
+    carries the run id bound once in the context (structlog's capture_logs, not stderr)."""
+    import structlog
+    from structlog.testing import capture_logs
+
+    structlog.contextvars.bind_contextvars(run_id="r1")
+    try:
+        with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
+            asyncio.run(make(Script({"G1": [envelope("InvalidParam", 400)]}))
+                        .apply(iter(items(2))))
+    finally:
+        structlog.contextvars.unbind_contextvars("run_id")
+    finished = [e for e in events if e["event"].startswith("group.")]
+    assert sorted(e["event"] for e in finished) == ["group.created", "group.rejected"]
+    assert all(e["run_id"] == "r1" and e["action"] == "create" for e in finished)
+    assert all(isinstance(e["duration_s"], float) for e in finished)
+    rejected = next(e for e in finished if e["event"] == "group.rejected")
+    assert rejected["code"] == "InvalidParam" and rejected["log_level"] == "warning"

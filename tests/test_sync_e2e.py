@@ -14,7 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import SandboxProc, cli_env, names, run_worker, worker_cmd, write_manifest
+
+pytestmark = pytest.mark.slow  # real processes: `pytest -m 'not slow'` skips them
 
 LIST, CREATE, UPDATE, DELETE = ("ListPullToPushGroup", "CreatePullToPushGroup",
                                 "UpdatePullToPushGroup", "DeletePullToPushGroup")
@@ -215,7 +219,7 @@ def test_a_listing_that_changes_while_paging_is_listed_again(sandbox_factory: An
     the manifest names is created twice."""
     account = [group(f"Pre{i:05d}") for i in range(1200)]
     sb = start(sandbox_factory, tmp_path, account, "--list-churn", "1")
-    manifest = write_manifest(tmp_path / "m.jsonl", account[:5] + [group("Fresh")])
+    manifest = write_manifest(tmp_path / "m.jsonl", [*account[:5], group("Fresh")])
     out = sync(sb, manifest, tmp_path)
     assert out.returncode == 0, out.stderr
     assert len(sb.of(LIST)) >= 4  # two pages, then two again
