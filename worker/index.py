@@ -62,8 +62,8 @@ TAIL_CHECK_BYTES: Final = 4096
 MIN_SLOTS: Final = 1 << 12
 MAX_LOAD: Final = 0.6  # linear probing stays near 1.5 probes per lookup below this
 # Resident pages are dropped after this many touches: bounds what the mapping adds to RSS
-# (a touch is at most two pages) to a few tens of MB.
-_DROP_EVERY: Final = 4096
+# (a touch is at most two pages) to about 8 MB.
+_DROP_EVERY: Final = 1024
 _MAX_TRAILER: Final = 256 << 20
 
 _OUTCOMES: Final = (None, *Outcome)
