@@ -57,6 +57,7 @@ def test_no_burst_after_idle() -> None:
     """After a long idle period the next callers still go one gap apart."""
     clock = FakeClock()
     pacer = LocalPacer(Pacing(rate=10), clock=clock, sleep=clock.sleep)
+
     async def scenario() -> list[float]:
         await admissions(pacer, clock, 10)
         clock.t += 120.0
@@ -71,6 +72,7 @@ def test_stall_does_not_release_a_clump() -> None:
     """A wake-up 0.7 s late (a stalled loop) re-anchors the schedule instead of catching up."""
     clock = FakeClock()
     pacer = LocalPacer(Pacing(rate=10), clock=clock, sleep=clock.sleep)
+
     async def scenario() -> list[float]:
         before = await admissions(pacer, clock, 15)
         clock.late = 0.7
@@ -103,6 +105,7 @@ def test_throttle_pauses_halves_and_recovers() -> None:
     clock = FakeClock()
     pacing = Pacing(rate=10, cooldown_s=1.0, recover_s=10.0)
     pacer = LocalPacer(pacing, clock=clock, sleep=clock.sleep)
+
     async def scenario() -> tuple[float, list[float]]:
         await admissions(pacer, clock, 5)
         t0 = clock()
@@ -116,3 +119,12 @@ def test_throttle_pauses_halves_and_recovers() -> None:
     assert pacer.rate(t0 + 1.0 + 5.0) < pacing.target
     assert pacer.rate(t0 + 1.0 + 10.0) == pacing.target
     assert "LocalPacer" in repr(pacer) and "admitted=6" in repr(pacer)
+
+
+def test_stats_count_admissions() -> None:
+    """stats() and repr count what the pacer admitted, for the run's closing log line."""
+    clock = FakeClock()
+    pacer = LocalPacer(Pacing(rate=10), clock=clock, sleep=clock.sleep)
+    asyncio.run(admissions(pacer, clock, 7, callers=3))
+    assert pacer.stats() == {"admitted": 7}
+    assert "admitted=7" in repr(pacer)

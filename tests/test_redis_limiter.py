@@ -9,6 +9,7 @@ fail instead: CI must run them.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import shutil
 import signal
@@ -37,8 +38,10 @@ from worker.pacing_redis import RedisPacer
 from worker.settings import Pacing
 
 pytestmark = pytest.mark.redis
-HOW = ("start one (`redis-server --port 6379 --save '' &`, after `apt-get install "
-       "redis-server`) or point REDIS_URL at one; `bash scripts/test` starts one by itself")
+HOW = (
+    "start one (`redis-server --port 6379 --save '' &`, after `apt-get install "
+    "redis-server`) or point REDIS_URL at one; `bash scripts/test` starts one by itself"
+)
 
 
 def _missing(what: str) -> None:
@@ -79,9 +82,22 @@ class OwnRedis:
         import redis
 
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.tmp)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.tmp),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -105,17 +121,28 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     server.kill()
 
 
-
-def start_workers(tmp: Path, sb: SandboxProc, count: int, per: int, *extra: str,
-                  env_extra: list[dict[str, str]] | None = None) -> list[subprocess.Popen[str]]:
+def start_workers(
+    tmp: Path,
+    sb: SandboxProc,
+    count: int,
+    per: int,
+    *extra: str,
+    env_extra: list[dict[str, str]] | None = None,
+) -> list[subprocess.Popen[str]]:
     procs = []
     for i in range(count):
         manifest = write_manifest(tmp / f"w{i}.jsonl", names(per, prefix=f"进程{i}组"))
         env = cli_env(tmp)
         env.update((env_extra or [{}] * count)[i])
-        procs.append(subprocess.Popen(
-            worker_cmd("run", str(manifest), "--endpoint", sb.url, "--rate", "20", *extra),
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                worker_cmd("run", str(manifest), "--endpoint", sb.url, "--rate", "20", *extra),
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -128,11 +155,13 @@ def finish(procs: list[subprocess.Popen[str]], timeout: float = 120) -> list[tup
 
 
 def aggregate_rate(sb: SandboxProc) -> float:
-    ok = sorted(a["t"] for a in sb.creates() if a["code"] == "")
+    ok: list[float] = sorted(a["t"] for a in sb.creates() if a["code"] == "")
     return (len(ok) - 1) / (ok[-1] - ok[0])
 
 
-def test_three_workers_share_one_budget(redis_url: str, sandbox_factory: Any, tmp_path: Path) -> None:
+def test_three_workers_share_one_budget(
+    redis_url: str, sandbox_factory: Any, tmp_path: Path
+) -> None:
     """3 processes x 100 groups, one AK, sandbox strict at 20/s, shared limiter: no throttle,
     never more than 20 arrivals in a sliding second, >= 85% of 20/s together, all once."""
     sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "20-200")
@@ -155,13 +184,15 @@ def test_per_process_budgets_get_throttled(sandbox_factory: Any, tmp_path: Path)
     assert throttled > 0
 
 
-def test_redis_outage_pauses_then_resumes_without_burst(own_redis: OwnRedis, sandbox_factory: Any,
-                                                        tmp_path: Path) -> None:
+def test_redis_outage_pauses_then_resumes_without_burst(
+    own_redis: OwnRedis, sandbox_factory: Any, tmp_path: Path
+) -> None:
     """Redis killed for ~3 s mid-run: sending stops, resumes when it is back, no burst over the
     limit, every group done once."""
     sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "20-100")
-    procs = start_workers(tmp_path, sb, 2, 60, "--limiter", own_redis.url,
-                          "--limiter-timeout", "30")
+    procs = start_workers(
+        tmp_path, sb, 2, 60, "--limiter", own_redis.url, "--limiter-timeout", "30"
+    )
     deadline = time.monotonic() + 30
     while len(sb.state()["groups"]) < 30 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -182,12 +213,15 @@ def test_redis_outage_pauses_then_resumes_without_burst(own_redis: OwnRedis, san
     assert len(state["groups"]) == 120 and all(g["created"] == 1 for g in state["groups"])
 
 
-def test_redis_gone_for_good_exits_3(own_redis: OwnRedis, sandbox_factory: Any, tmp_path: Path) -> None:
+def test_redis_gone_for_good_exits_3(
+    own_redis: OwnRedis, sandbox_factory: Any, tmp_path: Path
+) -> None:
     """Redis gone longer than --limiter-timeout: exit 3, consistent ledger, and a later run
     with Redis back completes the rest."""
     sb: SandboxProc = sandbox_factory("--rate", "20")
-    [proc] = start_workers(tmp_path, sb, 1, 80, "--limiter", own_redis.url,
-                           "--limiter-timeout", "2")
+    [proc] = start_workers(
+        tmp_path, sb, 1, 80, "--limiter", own_redis.url, "--limiter-timeout", "2"
+    )
     deadline = time.monotonic() + 30
     while len(sb.state()["groups"]) < 10 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -200,20 +234,37 @@ def test_redis_gone_for_good_exits_3(own_redis: OwnRedis, sandbox_factory: Any, 
     done = {r["name"] for r in records if r["type"] == "result" and r["outcome"] == "created"}
     assert done == {g["Name"] for g in sb.state()["groups"]}  # every answer was recorded
     own_redis.start()
-    again = run_worker("run", str(tmp_path / "w0.jsonl"), "--endpoint", sb.url, "--rate", "20",
-                       "--limiter", own_redis.url, env=cli_env(tmp_path))
+    again = run_worker(
+        "run",
+        str(tmp_path / "w0.jsonl"),
+        "--endpoint",
+        sb.url,
+        "--rate",
+        "20",
+        "--limiter",
+        own_redis.url,
+        env=cli_env(tmp_path),
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     state = sb.state()
     assert len(state["groups"]) == 80 and all(g["created"] == 1 for g in state["groups"])
 
 
-def test_skewed_host_clocks_share_the_budget(redis_url: str, sandbox_factory: Any,
-                                             tmp_path: Path) -> None:
+def test_skewed_host_clocks_share_the_budget(
+    redis_url: str, sandbox_factory: Any, tmp_path: Path
+) -> None:
     """Two processes whose clocks differ by 14 s still share the budget evenly: the slots come
     from the Redis server's clock, never from the hosts'."""
     sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "10-100")
-    procs = start_workers(tmp_path, sb, 2, 60, "--limiter", redis_url, env_extra=[
-        {"WORKER_TEST_CLOCK_OFFSET_S": "-7"}, {"WORKER_TEST_CLOCK_OFFSET_S": "7"}])
+    procs = start_workers(
+        tmp_path,
+        sb,
+        2,
+        60,
+        "--limiter",
+        redis_url,
+        env_extra=[{"WORKER_TEST_CLOCK_OFFSET_S": "-7"}, {"WORKER_TEST_CLOCK_OFFSET_S": "7"}],
+    )
     results = finish(procs)
     assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
     arrivals = sb.creates()
@@ -221,23 +272,32 @@ def test_skewed_host_clocks_share_the_budget(redis_url: str, sandbox_factory: An
     assert max_in_window([a["t"] for a in arrivals]) <= 20
     assert aggregate_rate(sb) >= 0.85 * 20
     # the hook really shifted the clocks: the two ledgers' stamps are ~14 s apart
-    started = [datetime.fromisoformat(ledger_records(tmp_path / f"w{i}.ledger.jsonl")[0]["started"])
-               for i in range(2)]
+    started = [
+        datetime.fromisoformat(ledger_records(tmp_path / f"w{i}.ledger.jsonl")[0]["started"])
+        for i in range(2)
+    ]
     assert abs((started[1] - started[0]).total_seconds() - 14) < 5
 
 
 def test_pacers_in_one_loop_book_evenly_spaced_slots(redis_url: str) -> None:
     """Several RedisPacers on one key (as separate processes would be) admit 1/target apart."""
+
     async def main() -> list[float]:
         times: list[float] = []
         endpoint = f"http://test-{time.monotonic_ns()}"
-        pacers = [RedisPacer(redis_url, pacing=Pacing(rate=40), endpoint=endpoint,
-                             access_key="AK", timeout_s=5) for _ in range(3)]
+        pacers = [
+            RedisPacer(
+                redis_url, pacing=Pacing(rate=40), endpoint=endpoint, access_key="AK", timeout_s=5
+            )
+            for _ in range(3)
+        ]
         async with pacers[0], pacers[1], pacers[2]:
+
             async def use(p: RedisPacer) -> None:
                 for _ in range(20):
                     await p.acquire()
                     times.append(time.monotonic())
+
             async with asyncio.TaskGroup() as tg:
                 for p in pacers:
                     for _ in range(4):
@@ -249,3 +309,140 @@ def test_pacers_in_one_loop_book_evenly_spaced_slots(redis_url: str) -> None:
     assert max_in_window(times) <= 40
     rate = (len(times) - 1) / (times[-1] - times[0])
     assert rate >= 0.9 * 40
+
+
+class LateClock:
+    """A local clock per task that moves only when its task sleeps: each sleep really waits (so
+    that Redis's clock moves alike) and then reads exactly `late` seconds past what was asked.
+    Per task (a context variable), so that concurrent sleepers do not add up each other's time."""
+
+    def __init__(self) -> None:
+        self.late = 0.0
+        self._t: contextvars.ContextVar[float] = contextvars.ContextVar("t", default=0.0)
+
+    def __call__(self) -> float:
+        return self._t.get()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self._t.set(self._t.get() + seconds + self.late)
+
+
+async def _tat(client: Any, key: str) -> int:
+    return int(await client.get(key))
+
+
+async def _tat_reaches(client: Any, key: str, expected: int) -> int:
+    """The TAT key once it equals `expected` (or whatever it holds after 5 s)."""
+    deadline = time.monotonic() + 5
+    while True:
+        tat = await _tat(client, key)
+        if tat == expected or time.monotonic() > deadline:
+            return tat
+        await asyncio.sleep(0.01)
+
+
+def _late_send_moves_schedule(redis_url: str, callers: int) -> tuple[int, int]:
+    """(how far TAT moved past the slots booked, what the late reports should move it)."""
+    import redis.asyncio as aioredis
+
+    from worker.pacing import SLACK_S
+
+    late = 0.050
+    pacing = Pacing(rate=20)  # 3 slots fit in the horizon: no caller polls
+    gap = int(1_000_000 / pacing.target)
+
+    async def main() -> tuple[int, int]:
+        clock = LateClock()
+        pacer = RedisPacer(
+            redis_url,
+            pacing=pacing,
+            endpoint=f"http://late-{time.monotonic_ns()}",
+            access_key="AK",
+            timeout_s=5,
+            clock=clock,
+            sleep=clock.sleep,
+            watch_s=None,
+        )
+        client = aioredis.Redis.from_url(redis_url)
+        async with pacer:
+            key = pacer._keys[0]
+            await pacer.acquire()  # the first slot is "now": no wait, not late
+            tat0 = await _tat(client, key)
+            clock.late = late  # every caller now wakes 50 ms past its slot
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(callers):
+                    tg.create_task(pacer.acquire())
+            # without reports TAT would be tat0 + callers * gap: the late sends move it on
+            expected = tat0 + callers * gap + int(late * 1e6) - int(SLACK_S * 1e6)
+            moved = await _tat_reaches(client, key, expected)
+            assert pacer.stats()["reported_late"] == callers
+        await client.aclose()
+        return moved - tat0 - callers * gap, expected - tat0 - callers * gap
+
+    return asyncio.run(main())
+
+
+def test_late_send_moves_the_shared_schedule(redis_url: str) -> None:
+    """A slot used 50 ms late (local clock injected) pushes the next free slot on Redis by the
+    lateness less the slack, so the slots booked next keep whole gaps from the real send."""
+    moved, expected = _late_send_moves_schedule(redis_url, callers=1)
+    assert moved == expected
+
+
+def test_a_run_of_late_sends_moves_the_schedule_once(redis_url: str) -> None:
+    """Three consecutive slots all used 50 ms late push the schedule by 50 ms once, not three
+    times: each report counts the slots booked after its own."""
+    moved, expected = _late_send_moves_schedule(redis_url, callers=3)
+    assert moved == expected
+
+
+def test_stall_past_late_limit_lets_the_slot_go(redis_url: str) -> None:
+    """A caller woken LATE_S past its slot does not send into others' slots: it books anew."""
+    from worker.pacing_redis import LATE_S
+
+    async def main() -> dict[str, float]:
+        clock = LateClock()
+        pacer = RedisPacer(
+            redis_url,
+            pacing=Pacing(rate=20),
+            endpoint=f"http://stall-{time.monotonic_ns()}",
+            access_key="AK",
+            timeout_s=5,
+            clock=clock,
+            sleep=clock.sleep,
+            watch_s=None,
+        )
+        async with pacer:
+            await pacer.acquire()
+            clock.late = LATE_S + 0.01
+            task = asyncio.create_task(pacer.acquire())
+            while pacer.missed == 0:
+                await asyncio.sleep(0.01)
+            clock.late = 0.0
+            await task
+            return pacer.stats()
+
+    stats = asyncio.run(main())
+    assert stats["missed"] >= 1 and stats["admitted"] == 2
+
+
+def test_cool_down_message_does_not_outlive_the_pacer(redis_url: str) -> None:
+    """throttled() right before the pacer closes leaves no task behind (it is owned, ended on
+    exit), and a cool-down that did reach Redis is seen by the next pacer on the same key."""
+    endpoint = f"http://cool-{time.monotonic_ns()}"
+
+    async def main() -> tuple[set[asyncio.Task[Any]], str]:
+        async with RedisPacer(
+            redis_url, pacing=Pacing(rate=20), endpoint=endpoint, access_key="AK", timeout_s=5
+        ) as pacer:
+            await pacer.acquire()
+            pacer.throttled()
+            await asyncio.sleep(0.2)  # let the message arrive
+            pacer.throttled()  # and one still on its way when we leave
+        left = asyncio.all_tasks() - {asyncio.current_task()}
+        return left, repr(pacer)
+
+    left, text = asyncio.run(main())
+    assert left == set()
+    assert "RedisPacer" in text and "admitted=1" in text

@@ -7,11 +7,21 @@ for its slot, and the caller sleeps exactly that long. Every "now" is the **Redi
 clock** (`TIME`), never a host's, so hosts whose clocks differ by seconds still share slots
 evenly; the only local time involved is a relative sleep.
 
-Booking is limited to `HORIZON_S` ahead: a caller whose slot would lie further out books
-nothing and asks again later. That keeps the slots handed out but not yet used to one
-second's worth, which is what bounds the damage if Redis loses its state (a restart: it keeps
-nothing on disk) — and after any Redis failure a process waits one horizon before booking
-again, so its new slots cannot collide with slots booked before the failure.
+A late send moves the shared schedule, as it moves the local one. A caller that wakes more
+than SLACK_S after its slot still uses it (up to LATE_S) and reports when it really went:
+the process's next booking carries the report, and the script pushes TAT so that the slots
+booked from then on keep whole gaps from the late send (it numbers its bookings, so a run
+of late slots pushes once, not once per slot). Without this a slot used 10 ms late sits
+10 ms closer to the slot one second after it, and the budget needed 6 % headroom to absorb
+that; with it the shared budget keeps the local pacer's 3 %.
+
+Booking is limited to HORIZON_S ahead (a caller whose slot would lie further out books
+nothing and asks again later), and each process has one Redis call in flight at a time (its
+callers queue on a local lock, so a process polls once, not once per caller). The short
+horizon is what lets a report arrive before the slots one second after the late one are
+handed out; it also bounds the damage if Redis loses its state (a restart: it keeps nothing
+on disk) — after any Redis failure a process waits one horizon before booking again, so its
+new slots cannot collide with slots booked before the failure.
 
 A FlowLimitExceeded seen by any process starts a shared cool-down in Redis: every process
 pauses, the shared rate halves and climbs back (the same AIMD as the local pacer).
@@ -24,9 +34,10 @@ has been away longer than `timeout_s`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
@@ -38,21 +49,31 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from worker.errors import LimiterUnavailable
-from worker.pacing import MIN_RATE
+from worker.pacing import MIN_RATE, SLACK_S
 from worker.settings import Pacing, redact_url
 
 log = structlog.get_logger("worker")
-HORIZON_S = 1.0
-# Requests from several processes reach the server with more relative jitter than one
-# process's (each is scheduled on its own, each has its own Redis round trip): measured,
-# 3% headroom (~30 ms in a second) was sometimes not enough with three processes on two
-# cores; 6% (~60 ms) keeps ~94% of the limit.
-SHARED_HEADROOM = 0.06
-LATE_S = 0.010  # woken this much after our slot: the slot is lost, not used late
+# Slots are booked at most this far ahead. Short, so that a late send's report reaches Redis
+# before the slots a second later are booked; long enough that every process holds a slot.
+HORIZON_S = 0.25
+# Same headroom as one process (settings.DEFAULT_HEADROOM): late sends are reported and move
+# the schedule, so the shared budget no longer pays for other processes' jitter.
+SHARED_HEADROOM = 0.03
+# Woken this much after our slot: the slot is lost, not used late. A send this late is
+# covered by the headroom even when its report never comes (the process had nothing more to
+# send); later than this, the slots around it belong to others.
+LATE_S = 0.200
+# The watchdog looks at the event loop every WATCH_S. A look STALL_S late means the loop was
+# held (a long step, or the OS ran something else), and a request admitted just before may
+# have reached the socket only now: the admission alone cannot tell. Shorter holds are left
+# to the headroom, as timer slack is (reporting them cost ~3 % of the rate, measured).
+WATCH_S = 0.005
+STALL_S = 0.010
 KEY_TTL_MS = 120_000  # keys vanish on their own once nobody uses the budget
 
-# KEYS: tat, throttle (hash: at, floor). ARGV: target rate, horizon us, cooldown us, recover us,
-# ttl ms. Returns {wait_us, booked (1|0)}.
+# KEYS: tat, throttle (hash: at, floor), seq. ARGV: target rate, horizon us, cooldown us,
+# recover us, ttl ms, slack us, book (1|0), then (used at us, seq) per late send reported.
+# Returns {wait_us, booked (1|0), slot us, seq}; with book 0 it only takes the reports.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -67,13 +88,32 @@ if th[1] then
   local share = math.min(1, math.max(0, (now - at - cooldown) / recover))
   rate = floor + (target - floor) * share
 end
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-local slot = math.max(tat, earliest)
-if slot - now > horizon then
-  return {slot - now - horizon, 0}
+local gap = math.floor(1000000 / rate)
+local slack = math.min(tonumber(ARGV[6]), gap / 4)
+local tat0 = tonumber(redis.call('GET', KEYS[1]) or '0')
+local tat = tat0
+local seq = tonumber(redis.call('GET', KEYS[3]) or '0')
+-- A slot numbered s used at u: the n = seq - s slots booked since keep their places, the
+-- next one keeps (n + 1) whole gaps from u (less the slack the local pacer forgives too).
+-- A number above seq comes from before Redis lost its state: it says nothing now.
+for i = 8, #ARGV - 1, 2 do
+  local used, s = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  if s <= seq then
+    tat = math.max(tat, used - slack + (seq - s + 1) * gap)
+  end
 end
-redis.call('SET', KEYS[1], string.format('%.0f', slot + math.floor(1000000 / rate)), 'PX', ARGV[5])
-return {slot - now, 1}
+local slot = math.max(tat, earliest)
+if ARGV[7] == '0' or slot - now > horizon then
+  if tat > tat0 then
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', ARGV[5])
+  end
+  return {slot - now - horizon, 0, 0, 0}
+end
+seq = seq + 1
+-- %.0f: Lua 5.1's tostring keeps 14 digits, and microsecond stamps have 16
+redis.call('SET', KEYS[1], string.format('%.0f', slot + gap), 'PX', ARGV[5])
+redis.call('SET', KEYS[3], string.format('%.0f', seq), 'PX', ARGV[5])
+return {slot - now, 1, slot, seq}
 """
 
 # KEYS: throttle. ARGV: target rate, cooldown us, recover us, min rate, ttl ms.
@@ -89,7 +129,6 @@ if th[1] then
   local share = math.min(1, math.max(0, (now - at - cooldown) / recover))
   rate = floor + (target - floor) * share
 end
--- %.0f: Lua 5.1's tostring keeps 14 digits, and microsecond stamps have 16
 local floor = math.max(tonumber(ARGV[4]), rate / 2)
 redis.call('HSET', KEYS[1], 'at', string.format('%.0f', now), 'floor', tostring(floor))
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
@@ -98,101 +137,263 @@ return 1
 
 
 class RedisPacer:
-    """The shared budget of one access key at one endpoint. Open it with `async with`."""
+    """The shared budget of one access key at one endpoint. Open it with `async with`.
 
-    def __init__(self, url: str, *, pacing: Pacing, endpoint: str, access_key: str,
-                 timeout_s: float,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    `stats()` says where the time went: slots used, used late and reported, lost to a stalled
+    loop; bookings refused because the horizon was full; Redis calls and their mean round trip.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pacing: Pacing,
+        endpoint: str,
+        access_key: str,
+        timeout_s: float,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        watch_s: float | None = WATCH_S,
+    ) -> None:
         self._url = url
+        self._watch_s = watch_s
         self._pacing = replace(pacing, headroom=max(pacing.headroom, SHARED_HEADROOM))
         self._timeout_s = timeout_s
         self._sleep = sleep
         self._clock = clock
         # Namespaced by endpoint and AK (hashed: keys show up in MONITOR and dashboards).
         ident = hashlib.sha256(f"{endpoint}|{access_key}".encode()).hexdigest()[:16]
-        self._keys = (f"worker:pace:{ident}:tat", f"worker:pace:{ident}:throttle")
+        self._keys = (
+            f"worker:pace:{ident}:tat",
+            f"worker:pace:{ident}:throttle",
+            f"worker:pace:{ident}:seq",
+        )
         self._client: aioredis.Redis | None = None
         self._acquire: Any = None
         self._throttle: Any = None
         self._down_since: float | None = None
-        self.admitted = 0
-        self.missed = 0
+        self._lock: asyncio.Lock | None = None  # made inside the running loop
+        self._late: list[tuple[int, int]] = []  # (used at, seq) on Redis's clock, not yet told
+        self._tasks: set[asyncio.Task[None]] = set()  # messages to Redis still on their way
+        self._flush: asyncio.Task[None] | None = None  # the one telling of late sends
+        # Admitted since the watchdog last looked: (local time, slot us, seq, local due).
+        self._recent: list[tuple[float, int, int, float]] = []
+        self.admitted = 0  # slots used
+        self.reported = 0  # of those, used late and reported
+        self.missed = 0  # slots let go: the loop woke too late for them
+        self.refused = 0  # bookings refused: the horizon was full, asked again later
+        self.calls = 0  # Redis round trips that answered
+        self._call_s = 0.0
 
     def __repr__(self) -> str:
         state = "down" if self._down_since is not None else "up"
-        return f"<RedisPacer {self._keys[0]} target={self._pacing.target:.2f}/s redis={state}>"
+        return (
+            f"<RedisPacer {self._keys[0]} target={self._pacing.target:.2f}/s redis={state} "
+            f"admitted={self.admitted} reported={self.reported} missed={self.missed}>"
+        )
+
+    def stats(self) -> dict[str, float]:
+        """Counters for a log line at the end of a run."""
+        return {
+            "admitted": self.admitted,
+            "reported_late": self.reported,
+            "missed": self.missed,
+            "refused": self.refused,
+            "redis_calls": self.calls,
+            "redis_rtt_ms": round(1000 * self._call_s / self.calls, 3) if self.calls else 0.0,
+        }
 
     async def __aenter__(self) -> RedisPacer:
         self._client = aioredis.Redis.from_url(
-            self._url, socket_timeout=2.0, socket_connect_timeout=2.0,
+            self._url,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
             retry=Retry(NoBackoff(), 0),  # we decide how to wait for Redis, not the client
         )
         self._acquire = self._client.register_script(_ACQUIRE)
         self._throttle = self._client.register_script(_THROTTLE)
         client = self._client
         await self._call(lambda: client.ping())  # unreachable at the start: wait or give up
+        if self._watch_s is not None:
+            _ = self._own(self._watch(self._watch_s))
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # A message still being told to Redis must not outlive the client it uses.
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        log.info("limiter.stats", **self.stats())
 
     async def acquire(self) -> None:
-        p = self._pacing
-        args = [repr(p.target), int(HORIZON_S * 1e6), int(p.cooldown_s * 1e6),
-                int(p.recover_s * 1e6), KEY_TTL_MS]
+        if self._lock is None:
+            self._lock = asyncio.Lock()
         while True:
-            wait_us, booked = await self._call(
-                lambda: self._acquire(keys=list(self._keys), args=args))
-            if not booked:
-                await self._sleep(min(wait_us / 1e6, HORIZON_S / 4))
-                continue
-            due = self._clock() + wait_us / 1e6
-            if wait_us > 0:
-                await self._sleep(wait_us / 1e6)
-            if self._clock() - due > LATE_S:
-                # Our loop stalled past the slot. The next slots belong to others (other
-                # processes too): sending now would bunch up with theirs. Let it go, book anew.
+            # One booking in flight per process: its callers queue here (FIFO), so a full
+            # horizon is polled by one caller, and the late reports ride along with it.
+            async with self._lock:
+                asked, wait_s, slot_us, seq = await self._book()
+                answered = self._clock()
+            # Redis read its clock somewhere between asked and answered. Sleep from the later
+            # bound, so that we are never early; count lateness from the earlier one, so that a
+            # loop that stalled before it read the answer is seen as late, not taken as on time.
+            if (rest := answered + wait_s - self._clock()) > 0:
+                await self._sleep(rest)
+            late = self._clock() - (asked + wait_s)
+            if late > LATE_S:
+                # Our loop stalled far past the slot: the report might come after the slots a
+                # second later were booked. Let it go, book anew.
                 self.missed += 1
                 continue
+            if late > SLACK_S:
+                self._used_late(slot_us, seq, late)
+            if self._watch_s is not None:
+                self._recent.append((self._clock(), slot_us, seq, asked + wait_s))
             self.admitted += 1
             return
+
+    def _used_late(self, slot_us: int, seq: int, late: float) -> None:
+        """Tell the schedule now, so that the slots booked next keep whole gaps from this send.
+        The next booking of this process carries the report if it goes first; otherwise one
+        message of its own does, right away."""
+        self._late.append((slot_us + round(late * 1e6), seq))
+        self.reported += 1
+        if self._flush is None:
+            self._flush = self._own(self._report())
+
+    async def _watch(self, every_s: float) -> None:
+        """Report as late what was admitted just before the loop was held."""
+        last = self._clock()
+        while True:
+            await self._sleep(every_s)
+            now = self._clock()
+            if now - last - every_s > STALL_S:
+                for _, slot_us, seq, due in self._recent:
+                    if now - due > SLACK_S:
+                        self._used_late(slot_us, seq, now - due)
+            # Keep one more look's worth: a request admitted just before this look may still be
+            # on its way to the socket when the next stall begins.
+            self._recent = [r for r in self._recent if r[0] >= last]
+            last = now
+
+    async def _report(self) -> None:
+        """Tell Redis of the late sends not yet carried by a booking."""
+        try:
+            while self._late:
+                reports, self._late = self._late, []
+                await self._call(
+                    functools.partial(
+                        self._acquire, keys=list(self._keys), args=self._args(reports, book=False)
+                    )
+                )
+        except LimiterUnavailable:
+            pass  # acquire() meets the same outage and ends the run
+        finally:
+            self._flush = None
+
+    def _args(self, reports: list[tuple[int, int]], *, book: bool) -> list[int | str]:
+        p = self._pacing
+        args: list[int | str] = [
+            repr(p.target),
+            int(HORIZON_S * 1e6),
+            int(p.cooldown_s * 1e6),
+            int(p.recover_s * 1e6),
+            KEY_TTL_MS,
+            int(SLACK_S * 1e6),
+            int(book),
+        ]
+        for used, number in reports:
+            args += [used, number]
+        return args
+
+    def _own(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A message to Redis the caller does not wait for, owned so that __aexit__ ends it."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _book(self) -> tuple[float, float, int, int]:
+        """Book the next slot: (local time just before the call that booked it, seconds to wait
+        for it from then, its time on Redis's clock, its number)."""
+        asked = 0.0
+        while True:
+            reports, self._late = self._late, []
+            args = self._args(reports, book=True)
+
+            async def book(args: list[int | str] = args) -> Any:
+                nonlocal asked
+                asked = self._clock()
+                return await self._acquire(keys=list(self._keys), args=args)
+
+            wait_us, booked, slot_us, seq = await self._call(book)
+            if booked:
+                return asked, wait_us / 1e6, int(slot_us), int(seq)
+            self.refused += 1
+            await self._sleep(min(wait_us / 1e6, HORIZON_S / 4))
 
     def throttled(self) -> None:
         """Start the shared cool-down; the runner does not wait for Redis to hear of it."""
         p = self._pacing
-        args = [repr(p.target), int(p.cooldown_s * 1e6), int(p.recover_s * 1e6), repr(MIN_RATE),
-                KEY_TTL_MS]
-        task = asyncio.ensure_future(self._call(
-            lambda: self._throttle(keys=[self._keys[1]], args=args)))
-        task.add_done_callback(_ignore_failure)
+        args = [
+            repr(p.target),
+            int(p.cooldown_s * 1e6),
+            int(p.recover_s * 1e6),
+            repr(MIN_RATE),
+            KEY_TTL_MS,
+        ]
+        _ = self._own(self._tell_throttled(args))  # owned: __aexit__ ends it if still going
 
-    async def _call(self, op: Callable[[], Any]) -> Any:
+    async def _tell_throttled(self, args: list[Any]) -> None:
+        try:
+            await self._call(lambda: self._throttle(keys=[self._keys[1]], args=args))
+        except LimiterUnavailable:
+            pass  # acquire() meets the same outage and ends the run; this message is moot
+
+    async def _call(self, op: Callable[[], Awaitable[Any]]) -> Any:
         """Run one Redis operation; while Redis is away, poll it, and give up after timeout_s."""
         delay = 0.1
         while True:
+            started = self._clock()
             try:
                 result = await op()
             except (RedisError, OSError) as exc:
                 now = self._clock()
+                self._late.clear()  # Redis may have lost the slots they refer to
                 if self._down_since is None:
                     self._down_since = now
-                    log.error("limiter.unreachable", url=redact_url(self._url), error=str(exc),
-                              action="not sending until the shared limiter answers",
-                              gives_up_after_s=self._timeout_s)
+                    log.error(
+                        "limiter.unreachable",
+                        url=redact_url(self._url),
+                        error=str(exc),
+                        action="not sending until the shared limiter answers",
+                        gives_up_after_s=self._timeout_s,
+                    )
                 if now - self._down_since > self._timeout_s:
                     raise LimiterUnavailable(
                         f"the shared limiter at {redact_url(self._url)} has been unreachable for "
-                        f"more than {self._timeout_s:g}s ({exc})") from None
+                        f"more than {self._timeout_s:g}s ({exc})"
+                    ) from None
                 await self._sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
+            self.calls += 1
+            self._call_s += self._clock() - started
             if self._down_since is not None:
-                log.warning("limiter.back", url=redact_url(self._url),
-                            away_s=round(self._clock() - self._down_since, 1))
+                log.warning(
+                    "limiter.back",
+                    url=redact_url(self._url),
+                    away_s=round(self._clock() - self._down_since, 1),
+                )
                 self._down_since = None
                 # Slots booked before the failure may still be ahead of us, and Redis may
                 # have lost them: let one horizon pass, then ask again (this answer's slot,
@@ -200,8 +401,3 @@ class RedisPacer:
                 await self._sleep(HORIZON_S)
                 continue
             return result
-
-
-def _ignore_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # retrieved: a lost cool-down message is not worth a crash
