@@ -1,4 +1,5 @@
-"""Shared by the tests and the benchmarks: the sandbox as a real process, and window counting."""
+"""Shared by the tests and the benchmarks: the sandbox as a real process (`start_sandbox`),
+and `max_in_window`, the most arrivals in any sliding second (the sandbox's own rule)."""
 
 from __future__ import annotations
 

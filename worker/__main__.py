@@ -1,3 +1,5 @@
+"""`python -m worker`: the same as the `worker` command."""
+
 from worker.cli import main
 
 main()

@@ -8,11 +8,11 @@ not add up (Total moved, a Name seen twice, a short or long page) is thrown away
 started again, a bounded number of times. A partial listing is never handed out: planning
 deletes from one would delete what merely was not seen.
 
-The runner owns the I/O:
+The I/O is `compose.list_account`'s, through the runner:
 
     listing = Listing()
     while (body := listing.next_request()) is not None:
-        result = <send LIST with body, classified and retried like any request>
+        result = await runner.read(api.LIST, orjson.dumps(body))  # paced, retried
         listing.add_result(result)          # parse_page + add
     account = listing.groups                # complete and consistent
 """

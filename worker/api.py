@@ -1,8 +1,8 @@
-"""The Live OpenAPI contract for pull-to-push groups: names, rules and codes.
+"""The Live OpenAPI contract for pull-to-push groups: endpoint, actions, Name and tag rules.
 
-Facts only (no I/O): the worker's manifest validation and the sandbox's request validation
-both read the body rules from here, so the two can never drift apart. Source:
-shared/api/live-pull-to-push-groups.md.
+Facts only (no I/O), and the helpers that word a bad value for a message: the manifest
+check, the listing check and the sandbox's request validation all read the rules from here,
+so they can never drift apart. The facts in our own words, with their sources: docs/api.md.
 """
 
 from __future__ import annotations

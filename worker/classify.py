@@ -49,6 +49,8 @@ sends them), a Rejected is a terminal outcome that reruns skip.
 Server text is hostile until proven otherwise: codes, messages and request ids are cleaned of
 control characters (ANSI escapes, C1, bidi overrides) and bounded once, when `Answer` is
 built, so nothing downstream (logs, terminal, ledger) ever sees them raw.
+
+docs/api.md restates these tables beside the documented meaning and source of each code.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Pure: the request, the credentials and the time come in, headers come out. `verify` is the
 other side (what the gateway does, used by the sandbox): it rebuilds the same canonical
 request from what arrived, so the two can only agree or both be wrong, and the tests hold
-`sign` to the official SDK's known answers.
+`sign` to the official SDK's known answers. The steps and the vectors: docs/api.md (*Signing*).
 """
 
 from __future__ import annotations

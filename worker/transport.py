@@ -1,4 +1,5 @@
-"""Send step: the only module that imports the HTTP client.
+"""Send step: one signed request on the wire, answered as a value (`Response` or `Failure`).
+The only module that imports aiohttp's client (the sandbox imports its server).
 
 `Transport.send` never raises for anything the network or the server does: it returns a
 `Response` (whatever the status and body) or a `Failure` (no usable answer, with a detail
@@ -14,6 +15,9 @@ What the transport refuses to do on the caller's behalf:
   so no variable can route the signed request elsewhere.
 * buffer a flood: the body is read up to `max_body_bytes` and the rest is dropped; a body
   that drips in slowly is cut by the attempt's total timeout.
+
+`Reachability` tells an unreachable endpoint (no HTTP answer at all, for long enough) from a
+flaky one, so that the runner can stop instead of retrying every item for minutes.
 """
 
 from __future__ import annotations

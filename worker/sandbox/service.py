@@ -1,10 +1,11 @@
 """The sandbox's Live service: the account's groups and the four actions on them.
 
 Behind the gateway, so every request here is authenticated and admitted. Where the API is
-silent the choices are the README's (*The sandbox*): tags replaced whole by Update; Create of
-a deleted Name makes it available again with the new project and tags; pages in creation
-order. List may look at the past (`list_lag_s`: eventual consistency) and the account may
-change while it is paged (`list_churn`), so that a client is tested against both.
+silent the choices are those of docs/api.md (*Where the API is silent*): tags replaced whole
+by Update; Create of a deleted Name makes it available again with the new project and tags;
+pages in creation order. List may look at the past (`list_lag_s`: eventual consistency) and
+the account may change while it is paged (`list_churn`), so that a client is tested against
+both.
 """
 
 from __future__ import annotations
