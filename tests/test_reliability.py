@@ -162,7 +162,7 @@ def test_sigterm_during_pacing_wait(sandbox: SandboxProc, tmp_path: Path) -> Non
     assert "run.stopping" in err and "Traceback" not in err
     assert took < 10  # well inside the grace period: nothing was in flight to wait for
     records = every_line_parses(tmp_path / "m.ledger.jsonl")
-    assert records[-1]["type"] == "end" and records[-1]["interrupted"] is True
+    assert records[-1]["type"] == "end" and records[-1]["stopped_by"] == "signal"
     _rerun_completes(sandbox, tmp_path, 40)
 
 
@@ -508,7 +508,8 @@ HOSTILE = {  # mode: (exit code, outcome, status, code)
     "truncated": (3, "deferred", None, "ConnectionLost"),
     "ten-megabytes": (3, "deferred", 200, "UnreadableBody"),
     "no-metadata": (3, "deferred", 200, "UnreadableBody"),
-    "error-wrong-types": (1, "rejected", 400, "HTTP400"),
+    # An error envelope we cannot read on a 4xx is no answer of the API: the run stops (7).
+    "error-wrong-types": (7, "deferred", 400, "HTTP400"),
     "unknown-code-200": (1, "rejected", 200, "BrandNewCode"),
     "never-answers": (3, "deferred", None, "Timeout"),
     "reset-mid-body": (3, "deferred", None, "ConnectionLost"),
@@ -524,15 +525,15 @@ def test_hostile_server(mode: str, tmp_path: Path) -> None:
     with HostileServer(mode) as server:
         out = run_worker("run", str(manifest), "--endpoint", f"http://127.0.0.1:{server.port}",
                          "--max-attempts", "2", "--timeout", "1", env=cli_env(tmp_path), timeout=60)
-        assert server.requests >= 2
+        assert server.requests >= (1 if exit_code == 7 else 2)
     assert out.returncode == exit_code, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     records = every_line_parses(tmp_path / "m.ledger.jsonl")
     results = latest_results(records)
-    assert len(results) == 2
+    assert 1 <= len(results) <= 2 if exit_code == 7 else len(results) == 2
     for r in results.values():
         assert (r["outcome"], r["status"], r["code"]) == (outcome, status, code)
-    assert Counter(r["type"] for r in records)["result"] == 2
+    assert Counter(r["type"] for r in records)["result"] == len(results)
 
 
 # -- storage faults -----------------------------------------------------------------------
@@ -551,19 +552,20 @@ def test_full_disk_before_the_first_request(sandbox: SandboxProc, tmp_path: Path
                           env=cli_env(tmp_path), capture_output=True, text=True, timeout=60,
                           preexec_fn=_file_size_limit(100))
     assert proc.returncode == 2, proc.stderr
-    assert "cannot write the ledger: File too large" in proc.stderr
+    assert "File too large" in proc.stderr  # the manifest's spool or the ledger, whichever first
     assert "Traceback" not in proc.stderr
     assert sandbox.state()["arrivals"] == 0
 
 
 def test_full_disk_mid_run_stops_sending(sandbox: SandboxProc, tmp_path: Path) -> None:
-    """The ledger fills up mid-run: the run stops at the first failed write, every request
-    that reached the server has its intent on disk, and a later run finishes the job."""
+    """The ledger fills up mid-run: the run stops at the first failed write with exit 7
+    (requests went out: not 2), every request that reached the server has its intent on
+    disk, and a later run finishes the job."""
     manifest = write_manifest(tmp_path / "m.jsonl", names(60))
     proc = subprocess.run(worker_cmd("run", str(manifest), "--endpoint", sandbox.url),
                           env=cli_env(tmp_path), capture_output=True, text=True, timeout=60,
                           preexec_fn=_file_size_limit(12_000))
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode == 7, proc.stderr[-3000:]
     assert "cannot write the ledger: File too large" in proc.stderr
     assert "Traceback" not in proc.stderr
     ledger = tmp_path / "m.ledger.jsonl"
@@ -593,8 +595,7 @@ def test_read_only_ledger_folder(sandbox: SandboxProc, tmp_path: Path) -> None:
     finally:
         folder.chmod(0o755)
     assert proc.returncode == 2, proc.stderr
-    assert f"{folder}/m.ledger.jsonl: cannot open the ledger for writing: Permission denied" \
-        in proc.stderr
+    assert str(folder) in proc.stderr and "Permission denied" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sandbox.state()["arrivals"] == 0
 
@@ -619,7 +620,7 @@ def test_no_secret_anywhere(sandbox_factory: Any, tmp_path: Path) -> None:
         for fmt in ("json", "console"):
             out = run_worker("run", str(manifest), "--endpoint", sb.url, "-v", "--log-format",
                              fmt, "--max-attempts", "2", env=env)
-            assert out.returncode in (1, 2, 3), out.stderr[-2000:]
+            assert out.returncode in (1, 3, 7), out.stderr[-2000:]
             outputs += [out.stdout, out.stderr]
         ledger = manifest.with_name(manifest.stem + ".ledger.jsonl")
         outputs.append(ledger.read_text(encoding="utf-8"))
@@ -650,7 +651,7 @@ def test_two_runs_at_once_on_one_ledger(sandbox_factory: Any, tmp_path: Path) ->
     codes = sorted(code for code, _ in results)
     assert codes == [0, 5], results
     loser = next(err for code, err in results if code == 5)
-    assert "another run is using this ledger" in loser and "Traceback" not in loser
+    assert "another run is using" in loser and ".lock" in loser and "Traceback" not in loser
     records = every_line_parses(tmp_path / "m.ledger.jsonl")
     assert sum(1 for r in records if r["type"] == "run") == 1
     assert all(g["created"] == 1 for g in sb.state()["groups"])

@@ -249,7 +249,8 @@ def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
         raise UsageError(f"{command}: give a MANIFEST (or a job file naming one)")
     manifest_path = Path(str(manifest)) if manifest is not None else Path("export.jsonl")
     ledger_path = values.get("ledger")
-    if ledger_path is None and command != "export" and not manifest_path.is_file():
+    if ledger_path is None and command != "export" and manifest_path.exists() \
+            and not manifest_path.is_file() and not manifest_path.is_dir():
         raise UsageError(f"{manifest_path} is not a regular file (a pipe?): give --ledger, "
                          "since no default ledger can go beside it")
     if ledger_path is None:

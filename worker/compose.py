@@ -42,7 +42,7 @@ from worker.records import Action, Footer, Outcome, Result, RunHeader, StopReaso
 from worker.runner import Controls, Runner, Tally, Work, machine_cap, stamp, utcnow
 from worker.settings import LIMITS, Settings, redact_url
 from worker.signing import Credentials
-from worker.transport import Reachability, Transport
+from worker.transport import MAX_BODY_BYTES, Reachability, Transport
 
 log = structlog.get_logger("worker")
 
@@ -208,12 +208,16 @@ async def _pacer(settings: Settings, creds: Credentials) -> AsyncIterator[Pacer]
 
 @contextlib.asynccontextmanager
 async def runner_for(account: Account, *, book: Ledger | None, controls: Controls,
-                     run_id: str, metrics: Metrics | None = None) -> AsyncIterator[Runner]:
+                     run_id: str, metrics: Metrics | None = None, lists: bool = True
+                     ) -> AsyncIterator[Runner]:
+    """A runner on the account. `lists`: it reads List pages, whose answers can be large;
+    create-only runs keep the transport's 1 MiB bound on every answer."""
     settings = account.settings
     async with _pacer(settings, account.credentials) as pacer, \
             Transport(settings.endpoint, timeout_s=settings.timeout_s,
                       max_connections=machine_cap(settings.concurrency),
-                      max_body_bytes=LIST_BODY_BYTES) as transport:
+                      max_body_bytes=LIST_BODY_BYTES if lists else MAX_BODY_BYTES
+                      ) as transport:
         yield Runner(settings=settings, credentials=account.credentials, sender=transport,
                      pacer=pacer, ledger=book, controls=controls, run_id=run_id,
                      wall=wall_clock(), metrics=metrics, reachability=_reachability())
@@ -345,7 +349,7 @@ async def _run(settings: Settings, options: Options, scan: manifest.Scan, book: 
     with published.serving():
         async with _account(settings, creds, target, options) as account, \
                 runner_for(account, book=book, controls=controls, run_id=run_id,
-                           metrics=published.metrics) as runner:
+                           metrics=published.metrics, lists=False) as runner:
             runner.on_tick = _ticker(progress, published, settings)
             return await _run_in(runner, settings, scan, book, target, source, counted,
                                  progress, published, options)

@@ -1,4 +1,5 @@
 """Run step: carries out a stream of writes under one rate budget and records each one.
+`read` sends sync's List requests through the same budget and retries, unrecorded.
 
     work items -> dispatcher: capacity -> pace -> request task: intent -> sign -> send
                -> classify -> retry.next_step -> result record | back to the retry heap
@@ -357,8 +358,12 @@ class Runner:
         return self.tally
 
     def _stop_dispatcher(self) -> None:
-        if self._dispatcher is not None and not self._dispatcher.done():
-            self._dispatcher.cancel()
+        # The dispatcher may drain the run itself (the limiter is gone): it then stops on its
+        # own; cancelling the running task would end it cancelled instead of finished.
+        dispatcher = self._dispatcher
+        if dispatcher is not None and not dispatcher.done() \
+                and dispatcher is not asyncio.current_task():
+            dispatcher.cancel()
 
     async def _dispatch(self, source: Iterator[Work | Result], tg: asyncio.TaskGroup) -> None:
         held: Work | None = None
