@@ -1,6 +1,6 @@
 """Benchmark: `sync` vs `run` (issue 9), requests counted by the sandbox, the real CLI in children.
 
-    python -m bench.sync                  # the issue's sizes (about 2 minutes on 2 cores)
+    python -m bench.sync                  # the issue's sizes (about 90 s on 2 cores)
     python -m bench.sync --quick          # smaller sizes: a smoke check
     python -m bench.sync --rate 10 --fast-rate 100
 
@@ -232,8 +232,11 @@ def compare(folder: Path, env: dict[str, str], preload: Path, rate: float, fast:
         got.append(timing_row(once(folder, env, preload, fast, *fresh("sync", fast))))
         ran = once(folder, env, preload, fast, *fresh("run", fast))
         got.append(timing_row(ran))
+        at_rate = ran.shown.replace(f"-{fast:g}.ledger", f"-{rate:g}.ledger").replace(
+            f"--rate {fast:g}", f"--rate {rate:g}"
+        )
         got.append(
-            f"| `{ran.shown.replace(f'--rate {fast:g}', f'--rate {rate:g}')}` | {rate:g} "
+            f"| `{at_rate}` | {rate:g} "
             f"| {n(ran.requests)}, as above | **projected** from the {fast:g}/s run: "
             f"{ran.projected_s(rate):.0f} s | |"
         )
