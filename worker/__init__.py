@@ -1,3 +1,3 @@
 """Bulk provisioning worker for Volcengine Live pull-to-push groups."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

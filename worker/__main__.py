@@ -1,5 +1,31 @@
-"""`python -m worker`: the same as the `worker` command."""
+"""`python -m worker` and the `worker` command: signals first, then everything else."""
 
-from worker.cli import main
+from __future__ import annotations
 
-main()
+import signal
+import sys
+from typing import NoReturn
+
+from worker import signals
+
+# Before the imports below (aiohttp, structlog, orjson take a while): a SIGTERM from here on
+# ends the process with exit 4 and a message, not silently with 143.
+signals.install_early()
+
+
+def entry() -> NoReturn:
+    try:
+        from worker.cli import run_cli
+
+        code = run_cli()
+    except signals.Interrupted:  # during the imports, before run_cli's own handling
+        print("interrupted before anything was sent; nothing was changed", file=sys.stderr)
+        code = 4
+    # The exit code is decided: a signal now would only garble it.
+    for sig in signals.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    entry()

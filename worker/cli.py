@@ -18,7 +18,6 @@ import traceback
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, Literal, NoReturn
 
 import structlog
@@ -27,14 +26,10 @@ from worker import __version__, logs
 from worker.errors import Exit, LedgerLocked, ManifestError, UsageError, WorkerError
 from worker.records import StopReason
 from worker.runner import Controls
+from worker.signals import SIGNALS, Interrupted, install_early
 
 log = structlog.get_logger("worker")
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
 Kind = Literal["str", "path", "int", "float", "bool", "list"]
-
-
-class Interrupted(BaseException):
-    """A signal arrived while no event loop was running (start-up, the manifest scan)."""
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -42,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 def run_cli(argv: Sequence[str] | None = None) -> int:
-    _install_early_handlers()  # first: a signal during start-up is an orderly exit 4
+    install_early()  # first: a signal during start-up is an orderly exit 4
     logs.guard_stdio()
     try:
         args = _parser().parse_args(argv)
@@ -78,15 +73,6 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
 
 
 # -- signals ------------------------------------------------------------------------------
-
-def _early(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signum)
-
-
-def _install_early_handlers() -> None:
-    for sig in SIGNALS:
-        signal.signal(sig, _early)
-
 
 def loop_under_signals(grace_s: float) -> Any:
     """The `Loop` for compose: run a coroutine with SIGINT/SIGTERM handled in the loop.
@@ -126,7 +112,7 @@ def loop_under_signals(grace_s: float) -> Any:
             finally:
                 for sig in SIGNALS:
                     loop.remove_signal_handler(sig)
-                _install_early_handlers()  # asyncio restored the defaults: ours again
+                install_early()  # asyncio restored the defaults: ours again
 
         code = asyncio.run(guarded())
         if code is Exit.INTERRUPTED:

@@ -239,9 +239,9 @@ def wall_clock() -> Callable[[], Any]:
     return lambda: utcnow() + timedelta(seconds=offset)
 
 
-def open_ledger(path: Path, target: Target) -> Ledger:
+def open_ledger(path: Path, target: Target, *, expect_names: int = 0) -> Ledger:
     torn = float(os.environ.get("WORKER_TEST_TORN_WRITES_S", "0") or 0)
-    return Ledger.open(path, target=target, torn_writes_s=torn)
+    return Ledger.open(path, target=target, torn_writes_s=torn, expect_names=expect_names)
 
 
 def _manifest_name(path: Path) -> str:
@@ -323,8 +323,11 @@ def run(settings: Settings, options: Options, controls: Controls, loop: Loop,
             raise ManifestError(scan.problems, scan.problem_count)
         if settings.dry_run:
             state = ledger.read_state(settings.ledger)
-            counted = plan.count(manifest.read(scan), state.latest,
-                                 retry_rejected=options.retry_rejected)
+            try:
+                counted = plan.count(manifest.read(scan), state.latest,
+                                     retry_rejected=options.retry_rejected)
+            finally:
+                state.close()  # the index's mapping
             print(f"plan for {settings.manifest} (ledger {settings.ledger}); "
                   "dry run, nothing sent:", file=out)
             for line in counted.lines():
@@ -332,7 +335,7 @@ def run(settings: Settings, options: Options, controls: Controls, loop: Loop,
             return Exit.OK
         settings, creds, source = load_credentials(settings, options)
         target = target_of(settings, creds, options)
-        with open_ledger(settings.ledger, target) as book:
+        with open_ledger(settings.ledger, target, expect_names=scan.groups) as book:
             return loop(_run(settings, options, scan, book, creds, target, source, controls),
                         controls)
 
@@ -342,17 +345,17 @@ async def _run(settings: Settings, options: Options, scan: manifest.Scan, book: 
                controls: Controls) -> Exit:
     run_id = uuid.uuid4().hex
     structlog.contextvars.bind_contextvars(run_id=run_id)
-    counted = plan.count(manifest.read(scan), book.state.latest,
-                         retry_rejected=options.retry_rejected)
-    progress = Progress(tty=sys.stderr.isatty(), total=counted.to_send)
+    # No counting pass before the first request: the plan is counted as the items go by
+    # (a resume of 10^6 lines would otherwise read the spool and the index twice).
+    progress = Progress(tty=sys.stderr.isatty(), total=scan.groups + scan.invalid)
     published = Published(options, "run")
     with published.serving():
         async with _account(settings, creds, target, options) as account, \
                 runner_for(account, book=book, controls=controls, run_id=run_id,
                            metrics=published.metrics, lists=False) as runner:
             runner.on_tick = _ticker(progress, published, settings)
-            return await _run_in(runner, settings, scan, book, target, source, counted,
-                                 progress, published, options)
+            return await _run_in(runner, settings, scan, book, target, source, progress,
+                                 published, options)
 
 
 def _ticker(progress: Progress, published: Published, settings: Settings
@@ -365,26 +368,25 @@ def _ticker(progress: Progress, published: Published, settings: Settings
 
 
 async def _run_in(runner: Runner, settings: Settings, scan: manifest.Scan, book: Ledger,
-                  target: Target, source: str, counted: plan.Plan, progress: Progress,
+                  target: Target, source: str, progress: Progress,
                   published: Published, options: Options) -> Exit:
-    runner.tally.to_send = counted.to_send
     log.info("run.start", manifest=str(scan.path), ledger=str(book.path), target=str(target),
-             credentials=source, rate=settings.pacing.rate,
-             concurrency_cap=runner.concurrency.cap, **dict(counted.counts))
-    for why, n in counted.counts.items():
-        if why != "new":
-            log.info("run.resend" if why in plan.SENDS else "run.skip", reason=why, count=n,
-                     why=plan.REASONS[why])
+             credentials=source, rate=settings.pacing.rate, lines=scan.groups + scan.invalid,
+             concurrency_cap=runner.concurrency.cap)
     header = RunHeader(
         run_id=runner.run_id, started=stamp(runner.wall()), version=__version__,
         command="run", target=target, manifest=_manifest_name(scan.path),
         manifest_sha256=scan.sha256, items=scan.groups + scan.invalid,
-        plan=dict(counted.counts), settings=settings.public())
+        plan={}, settings=settings.public())  # counted as it goes: see the footer
     try:
         work = _run_source(scan, book, runner, options.retry_rejected)
         return await journal(runner, book, header, runner.apply(work), published)
     finally:
         progress.close(runner.tally)
+        for why, n in runner.tally.planned.items():
+            if why != "new":
+                log.info("run.resend" if why in plan.SENDS else "run.skip", reason=why,
+                         count=n, why=plan.REASONS[why])
 
 
 def _run_source(scan: manifest.Scan, book: Ledger, runner: Runner,
@@ -392,6 +394,7 @@ def _run_source(scan: manifest.Scan, book: Ledger, runner: Runner,
     """The manifest as work items: what the plan sends, the invalid lines as results."""
     for item in manifest.read(scan):
         decision = plan.decide(item, book.state.latest, retry_rejected=retry_rejected)
+        runner.tally.planned[decision.why] += 1
         if decision.do is plan.Do.SKIP:
             runner.tally.skipped[decision.why] += 1
         elif isinstance(item, manifest.Invalid):
@@ -437,7 +440,7 @@ def sync(settings: Settings, options: Options, sync_options: SyncOptions, contro
         if settings.dry_run or sync_options.check:
             return loop(_sync_plan_only(settings, options, sync_options, scan, creds, target,
                                         controls, out), controls)
-        with open_ledger(settings.ledger, target) as book:
+        with open_ledger(settings.ledger, target, expect_names=scan.groups) as book:
             return loop(_sync(settings, options, sync_options, scan, book, creds, target,
                               controls), controls)
 
@@ -504,7 +507,8 @@ async def _sync_in(runner: Runner, settings: Settings, sync_options: SyncOptions
     # Nothing is written before the listing is complete and the plan accepted.
     the_plan = _plan(sync_options, scan, groups)
     to_send = the_plan.create + the_plan.update + len(the_plan.deletes)
-    progress = Progress(tty=sys.stderr.isatty(), total=to_send)
+    progress = Progress(tty=sys.stderr.isatty(),
+                        total=scan.groups + scan.invalid + len(the_plan.deletes))
     runner.on_tick = _ticker(progress, published, settings)
     runner.tally.to_send = to_send
     header = RunHeader(
@@ -555,7 +559,6 @@ def _sync_source(the_plan: reconcile.SyncPlan, scan: manifest.Scan,
     for listed in the_plan.deletes:
         yield Work(action=Action.DELETE, name=listed.name, line=0, fingerprint=None,
                    body=reconcile.delete_body(listed.name))
-    runner.tally.skipped["kept"] += len(the_plan.kept)
 
 
 # -- export -------------------------------------------------------------------------------

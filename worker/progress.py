@@ -31,7 +31,7 @@ class Progress:
                              dynamic_ncols=True, smoothing=0.1)
 
     def tick(self, tally: Tally) -> None:
-        done = tally.finished
+        done = tally.finished + sum(tally.skipped.values())  # lines dealt with
         if self._bar is not None:
             self._bar.n = done
             self._bar.set_postfix_str(_outcomes(tally), refresh=False)
@@ -50,7 +50,7 @@ class Progress:
 
     def close(self, tally: Tally) -> None:
         if self._bar is not None:
-            self._bar.n = tally.finished
+            self._bar.n = tally.finished + sum(tally.skipped.values())
             self._bar.set_postfix_str(_outcomes(tally), refresh=False)
             self._bar.close()
 

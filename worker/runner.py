@@ -115,6 +115,7 @@ class Tally:
     to_send: int = 0
     outcomes: Counter[tuple[Action | None, Outcome]] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
+    planned: Counter[str] = field(default_factory=Counter)  # every plan decision, by reason
     codes: Counter[str] = field(default_factory=Counter)
     requests: int = 0
     throttles: int = 0
@@ -125,7 +126,8 @@ class Tally:
 
     @property
     def finished(self) -> int:
-        return sum(n for (action, _), n in self.outcomes.items() if action is not None)
+        """Items with a result in this run (conflicts and invalid lines included)."""
+        return sum(self.outcomes.values())
 
     @property
     def rate(self) -> float:
@@ -394,6 +396,8 @@ class Runner:
                     # the wire finish, and end the run (exit 3).
                     self._fail(exc, StopReason.LIMITER)
                     break
+                if self.controls.draining:
+                    break  # drained meanwhile, by this very task (the source, the limiter)
                 task = tg.create_task(self._attempt(held))
                 self._in_flight.add(task)
                 task.add_done_callback(self._landed)
