@@ -75,9 +75,10 @@ class Published:
     """The run's metrics and where they go: a textfile every tick and at the end, and
     /metrics while the run lasts. A metrics file that cannot be written never stops a run."""
 
-    def __init__(self, options: Options, command: str) -> None:
+    def __init__(self, options: Options, command: str, rate_limit: float) -> None:
         self.metrics = Metrics(command=command, job_name=options.job_name,
                                started_at=time.time())
+        self.metrics.rates(rate_limit, 0.0)  # a scrape before the first tick reads --rate
         self._file = options.metrics_file
         self._port = options.metrics_port
         self._host = options.metrics_host
@@ -348,7 +349,8 @@ async def _run(settings: Settings, options: Options, scan: manifest.Scan, book: 
     # No counting pass before the first request: the plan is counted as the items go by
     # (a resume of 10^6 lines would otherwise read the spool and the index twice).
     progress = Progress(tty=sys.stderr.isatty(), total=scan.groups + scan.invalid)
-    published = Published(options, "run")
+    published = Published(options, "run", settings.pacing.rate)
+    published.write()  # the textfile exists from the start, not from the first tick
     with published.serving():
         async with _account(settings, creds, target, options) as account, \
                 runner_for(account, book=book, controls=controls, run_id=run_id,
@@ -491,7 +493,8 @@ async def _sync(settings: Settings, options: Options, sync_options: SyncOptions,
                 controls: Controls) -> Exit:
     run_id = uuid.uuid4().hex
     structlog.contextvars.bind_contextvars(run_id=run_id)
-    published = Published(options, "sync")
+    published = Published(options, "sync", settings.pacing.rate)
+    published.write()  # during a long listing too
     with published.serving():
         async with _account(settings, creds, target, options) as account, \
                 runner_for(account, book=book, controls=controls, run_id=run_id,

@@ -359,6 +359,11 @@ class Runner:
             raise self.failure
         return self.tally
 
+    def _drained(self) -> bool:
+        # A call, not the property: the awaits above may have drained the run, and a type
+        # checker that narrowed `controls.draining` at the loop's head would not see it.
+        return self.controls.draining
+
     def _stop_dispatcher(self) -> None:
         # The dispatcher may drain the run itself (the limiter is gone): it then stops on its
         # own; cancelling the running task would end it cancelled instead of finished.
@@ -396,7 +401,7 @@ class Runner:
                     # the wire finish, and end the run (exit 3).
                     self._fail(exc, StopReason.LIMITER)
                     break
-                if self.controls.draining:
+                if self._drained():
                     break  # drained meanwhile, by this very task (the source, the limiter)
                 task = tg.create_task(self._attempt(held))
                 self._in_flight.add(task)
