@@ -301,12 +301,24 @@ def test_an_internal_error_exits_70_with_its_traceback(monkeypatch: pytest.Monke
                                                        tmp_path: Path) -> None:
     """A bug (an exception that is not ours) is not exit 1 (rejected): it is 70, with the
     traceback and a plain sentence."""
+    import structlog
+
     def boom(args: Any) -> int:
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(cli, "cmd_validate", boom)
+    # run_cli sets process-wide things: the streams, the log sink, signal handlers. Put
+    # them back afterwards, or later tests in this process would log into a closed stream.
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     manifest = write_manifest(tmp_path / "m.jsonl", names(1))
-    assert cli.run_cli(["validate", str(manifest)]) == Exit.INTERNAL == 70
+    try:
+        assert cli.run_cli(["validate", str(manifest)]) == Exit.INTERNAL == 70
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        structlog.reset_defaults()
     err = capsys.readouterr().err
     assert "RuntimeError: a bug" in err and "internal error" in err
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from worker import __version__
 from worker.errors import UsageError
 from worker.metrics import LAST_SUCCESS, Metrics, bounded, previous_last_success
 
@@ -69,7 +70,7 @@ def test_textfile_parses_with_the_prometheus_parser(tmp_path: Path) -> None:
     assert value(text, LAST_SUCCESS) == 1_700_000_100.0
     assert value(text, "worker_last_finish_timestamp_seconds") == 1_700_000_100.0
     assert value(text, "worker_run_start_timestamp_seconds") == 1_700_000_000.0
-    assert value(text, "worker_info", version="0.1.0") == 1
+    assert value(text, "worker_info", version=__version__) == 1
 
 
 def test_registries_are_per_run() -> None:
