@@ -245,7 +245,8 @@ def test_an_endpoint_that_never_answers_ends_the_run_early() -> None:
 def test_any_http_answer_resets_the_unreachable_count() -> None:
     """Alternating refusals and 503s never look unreachable: the 503 is an answer."""
     journal = Journal()
-    flaky = [Failure("refused", "refused", no_answer=True), envelope("X", 503)] * 3
+    flaky: list[Response | Failure] = [Failure("refused", "refused", no_answer=True),
+                                       envelope("X", 503)] * 3
     sender = Script({f"G{i}": list(flaky) for i in range(20)})
     tally = asyncio.run(make(sender, journal, max_attempts=10).apply(iter(items(20))))
     assert tally.count(Outcome.CREATED) == 20
