@@ -337,3 +337,20 @@ def test_report_json_of_a_sync_counts_per_action(sandbox_factory: Any, tmp_path:
     assert out.returncode == 0, out.stderr
     text = json.dumps(json.loads(out.stdout))
     assert "update" in text and "create" in text
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["validate", "M"], ["report", "L"]])
+def test_commands_that_send_nothing_load_no_http_stack(tmp_path: Path, argv: list[str]) -> None:
+    """`--help`, `validate` and `report` import neither the sandbox nor aiohttp (nor the
+    runner): they start fast and stay small."""
+    manifest = write_manifest(tmp_path / "m.jsonl", names(2))
+    words = [str(manifest) if w == "M" else str(tmp_path / "none.ledger.jsonl") if w == "L"
+             else w for w in argv]
+    probe = ("import sys\nfrom worker.__main__ import entry\n"
+             "import atexit\n"
+             "atexit.register(lambda: print(sorted(m for m in sys.modules if m.startswith("
+             "('aiohttp', 'worker.sandbox', 'worker.runner', 'redis'))), file=sys.stderr))\n"
+             f"sys.argv = ['worker', *{words!r}]\nentry()\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=cli_env(tmp_path), timeout=60)
+    assert out.stderr.strip().splitlines()[-1] == "[]", out.stderr[-2000:]

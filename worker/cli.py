@@ -18,15 +18,17 @@ import traceback
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import structlog
 
 from worker import __version__, logs
 from worker.errors import Exit, LedgerLocked, ManifestError, UsageError, WorkerError
 from worker.records import StopReason
-from worker.runner import Controls
 from worker.signals import SIGNALS, Interrupted, install_early
+
+if TYPE_CHECKING:  # the runner (and aiohttp) load only for the commands that send
+    from worker.runner import Controls
 
 log = structlog.get_logger("worker")
 Kind = Literal["str", "path", "int", "float", "bool", "list"]
@@ -40,7 +42,8 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     install_early()  # first: a signal during start-up is an orderly exit 4
     logs.guard_stdio()
     try:
-        args = _parser().parse_args(argv)
+        words = list(sys.argv[1:] if argv is None else argv)
+        args = _parser(sandbox="sandbox" in words).parse_args(words)
         tty = sys.stderr.isatty()
         fmt = args.log_format if args.log_format != "auto" else ("console" if tty else "json")
         level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet \
@@ -126,6 +129,7 @@ def loop_under_signals(grace_s: float) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from worker import compose
+    from worker.runner import Controls
 
     settings, options = _resolve(args, "run")
     controls = Controls()
@@ -135,6 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from worker import compose
+    from worker.runner import Controls
 
     settings, options = _resolve(args, "sync")
     controls = Controls()
@@ -144,6 +149,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from worker import compose
+    from worker.runner import Controls
 
     settings, options = _resolve(args, "export")
     controls = Controls()
@@ -346,7 +352,9 @@ def _global_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
                    help="auto: console on a terminal, JSON lines otherwise")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(*, sandbox: bool = True) -> argparse.ArgumentParser:
+    """The parser. `sandbox`: define the sandbox's own options (only `worker sandbox …`
+    needs them; other commands then never import the sandbox)."""
     p = _Parser(prog="worker", description="Bulk provisioning of Volcengine Live "
                 "pull-to-push groups: signed, paced, resumable.", epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -413,8 +421,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.set_defaults(command=cmd_report)
 
     sb = command("sandbox", "run the local Live API in the foreground")
-    from worker.sandbox import cli as sandbox_cli  # its arguments; the server loads in main
+    if sandbox:
+        from worker.sandbox import cli as sandbox_cli  # its arguments; the server in main
 
-    sandbox_cli.add_arguments(sb)
-    sb.set_defaults(command=sandbox_cli.main)
+        sandbox_cli.add_arguments(sb)
+        sb.set_defaults(command=sandbox_cli.main)
     return p
