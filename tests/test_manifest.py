@@ -4,13 +4,19 @@ into a private spool that every later pass reads instead."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import gc
+import io
 import os
 import socket
 import stat
+import sys
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -18,7 +24,7 @@ import orjson
 import pytest
 
 from worker import api
-from worker.errors import ManifestError
+from worker.errors import Exit, LedgerWriteError, ManifestError, SpoolError
 from worker.manifest import MAX_SKIPPED_LINE_BYTES, Group, Invalid, Scan, read, scan
 from worker.sandbox import SandboxConfig, serve
 from worker.signing import Credentials, sign
@@ -412,3 +418,124 @@ def test_sandbox_refuses_exactly_what_the_validator_refuses() -> None:
     for name, answer in asyncio.run(main()):
         expected = (200, "") if api.name_problem(name) is None else (400, "InvalidParam")
         assert answer == expected, (name, answer)
+
+
+# -- a spool on a disk that fails ------------------------------------------------------------
+
+
+def _cannot_create(err: int) -> Callable[[Path | None], IO[bytes]]:
+    def opener(folder: Path | None) -> IO[bytes]:
+        raise OSError(err, os.strerror(err))
+
+    return opener
+
+
+def _full_disk(folder: Path | None) -> IO[bytes]:
+    """A spool on a full disk: every write (or the flush of one) fails with ENOSPC."""
+    return open("/dev/full", "r+b")  # the Scan closes it
+
+
+def _write_only(folder: Path | None) -> IO[bytes]:
+    """A spool that takes every write and cannot be read back (EBADF: opened write-only),
+    like a disk that fails on read."""
+    assert folder is not None
+    return open(folder / f"spool-{len(list(folder.iterdir()))}", "wb")  # the Scan closes it
+
+
+class _CloseFails(io.FileIO):
+    def close(self) -> None:
+        first = not self.closed
+        super().close()
+        if first:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT])
+def test_a_spool_that_cannot_be_created_names_the_manifest_and_its_folder(
+    tmp_path: Path, err: int
+) -> None:
+    """No spool file can be made in the folder (full, read-only, forbidden, over quota): a
+    ManifestError (exit 2: nothing sent) naming the manifest, the folder and the reason."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"Name":"A1"}\n')
+    with pytest.raises(ManifestError) as info:
+        scan(manifest, spool_dir=tmp_path, open_spool=_cannot_create(err))
+    assert info.value.exit_code == Exit.USAGE
+    assert str(info.value.problems[0]) == (
+        f"{manifest}: cannot create a spool file in {tmp_path}: {os.strerror(err)}"
+    )
+
+
+@pytest.mark.parametrize("lines", [3, 5000], ids=["the flush fails", "a write fails"])
+def test_a_spool_on_a_full_disk_is_a_manifest_error_and_leaks_nothing(
+    tmp_path: Path, lines: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing the spool fails (ENOSPC), in the last flush or mid-scan: one ManifestError
+    naming the manifest, the folder and the reason; no descriptor is left open and no
+    finalizer complains later (closing the unflushable buffer again must stay quiet)."""
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(f'{{"Name":"N{i}"}}\n' for i in range(lines)))
+    before = open_fds()
+    with pytest.raises(ManifestError) as info:
+        scan(manifest, spool_dir=tmp_path, open_spool=_full_disk)
+    gc.collect()
+    assert str(info.value.problems[0]) == (
+        f"{manifest}: cannot write its private spool file in {tmp_path}: No space left on device"
+    )
+    assert open_fds() == before and unraisable == []
+
+
+def test_a_spool_that_cannot_be_read_back_while_scanning_is_a_manifest_error(
+    tmp_path: Path,
+) -> None:
+    """The duplicate check reads the spool back: a read that fails there is still a
+    ManifestError (nothing was sent), naming the folder and the reason."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"Name":"A1"}\n{"Name":"A1"}\n')
+    spools = tmp_path / "spools"
+    spools.mkdir()
+    before = open_fds()
+    with pytest.raises(ManifestError) as info:
+        scan(manifest, spool_dir=spools, open_spool=_write_only)
+    assert str(info.value.problems[0]) == (
+        f"{manifest}: cannot read back its private spool file in {spools}: Bad file descriptor"
+    )
+    assert open_fds() == before
+
+
+def test_a_spool_that_cannot_be_read_during_the_run_stops_it_truthfully(tmp_path: Path) -> None:
+    """A spool read that fails while `read` feeds a run (requests may be out) is not a
+    ManifestError, whose exit 2 says nothing was sent: it is a SpoolError, a
+    LedgerWriteError (exit 7) naming the manifest, the folder and the reason."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"Name":"A1"}\n{"Name":"B2"}\n')
+    spools = tmp_path / "spools"
+    spools.mkdir()
+    with scan(manifest, spool_dir=spools, open_spool=_write_only) as scanned:
+        assert scanned.groups == 2
+        with pytest.raises(SpoolError) as info:
+            list(read(scanned))
+    assert isinstance(info.value, LedgerWriteError) and info.value.exit_code == Exit.STOPPED
+    assert str(info.value) == (
+        f"{manifest}: cannot read back its private spool file in {spools}: Bad file "
+        "descriptor; the ledger is consistent: run the same command again"
+    )
+
+
+def test_a_spool_whose_close_fails_after_a_good_scan_closes_quietly(tmp_path: Path) -> None:
+    """Closing the spool after the run (EIO from close) raises nothing: it is an unlinked
+    scratch copy, nothing in it is needed any more, and the run's outcome stands."""
+
+    def opener(folder: Path | None) -> IO[bytes]:
+        fd, name = tempfile.mkstemp(dir=folder)
+        os.unlink(name)
+        return _CloseFails(fd, "r+")
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"Name":"A1"}\n')
+    before = open_fds()
+    with scan(manifest, spool_dir=tmp_path, open_spool=opener) as scanned:
+        assert [g.name for g in read(scanned) if isinstance(g, Group)] == ["A1"]
+    assert scanned.spool.closed and open_fds() == before

@@ -12,6 +12,7 @@ returns `exc.exit_code`. Anything that is not a WorkerError is a bug (exit 70).
     │   ├── LedgerTargetMismatch  written for another endpoint/region/AK   2
     │   ├── LedgerLocked          another run holds the ledger             5
     │   └── LedgerWriteError      cannot write it after requests went out  7
+    │       └── SpoolError        cannot read the manifest's spool mid-run 7
     ├── RunAborted            the server refused the run (auth, permission, clock,
     │                         a redirect or a non-API answer)              7
     ├── EndpointUnreachable   no HTTP answer at all for a bounded time     3
@@ -100,6 +101,13 @@ class LedgerWriteError(LedgerError):
     """The ledger refused a write (full disk, I/O error) after the run had started sending."""
 
     exit_code = Exit.STOPPED
+
+
+class SpoolError(LedgerWriteError):
+    """The private copy of the manifest (`manifest.scan`'s spool, beside the ledger) could
+    not be read while the run was going on. Like a failed ledger write it stops the run
+    (exit 7, or 2 while nothing was sent: the run's journal tells which), and the same
+    command resumes; the runner already stops on a LedgerWriteError wherever it is raised."""
 
 
 class RunAborted(WorkerError):

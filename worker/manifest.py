@@ -16,6 +16,13 @@ open-addressing `array('Q')` tables, not a dict (which cost ~194 B per line). A 
 before only makes a line a suspect; the suspects are settled after the pass by one read of
 the spool that compares the Names themselves, so a hash collision never reports a duplicate,
 and the message still names the first line.
+
+The spool lives on a real disk (the ledger's folder), which may be full, read-only or
+failing. Every failure of the spool while scanning (create, write, flush, read back) is a
+ManifestError naming the manifest, the spool's folder and the reason: nothing was sent
+yet. A failure to read it back later, while `read` feeds a run, is a SpoolError (a
+LedgerWriteError: the run stops, exit 7 once requests went out). Closing it never fails:
+it is an unlinked scratch copy, and nothing in it is still needed then.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from typing import IO, Any, Self
 import orjson
 
 from worker import api
-from worker.errors import ManifestError, Problem
+from worker.errors import ManifestError, Problem, SpoolError
 
 MAX_LINE_BYTES = 1 << 20  # a group body is tiny; a longer line is a mistake, not data
 # An over-long line is skipped to its end so the lines after it keep their numbers; past this
@@ -89,9 +96,10 @@ class Scan:
     problem_count: int  # every problem, counted
     # One record per source line: b"" blank, b"G" name TAB body, b"!" JSON [name, field, reason]
     spool: IO[bytes] = field(repr=False, compare=False)
+    spool_dir: str = ""  # the spool's folder, for messages
 
     def close(self) -> None:
-        self.spool.close()
+        _close_quietly(self.spool)
 
     def __enter__(self) -> Self:
         return self
@@ -108,6 +116,7 @@ def scan(
     spool_dir: Path | None = None,
     max_bytes: int = MAX_MANIFEST_BYTES,
     name_hash: Callable[[str], int] = hash,
+    open_spool: Callable[[Path | None], IO[bytes]] | None = None,
 ) -> Scan:
     """Read `path` once: validate every line and keep a private copy for `read`.
 
@@ -115,48 +124,62 @@ def scan(
     created in `spool_dir` (default: tempfile's directory; pass the ledger's folder to keep
     it off a small /tmp). Raises ManifestError for a source that cannot be read at all, is
     larger than `max_bytes`, or holds no groups; line problems are returned, not raised.
-    `name_hash` is the duplicate check's hash (tests pass a tiny one to force collisions).
+    `name_hash` is the duplicate check's hash (tests pass a tiny one to force collisions);
+    `open_spool(spool_dir)` makes a spool file (default: an unlinked temporary file; tests
+    pass one that fails). Every failure of the spool (create, write, flush, read back) is a
+    ManifestError naming the manifest, the spool's folder and the reason.
     """
+    folder = str(spool_dir) if spool_dir is not None else tempfile.gettempdir()
+    opener = open_spool or _temporary_file
     try:
-        spool = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (owned by the Scan)
+        spool = opener(spool_dir)
     except OSError as exc:
-        raise _file_error(
-            path,
-            f"cannot create a spool file in {spool_dir or tempfile.gettempdir()}: {exc.strerror}",
-        ) from None
+        raise _file_error(path, f"cannot create a spool file in {folder}: {_reason(exc)}") from None
+    spooled = _Spooled(path, folder, spool)
     try:
-        return _scan(path, spool, max_bytes, name_hash, spool_dir)
+        return _scan(path, spooled, max_bytes, name_hash, lambda: opener(spool_dir))
     except BaseException:
-        spool.close()
+        # Quietly: a buffer that could not be flushed fails again on close, and the error
+        # that says why is the one being raised.
+        _close_quietly(spooled.spool)
         raise
 
 
 def read(scanned: Scan) -> Iterator[Group | Invalid]:
     """Stream the spool: each non-blank line as a Group, or as Invalid with its first problem,
-    exactly as `scan` judged it."""
+    exactly as `scan` judged it. Raises SpoolError when the spool cannot be read back (a
+    failing disk): this runs while requests go out, so it is not a ManifestError, whose
+    exit code says that nothing was sent."""
     where = str(scanned.path)
-    for lineno, record in _spooled_lines(scanned.spool):
-        if record.startswith(b"G"):
-            name, _, body = record[1:].partition(b"\t")
-            yield Group(
-                name=name.decode(),
-                line=lineno,
-                body=body,
-                fingerprint=hashlib.sha256(body).hexdigest(),
-            )
-        elif record.startswith(b"!"):
-            name, field_name, reason = orjson.loads(record[1:])
-            yield Invalid(
-                line=lineno, name=name, problem=Problem(where, lineno, field_name, reason)
-            )
+    try:
+        for lineno, record in _spooled_lines(scanned.spool):
+            if record.startswith(b"G"):
+                name, _, body = record[1:].partition(b"\t")
+                yield Group(
+                    name=name.decode(),
+                    line=lineno,
+                    body=body,
+                    fingerprint=hashlib.sha256(body).hexdigest(),
+                )
+            elif record.startswith(b"!"):
+                name, field_name, reason = orjson.loads(record[1:])
+                yield Invalid(
+                    line=lineno, name=name, problem=Problem(where, lineno, field_name, reason)
+                )
+    except OSError as exc:  # only the spool's reads raise it: the consumer's errors stay there
+        raise SpoolError(
+            f"{scanned.path}: cannot read back its private spool file in "
+            f"{scanned.spool_dir}: {_reason(exc)}; the ledger is consistent: run the same "
+            "command again"
+        ) from None
 
 
 def _scan(
     path: Path,
-    spool: IO[bytes],
+    spooled: _Spooled,
     max_bytes: int,
     name_hash: Callable[[str], int],
-    spool_dir: Path | None,
+    open_spool: Callable[[], IO[bytes]],
 ) -> Scan:
     digest = hashlib.sha256()
     seen = _Seen()
@@ -172,25 +195,25 @@ def _scan(
                 suspects.add(h)
             groups += 1
             # A Name holds no TAB (api.name_problem) and canonical JSON no newline.
-            _write(path, spool, b"G" + result.name.encode() + b"\t" + result.body + b"\n")
+            spooled.write(b"G" + result.name.encode() + b"\t" + result.body + b"\n")
             continue
         if result is None:
-            _write(path, spool, b"\n")  # one spool line per source line keeps numbers true
+            spooled.write(b"\n")  # one spool line per source line keeps numbers true
             continue
         first = result[0]
-        _write(path, spool, b"!" + orjson.dumps([_name_of(raw), first.field, first.reason]) + b"\n")
+        spooled.write(b"!" + orjson.dumps([_name_of(raw), first.field, first.reason]) + b"\n")
         invalid += 1
         count += len(result)
         shown.extend(result[: max(0, MAX_SHOWN - len(shown))])
-    try:
-        spool.flush()  # `read` reads the descriptor, not this buffer
-    except OSError as exc:
-        raise _spool_error(path, exc) from None
+    spooled.flush()  # `read` reads the descriptor, not this buffer
     del seen  # before the second pass: its memory is the scan's peak
     if suspects:
-        duplicates = _confirm(spool, suspects, name_hash)
+        try:
+            duplicates = _confirm(spooled.spool, suspects, name_hash)
+        except OSError as exc:
+            raise spooled.error("read back", exc) from None
         if duplicates:
-            spool = _respool(path, spool, duplicates, spool_dir)
+            _respool(spooled, duplicates, open_spool)
             dup_problems = [
                 Problem(str(path), line, "Name", f"{name!r} is already given on line {first}")
                 for line, (name, first) in duplicates.items()
@@ -212,7 +235,8 @@ def _scan(
         invalid=invalid,
         problems=shown,
         problem_count=count,
-        spool=spool,
+        spool=spooled.spool,
+        spool_dir=spooled.folder,
     )
 
 
@@ -275,26 +299,58 @@ def _confirm(
 
 
 def _respool(
-    path: Path, spool: IO[bytes], duplicates: dict[int, tuple[str, int]], spool_dir: Path | None
-) -> IO[bytes]:
-    """A copy of the spool with each duplicate's record turned into its problem."""
+    spooled: _Spooled, duplicates: dict[int, tuple[str, int]], open_spool: Callable[[], IO[bytes]]
+) -> None:
+    """Replace the spool by a copy with each duplicate's record turned into its problem."""
     try:
-        out = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (owned by the Scan)
+        out = open_spool()
     except OSError as exc:
-        raise _spool_error(path, exc) from None
+        raise spooled.error("create another", exc) from None
+    copy = _Spooled(spooled.path, spooled.folder, out)
     try:
-        for lineno, record in _spooled_lines(spool):
-            if lineno in duplicates:
-                name, first = duplicates[lineno]
-                reason = f"{name!r} is already given on line {first}"
-                record = b"!" + orjson.dumps([name, "Name", reason])
-            _write(path, out, record + b"\n")
-        out.flush()
+        try:
+            for lineno, record in _spooled_lines(spooled.spool):
+                if lineno in duplicates:
+                    name, first = duplicates[lineno]
+                    reason = f"{name!r} is already given on line {first}"
+                    record = b"!" + orjson.dumps([name, "Name", reason])
+                copy.write(record + b"\n")
+        except OSError as exc:  # the reads: `copy.write` raises ManifestError itself
+            raise spooled.error("read back", exc) from None
+        copy.flush()
     except BaseException:
-        out.close()
+        _close_quietly(out)
         raise
-    spool.close()
-    return out
+    _close_quietly(spooled.spool)
+    spooled.spool = out
+
+
+class _Spooled:
+    """The spool while `scan` writes it: its OSErrors become ManifestErrors that name the
+    manifest, the spool's folder and the reason."""
+
+    def __init__(self, path: Path, folder: str, spool: IO[bytes]) -> None:
+        self.path = path
+        self.folder = folder
+        self.spool = spool
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.spool.write(data)
+        except OSError as exc:
+            raise self.error("write", exc) from None
+
+    def flush(self) -> None:
+        try:
+            self.spool.flush()
+        except OSError as exc:
+            raise self.error("write", exc) from None
+
+    def error(self, doing: str, exc: OSError) -> ManifestError:
+        return _file_error(
+            self.path,
+            f"cannot {doing} its private spool file in {self.folder}: {_reason(exc)}",
+        )
 
 
 class _Source:
@@ -412,15 +468,21 @@ def _spooled_lines(spool: IO[bytes]) -> Iterator[tuple[int, bytes]]:
             yield lineno, raw[:-1]
 
 
-def _write(path: Path, out: IO[bytes], data: bytes) -> None:
+def _temporary_file(folder: Path | None) -> IO[bytes]:
+    return tempfile.TemporaryFile(dir=folder)  # the Scan owns it and closes it
+
+
+def _close_quietly(spool: IO[bytes]) -> None:
+    """Close the spool and let go of its descriptor whatever happens (a buffered file
+    whose flush fails still closes its descriptor, then raises)."""
     try:
-        out.write(data)
-    except OSError as exc:
-        raise _spool_error(path, exc) from None
+        spool.close()
+    except OSError:
+        pass  # an unlinked scratch copy: nothing in it is needed any more
 
 
-def _spool_error(path: Path, exc: OSError) -> ManifestError:
-    return _file_error(path, f"cannot copy it to the private spool file: {exc.strerror}")
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 def _file_error(path: Path, reason: str) -> ManifestError:
