@@ -139,7 +139,12 @@ def test_default_path_is_beside_the_manifest() -> None:
 def test_typed_records_round_trip_through_the_file(tmp_path: Path) -> None:
     """What a run appends as typed records, the next open reads back as equal records."""
     path = tmp_path / "l.jsonl"
-    written = [header(), intent("A"), result("A", Outcome.CREATED), footer()]
+    written: list[RunHeader | Intent | Result | Footer] = [
+        header(),
+        intent("A"),
+        result("A", Outcome.CREATED),
+        footer(),
+    ]
     with Ledger.open(path, target=TARGET) as book:
         for record in written:
             book.append(record)
@@ -504,6 +509,54 @@ def test_a_failed_write_mid_run_is_a_ledger_write_error(tmp_path: Path) -> None:
     first, after = out.stdout.splitlines()
     assert first.startswith("first LedgerWriteError 7 ") and "cannot write the ledger" in first
     assert after.startswith("after LedgerWriteError 7 ")
+
+
+GROWER = textwrap.dedent("""
+    import json, resource, signal, sys
+    from pathlib import Path
+    from structlog.testing import capture_logs
+    from worker import index
+    from worker.ledger import Ledger
+    from tests.test_ledger import TARGET, header, intent
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    book = Ledger.open(Path(sys.argv[1]), target=TARGET)  # a new index: the smallest table
+    book.append(header())
+    # Room for the ledger (~0.5 MB), not for the doubled table the index grows into.
+    grown = index.HEADER_BYTES + 2 * index.MIN_SLOTS * index.SLOT_BYTES
+    resource.setrlimit(resource.RLIMIT_FSIZE, (grown - 1, grown - 1))
+    with capture_logs() as logs:
+        for i in range(int(sys.argv[2])):
+            book.append(intent(f"N{i}", line=i + 1))
+    table = book.state.latest
+    book.close()
+    print(json.dumps({"memory": table.in_memory, "names": len(table), "logs": logs}))
+""")
+
+
+def test_an_index_that_cannot_grow_mid_run_does_not_stop_it(tmp_path: Path) -> None:
+    """The shared index must double mid-run and the disk refuses (EFBIG): the run goes on
+    with the table in memory, says so once, removes the index it left marked dirty, and
+    every later reader and run read every Name from the ledger."""
+    path = tmp_path / "l.jsonl"
+    n = 2500  # past the smallest table's load limit (2458)
+    out = subprocess.run(
+        [sys.executable, "-c", GROWER, str(path), str(n)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        timeout=60,
+    )
+    assert out.returncode == 0 and "Exception ignored" not in out.stderr, out.stderr
+    got = orjson.loads(out.stdout)
+    assert got["memory"] is True and got["names"] == n
+    (event,) = [e for e in got["logs"] if e["event"] == "ledger.index_unavailable"]
+    assert event["reason"] == "File too large" and event["instead"] == "memory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.jsonl", "l.jsonl.lock"]
+    state = read_state(path)
+    assert len(state.latest) == n and all(state.latest[f"N{i}"].in_doubt for i in range(n))
+    with Ledger.open(path, target=TARGET) as book:
+        assert len(book.state.latest) == n
+    assert (tmp_path / "l.jsonl.index").read_bytes()[8:12] == b"\1\0\0\0"  # rebuilt, clean
 
 
 def test_an_invalid_duplicate_does_not_hide_the_valid_lines_state() -> None:

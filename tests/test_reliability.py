@@ -553,22 +553,26 @@ def test_full_disk_before_the_first_request(sandbox: SandboxProc, tmp_path: Path
                           preexec_fn=_file_size_limit(100))
     assert proc.returncode == 2, proc.stderr
     assert "File too large" in proc.stderr  # the manifest's spool or the ledger, whichever first
-    assert "Traceback" not in proc.stderr
+    assert f"{tmp_path}: File too large" in proc.stderr  # names the folder that is full
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
     assert sandbox.state()["arrivals"] == 0
 
 
 def test_full_disk_mid_run_stops_sending(sandbox: SandboxProc, tmp_path: Path) -> None:
     """The ledger fills up mid-run: the run stops at the first failed write with exit 7
     (requests went out: not 2), every request that reached the server has its intent on
-    disk, and a later run finishes the job."""
+    disk, and a later run finishes the job. The index (a cache, larger than the limit from
+    the start) cannot be made at all: the run goes on without it, and says so."""
     manifest = write_manifest(tmp_path / "m.jsonl", names(60))
     proc = subprocess.run(worker_cmd("run", str(manifest), "--endpoint", sandbox.url),
                           env=cli_env(tmp_path), capture_output=True, text=True, timeout=60,
                           preexec_fn=_file_size_limit(12_000))
     assert proc.returncode == 7, proc.stderr[-3000:]
     assert "cannot write the ledger: File too large" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    assert proc.stderr.count("ledger.index_unavailable") == 1
     ledger = tmp_path / "m.ledger.jsonl"
+    assert not (tmp_path / "m.ledger.jsonl.index").exists()  # nothing half-made left behind
     data = ledger.read_bytes()
     complete = [json.loads(line) for line in data.split(b"\n")[:-1]]
     intents = {r["name"] for r in complete if r["type"] == "intent"}

@@ -3,22 +3,27 @@ and never changing what a run decides. Behaviour only: the figures are in bench/
 
 from __future__ import annotations
 
+import errno
+import gc
 import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from worker import index, plan
 from worker.index import Table
 from worker.ledger import Ledger, State, read_state, records_of
 from worker.manifest import Group
-from worker.records import Action, Footer, Intent, Outcome, Result, RunHeader, Target
+from worker.records import Action, Footer, Intent, Item, Outcome, Result, RunHeader, Target
 
 TARGET = Target(endpoint="http://127.0.0.1:1", region="cn-north-1", access_key="AK")
 
@@ -384,3 +389,238 @@ def test_the_duplicate_check_is_the_same_with_the_real_hash(tmp_path: Path) -> N
     assert verdicts[0] == verdicts[1]
     assert sum(kind == "Invalid" for _, kind, _ in verdicts[0]) == 300
     assert verdicts[0][700][2].endswith("'N0' is already given on line 1")
+
+
+# -- the index is a cache: failing to keep it never stops a run ----------------------------
+
+CHILD_PRELUDE = """
+import json, os, resource, signal, sys
+from pathlib import Path
+import structlog
+from structlog.testing import capture_logs
+from tests.test_scale import TARGET, header, in_memory, intent, result, same_state
+from worker.ledger import Ledger, read_state
+from worker.records import Outcome
+path = Path(sys.argv[1])
+limit = int(sys.argv[2])
+if limit:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+"""
+
+RUN_ON = (
+    CHILD_PRELUDE
+    + """
+with capture_logs() as logs:
+    book = Ledger.open(path, target=TARGET)
+    book.append(header("r2"))
+    book.append(intent("r2", "组00003", 4))
+    book.append(result("r2", "组00003", 4, Outcome.CREATED))
+    book.append(intent("r2", "新名字", 99))
+    where = "memory" if book.state.latest.in_memory else "file"
+    book.close()
+    same_state(book.state, in_memory(path))
+    book.state.close()
+print(json.dumps({"where": where, "logs": logs}))
+"""
+)
+
+READ = (
+    CHILD_PRELUDE
+    + """
+with capture_logs() as logs:
+    got = read_state(path)
+    same_state(got, in_memory(path))
+print(json.dumps({"where": "memory" if got.latest.in_memory else "file", "logs": logs}))
+"""
+)
+
+
+def _drop_file_permission_override() -> None:
+    """In the child: root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, so a read-only
+    folder refuses it as it would refuse a user (the tests run as root)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def _child(code: str, path: Path, *, limit: int = 0, read_only: bool = False) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path), str(limit)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        timeout=60,
+        preexec_fn=_drop_file_permission_override if read_only else None,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr
+    got: dict[str, Any] = orjson.loads(out.stdout.splitlines()[-1])
+    return got
+
+
+def _unavailable(logs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [e for e in logs if e["event"] == "ledger.index_unavailable"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "instead"),
+    [
+        ("file size limit", "memory"),
+        ("read-only folder", f"a private file in {tempfile.gettempdir()}"),
+    ],
+)
+def test_a_run_that_cannot_create_its_index_goes_on_without_it(
+    tmp_path: Path, fault: str, instead: str
+) -> None:
+    """No index can be made beside the ledger (EFBIG everywhere: then in memory; EACCES in a
+    read-only folder: then a private file in the temporary folder): the run opens, appends
+    and closes, says so once, and leaves no index behind; readers and the next run read the
+    ledger's word."""
+    folder = tmp_path / "ledgers"
+    folder.mkdir()
+    path = folder / "l.jsonl"
+    write_run(path, history("r1", 30))
+    os.unlink(index.index_path(path))
+    limit = path.stat().st_size + (64 << 10)  # room for the ledger, not for an index
+    if fault == "read-only folder":
+        folder.chmod(0o555)
+    try:
+        got = _child(
+            RUN_ON,
+            path,
+            limit=limit if fault == "file size limit" else 0,
+            read_only=fault == "read-only folder",
+        )
+    finally:
+        folder.chmod(0o755)
+    assert got["where"] == ("memory" if instead == "memory" else "file")
+    (event,) = _unavailable(got["logs"])
+    assert event["instead"] == instead and event["log_level"] == "warning"
+    reason = "File too large" if fault == "file size limit" else "Permission denied"
+    assert event["reason"] == reason
+    assert sorted(p.name for p in folder.iterdir()) == ["l.jsonl", "l.jsonl.lock"]
+    want = in_memory(path)
+    assert want.latest["组00003"].done and want.latest["新名字"].in_doubt
+    same_state(read_state(path), want)
+    with Ledger.open(path, target=TARGET) as book:
+        same_state(book.state, want)
+    assert index.index_path(path).read_bytes()[8:12] == b"\1\0\0\0"  # rebuilt, clean
+
+
+def test_a_run_that_cannot_save_its_index_leaves_it_for_a_rebuild(tmp_path: Path) -> None:
+    """An index that can be used but not saved at close (its trailer is past the file size
+    limit): the run ends normally, says why, and leaves the index marked dirty, so the next
+    reader and run rebuild it rather than trust it."""
+    path = tmp_path / "l.jsonl"
+    write_run(path, history("r1", 30))
+    limit = index.HEADER_BYTES + index.MIN_SLOTS * index.SLOT_BYTES  # no room for a trailer
+    got = _child(RUN_ON, path, limit=limit)
+    assert got["where"] == "file"
+    (event,) = _unavailable(got["logs"])
+    assert event["instead"] == "a rebuild by the next run" and event["reason"] == "File too large"
+    assert index.index_path(path).read_bytes()[8:12] == b"\0\0\0\0"  # marked dirty
+    same_state(read_state(path), in_memory(path))
+    with Ledger.open(path, target=TARGET) as book:
+        same_state(book.state, in_memory(path))
+
+
+def test_a_reader_that_cannot_build_a_private_index_reads_in_memory(tmp_path: Path) -> None:
+    """A dry run or report on a full disk: no private index file can be made, the state is
+    built in memory, the same as a plain fold of every record."""
+    path = tmp_path / "l.jsonl"
+    write_run(path, history("r1", 30))
+    os.unlink(index.index_path(path))
+    got = _child(READ, path, limit=path.stat().st_size + (64 << 10))
+    assert got["where"] == "memory"
+    (event,) = _unavailable(got["logs"])
+    assert event["instead"] == "memory" and event["reason"] == "File too large"
+
+
+@pytest.mark.parametrize("start", ["a clean index", "no index"])
+def test_an_index_that_cannot_be_marked_dirty_is_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start: str
+) -> None:
+    """When the dirty mark cannot be written (EIO), the run never changes that index: a
+    current one is copied into memory and removed, a new one gives way to a private file;
+    either way the run's state is right and the next run trusts only what is true."""
+    path = tmp_path / "l.jsonl"
+    write_run(path, history("r1", 30))
+    if start == "no index":
+        os.unlink(index.index_path(path))
+
+    def cannot(table: Table) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    with monkeypatch.context() as patch, capture_logs() as logs:
+        patch.setattr(index, "mark_dirty", cannot)
+        with Ledger.open(path, target=TARGET) as book:
+            table = book.state.latest
+            assert isinstance(table, Table) and table.path is None
+            book.append(header("r2"))
+            book.append(result("r2", "组00004", 5, Outcome.CREATED))
+            same_state(book.state, in_memory(path))
+    (event,) = _unavailable(logs)
+    assert event["reason"] == "Input/output error"
+    if start == "a clean index":
+        assert table.in_memory and event["instead"] == "memory"
+    else:
+        assert not table.in_memory and event["instead"] == f"a private file in {tmp_path}"
+    assert not index.index_path(path).exists()
+    same_state(read_state(path), in_memory(path))
+
+
+def test_a_table_that_cannot_grow_into_a_file_grows_in_memory(tmp_path: Path) -> None:
+    """Past its load limit, with no file to grow into, the table doubles in memory, keeps
+    every Name's word and says so once."""
+    fd, name = tempfile.mkstemp(dir=tmp_path)
+    os.unlink(name)
+    table = Table(
+        fd,
+        slots=index.MIN_SLOTS,
+        used=0,
+        codes=[],
+        ledger_fd=None,
+        writable=True,
+        tmp_dir=str(tmp_path / "gone"),  # mkstemp there fails: ENOENT
+    )
+    n = int(index.MIN_SLOTS * index.MAX_LOAD) + 50
+    with capture_logs() as logs:
+        for i in range(n):
+            table.put(Item.of(intent("r1", f"名{i}", i + 1, version=i % 3)), 0)
+    assert table.in_memory and table.slots == 2 * index.MIN_SLOTS and len(table) == n
+    assert all(table[f"名{i}"].fingerprint == fp(f"名{i}", i % 3) for i in range(n))
+    (event,) = _unavailable(logs)
+    assert event["instead"] == "memory" and event["reason"] == "No such file or directory"
+    assert repr(table) == f"<Table memory {n}/{2 * index.MIN_SLOTS}>"
+    table.close()
+    assert repr(table) == "<Table private file closed>"
+
+
+def test_a_table_that_cannot_be_built_closes_what_it_was_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A table whose file cannot be allocated (a device: ENODEV) raises OSError, closes both
+    descriptors it was given, and its finalizer prints nothing ("Exception ignored")."""
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    fd = os.open("/dev/null", os.O_RDWR)
+    ledger_fd = os.open("/dev/null", os.O_RDONLY)
+    with pytest.raises(OSError):
+        Table(
+            fd,
+            slots=index.MIN_SLOTS,
+            used=0,
+            codes=[],
+            ledger_fd=ledger_fd,
+            writable=True,
+            tmp_dir="/tmp",
+        )
+    gc.collect()
+    for closed in (fd, ledger_fd):
+        with pytest.raises(OSError):
+            os.fstat(closed)
+    assert unraisable == []

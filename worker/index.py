@@ -34,11 +34,20 @@ after the ledger's fsync, writes the trailer (codes, run headers, footers, the l
 invalid lines) and a clean header. A reader without the lock (`read_state`: dry runs,
 `report`) uses the index only if it is clean and covers the ledger exactly; otherwise it
 builds a private one in an unlinked temporary file beside the ledger.
+
+A cache never stops a run. When the index cannot be created, extended, mapped or marked
+(a full disk, a file size limit, a read-only folder, a quota, a failed mmap), the table
+falls back to an unlinked file in the temporary directory, and then to anonymous shared
+memory (sized by the manifest: fine at moderate sizes); `ledger.index_unavailable` is
+logged with the reason. A run that falls back removes the shared index (best effort);
+whatever it cannot remove is either untouched since it was last made clean (still true of
+the ledger prefix it covers) or marked dirty, so no later run trusts a half-written one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import mmap
 import os
@@ -50,6 +59,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
+import structlog
 
 from worker.records import DONE, Action, Intent, Item, Outcome, Result
 
@@ -72,6 +82,9 @@ _OUTCOME_NO: Final = {o: i for i, o in enumerate(_OUTCOMES)}
 _ACTION_NO: Final = {a: i for i, a in enumerate(_ACTIONS)}
 _HAS_FP: Final = 1
 _EMPTY_KEY: Final = bytes(16)
+_COPY_CHUNK: Final = 1 << 20
+
+log = structlog.get_logger("worker")
 
 
 class Stale(Exception):
@@ -86,6 +99,12 @@ def index_path(ledger: Path) -> Path:
 def name_key(name: str) -> bytes:
     key = hashlib.blake2b(name.encode(), digest_size=16).digest()
     return key if key != _EMPTY_KEY else b"\x01" + key[1:]  # all-zero marks an empty slot
+
+
+def unavailable(where: Path | str, why: OSError | str, instead: str) -> None:
+    """Log that an index file could not be used, and what the run uses instead."""
+    reason = why if isinstance(why, str) else (why.strerror or str(why))
+    log.warning("ledger.index_unavailable", index=str(where), reason=reason, instead=instead)
 
 
 def slots_for(names: int) -> int:
@@ -126,15 +145,19 @@ class Latest:
 
 
 class Table(Mapping[str, Latest]):
-    """The hash table in a file (the shared index, or a private temporary one).
+    """The hash table in a file (the shared index, or a private temporary one), or in
+    anonymous memory when no file could hold it (`fd=None`).
 
     A Mapping from Name to Latest for plan.decide and report; `put` folds one intent or
     result into it. `items()` and iteration give Names back by reading the record each slot
-    points at (only `report` without a manifest does that)."""
+    points at (only `report` without a manifest does that).
+
+    The table owns `fd` and `ledger_fd` from the call on: if it cannot be built it closes
+    them before raising, so a caller never closes them twice."""
 
     def __init__(
         self,
-        fd: int,
+        fd: int | None,
         *,
         slots: int,
         used: int,
@@ -144,28 +167,59 @@ class Table(Mapping[str, Latest]):
         tmp_dir: str,
         path: Path | None = None,
     ) -> None:
+        # The descriptors become ours only once the mapping exists: a table that could not
+        # be built has closed them here, and its `close` (its finalizer) finds nothing to do.
         self.path = path  # the shared index's path; None for a private one
-        self._fd = fd
+        self._fd = -1
+        self._ledger_fd: int | None = None
         self._tmp_dir = tmp_dir
         self.slots = slots
         self.used = used
         self.codes = codes
         self._code_no = {c: i for i, c in enumerate(codes)}
-        self._ledger_fd = ledger_fd
-        self._writable = writable
-        self._mm = self._map(slots)
+        self._writable = writable or fd is None
         self._touches = 0
+        try:
+            self._mm = _closed_map()
+            mm = self._map(fd, slots)
+        except BaseException:
+            _close_fds(fd, ledger_fd)
+            raise
+        self._fd = -1 if fd is None else fd
+        self._ledger_fd = ledger_fd
+        self._mm = mm
 
-    def _map(self, slots: int) -> mmap.mmap:
+    @property
+    def in_memory(self) -> bool:
+        """Held in anonymous memory: no file could be used."""
+        return self._fd < 0 and not self._mm.closed
+
+    def __repr__(self) -> str:
+        where = "memory" if self.in_memory else str(self.path or "private file")
+        status = "closed" if self._mm.closed else f"{self.used}/{self.slots}"
+        return f"<Table {where} {status}>"
+
+    def _map(self, fd: int | None, slots: int) -> mmap.mmap:
         size = HEADER_BYTES + slots * SLOT_BYTES
-        if self._writable:
-            # Blocks are reserved, not left sparse: a store into a mapped hole on a full
-            # disk is a SIGBUS; this way a full disk is an OSError here instead.
-            os.posix_fallocate(self._fd, 0, size)
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if self._writable else 0)
-        mm = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED, prot=prot)
+        if fd is None:
+            # MAP_SHARED | MAP_ANONYMOUS: pages come from memory, never from a disk.
+            mm = mmap.mmap(-1, size)
+        else:
+            if self._writable:
+                # Blocks are reserved, not left sparse: a store into a mapped hole on a full
+                # disk is a SIGBUS; this way a full disk is an OSError here instead.
+                os.posix_fallocate(fd, 0, size)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if self._writable else 0)
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
         mm.madvise(mmap.MADV_RANDOM)
         return mm
+
+    def _drop_pages(self, mm: mmap.mmap) -> None:
+        """Unmap resident pages of a file mapping (the page cache keeps them). Not for
+        memory: there MADV_DONTNEED would only hide shared anonymous pages from our
+        resident set, not free them, and RSS should say what the table costs."""
+        if not self.in_memory:
+            mm.madvise(mmap.MADV_DONTNEED)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -177,7 +231,7 @@ class Table(Mapping[str, Latest]):
         self._touches += 1
         if self._touches >= _DROP_EVERY:
             self._touches = 0
-            mm.madvise(mmap.MADV_DONTNEED)
+            self._drop_pages(mm)
         while True:
             at = HEADER_BYTES + i * SLOT_BYTES
             here = mm[at : at + 16]
@@ -223,7 +277,7 @@ class Table(Mapping[str, Latest]):
             if mm[at : at + 16] != _EMPTY_KEY:
                 yield at
             if i % (_DROP_EVERY * 16) == 0:
-                mm.madvise(mmap.MADV_DONTNEED)
+                self._drop_pages(mm)
 
     def values(self) -> Iterator[Latest]:  # type: ignore[override]
         for at in self._used_slots():
@@ -288,68 +342,132 @@ class Table(Mapping[str, Latest]):
                 self._grow()
 
     def _grow(self) -> None:
-        """Double the table into a new file, then put it in the old one's place (a rename:
+        """Double the table. Into a new file that then takes the old one's place (a rename:
         anyone still mapping the old file keeps reading it, and nothing is ever cut from
-        under a mapping, which would be a SIGBUS)."""
+        under a mapping, which would be a SIGBUS); into memory when no file can be had
+        (a full disk must not stop the run: the index is a cache)."""
+        if not self.in_memory:
+            try:
+                self._adopt(self._grown_file())
+                return
+            except OSError as exc:
+                unavailable(self.path or self._tmp_dir, exc, "memory")
+        self._adopt(self._copy(self._empty(None, self.slots * 2), rehash=True))
+
+    def _empty(self, fd: int | None, slots: int) -> Table:
+        """A new empty table like this one, in `fd` (None: in memory)."""
+        return Table(
+            fd,
+            slots=slots,
+            used=0,
+            codes=self.codes,
+            ledger_fd=None,
+            writable=True,
+            tmp_dir=self._tmp_dir,
+        )
+
+    def _grown_file(self) -> Table:
         fd, name = tempfile.mkstemp(prefix=".worker-index-", dir=self._tmp_dir)
         try:
-            bigger = Table(
-                fd,
-                slots=self.slots * 2,
-                used=0,
-                codes=self.codes,
-                ledger_fd=None,
-                writable=True,
-                tmp_dir=self._tmp_dir,
-            )
-            mask, new = bigger.slots - 1, bigger._mm
-            old = self._mm
-            for i in range(self.slots):
-                at = HEADER_BYTES + i * SLOT_BYTES
-                slot = old[at : at + SLOT_BYTES]
-                if slot[:16] == _EMPTY_KEY:
-                    continue
-                j = int.from_bytes(slot[8:16], "little") & mask
-                while True:
-                    to = HEADER_BYTES + j * SLOT_BYTES
-                    if new[to : to + 16] == _EMPTY_KEY:
-                        new[to : to + SLOT_BYTES] = slot
-                        break
-                    j = (j + 1) & mask
-                if i % (_DROP_EVERY * 16) == 0:
-                    old.madvise(mmap.MADV_DONTNEED)
-                    new.madvise(mmap.MADV_DONTNEED)
-            new[:HEADER_BYTES] = old[:HEADER_BYTES]  # the dirty mark
+            bigger = self._empty(fd, self.slots * 2)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise
+        try:
+            self._copy(bigger, rehash=True)
             if self.path is not None:
                 os.replace(name, self.path)
             else:
                 os.unlink(name)
         except BaseException:
-            os.close(fd)
+            bigger.close()
             with contextlib.suppress(OSError):
                 os.unlink(name)
             raise
-        old.close()
-        os.close(self._fd)
-        self._fd, self._mm, self.slots = fd, new, bigger.slots
-        bigger._fd = -1  # its descriptor and mapping are ours now
-        bigger._mm = mmap.mmap(-1, 1)
+        return bigger
+
+    def to_memory(self) -> None:
+        """Go on in anonymous memory with the same contents, and let go of the file (it
+        could not be marked dirty: this run must not change it)."""
+        self._adopt(self._copy(self._empty(None, self.slots), rehash=False))
+
+    def _copy(self, into: Table, *, rehash: bool) -> Table:
+        """Every slot into `into` (a table of any size when `rehash`, else of this size),
+        and the header (the dirty mark)."""
+        old, new = self._mm, into._mm
+        if not rehash:
+            for start in range(0, len(old), _COPY_CHUNK):
+                new[start : start + _COPY_CHUNK] = old[start : start + _COPY_CHUNK]
+            return into
+        mask = into.slots - 1
+        for i in range(self.slots):
+            at = HEADER_BYTES + i * SLOT_BYTES
+            slot = old[at : at + SLOT_BYTES]
+            if slot[:16] == _EMPTY_KEY:
+                continue
+            j = int.from_bytes(slot[8:16], "little") & mask
+            while True:
+                to = HEADER_BYTES + j * SLOT_BYTES
+                if new[to : to + 16] == _EMPTY_KEY:
+                    new[to : to + SLOT_BYTES] = slot
+                    break
+                j = (j + 1) & mask
+            if i % (_DROP_EVERY * 16) == 0:
+                self._drop_pages(old)
+                into._drop_pages(new)
+        new[:HEADER_BYTES] = old[:HEADER_BYTES]  # the dirty mark
+        return into
+
+    def _adopt(self, other: Table) -> None:
+        """Take `other`'s file and mapping in place of ours (same contents, maybe bigger).
+        Going to memory lets go of the shared index: it stays as it was (marked dirty by a
+        run, or clean for the prefix it covers), and is removed if it can be."""
+        if other.in_memory and self.path is not None and self._writable:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            self.path = None
+        old_mm, old_fd = self._mm, self._fd
+        self._mm, self._fd, self.slots = other._mm, other._fd, other.slots
+        self._writable = True
+        other._mm, other._fd = _closed_map(), -1  # ours now
+        with contextlib.suppress(OSError, BufferError):
+            old_mm.close()
+        _close_fds(old_fd)
 
     def flush(self) -> None:
-        if self._writable:
+        if self._writable and not self.in_memory:
             self._mm.flush()
 
     def close(self) -> None:
-        """Unmap and close the file. Idempotent."""
-        if not self._mm.closed:
-            self._mm.close()
-        for fd in (self._fd, self._ledger_fd):
-            if fd is not None and fd >= 0:
-                os.close(fd)
-        self._fd, self._ledger_fd = -1, None
+        """Unmap and close the file. Idempotent, and quiet: the index is a cache, and what
+        had to reach the disk was fsynced by `finish`."""
+        mm, self._mm = self._mm, _closed_map()
+        fds, self._fd, self._ledger_fd = (self._fd, self._ledger_fd), -1, None
+        try:
+            if not mm.closed:
+                mm.close()
+        finally:
+            _close_fds(*fds)
 
     def __del__(self) -> None:
-        self.close()
+        # A finalizer that raises prints "Exception ignored in ..."; there is nobody to tell.
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _closed_map() -> mmap.mmap:
+    """A closed mapping: what a table holds before it is built and after it is closed."""
+    mm = mmap.mmap(-1, 1)
+    mm.close()
+    return mm
+
+
+def _close_fds(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None and fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 # -- what an index was made from, and the file's header and trailer -------------------------
@@ -418,7 +536,14 @@ def _write_header(
         at.head_sha,
         at.tail_sha,
     )
-    os.pwrite(fd, data, 0)
+    _pwrite_all(fd, data, 0)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of `data` or raise: a short write (a file size limit, a full disk) would
+    leave the rest of the old bytes in place."""
+    if os.pwrite(fd, data, offset) != len(data):
+        raise OSError(errno.ENOSPC, "short write (the disk or the file size limit is full)")
 
 
 _NOTHING: Final = Covered(
@@ -427,7 +552,9 @@ _NOTHING: Final = Covered(
 
 
 def mark_dirty(table: Table) -> None:
-    """Before the first change: a crash from here on leaves an index nobody trusts."""
+    """Before the first change: a crash from here on leaves an index nobody trusts. Only
+    for the shared index, in its file."""
+    assert table.path is not None and not table.in_memory
     _write_header(table._fd, clean=False, slots=0, used=0, at=_NOTHING, trailer_len=0)
     os.fsync(table._fd)
 
@@ -435,11 +562,12 @@ def mark_dirty(table: Table) -> None:
 def finish(table: Table, at: Covered, trailer: dict[str, Any]) -> None:
     """After the ledger's fsync: write the trailer, then a clean header naming what the
     index now covers, and fsync. The header goes last: a crash before it leaves the index
-    dirty, to be rebuilt."""
+    dirty, to be rebuilt. Only for the shared index, in its file."""
+    assert table.path is not None and not table.in_memory
     table.flush()
     data = orjson.dumps(trailer)
     end = HEADER_BYTES + table.slots * SLOT_BYTES
-    os.pwrite(table._fd, data, end)
+    _pwrite_all(table._fd, data, end)
     os.ftruncate(table._fd, end + len(data))
     os.fsync(table._fd)
     _write_header(

@@ -24,6 +24,7 @@ last line. Opening repairs exactly that and nothing else:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
@@ -163,8 +164,8 @@ def read_state(path: Path) -> State:
     """Load without locking, repairing or checking the target (dry runs and reports). A
     missing file is an empty ledger; a torn tail is skipped; anything else is refused.
     Uses the ledger's index if it is clean and covers the whole ledger, else builds a
-    private one (only a run, holding the lock, writes the shared index). Close the State
-    (or let it go) to release the index."""
+    private one, in a file or else in memory (only a run, holding the lock, writes the
+    shared index). Close the State (or let it go) to release the index."""
     fd = _open_regular(path, write=False)
     if fd is None:
         return State(path=path)
@@ -172,6 +173,8 @@ def read_state(path: Path) -> State:
         with open(os.dup(fd), "rb") as f:
             next(iter(_Reader(path, f)), None)  # refuses a file that is not a ledger
         state, torn_at, _, _ = _load(path, fd, lock_held=False, expect_names=0, check=None)
+    except OSError as exc:  # not the index's: it falls back on its own (out of memory, fds)
+        raise LedgerError(f"{path}: cannot read the ledger: {exc.strerror}") from None
     finally:
         os.close(fd)
     state.torn_tail = torn_at is not None
@@ -227,65 +230,138 @@ def _load(
 def _open_index(
     path: Path, fd: int, *, lock_held: bool, expect_names: int
 ) -> tuple[State, int, int]:
-    """(state so far, ledger offset and line number to read on from)."""
+    """(state so far, ledger offset and line number to read on from). Never fails for the
+    index's sake: an index file that cannot be read is rebuilt, one that cannot be written
+    gives way to a private file, then to memory (index module docstring)."""
     here = str(Path(os.path.realpath(path)).parent)
-    size = os.fstat(fd).st_size
     ipath = index.index_path(path)
-    ifd = _open_index_file(ipath, write=lock_held)
-    if ifd is not None:
+    loaded = _current_index(path, fd, ipath, here, lock_held=lock_held)
+    if loaded is not None:
+        return loaded
+    names = max(expect_names, os.fstat(fd).st_size // 600)  # a done Name: ~600 B of ledger
+    table = _new_table(fd, ipath, here, slots=index.slots_for(names), shared=lock_held)
+    return State(path=path, latest=table), 0, 0
+
+
+def _current_index(
+    path: Path, fd: int, ipath: Path, here: str, *, lock_held: bool
+) -> tuple[State, int, int] | None:
+    """The state kept in the shared index, if it describes this ledger (all of it, for a
+    reader without the lock); else None. With the lock it is marked dirty, or, when that
+    cannot be written, copied into memory and let go."""
+    try:
+        ifd = _open_index_file(ipath, write=lock_held)
+    except OSError:
+        return None  # none yet, or not ours to use: a new one is made (and says why)
+    try:
+        slots, used, at, trailer = index.read_index(ifd, fd)
+        size = os.fstat(fd).st_size
+        if not lock_held and (at.offset != size or at.size != size):
+            raise index.Stale("the ledger has grown since (a run is going on, or was killed)")
+        state = State(path=path)
+        where = f"{ipath} (trailer)"
+        state.runs = [_trailer_record(o, where, RunHeader) for o in trailer["runs"]]
+        footers = [_trailer_record(o, where, Footer) for o in trailer["footers"]]
+        state.footers = {f.run_id: f for f in footers}
+        state.invalid_lines = {int(line): name for line, name in trailer["invalid"]}
+        ledger_fd = os.dup(fd)
+    except (index.Stale, LedgerError, ValueError, TypeError, OSError):
+        _close_quietly(ifd)  # rebuilt: an index we cannot read is one we do not trust
+        return None
+    except BaseException:
+        _close_quietly(ifd)
+        raise
+    try:
+        table = Table(
+            ifd,
+            slots=slots,
+            used=used,
+            codes=list(trailer["codes"]),
+            ledger_fd=ledger_fd,
+            writable=lock_held,
+            tmp_dir=here,
+            path=ipath,
+        )
+    except OSError:  # it cannot be mapped: build another (the table closed both fds)
+        return None
+    if lock_held:
         try:
-            slots, used, at, trailer = index.read_index(ifd, fd)
-            if not lock_held and (at.offset != size or at.size != size):
-                raise index.Stale("the ledger has grown since (a run is going on, or was killed)")
-            state = State(path=path)
-            where = f"{index.index_path(path)} (trailer)"
-            state.runs = [_trailer_record(o, where, RunHeader) for o in trailer["runs"]]
-            footers = [_trailer_record(o, where, Footer) for o in trailer["footers"]]
-            state.footers = {f.run_id: f for f in footers}
-            state.invalid_lines = {int(line): name for line, name in trailer["invalid"]}
-            state.latest = Table(
-                ifd,
-                slots=slots,
-                used=used,
-                codes=list(trailer["codes"]),
-                ledger_fd=os.dup(fd),
-                writable=lock_held,
-                tmp_dir=here,
-                path=ipath,
-            )
-            if lock_held:
-                index.mark_dirty(state.latest)
-            return state, at.offset, at.lines
-        except (index.Stale, LedgerError, ValueError, TypeError):
-            pass
-        except BaseException:
-            os.close(ifd)
-            raise
-        os.close(ifd)
-        ifd = None
-        if lock_held:
-            # Stale: rebuilt from the whole ledger, in a new file (whoever still maps the
-            # old one keeps reading it; a file cut under a mapping would be a SIGBUS).
+            index.mark_dirty(table)
+        except OSError as exc:
+            index.unavailable(ipath, exc, "memory")
+            try:
+                table.to_memory()
+            except BaseException:
+                table.close()
+                raise
+    state.latest = table
+    return state, at.offset, at.lines
+
+
+def _new_table(fd: int, ipath: Path, here: str, *, slots: int, shared: bool) -> Table:
+    """An empty table for a rebuild: the shared index when `shared` (a run holding the
+    lock), else, or when that cannot be had, an unlinked file beside the ledger, then in the
+    temporary directory, then memory. Logs `ledger.index_unavailable` once when the shared
+    index, or every file, could not be used."""
+    why: OSError | str | None = None
+    if shared:
+        # Rebuilt in a new file: whoever still maps the old one keeps reading it (a file cut
+        # under a mapping would be a SIGBUS).
+        with contextlib.suppress(OSError):
+            os.unlink(ipath)
+        try:
+            return _table_in(_open_index_file(ipath, write=True), fd, slots, here, ipath)
+        except OSError as exc:
             with contextlib.suppress(OSError):
-                os.unlink(ipath)
-            ifd = _open_index_file(ipath, write=True)
-    shared = ipath if ifd is not None and lock_held else None
-    if ifd is None:
-        ifd = _private_file(here)
-    names = max(expect_names, size // 600)  # a done Name costs ~600 B: intent and result
+                os.unlink(ipath)  # an empty or half-allocated file: nobody trusts it anyway
+            why = exc
+    for where in (here, None):
+        try:
+            private, name = tempfile.mkstemp(prefix=".worker-index-", dir=where)
+        except OSError as exc:
+            why = why or exc
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        try:
+            table = _table_in(private, fd, slots, here, None)
+        except OSError as exc:
+            why = why or exc
+            continue
+        if shared:
+            folder = where or tempfile.gettempdir()
+            index.unavailable(ipath, why or "cannot be created", f"a private file in {folder}")
+        return table
+    index.unavailable(ipath if shared else here, why or "no file", "memory")
+    return _table_in(None, fd, slots, here, None)
+
+
+def _table_in(ifd: int | None, fd: int, slots: int, here: str, shared: Path | None) -> Table:
+    """An empty table in `ifd` (None: memory), marked dirty when it is the shared index.
+    Raises OSError when it cannot be made; `ifd` is closed then."""
+    try:
+        ledger_fd = os.dup(fd)
+    except BaseException:
+        if ifd is not None:
+            _close_quietly(ifd)
+        raise
     table = Table(
         ifd,
-        slots=index.slots_for(names),
+        slots=slots,
         used=0,
         codes=[],
-        ledger_fd=os.dup(fd),
+        ledger_fd=ledger_fd,
         writable=True,
         tmp_dir=here,
         path=shared,
     )
-    if lock_held:
-        index.mark_dirty(table)
-    return State(path=path, latest=table), 0, 0
+    if shared is not None:
+        try:
+            index.mark_dirty(table)
+        except BaseException:
+            table.close()
+            raise
+    return table
 
 
 def _trailer_record(obj: Any, where: str, kind: type[RunHeader] | type[Footer]) -> Any:
@@ -295,30 +371,19 @@ def _trailer_record(obj: Any, where: str, kind: type[RunHeader] | type[Footer]) 
     return record
 
 
-def _open_index_file(path: Path, *, write: bool) -> int | None:
-    """The shared index's descriptor, or None when there is none (reading) or it cannot be
-    used (not a regular file, no permission): then a private one does the job."""
+def _open_index_file(path: Path, *, write: bool) -> int:
+    """The shared index's descriptor (created when `write`). Raises OSError when there is
+    none (reading) or it cannot be used (not a regular file, no permission, a read-only
+    folder): then a private one does the job."""
     flags = (os.O_RDWR | os.O_CREAT if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY, 0o644)
     try:
-        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY, 0o644)
-    except OSError:
-        return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        _close_quietly(fd)
+        raise
     return fd
-
-
-def _private_file(directory: str) -> int:
-    """An unlinked temporary file beside the ledger (else in the temporary directory)."""
-    for where in (directory, None):
-        try:
-            fd, name = tempfile.mkstemp(prefix=".worker-index-", dir=where)
-        except OSError:
-            continue
-        os.unlink(name)
-        return fd
-    raise LedgerError(f"cannot create a temporary index file in {directory} or the temp dir")
 
 
 def probe_lock(path: Path) -> bool | None:
@@ -487,12 +552,12 @@ class Ledger:
             if self._broken is None:
                 os.fsync(fd)
                 table = self.state.latest
-                if isinstance(table, Table):
+                if isinstance(table, Table) and table.path is not None and not table.in_memory:
                     try:
                         at = index.covered(fd, self._end, self._lines)
                         index.finish(table, at, self.state.trailer())
-                    except OSError:
-                        pass  # it stays marked dirty: the next open rebuilds it
+                    except OSError as exc:  # it stays marked dirty: the next open rebuilds it
+                        index.unavailable(table.path, exc, "a rebuild by the next run")
         except OSError as exc:
             self._broken = f"{self.path}: cannot sync the ledger: {exc.strerror}"
             raise LedgerWriteError(self._broken) from None
