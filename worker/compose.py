@@ -30,6 +30,7 @@ from worker.errors import (
     LedgerError,
     LedgerWriteError,
     ManifestError,
+    SpoolError,
     UsageError,
     WorkerError,
 )
@@ -245,6 +246,15 @@ def open_ledger(path: Path, target: Target, *, expect_names: int = 0) -> Ledger:
     return Ledger.open(path, target=target, torn_writes_s=torn, expect_names=expect_names)
 
 
+@contextlib.contextmanager
+def _before_writes() -> Iterator[None]:
+    """A spool that cannot be read back before any write was sent: exit 2, not 7."""
+    try:
+        yield
+    except SpoolError as exc:
+        raise LedgerError(f"{exc}; nothing was changed") from None
+
+
 def _manifest_name(path: Path) -> str:
     """The manifest as the header records it: absolute for a regular file, so that `report`
     finds it from any folder; as given for a pipe (there is nothing to find again)."""
@@ -325,8 +335,9 @@ def run(settings: Settings, options: Options, controls: Controls, loop: Loop,
         if settings.dry_run:
             state = ledger.read_state(settings.ledger)
             try:
-                counted = plan.count(manifest.read(scan), state.latest,
-                                     retry_rejected=options.retry_rejected)
+                with _before_writes():
+                    counted = plan.count(manifest.read(scan), state.latest,
+                                         retry_rejected=options.retry_rejected)
             finally:
                 state.close()  # the index's mapping
             print(f"plan for {settings.manifest} (ledger {settings.ledger}); "
@@ -466,13 +477,14 @@ async def _sync_plan_only(settings: Settings, options: Options, sync_options: Sy
             runner_for(account, book=None, controls=controls, run_id=uuid.uuid4().hex) \
             as runner:
         groups = await list_account(runner)
-    the_plan = _plan(sync_options, scan, groups)
-    changes = reconcile.iter_changes(the_plan, manifest.read(scan), groups)
-    if options.json:
-        out.write(orjson.dumps(reconcile.render_json(the_plan, changes)).decode() + "\n")
-    else:
-        for line in reconcile.render_text(the_plan, changes):
-            print(line, file=out)
+    with _before_writes():
+        the_plan = _plan(sync_options, scan, groups)
+        changes = reconcile.iter_changes(the_plan, manifest.read(scan), groups)
+        if options.json:
+            out.write(orjson.dumps(reconcile.render_json(the_plan, changes)).decode() + "\n")
+        else:
+            for line in reconcile.render_text(the_plan, changes):
+                print(line, file=out)
     out.flush()
     if sync_options.check:
         return Exit.OK if reconcile.in_sync(the_plan, sync_options.prune) else Exit.DRIFT
@@ -508,7 +520,8 @@ async def _sync_in(runner: Runner, settings: Settings, sync_options: SyncOptions
                    published: Published) -> Exit:
     groups = await list_account(runner)
     # Nothing is written before the listing is complete and the plan accepted.
-    the_plan = _plan(sync_options, scan, groups)
+    with _before_writes():
+        the_plan = _plan(sync_options, scan, groups)
     to_send = the_plan.create + the_plan.update + len(the_plan.deletes)
     progress = Progress(tty=sys.stderr.isatty(),
                         total=scan.groups + scan.invalid + len(the_plan.deletes))
