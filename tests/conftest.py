@@ -56,22 +56,36 @@ def worker_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "worker", *args]
 
 
-def run_worker(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(worker_cmd(*args), env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+def run_worker(
+    *args: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        worker_cmd(*args),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def write_manifest(path: Path, groups: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in groups),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in groups), encoding="utf-8"
+    )
     return path
 
 
 def names(n: int, prefix: str = "组") -> list[dict[str, Any]]:
     """n valid groups with Chinese names and a tag each."""
-    return [{"Name": f"{prefix}{i:05d}", "ProjectName": "default",
-             "Tags": [{"Key": "批次", "Value": f"b{i % 7}", "Category": "Custom"}]}
-            for i in range(n)]
+    return [
+        {
+            "Name": f"{prefix}{i:05d}",
+            "ProjectName": "default",
+            "Tags": [{"Key": "批次", "Value": f"b{i % 7}", "Category": "Custom"}],
+        }
+        for i in range(n)
+    ]
 
 
 def ledger_records(path: Path) -> list[dict[str, Any]]:

@@ -41,6 +41,7 @@ def free_port() -> int:
 
 # -- a ledger belongs to one target ---------------------------------------------------------
 
+
 def test_a_sandbox_run_never_writes_the_real_default_ledger(tmp_path: Path) -> None:
     """`run m.jsonl --sandbox` writes m.sandbox.ledger.jsonl and keeps its account beside
     it; m.ledger.jsonl, the one a real run uses by default, is never created."""
@@ -65,8 +66,9 @@ def test_a_rerun_on_the_embedded_sandbox_skips_what_its_account_holds(tmp_path: 
 
 
 @pytest.mark.parametrize("change", ["endpoint", "region", "access_key"])
-def test_a_ledger_written_for_another_target_is_refused(sandbox_factory: Any, tmp_path: Path,
-                                                        change: str) -> None:
+def test_a_ledger_written_for_another_target_is_refused(
+    sandbox_factory: Any, tmp_path: Path, change: str
+) -> None:
     """Same ledger, other endpoint / region / access key: exit 2 before any request, the
     message names both targets and the way out; the ledger is untouched."""
     first: SandboxProc = sandbox_factory(keys={"AKONE": "S1", "AKTWO": "S2"})
@@ -87,8 +89,11 @@ def test_a_ledger_written_for_another_target_is_refused(sandbox_factory: Any, tm
     out = run_worker("run", str(manifest), "--endpoint", endpoint, *args, env=env)
     assert out.returncode == 2, out.stderr
     assert "--ledger" in out.stderr
-    assert first.url.split("//")[1] in out.stderr or "cn-beijing" in out.stderr \
+    assert (
+        first.url.split("//")[1] in out.stderr
+        or "cn-beijing" in out.stderr
         or "AKTWO" in out.stderr
+    )
     assert ledger.read_bytes() == before
     assert len(first.arrivals()) == arrivals
     if change == "endpoint":
@@ -96,6 +101,7 @@ def test_a_ledger_written_for_another_target_is_refused(sandbox_factory: Any, tm
 
 
 # -- an endpoint that never answers ---------------------------------------------------------
+
 
 def test_an_unreachable_endpoint_ends_the_run_with_exit_3(tmp_path: Path) -> None:
     """A closed port: the run does not retry every item 8 times; it stops once the endpoint
@@ -105,8 +111,16 @@ def test_an_unreachable_endpoint_ends_the_run_with_exit_3(tmp_path: Path) -> Non
     manifest = write_manifest(tmp_path / "m.jsonl", names(200))
     env = cli_env(tmp_path) | {"WORKER_TEST_UNREACHABLE_S": "1"}
     started = time.monotonic()
-    out = run_worker("run", str(manifest), "--endpoint", f"http://127.0.0.1:{port}",
-                     "--rate", "50", env=env, timeout=60)
+    out = run_worker(
+        "run",
+        str(manifest),
+        "--endpoint",
+        f"http://127.0.0.1:{port}",
+        "--rate",
+        "50",
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 3, out.stderr[-2000:]
     assert time.monotonic() - started < 30
     assert f"127.0.0.1:{port}" in out.stderr and "refused" in out.stderr
@@ -119,8 +133,10 @@ def test_an_unreachable_endpoint_ends_the_run_with_exit_3(tmp_path: Path) -> Non
 
 # -- resending rejected lines ------------------------------------------------------------
 
-def test_retry_rejected_resends_unchanged_rejected_lines(sandbox_factory: Any,
-                                                         tmp_path: Path) -> None:
+
+def test_retry_rejected_resends_unchanged_rejected_lines(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
     """A rejected line is skipped by a plain rerun (exit 1, nothing sent) and sent again with
     --retry-rejected, without editing the manifest."""
     sb: SandboxProc = sandbox_factory("--forbid", "^Forbidden")
@@ -137,14 +153,19 @@ def test_retry_rejected_resends_unchanged_rejected_lines(sandbox_factory: Any,
 
 # -- closed pipes -------------------------------------------------------------------------
 
-def test_a_closed_stderr_pipe_does_not_crash_the_run(sandbox: SandboxProc,
-                                                     tmp_path: Path) -> None:
+
+def test_a_closed_stderr_pipe_does_not_crash_the_run(sandbox: SandboxProc, tmp_path: Path) -> None:
     """`worker run … 2>&1 | head -1`: the run goes on, exits 0, and its footer says it
     finished normally; no BrokenPipeError."""
     manifest = write_manifest(tmp_path / "m.jsonl", names(20))
     cmd = " ".join(worker_cmd("run", str(manifest), "--endpoint", sandbox.url))
-    out = subprocess.run(["bash", "-c", f"{cmd} 2>&1 | head -1; exit ${{PIPESTATUS[0]}}"],
-                         env=cli_env(tmp_path), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", "-c", f"{cmd} 2>&1 | head -1; exit ${{PIPESTATUS[0]}}"],
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "BrokenPipe" not in out.stdout + out.stderr
     footer = ledger_records(tmp_path / "m.ledger.jsonl")[-1]
@@ -153,30 +174,39 @@ def test_a_closed_stderr_pipe_does_not_crash_the_run(sandbox: SandboxProc,
     assert len(groups) == 20 and all(g["created"] == 1 for g in groups.values())
 
 
-def test_a_closed_stdout_pipe_does_not_crash_report(sandbox: SandboxProc,
-                                                    tmp_path: Path) -> None:
+def test_a_closed_stdout_pipe_does_not_crash_report(sandbox: SandboxProc, tmp_path: Path) -> None:
     """`worker report --failed | head -1` with thousands of lines: exit 0, no traceback."""
     manifest = write_manifest(tmp_path / "m.jsonl", names(3000))
     # A dry run writes nothing; an interrupted start would too. Use a run with --max-attempts
     # on a sandbox that defers everything? Simpler: every line is pending in a ledger whose
     # run never sent anything, which report --failed lists in full.
     env = cli_env(tmp_path)
-    proc = subprocess.Popen(worker_cmd("run", str(manifest), "--endpoint", sandbox.url,
-                                       "--rate", "5"), env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        worker_cmd("run", str(manifest), "--endpoint", sandbox.url, "--rate", "5"),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and len(sandbox.creates()) < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 4
     cmd = " ".join(worker_cmd("report", str(tmp_path / "m.ledger.jsonl"), "--failed"))
-    out = subprocess.run(["bash", "-c", f"{cmd} | head -1; exit ${{PIPESTATUS[0]}}"],
-                         env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", "-c", f"{cmd} | head -1; exit ${{PIPESTATUS[0]}}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr and out.stdout.count("\n") == 1
 
 
 # -- signals at any moment ----------------------------------------------------------------
+
 
 def _big_manifest(path: Path, n: int) -> Path:
     line = '{"Name":"%s","ProjectName":"default"}\n'
@@ -188,10 +218,14 @@ def _big_manifest(path: Path, n: int) -> Path:
 def test_sigterm_during_the_manifest_scan_exits_4(tmp_path: Path) -> None:
     """SIGTERM while a large manifest is being validated: exit 4 with a message, not 143."""
     manifest = _big_manifest(tmp_path / "m.jsonl", 600_000)
-    proc = subprocess.Popen(worker_cmd("run", str(manifest), "--endpoint",
-                                       "http://127.0.0.1:9"), env=cli_env(tmp_path),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        worker_cmd("run", str(manifest), "--endpoint", "http://127.0.0.1:9"),
+        env=cli_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -199,16 +233,29 @@ def test_sigterm_during_the_manifest_scan_exits_4(tmp_path: Path) -> None:
     assert "nothing was changed" in err and "Traceback" not in err
 
 
-def test_sigterm_while_the_limiter_is_unreachable_exits_4_at_once(sandbox: SandboxProc,
-                                                                  tmp_path: Path) -> None:
+def test_sigterm_while_the_limiter_is_unreachable_exits_4_at_once(
+    sandbox: SandboxProc, tmp_path: Path
+) -> None:
     """SIGTERM while the shared limiter cannot be reached yet: exit 4 now, not after
     --limiter-timeout; nothing was sent."""
     manifest = write_manifest(tmp_path / "m.jsonl", names(5))
-    proc = subprocess.Popen(worker_cmd("run", str(manifest), "--endpoint", sandbox.url,
-                                       "--limiter", f"redis://127.0.0.1:{free_port()}/0",
-                                       "--limiter-timeout", "60"),
-                            env=cli_env(tmp_path), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        worker_cmd(
+            "run",
+            str(manifest),
+            "--endpoint",
+            sandbox.url,
+            "--limiter",
+            f"redis://127.0.0.1:{free_port()}/0",
+            "--limiter-timeout",
+            "60",
+        ),
+        env=cli_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.5)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -218,15 +265,22 @@ def test_sigterm_while_the_limiter_is_unreachable_exits_4_at_once(sandbox: Sandb
     assert sandbox.arrivals() == []
 
 
-def test_two_sigints_40ms_apart_exit_4_and_the_rerun_completes(sandbox_factory: Any,
-                                                               tmp_path: Path) -> None:
+def test_two_sigints_40ms_apart_exit_4_and_the_rerun_completes(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
     """Two SIGINTs 40 ms apart while requests are on the wire: exit 4 (never -2), the ledger
     parses, and the same command then finishes the job with exit 0."""
     sb: SandboxProc = sandbox_factory("--rate", "50", "--latency-ms", "300-600")
     manifest = write_manifest(tmp_path / "m.jsonl", names(40))
     args = ["run", str(manifest), "--endpoint", sb.url, "--rate", "50"]
-    proc = subprocess.Popen(worker_cmd(*args), env=cli_env(tmp_path), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        worker_cmd(*args),
+        env=cli_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and len(sb.creates()) < 5:
         time.sleep(0.02)
@@ -254,10 +308,14 @@ def test_sigterm_at_start_up_exits_4(tmp_path: Path, delay: float) -> None:
     """SIGTERM at several moments of start-up (the imports, parsing, the scan), from the
     moment the interpreter runs our first line: exit 4 with a message, never 143."""
     manifest = _big_manifest(tmp_path / "m.jsonl", 50_000)
-    proc = subprocess.Popen(worker_cmd("run", str(manifest), "--endpoint",
-                                       "http://127.0.0.1:9"), env=cli_env(tmp_path),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        worker_cmd("run", str(manifest), "--endpoint", "http://127.0.0.1:9"),
+        env=cli_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while not _catches_sigterm(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -270,13 +328,17 @@ def test_sigterm_at_start_up_exits_4(tmp_path: Path, delay: float) -> None:
 
 # -- options, exit codes --------------------------------------------------------------------
 
+
 def test_global_options_go_before_or_after_the_command(tmp_path: Path) -> None:
     """`-q`, `-v` and `--log-format` are accepted before and after the subcommand."""
     manifest = write_manifest(tmp_path / "m.jsonl", names(2))
     env = cli_env(tmp_path)
-    for argv in (["-q", "validate", str(manifest)], ["validate", str(manifest), "-q"],
-                 ["--log-format", "json", "validate", str(manifest)],
-                 ["validate", "--log-format", "console", str(manifest)]):
+    for argv in (
+        ["-q", "validate", str(manifest)],
+        ["validate", str(manifest), "-q"],
+        ["--log-format", "json", "validate", str(manifest)],
+        ["validate", "--log-format", "console", str(manifest)],
+    ):
         out = run_worker(*argv, env=env)
         assert out.returncode == 0, (argv, out.stderr)
 
@@ -285,20 +347,38 @@ def test_help_lists_every_command_and_the_exit_codes() -> None:
     """`worker --help` lists the commands; each command's help names its options, the
     environment variables and the exit codes."""
     env = dict(os.environ)
-    top = subprocess.run([sys.executable, "-m", "worker", "--help"], capture_output=True,
-                         text=True, env=env, timeout=30)
+    top = subprocess.run(
+        [sys.executable, "-m", "worker", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
     for command in ("run", "sync", "export", "validate", "report", "sandbox"):
         assert command in top.stdout
-    sync = subprocess.run([sys.executable, "-m", "worker", "sync", "--help"],
-                          capture_output=True, text=True, env=env, timeout=30)
-    for word in ("--prune", "--scope-project", "--max-delete", "--check", "--job",
-                 "WORKER_", "exit codes", "6 drift"):
+    sync = subprocess.run(
+        [sys.executable, "-m", "worker", "sync", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    for word in (
+        "--prune",
+        "--scope-project",
+        "--max-delete",
+        "--check",
+        "--job",
+        "WORKER_",
+        "exit codes",
+        "6 drift",
+    ):
         assert word in sync.stdout, word
 
 
-def test_an_internal_error_exits_70_with_its_traceback(monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture[str],
-                                                       tmp_path: Path) -> None:
+def test_an_internal_error_exits_70_with_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """A bug (an exception that is not ours) is not exit 1 (rejected): it is 70, with the
     traceback and a plain sentence."""
     import structlog
@@ -344,13 +424,22 @@ def test_commands_that_send_nothing_load_no_http_stack(tmp_path: Path, argv: lis
     """`--help`, `validate` and `report` import neither the sandbox nor aiohttp (nor the
     runner): they start fast and stay small."""
     manifest = write_manifest(tmp_path / "m.jsonl", names(2))
-    words = [str(manifest) if w == "M" else str(tmp_path / "none.ledger.jsonl") if w == "L"
-             else w for w in argv]
-    probe = ("import sys\nfrom worker.__main__ import entry\n"
-             "import atexit\n"
-             "atexit.register(lambda: print(sorted(m for m in sys.modules if m.startswith("
-             "('aiohttp', 'worker.sandbox', 'worker.runner', 'redis'))), file=sys.stderr))\n"
-             f"sys.argv = ['worker', *{words!r}]\nentry()\n")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         env=cli_env(tmp_path), timeout=60)
+    words = [
+        str(manifest) if w == "M" else str(tmp_path / "none.ledger.jsonl") if w == "L" else w
+        for w in argv
+    ]
+    probe = (
+        "import sys\nfrom worker.__main__ import entry\n"
+        "import atexit\n"
+        "atexit.register(lambda: print(sorted(m for m in sys.modules if m.startswith("
+        "('aiohttp', 'worker.sandbox', 'worker.runner', 'redis'))), file=sys.stderr))\n"
+        f"sys.argv = ['worker', *{words!r}]\nentry()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path),
+        timeout=60,
+    )
     assert out.stderr.strip().splitlines()[-1] == "[]", out.stderr[-2000:]

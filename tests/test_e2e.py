@@ -39,7 +39,6 @@ def report_json(ledger: Path, env: dict[str, str]) -> dict[str, Any]:
     return data
 
 
-
 def test_quick_start_example_on_embedded_sandbox(tmp_path: Path) -> None:
     """The README's quick start: the example manifest on --sandbox, then a rerun that skips
     all, truthfully: the embedded sandbox kept its account beside the sandbox ledger."""
@@ -63,8 +62,9 @@ def test_pacing_holds_the_window_at_rate_50(sandbox_factory: Any, tmp_path: Path
     no FlowLimitExceeded, never more than 50 arrivals in a sliding second, all created."""
     sb: SandboxProc = sandbox_factory("--rate", "50", "--latency-ms", "20-400")
     manifest = write_manifest(tmp_path / "m.jsonl", names(300))
-    out = run_worker("run", str(manifest), "--endpoint", sb.url, "--rate", "50",
-                     env=cli_env(tmp_path))
+    out = run_worker(
+        "run", str(manifest), "--endpoint", sb.url, "--rate", "50", env=cli_env(tmp_path)
+    )
     assert out.returncode == 0, out.stderr
     arrivals = sb.creates()
     assert [a for a in arrivals if a["code"] == "FlowLimitExceeded"] == []
@@ -73,16 +73,30 @@ def test_pacing_holds_the_window_at_rate_50(sandbox_factory: Any, tmp_path: Path
     assert len(state["groups"]) == 300 and all(g["created"] == 1 for g in state["groups"])
 
 
-def test_faults_and_ambiguous_creates_end_exactly_once(sandbox_factory: Any, tmp_path: Path) -> None:
+def test_faults_and_ambiguous_creates_end_exactly_once(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
     """20% injected faults (8% ambiguous): every group created or exists, each exactly once
     at the sandbox, exit 0, and `report --json` agrees with the sandbox."""
-    sb: SandboxProc = sandbox_factory("--rate", "50", "--fault-rate", "0.12",
-                                      "--ambiguous-rate", "0.08", "--seed", "11",
-                                      "--latency-ms", "5-50", "--hang", "30")
+    sb: SandboxProc = sandbox_factory(
+        "--rate",
+        "50",
+        "--fault-rate",
+        "0.12",
+        "--ambiguous-rate",
+        "0.08",
+        "--seed",
+        "11",
+        "--latency-ms",
+        "5-50",
+        "--hang",
+        "30",
+    )
     manifest = write_manifest(tmp_path / "m.jsonl", names(150))
     env = cli_env(tmp_path)
-    out = run_worker("run", str(manifest), "--endpoint", sb.url, "--rate", "50",
-                     "--timeout", "1.5", env=env)
+    out = run_worker(
+        "run", str(manifest), "--endpoint", sb.url, "--rate", "50", "--timeout", "1.5", env=env
+    )
     assert out.returncode == 0, out.stderr
     state = sb.state()
     assert len(state["groups"]) == 150
@@ -102,9 +116,13 @@ def test_sigterm_then_rerun_creates_everything_once(sandbox_factory: Any, tmp_pa
     sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "50-300")
     manifest = write_manifest(tmp_path / "m.jsonl", names(80))
     env = cli_env(tmp_path)
-    proc = subprocess.Popen(worker_cmd("run", str(manifest), "--endpoint", sb.url, "--rate", "20",
-                                       "--grace", "5"),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        worker_cmd("run", str(manifest), "--endpoint", sb.url, "--rate", "20", "--grace", "5"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 30
     while len(sb.state()["groups"]) < 15 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -124,7 +142,9 @@ def test_sigterm_then_rerun_creates_everything_once(sandbox_factory: Any, tmp_pa
     assert report_json(tmp_path / "m.ledger.jsonl", env)["created"] == 80
 
 
-def test_forbidden_names_are_rejected_listed_and_not_resent(sandbox_factory: Any, tmp_path: Path) -> None:
+def test_forbidden_names_are_rejected_listed_and_not_resent(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
     """Refused names: exit 1, `report --failed` lists exactly them, a rerun resends none."""
     sb: SandboxProc = sandbox_factory("--rate", "50", "--forbid", "^禁止")
     groups = names(30) + [{"Name": f"禁止{i}", "ProjectName": "default"} for i in range(4)]
@@ -149,9 +169,11 @@ def test_forbidden_names_are_rejected_listed_and_not_resent(sandbox_factory: Any
 def test_invalid_manifest_sends_nothing(sandbox: SandboxProc, tmp_path: Path) -> None:
     """A manifest with bad lines: exit 2, every bad line named, zero requests at the sandbox."""
     manifest = tmp_path / "bad.jsonl"
-    manifest.write_text('{"Name": "Good1"}\n{"Name": "bad-name"}\n{"Name": "Good2"}\n'
-                        '{"Name": "Good1"}\n{not json\n{"Name": "ok3", "Tags": [{"Key": "k"}]}\n',
-                        encoding="utf-8")
+    manifest.write_text(
+        '{"Name": "Good1"}\n{"Name": "bad-name"}\n{"Name": "Good2"}\n'
+        '{"Name": "Good1"}\n{not json\n{"Name": "ok3", "Tags": [{"Key": "k"}]}\n',
+        encoding="utf-8",
+    )
     out = run_worker("run", str(manifest), "--endpoint", sandbox.url, env=cli_env(tmp_path))
     assert out.returncode == 2
     for line in (2, 4, 5, 6):
@@ -225,9 +247,12 @@ def test_credentials_file_is_read(sandbox: SandboxProc, tmp_path: Path) -> None:
     """~/.volc/credentials (INI, [default]) works like the official SDKs'."""
     (tmp_path / ".volc").mkdir()
     (tmp_path / ".volc" / "credentials").write_text(
-        f"[default]\naccess_key_id = {AK}\nsecret_access_key = {sandbox.keys[AK]}\n")
+        f"[default]\naccess_key_id = {AK}\nsecret_access_key = {sandbox.keys[AK]}\n"
+    )
     manifest = write_manifest(tmp_path / "m.jsonl", names(2))
-    out = run_worker("run", str(manifest), "--endpoint", sandbox.url, env=cli_env(tmp_path, ak="", sk=""))
+    out = run_worker(
+        "run", str(manifest), "--endpoint", sandbox.url, env=cli_env(tmp_path, ak="", sk="")
+    )
     assert out.returncode == 0, out.stderr
     assert len(sandbox.state()["groups"]) == 2
 
@@ -238,8 +263,9 @@ def test_locked_ledger_exits_5_and_touches_nothing(sandbox: SandboxProc, tmp_pat
     ledger = tmp_path / "m.ledger.jsonl"
     assert run_worker("run", str(manifest), "--dry-run", env=cli_env(tmp_path)).returncode == 0
     ledger.touch()  # an empty file is adopted as a new ledger
-    holder = Ledger.open(ledger, target=Target(endpoint=sandbox.url, region="cn-north-1",
-                                               access_key=AK))
+    holder = Ledger.open(
+        ledger, target=Target(endpoint=sandbox.url, region="cn-north-1", access_key=AK)
+    )
     before = ledger.read_bytes()
     try:
         out = run_worker("run", str(manifest), "--endpoint", sandbox.url, env=cli_env(tmp_path))
@@ -253,7 +279,9 @@ def test_locked_ledger_exits_5_and_touches_nothing(sandbox: SandboxProc, tmp_pat
 def test_plain_http_only_to_loopback(tmp_path: Path) -> None:
     """http:// to a non-loopback host is refused before anything happens."""
     manifest = write_manifest(tmp_path / "m.jsonl", names(1))
-    out = run_worker("run", str(manifest), "--endpoint", "http://example.com", env=cli_env(tmp_path))
+    out = run_worker(
+        "run", str(manifest), "--endpoint", "http://example.com", env=cli_env(tmp_path)
+    )
     assert out.returncode == 2 and "only to loopback" in out.stderr
 
 
@@ -268,7 +296,19 @@ def test_report_text_and_ledger_shape(sandbox: SandboxProc, tmp_path: Path) -> N
     assert header["manifest_sha256"] and header["settings"]["rate"] == 10
     assert "SK" not in json.dumps(header["settings"])
     result = next(r for r in records if r["type"] == "result")
-    assert {"action", "name", "outcome", "status", "code", "message", "request_id", "sends",
-            "fingerprint", "line", "started", "finished"} <= set(result)
+    assert {
+        "action",
+        "name",
+        "outcome",
+        "status",
+        "code",
+        "message",
+        "request_id",
+        "sends",
+        "fingerprint",
+        "line",
+        "started",
+        "finished",
+    } <= set(result)
     text = run_worker("report", str(tmp_path / "m.ledger.jsonl"), env=env).stdout
     assert "created" in text and "3" in text

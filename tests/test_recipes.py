@@ -189,8 +189,9 @@ def test_systemd_unit_run_as_its_user_in_its_state_directory(
         "WORKER_ENDPOINT": sb.url,
         **py_env,
     }
-    env.update(line.partition("=")[::2] for line in env_file.read_text().splitlines()
-               if "=" in line)
+    env.update(
+        line.partition("=")[::2] for line in env_file.read_text().splitlines() if "=" in line
+    )
     exec_start = shlex.split(remap(unit["Service.ExecStart"][0], moves))
     assert exec_start[0] == "/opt/live-groups/.venv/bin/worker"
     cmd = [exe, "-m", "worker", *exec_start[1:]]

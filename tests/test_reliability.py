@@ -41,7 +41,6 @@ pytestmark = pytest.mark.slow  # real processes: `pytest -m 'not slow'` skips th
 CORPUS = Path(__file__).parent / "hostile_manifests"
 
 
-
 def every_line_parses(ledger: Path) -> list[dict[str, Any]]:
     data = ledger.read_bytes()
     assert data == b"" or data.endswith(b"\n"), "torn tail left in place"
@@ -56,11 +55,18 @@ def latest_results(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def start(args: list[str], env: dict[str, str], err: Path,
-          preexec: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
+def start(
+    args: list[str], env: dict[str, str], err: Path, preexec: Callable[[], None] | None = None
+) -> subprocess.Popen[bytes]:
     with err.open("ab") as f:
-        return subprocess.Popen(worker_cmd(*args), env=env, stdout=subprocess.DEVNULL,
-                                stderr=f, stdin=subprocess.DEVNULL, preexec_fn=preexec)
+        return subprocess.Popen(
+            worker_cmd(*args),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=preexec,
+        )
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 30) -> None:
@@ -73,6 +79,7 @@ def wait_for(cond: Callable[[], bool], timeout: float = 30) -> None:
 
 # -- kill -9 chaos ------------------------------------------------------------------------
 
+
 def test_kill_9_chaos(sandbox_factory: Any, tmp_path: Path) -> None:
     """16 SIGKILLs at random moments (pacing waits, requests, mid-record: ledger writes are
     slowed so a kill can tear one), 10% faults with ambiguous creates; then the run finishes.
@@ -81,9 +88,20 @@ def test_kill_9_chaos(sandbox_factory: Any, tmp_path: Path) -> None:
     seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
     print(f"chaos seed: {seed} (replay with CHAOS_SEED={seed})")
     rng = random.Random(seed)
-    sb: SandboxProc = sandbox_factory("--rate", "20", "--fault-rate", "0.05", "--ambiguous-rate",
-                                      "0.05", "--latency-ms", "10-250", "--hang", "5",
-                                      "--seed", str(seed))
+    sb: SandboxProc = sandbox_factory(
+        "--rate",
+        "20",
+        "--fault-rate",
+        "0.05",
+        "--ambiguous-rate",
+        "0.05",
+        "--latency-ms",
+        "10-250",
+        "--hang",
+        "5",
+        "--seed",
+        str(seed),
+    )
     manifest = write_manifest(tmp_path / "m.jsonl", names(300))
     ledger = tmp_path / "m.ledger.jsonl"
     env = cli_env(tmp_path)
@@ -128,8 +146,17 @@ def test_kill_9_chaos(sandbox_factory: Any, tmp_path: Path) -> None:
 
 # -- signals ------------------------------------------------------------------------------
 
-def _signal_run(sb: SandboxProc, tmp: Path, count: int, extra: list[str], when: Callable[[], bool],
-                signals: list[int], *, timeout: float) -> tuple[int, float, str]:
+
+def _signal_run(
+    sb: SandboxProc,
+    tmp: Path,
+    count: int,
+    extra: list[str],
+    when: Callable[[], bool],
+    signals: list[int],
+    *,
+    timeout: float,
+) -> tuple[int, float, str]:
     manifest = write_manifest(tmp / "m.jsonl", names(count))
     env = cli_env(tmp)
     err = tmp / "stderr.txt"
@@ -155,9 +182,15 @@ def _rerun_completes(sb: SandboxProc, tmp: Path, count: int, rate: str = "10") -
 
 def test_sigterm_during_pacing_wait(sandbox: SandboxProc, tmp_path: Path) -> None:
     """At --rate 2 nearly every item waits for pacing: SIGTERM ends the run at once, exit 4."""
-    code, took, err = _signal_run(sandbox, tmp_path, 40, ["--rate", "2", "--grace", "10"],
-                                  lambda: len(sandbox.state()["groups"]) >= 2, [signal.SIGTERM],
-                                  timeout=10)
+    code, took, err = _signal_run(
+        sandbox,
+        tmp_path,
+        40,
+        ["--rate", "2", "--grace", "10"],
+        lambda: len(sandbox.state()["groups"]) >= 2,
+        [signal.SIGTERM],
+        timeout=10,
+    )
     assert code == 4, err[-3000:]
     assert "run.stopping" in err and "Traceback" not in err
     assert took < 10  # well inside the grace period: nothing was in flight to wait for
@@ -169,8 +202,15 @@ def test_sigterm_during_pacing_wait(sandbox: SandboxProc, tmp_path: Path) -> Non
 def test_sigterm_during_backoff(sandbox_factory: Any, tmp_path: Path) -> None:
     """Every answer a 500: items sleep in backoff; SIGTERM records them deferred, exit 4."""
     sb: SandboxProc = sandbox_factory("--fault-rate", "1", "--faults", "InternalError")
-    code, took, err = _signal_run(sb, tmp_path, 6, ["--grace", "10"],
-                                  lambda: len(sb.creates()) >= 6, [signal.SIGTERM], timeout=10)
+    code, took, err = _signal_run(
+        sb,
+        tmp_path,
+        6,
+        ["--grace", "10"],
+        lambda: len(sb.creates()) >= 6,
+        [signal.SIGTERM],
+        timeout=10,
+    )
     assert code == 4, err[-3000:]
     assert took < 10
     results = latest_results(every_line_parses(tmp_path / "m.ledger.jsonl"))
@@ -182,8 +222,15 @@ def test_sigterm_waits_for_in_flight_requests(sandbox_factory: Any, tmp_path: Pa
     """Requests on the wire when SIGTERM comes finish within the grace period and have their
     answers recorded."""
     sb: SandboxProc = sandbox_factory("--rate", "50", "--latency-ms", "1500-1500")
-    code, _took, err = _signal_run(sb, tmp_path, 30, ["--rate", "50", "--grace", "8"],
-                                  lambda: len(sb.creates()) >= 5, [signal.SIGTERM], timeout=20)
+    code, _took, err = _signal_run(
+        sb,
+        tmp_path,
+        30,
+        ["--rate", "50", "--grace", "8"],
+        lambda: len(sb.creates()) >= 5,
+        [signal.SIGTERM],
+        timeout=20,
+    )
     assert code == 4, err[-3000:]
     sent = {a["name"] for a in sb.creates()}
     records = every_line_parses(tmp_path / "m.ledger.jsonl")
@@ -192,23 +239,42 @@ def test_sigterm_waits_for_in_flight_requests(sandbox_factory: Any, tmp_path: Pa
     _rerun_completes(sb, tmp_path, 30, rate="50")
 
 
-def test_grace_period_expires_then_in_doubt_items_are_resent(sandbox_factory: Any,
-                                                            tmp_path: Path) -> None:
+def test_grace_period_expires_then_in_doubt_items_are_resent(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
     """Answers slower than --grace: the run ends after the grace period (exit 4); the items
     left in doubt are resent next time and confirmed by Exist, not created twice."""
     sb: SandboxProc = sandbox_factory("--rate", "50", "--latency-ms", "6000-6000")
-    code, took, err = _signal_run(sb, tmp_path, 10, ["--rate", "50", "--grace", "1"],
-                                  lambda: len(sb.creates()) >= 3, [signal.SIGTERM], timeout=20)
+    code, took, err = _signal_run(
+        sb,
+        tmp_path,
+        10,
+        ["--rate", "50", "--grace", "1"],
+        lambda: len(sb.creates()) >= 3,
+        [signal.SIGTERM],
+        timeout=20,
+    )
     assert code == 4, err[-3000:]
     assert took < 6  # did not wait for the 6 s answers
     records = every_line_parses(tmp_path / "m.ledger.jsonl")
-    in_doubt = {r["name"] for r in records if r["type"] == "intent"} - \
-        {r["name"] for r in records if r["type"] == "result"}
+    in_doubt = {r["name"] for r in records if r["type"] == "intent"} - {
+        r["name"] for r in records if r["type"] == "result"
+    }
     assert in_doubt  # sent, no answer recorded
     # the next run (with a timeout above the 6 s answers) confirms them
     env = cli_env(tmp_path)
-    again = run_worker("run", str(tmp_path / "m.jsonl"), "--endpoint", sb.url, "--rate", "50",
-                       "--timeout", "15", env=env, timeout=120)
+    again = run_worker(
+        "run",
+        str(tmp_path / "m.jsonl"),
+        "--endpoint",
+        sb.url,
+        "--rate",
+        "50",
+        "--timeout",
+        "15",
+        env=env,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     results = latest_results(every_line_parses(tmp_path / "m.ledger.jsonl"))
     assert all(results[n]["outcome"] == "exists" for n in in_doubt)
@@ -218,9 +284,15 @@ def test_grace_period_expires_then_in_doubt_items_are_resent(sandbox_factory: An
 def test_two_sigints_stop_at_once(sandbox_factory: Any, tmp_path: Path) -> None:
     """A second SIGINT does not wait for the grace period; the ledger stays consistent."""
     sb: SandboxProc = sandbox_factory("--rate", "50", "--latency-ms", "8000-8000")
-    code, took, err = _signal_run(sb, tmp_path, 10, ["--rate", "50", "--grace", "30"],
-                                  lambda: len(sb.creates()) >= 3,
-                                  [signal.SIGINT, signal.SIGINT], timeout=15)
+    code, took, err = _signal_run(
+        sb,
+        tmp_path,
+        10,
+        ["--rate", "50", "--grace", "30"],
+        lambda: len(sb.creates()) >= 3,
+        [signal.SIGINT, signal.SIGINT],
+        timeout=15,
+    )
     assert code == 4, err[-3000:]
     assert took < 8
     assert "run.stopping_now" in err and "Traceback" not in err
@@ -230,8 +302,10 @@ def test_two_sigints_stop_at_once(sandbox_factory: Any, tmp_path: Path) -> None:
 
 # -- torn and damaged ledgers -------------------------------------------------------------
 
-def test_torn_last_record_at_every_byte_offset(sandbox_factory: Any, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_torn_last_record_at_every_byte_offset(
+    sandbox_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Cut the last record at each of its byte offsets (a Chinese Name: multi-byte UTF-8):
     the rerun repairs the tail, resends only the item whose result was cut, and that one is
     confirmed as existing."""
@@ -261,8 +335,9 @@ def test_torn_last_record_at_every_byte_offset(sandbox_factory: Any, tmp_path: P
         code = run_worker(*args, env=env).returncode if offset in via_cli else run_cli(args)
         assert code == 0, offset
         sent = sandbox.creates()[before:]
-        assert [(a["name"], a["code"]) for a in sent] == \
-            [("最后一个群组名字", "RequestLimitExceeded.Exist")], offset
+        assert [(a["name"], a["code"]) for a in sent] == [
+            ("最后一个群组名字", "RequestLimitExceeded.Exist")
+        ], offset
         records = every_line_parses(ledger)
         assert latest_results(records)["最后一个群组名字"]["outcome"] == "exists"
     assert all(g["created"] == 1 for g in sandbox.state()["groups"])
@@ -341,6 +416,7 @@ def test_corpus_is_complete() -> None:
 @pytest.fixture(scope="module")
 def idle_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProc]:
     from tests.conftest import start_sandbox
+
     sb = start_sandbox(tmp_path_factory.mktemp("hostile"))
     yield sb
     sb.stop()
@@ -361,8 +437,9 @@ def test_hostile_manifest(name: str, idle_sandbox: SandboxProc, tmp_path: Path) 
 
 def test_many_problems_on_one_line_are_all_named(tmp_path: Path) -> None:
     """One line with four problems gets four messages."""
-    out = run_worker("validate", str(CORPUS / "33-many-problems-one-line.jsonl"),
-                     env=cli_env(tmp_path))
+    out = run_worker(
+        "validate", str(CORPUS / "33-many-problems-one-line.jsonl"), env=cli_env(tmp_path)
+    )
     assert out.returncode == 2
     for field in ("Extra", "Name", "ProjectName", "Tags[0].Value", "Tags[0].Category"):
         assert f":2: {field}: " in out.stderr
@@ -377,10 +454,12 @@ def _as_nobody() -> Callable[[], None] | None:
 
     def drop() -> None:
         import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
         for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
             if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
                 raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
     return drop
 
 
@@ -391,10 +470,12 @@ def test_hostile_files(case: str, idle_sandbox: SandboxProc) -> None:
     folder.chmod(0o755)  # nobody may read in it, not write
     try:
         path = folder / "m.jsonl"
-        expected = {"two-megabyte-line": f"{path}:2: line: is longer than 1048576 bytes",
-                    "missing": f"{path}: no such file",
-                    "directory": f"{path}: is a directory, not a file",
-                    "unreadable": f"{path}: cannot open it: Permission denied"}[case]
+        expected = {
+            "two-megabyte-line": f"{path}:2: line: is longer than 1048576 bytes",
+            "missing": f"{path}: no such file",
+            "directory": f"{path}: is a directory, not a file",
+            "unreadable": f"{path}: cannot open it: Permission denied",
+        }[case]
         if case == "two-megabyte-line":
             path.write_bytes(b'{"Name": "ok1"}\n{"Name": "' + b"x" * (2 << 20) + b'"}\n')
         elif case == "directory":
@@ -403,9 +484,14 @@ def test_hostile_files(case: str, idle_sandbox: SandboxProc) -> None:
             path.write_text('{"Name": "ok1"}\n')
             path.chmod(0o000)
         env = cli_env(folder)
-        proc = subprocess.run(worker_cmd("run", str(path), "--endpoint", idle_sandbox.url),
-                              env=env, capture_output=True, text=True, timeout=60,
-                              preexec_fn=_as_nobody() if case == "unreadable" else None)
+        proc = subprocess.run(
+            worker_cmd("run", str(path), "--endpoint", idle_sandbox.url),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=_as_nobody() if case == "unreadable" else None,
+        )
         assert proc.returncode == 2, proc.stderr
         assert expected in proc.stderr and "Traceback" not in proc.stderr
         assert idle_sandbox.state()["arrivals"] == 0
@@ -414,6 +500,7 @@ def test_hostile_files(case: str, idle_sandbox: SandboxProc) -> None:
 
 
 # -- hostile server -----------------------------------------------------------------------
+
 
 class HostileServer:
     """A tiny HTTP/1.1 server on loopback that answers every request the same bad way."""
@@ -446,6 +533,7 @@ class HostileServer:
                 for task in self.handlers:
                     task.cancel()
                 await asyncio.gather(*self.handlers, return_exceptions=True)
+
         self.handlers: set[asyncio.Task[None]] = set()
         self.loop.run_until_complete(main())
         self.loop.close()
@@ -456,8 +544,14 @@ class HostileServer:
         self.handlers.add(task)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
             await reader.readexactly(length)
             self.requests += 1
             await self._answer(writer)
@@ -468,17 +562,24 @@ class HostileServer:
             self.handlers.discard(task)
 
     async def _answer(self, w: asyncio.StreamWriter) -> None:
-        def respond(status: str, body: bytes, ctype: str = "application/json",
-                    length: int | None = None) -> None:
-            w.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: "
-                    f"{len(body) if length is None else length}\r\nConnection: close\r\n\r\n"
-                    .encode() + body)
+        def respond(
+            status: str, body: bytes, ctype: str = "application/json", length: int | None = None
+        ) -> None:
+            w.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: "
+                f"{len(body) if length is None else length}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+
         mode = self.mode
         if mode == "not-json":
             respond("200 OK", b"hello, this is not JSON", "text/plain")
         elif mode == "html-502":
-            respond("502 Bad Gateway", b"<html><body><h1>502 Bad Gateway</h1></body></html>",
-                    "text/html")
+            respond(
+                "502 Bad Gateway",
+                b"<html><body><h1>502 Bad Gateway</h1></body></html>",
+                "text/html",
+            )
         elif mode == "truncated":
             respond("200 OK", b'{"ResponseMetadata": {"Req', length=500)
         elif mode == "ten-megabytes":
@@ -486,17 +587,25 @@ class HostileServer:
         elif mode == "no-metadata":
             respond("200 OK", b'{"Result": {"List": []}}')
         elif mode == "error-wrong-types":
-            respond("400 Bad Request", b'{"ResponseMetadata": {"Error": {"Code": 123, "Message": ["x"]}}}')
+            respond(
+                "400 Bad Request",
+                b'{"ResponseMetadata": {"Error": {"Code": 123, "Message": ["x"]}}}',
+            )
         elif mode == "unknown-code-200":
-            respond("200 OK", b'{"ResponseMetadata": {"RequestId": "r1", "Error": '
-                              b'{"Code": "BrandNewCode", "Message": "what is this"}}}')
+            respond(
+                "200 OK",
+                b'{"ResponseMetadata": {"RequestId": "r1", "Error": '
+                b'{"Code": "BrandNewCode", "Message": "what is this"}}}',
+            )
         elif mode == "never-answers":
             await asyncio.sleep(30)
         elif mode == "reset-mid-body":
             respond("200 OK", b'{"ResponseMeta', length=300)
             await w.drain()
             sock = w.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
             w.transport.abort()
             return
         await w.drain()
@@ -523,8 +632,18 @@ def test_hostile_server(mode: str, tmp_path: Path) -> None:
     exit_code, outcome, status, code = HOSTILE[mode]
     manifest = write_manifest(tmp_path / "m.jsonl", names(2))
     with HostileServer(mode) as server:
-        out = run_worker("run", str(manifest), "--endpoint", f"http://127.0.0.1:{server.port}",
-                         "--max-attempts", "2", "--timeout", "1", env=cli_env(tmp_path), timeout=60)
+        out = run_worker(
+            "run",
+            str(manifest),
+            "--endpoint",
+            f"http://127.0.0.1:{server.port}",
+            "--max-attempts",
+            "2",
+            "--timeout",
+            "1",
+            env=cli_env(tmp_path),
+            timeout=60,
+        )
         assert server.requests >= (1 if exit_code == 7 else 2)
     assert out.returncode == exit_code, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
@@ -538,19 +657,26 @@ def test_hostile_server(mode: str, tmp_path: Path) -> None:
 
 # -- storage faults -----------------------------------------------------------------------
 
+
 def _file_size_limit(limit: int) -> Callable[[], None]:
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
 def test_full_disk_before_the_first_request(sandbox: SandboxProc, tmp_path: Path) -> None:
     """The ledger header cannot be written (file size limit): exit 2, nothing sent."""
     manifest = write_manifest(tmp_path / "m.jsonl", names(5))
-    proc = subprocess.run(worker_cmd("run", str(manifest), "--endpoint", sandbox.url),
-                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=60,
-                          preexec_fn=_file_size_limit(100))
+    proc = subprocess.run(
+        worker_cmd("run", str(manifest), "--endpoint", sandbox.url),
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_file_size_limit(100),
+    )
     assert proc.returncode == 2, proc.stderr
     assert "File too large" in proc.stderr  # the manifest's spool or the ledger, whichever first
     assert f"{tmp_path}: File too large" in proc.stderr  # names the folder that is full
@@ -564,9 +690,14 @@ def test_full_disk_mid_run_stops_sending(sandbox: SandboxProc, tmp_path: Path) -
     disk, and a later run finishes the job. The index (a cache, larger than the limit from
     the start) cannot be made at all: the run goes on without it, and says so."""
     manifest = write_manifest(tmp_path / "m.jsonl", names(60))
-    proc = subprocess.run(worker_cmd("run", str(manifest), "--endpoint", sandbox.url),
-                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=60,
-                          preexec_fn=_file_size_limit(12_000))
+    proc = subprocess.run(
+        worker_cmd("run", str(manifest), "--endpoint", sandbox.url),
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_file_size_limit(12_000),
+    )
     assert proc.returncode == 7, proc.stderr[-3000:]
     assert "cannot write the ledger: File too large" in proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
@@ -593,9 +724,14 @@ def test_read_only_ledger_folder(sandbox: SandboxProc, tmp_path: Path) -> None:
     manifest = write_manifest(folder / "m.jsonl", names(3))
     folder.chmod(0o555)
     try:
-        proc = subprocess.run(worker_cmd("run", str(manifest), "--endpoint", sandbox.url),
-                              env=cli_env(tmp_path), capture_output=True, text=True, timeout=60,
-                              preexec_fn=_as_nobody())
+        proc = subprocess.run(
+            worker_cmd("run", str(manifest), "--endpoint", sandbox.url),
+            env=cli_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=_as_nobody(),
+        )
     finally:
         folder.chmod(0o755)
     assert proc.returncode == 2, proc.stderr
@@ -614,16 +750,25 @@ WRONG = "WRONGSECRETx51bbxNOTxLEAK"
 def test_no_secret_anywhere(sandbox_factory: Any, tmp_path: Path) -> None:
     """Successful, failing and faulty runs, at debug level: the secret, the session token and
     any Signature= value appear in no output, ledger or report."""
-    sb: SandboxProc = sandbox_factory("--fault-rate", "0.3", "--forbid", "^禁",
-                                      keys={AK: SECRET})
+    sb: SandboxProc = sandbox_factory("--fault-rate", "0.3", "--forbid", "^禁", keys={AK: SECRET})
     outputs: list[str] = []
     good = write_manifest(tmp_path / "good.jsonl", [*names(5), {"Name": "禁止1"}])
     bad = write_manifest(tmp_path / "bad.jsonl", names(3, prefix="坏"))
     for manifest, secret in ((good, SECRET), (bad, WRONG)):
         env = cli_env(tmp_path, sk=secret, token=TOKEN)
         for fmt in ("json", "console"):
-            out = run_worker("run", str(manifest), "--endpoint", sb.url, "-v", "--log-format",
-                             fmt, "--max-attempts", "2", env=env)
+            out = run_worker(
+                "run",
+                str(manifest),
+                "--endpoint",
+                sb.url,
+                "-v",
+                "--log-format",
+                fmt,
+                "--max-attempts",
+                "2",
+                env=env,
+            )
             assert out.returncode in (1, 3, 7), out.stderr[-2000:]
             outputs += [out.stdout, out.stderr]
         ledger = manifest.with_name(manifest.stem + ".ledger.jsonl")
@@ -639,6 +784,7 @@ def test_no_secret_anywhere(sandbox_factory: Any, tmp_path: Path) -> None:
 
 # -- overlapping runs ---------------------------------------------------------------------
 
+
 def test_two_runs_at_once_on_one_ledger(sandbox_factory: Any, tmp_path: Path) -> None:
     """Two runs started together on one ledger: one works, the other exits 5 at once and
     touches nothing."""
@@ -646,8 +792,12 @@ def test_two_runs_at_once_on_one_ledger(sandbox_factory: Any, tmp_path: Path) ->
     manifest = write_manifest(tmp_path / "m.jsonl", names(20))
     env = cli_env(tmp_path)
     args = ["run", str(manifest), "--endpoint", sb.url, "--rate", "50"]
-    procs = [subprocess.Popen(worker_cmd(*args), env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            worker_cmd(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=60), p.stderr.read() if p.stderr else "") for p in procs]
     for p in procs:
         if p.stderr:
@@ -666,8 +816,9 @@ def test_stale_lock_of_a_killed_run_does_not_block(sandbox_factory: Any, tmp_pat
     sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "50-100")
     manifest = write_manifest(tmp_path / "m.jsonl", names(30))
     env = cli_env(tmp_path)
-    proc = start(["run", str(manifest), "--endpoint", sb.url, "--rate", "20"], env,
-                 tmp_path / "stderr.txt")
+    proc = start(
+        ["run", str(manifest), "--endpoint", sb.url, "--rate", "20"], env, tmp_path / "stderr.txt"
+    )
     wait_for(lambda: len(sb.state()["groups"]) >= 5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -28,28 +28,44 @@ POLICY = RetryPolicy(max_attempts=3, initial_s=1.0, max_delay_s=8.0, item_deadli
 C, U, D = Action.CREATE, Action.UPDATE, Action.DELETE
 
 
-def step(verdict: Verdict, action: Action = C, attempts: int = 0, now: float = 0.0,
-         deadline: float = 100.0) -> object:
-    return next_step(verdict, action=action, attempts=attempts, policy=POLICY,
-                     rng=random.Random(0), now=now, deadline=deadline)
+def step(
+    verdict: Verdict,
+    action: Action = C,
+    attempts: int = 0,
+    now: float = 0.0,
+    deadline: float = 100.0,
+) -> object:
+    return next_step(
+        verdict,
+        action=action,
+        attempts=attempts,
+        policy=POLICY,
+        rng=random.Random(0),
+        now=now,
+        deadline=deadline,
+    )
 
 
-@pytest.mark.parametrize(("verdict", "action", "outcome"), [
-    (Succeeded(A), C, Outcome.CREATED),
-    (Succeeded(A), U, Outcome.UPDATED),
-    (Succeeded(A), D, Outcome.DELETED),
-    (Exists(A), C, Outcome.EXISTS),
-    (Exists(A), U, Outcome.REJECTED),
-    (Exists(A), D, Outcome.REJECTED),
-    (NotFound(A), C, Outcome.REJECTED),
-    (NotFound(A), U, Outcome.VANISHED),
-    (NotFound(A), D, Outcome.DELETED),
-    (Rejected(A), C, Outcome.REJECTED),
-    (Rejected(A), U, Outcome.REJECTED),
-    (Rejected(A), D, Outcome.REJECTED),
-])
+@pytest.mark.parametrize(
+    ("verdict", "action", "outcome"),
+    [
+        (Succeeded(A), C, Outcome.CREATED),
+        (Succeeded(A), U, Outcome.UPDATED),
+        (Succeeded(A), D, Outcome.DELETED),
+        (Exists(A), C, Outcome.EXISTS),
+        (Exists(A), U, Outcome.REJECTED),
+        (Exists(A), D, Outcome.REJECTED),
+        (NotFound(A), C, Outcome.REJECTED),
+        (NotFound(A), U, Outcome.VANISHED),
+        (NotFound(A), D, Outcome.DELETED),
+        (Rejected(A), C, Outcome.REJECTED),
+        (Rejected(A), U, Outcome.REJECTED),
+        (Rejected(A), D, Outcome.REJECTED),
+    ],
+)
 def test_final_answers_finish_with_the_outcome_of_their_action(
-        verdict: Verdict, action: Action, outcome: Outcome) -> None:
+    verdict: Verdict, action: Action, outcome: Outcome
+) -> None:
     """Each final verdict maps to one outcome per action: ResourceNotFound is done for a
     delete, a vanished group for an update, a refusal for a create."""
     assert step(verdict, action) == Finish(outcome, A)

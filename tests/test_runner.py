@@ -54,8 +54,13 @@ class Clock:
 class Script:
     """A Sender that answers per Name from a script (then OK), and counts what it saw."""
 
-    def __init__(self, script: Mapping[str, list[Response | Failure]] | None = None, *,
-                 default: Response | Failure = OK, hold: asyncio.Event | None = None) -> None:
+    def __init__(
+        self,
+        script: Mapping[str, list[Response | Failure]] | None = None,
+        *,
+        default: Response | Failure = OK,
+        hold: asyncio.Event | None = None,
+    ) -> None:
         self.script = {k: deque(v) for k, v in (script or {}).items()}
         self.default = default
         self.hold = hold
@@ -63,8 +68,9 @@ class Script:
         self.in_flight = 0
         self.max_in_flight = 0
 
-    async def send(self, query: Mapping[str, str], headers: Mapping[str, str],
-                   body: bytes) -> Response | Failure:
+    async def send(
+        self, query: Mapping[str, str], headers: Mapping[str, str], body: bytes
+    ) -> Response | Failure:
         assert "Authorization" in headers and headers["X-Content-Sha256"]
         name = orjson.loads(body).get("Name", "")
         self.sent.append((query["Action"], name))
@@ -112,22 +118,39 @@ class Journal:
         return {r.name: r for r in self.records if isinstance(r, Result) and r.name}
 
 
-def make(sender: Script, journal: Journal | None = None, *, concurrency: int | None = None,
-         max_attempts: int = 4, controls: Controls | None = None,
-         clock: Clock | None = None) -> Runner:
-    settings = Settings(manifest=Path("m.jsonl"), ledger=Path("m.ledger.jsonl"),
-                        endpoint="http://127.0.0.1:9", pacing=Pacing(rate=10.0),
-                        retry=RetryPolicy(max_attempts=max_attempts), concurrency=concurrency)
+def make(
+    sender: Script,
+    journal: Journal | None = None,
+    *,
+    concurrency: int | None = None,
+    max_attempts: int = 4,
+    controls: Controls | None = None,
+    clock: Clock | None = None,
+) -> Runner:
+    settings = Settings(
+        manifest=Path("m.jsonl"),
+        ledger=Path("m.ledger.jsonl"),
+        endpoint="http://127.0.0.1:9",
+        pacing=Pacing(rate=10.0),
+        retry=RetryPolicy(max_attempts=max_attempts),
+        concurrency=concurrency,
+    )
     clock = clock or Clock()
-    return Runner(settings=settings, credentials=Credentials(access_key="AK", secret_key="SK"),
-                  sender=sender, pacer=Pacer(clock), ledger=journal if journal is not None
-                  else Journal(), controls=controls or Controls(), run_id="r1", clock=clock,
-                  sleep=clock.sleep)
+    return Runner(
+        settings=settings,
+        credentials=Credentials(access_key="AK", secret_key="SK"),
+        sender=sender,
+        pacer=Pacer(clock),
+        ledger=journal if journal is not None else Journal(),
+        controls=controls or Controls(),
+        run_id="r1",
+        clock=clock,
+        sleep=clock.sleep,
+    )
 
 
 def work(name: str, action: Action = Action.CREATE, line: int = 1) -> Work:
-    body = {"Name": name, "ProjectName": "default"} if action is Action.CREATE \
-        else {"Name": name}
+    body = {"Name": name, "ProjectName": "default"} if action is Action.CREATE else {"Name": name}
     return Work(action=action, name=name, line=line, fingerprint="f", body=orjson.dumps(body))
 
 
@@ -159,8 +182,14 @@ def test_an_ambiguous_timeout_then_exist_is_recorded_exists() -> None:
     """A create that timed out and then answers 'already exists' is `exists`: the first
     attempt did it."""
     journal = Journal()
-    sender = Script({"G0": [Failure("timeout", "no answer in time", no_answer=False),
-                            envelope("RequestLimitExceeded.Exist", 429)]})
+    sender = Script(
+        {
+            "G0": [
+                Failure("timeout", "no answer in time", no_answer=False),
+                envelope("RequestLimitExceeded.Exist", 429),
+            ]
+        }
+    )
     asyncio.run(make(sender, journal).apply(iter(items(1))))
     assert journal.results()["G0"].outcome is Outcome.EXISTS
 
@@ -172,7 +201,10 @@ def test_out_of_attempts_is_deferred_with_the_last_answer() -> None:
     tally = asyncio.run(make(sender, journal).apply(iter(items(1))))
     result = journal.results()["G0"]
     assert (result.outcome, result.sends, result.code) == (
-        Outcome.DEFERRED, 4, "ServiceUnavailableTemp")
+        Outcome.DEFERRED,
+        4,
+        "ServiceUnavailableTemp",
+    )
     assert tally.count(Outcome.DEFERRED) == 1
 
 
@@ -192,8 +224,11 @@ def test_update_and_delete_map_not_found_per_action() -> None:
     journal = Journal()
     nf = envelope("ResourceNotFound", 404)
     sender = Script({"U": [nf], "D": [nf], "D2": [OK]})
-    asyncio.run(make(sender, journal).apply(iter([
-        work("U", Action.UPDATE), work("D", Action.DELETE), work("D2", Action.DELETE)])))
+    asyncio.run(
+        make(sender, journal).apply(
+            iter([work("U", Action.UPDATE), work("D", Action.DELETE), work("D2", Action.DELETE)])
+        )
+    )
     results = journal.results()
     assert results["U"].outcome is Outcome.VANISHED
     assert results["D"].outcome is Outcome.DELETED
@@ -206,9 +241,21 @@ def test_results_from_the_source_are_recorded_without_a_request() -> None:
     """An invalid line or a conflict comes as a Result: it is recorded and nothing is sent."""
     journal = Journal()
     sender = Script()
-    conflict = Result(run_id="r1", action=None, name="X", outcome=Outcome.CONFLICT, status=None,
-                      code="ProjectConflict", message="m", request_id="", sends=0,
-                      fingerprint=None, line=3, started="s", finished="f")
+    conflict = Result(
+        run_id="r1",
+        action=None,
+        name="X",
+        outcome=Outcome.CONFLICT,
+        status=None,
+        code="ProjectConflict",
+        message="m",
+        request_id="",
+        sends=0,
+        fingerprint=None,
+        line=3,
+        started="s",
+        finished="f",
+    )
     tally = asyncio.run(make(sender, journal).apply(iter([conflict])))
     assert sender.sent == [] and journal.records == [conflict]
     assert tally.count(Outcome.CONFLICT) == 1
@@ -245,8 +292,10 @@ def test_an_endpoint_that_never_answers_ends_the_run_early() -> None:
 def test_any_http_answer_resets_the_unreachable_count() -> None:
     """Alternating refusals and 503s never look unreachable: the 503 is an answer."""
     journal = Journal()
-    flaky: list[Response | Failure] = [Failure("refused", "refused", no_answer=True),
-                                       envelope("X", 503)] * 3
+    flaky: list[Response | Failure] = [
+        Failure("refused", "refused", no_answer=True),
+        envelope("X", 503),
+    ] * 3
     sender = Script({f"G{i}": list(flaky) for i in range(20)})
     tally = asyncio.run(make(sender, journal, max_attempts=10).apply(iter(items(20))))
     assert tally.count(Outcome.CREATED) == 20
@@ -274,6 +323,7 @@ def test_draining_defers_waiting_retries_and_leaves_unsent_items_pending() -> No
 
 def test_in_flight_requests_never_exceed_the_cap() -> None:
     """With --concurrency 3 and a server that holds every answer, at most 3 are in flight."""
+
     async def scenario() -> Script:
         hold = asyncio.Event()
         sender = Script(hold=hold)
@@ -313,8 +363,9 @@ def test_a_ledger_that_cannot_write_the_intent_sends_nothing_more() -> None:
 
 def test_reads_are_retried_and_return_the_result() -> None:
     """A List read retries an InternalError and returns the answer's Result."""
-    sender = Script({"": [envelope("InternalError", 500),
-                          envelope(result={"List": [], "Total": 0})]})
+    sender = Script(
+        {"": [envelope("InternalError", 500), envelope(result={"List": [], "Total": 0})]}
+    )
     runner = make(sender)
     result = asyncio.run(runner.read("ListPullToPushGroup", b'{"PageNum":1}'))
     assert result == {"List": [], "Total": 0} and runner.tally.requests == 2
@@ -329,8 +380,7 @@ def test_group_events_carry_the_bound_run_id_and_a_duration() -> None:
     structlog.contextvars.bind_contextvars(run_id="r1")
     try:
         with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
-            asyncio.run(make(Script({"G1": [envelope("InvalidParam", 400)]}))
-                        .apply(iter(items(2))))
+            asyncio.run(make(Script({"G1": [envelope("InvalidParam", 400)]})).apply(iter(items(2))))
     finally:
         structlog.contextvars.unbind_contextvars("run_id")
     finished = [e for e in events if e["event"].startswith("group.")]

@@ -20,8 +20,12 @@ from tests.conftest import SandboxProc, cli_env, names, run_worker, worker_cmd, 
 
 pytestmark = pytest.mark.slow  # real processes: `pytest -m 'not slow'` skips them
 
-LIST, CREATE, UPDATE, DELETE = ("ListPullToPushGroup", "CreatePullToPushGroup",
-                                "UpdatePullToPushGroup", "DeletePullToPushGroup")
+LIST, CREATE, UPDATE, DELETE = (
+    "ListPullToPushGroup",
+    "CreatePullToPushGroup",
+    "UpdatePullToPushGroup",
+    "DeletePullToPushGroup",
+)
 FAST = ("--rate", "50")
 
 
@@ -29,26 +33,30 @@ def tag(k: str, v: str, c: str = "Custom") -> dict[str, str]:
     return {"Key": k, "Value": v, "Category": c}
 
 
-def group(name: str, project: str = "default", tags: list[dict[str, str]] | None = None
-          ) -> dict[str, Any]:
+def group(
+    name: str, project: str = "default", tags: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
     g: dict[str, Any] = {"Name": name, "ProjectName": project}
     if tags:
         g["Tags"] = tags
     return g
 
 
-def start(sandbox_factory: Any, tmp: Path, account: list[dict[str, Any]], *args: str
-          ) -> SandboxProc:
+def start(
+    sandbox_factory: Any, tmp: Path, account: list[dict[str, Any]], *args: str
+) -> SandboxProc:
     preload = write_manifest(tmp / "preload.jsonl", account) if account else None
     extra = ("--preload", str(preload)) if preload else ()
     sb: SandboxProc = sandbox_factory("--rate", "50", *extra, *args)
     return sb
 
 
-def sync(sb: SandboxProc, manifest: Path, tmp: Path, *args: str,
-         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_worker("sync", str(manifest), "--endpoint", sb.url, *FAST, *args,
-                      env=env or cli_env(tmp))
+def sync(
+    sb: SandboxProc, manifest: Path, tmp: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run_worker(
+        "sync", str(manifest), "--endpoint", sb.url, *FAST, *args, env=env or cli_env(tmp)
+    )
 
 
 def available(sb: SandboxProc) -> dict[str, dict[str, Any]]:
@@ -92,8 +100,11 @@ def test_sync_applies_every_row_of_the_plan_table(sandbox_factory: Any, tmp_path
     assert [a["name"] for a in sb.of(UPDATE)] == ["Retag"]
     assert sb.of(DELETE) == []
     assert "conflict" in out.stderr and "'other'" in out.stderr
-    report = json.loads(run_worker("report", str(tmp_path / "m.ledger.jsonl"), "--json",
-                                   env=cli_env(tmp_path)).stdout)
+    report = json.loads(
+        run_worker(
+            "report", str(tmp_path / "m.ledger.jsonl"), "--json", env=cli_env(tmp_path)
+        ).stdout
+    )
     text = json.dumps(report)
     assert "conflict" in text
 
@@ -123,8 +134,7 @@ def test_prune_deletes_only_extras_inside_the_scope(sandbox_factory: Any, tmp_pa
     assert [a["name"] for a in sb.of(DELETE)] == ["Extra2"]
 
 
-def test_prune_by_name_pattern_matches_the_whole_name(sandbox_factory: Any,
-                                                      tmp_path: Path) -> None:
+def test_prune_by_name_pattern_matches_the_whole_name(sandbox_factory: Any, tmp_path: Path) -> None:
     """--scope-match Extra.* deletes both extras in any project; a pattern matching only a
     part of a Name does not count."""
     sb = start(sandbox_factory, tmp_path, ACCOUNT)
@@ -135,8 +145,9 @@ def test_prune_by_name_pattern_matches_the_whole_name(sandbox_factory: Any,
     assert sorted(a["name"] for a in sb.of(DELETE)) == ["Extra1", "Extra2"]
 
 
-def test_prune_without_a_scope_is_refused_before_any_request(sandbox_factory: Any,
-                                                             tmp_path: Path) -> None:
+def test_prune_without_a_scope_is_refused_before_any_request(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
     """--prune alone: exit 2, the message names the scope flags, the sandbox saw nothing."""
     sb = start(sandbox_factory, tmp_path, ACCOUNT)
     manifest = write_manifest(tmp_path / "m.jsonl", MANIFEST)
@@ -146,8 +157,9 @@ def test_prune_without_a_scope_is_refused_before_any_request(sandbox_factory: An
     assert sb.arrivals() == []
 
 
-def test_more_deletes_than_max_delete_refuses_the_whole_sync(sandbox_factory: Any,
-                                                              tmp_path: Path) -> None:
+def test_more_deletes_than_max_delete_refuses_the_whole_sync(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
     """Three extras in scope with --max-delete 2: exit 2, the count and the flag named, and
     no write at all (only List requests); with --max-delete 3 all three go."""
     account = [group(f"Old{i}", project="p") for i in range(3)]
@@ -177,14 +189,14 @@ def test_check_exits_6_on_drift_and_0_in_sync(sandbox_factory: Any, tmp_path: Pa
     assert pruning.returncode == 6
 
 
-def test_dry_run_json_is_one_object_and_sends_only_lists(sandbox_factory: Any,
-                                                         tmp_path: Path) -> None:
+def test_dry_run_json_is_one_object_and_sends_only_lists(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
     """--dry-run --json prints one JSON object with the counts and every change; the
     sandbox saw List requests only; the text form marks each change + ~ ! - ?."""
     sb = start(sandbox_factory, tmp_path, ACCOUNT)
     manifest = write_manifest(tmp_path / "m.jsonl", MANIFEST)
-    out = sync(sb, manifest, tmp_path, "--dry-run", "--json", "--prune", "--scope-match",
-               "Extra2")
+    out = sync(sb, manifest, tmp_path, "--dry-run", "--json", "--prune", "--scope-match", "Extra2")
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert plan["counts"]["create"] == 1 and plan["counts"]["update"] == 1
@@ -195,14 +207,16 @@ def test_dry_run_json_is_one_object_and_sends_only_lists(sandbox_factory: Any,
     assert {"+", "~", "!", "-", "?"} <= marks, text.stdout
 
 
-def test_export_then_sync_into_an_empty_account_reproduces_it(sandbox_factory: Any,
-                                                              tmp_path: Path) -> None:
+def test_export_then_sync_into_an_empty_account_reproduces_it(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
     """export -o FILE from one account, sync FILE into an empty one: same names, projects
     and tag sets; the export is a manifest `validate` accepts."""
     source = start(sandbox_factory, tmp_path, ACCOUNT)
     exported = tmp_path / "export.jsonl"
-    out = run_worker("export", "--endpoint", source.url, *FAST, "-o", str(exported),
-                     env=cli_env(tmp_path))
+    out = run_worker(
+        "export", "--endpoint", source.url, *FAST, "-o", str(exported), env=cli_env(tmp_path)
+    )
     assert out.returncode == 0, out.stderr
     assert run_worker("validate", str(exported), env=cli_env(tmp_path)).returncode == 0
     target = sandbox_factory("--rate", "50")
@@ -212,8 +226,9 @@ def test_export_then_sync_into_an_empty_account_reproduces_it(sandbox_factory: A
     assert got == want
 
 
-def test_a_listing_that_changes_while_paging_is_listed_again(sandbox_factory: Any,
-                                                              tmp_path: Path) -> None:
+def test_a_listing_that_changes_while_paging_is_listed_again(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
     """Two pages, and a group appears after the first page (--list-churn 1): the collected
     groups do not add up to Total, so the worker lists again before planning, and nothing
     the manifest names is created twice."""
@@ -227,8 +242,9 @@ def test_a_listing_that_changes_while_paging_is_listed_again(sandbox_factory: An
     assert [a["name"] for a in sb.of(CREATE)] == ["Fresh"]
 
 
-def test_a_lagging_listing_converges_without_duplicates(sandbox_factory: Any,
-                                                        tmp_path: Path) -> None:
+def test_a_lagging_listing_converges_without_duplicates(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
     """With List 5 s behind writes, a sync right after a sync does not see the new groups:
     it sends their creates again, gets 'already exists' (outcome exists), and every group
     exists exactly once."""
@@ -242,24 +258,53 @@ def test_a_lagging_listing_converges_without_duplicates(sandbox_factory: Any,
     assert sum(g["exist_answers"] for g in groups.values()) == 10
 
 
-def test_kill_9_in_the_middle_of_a_sync_with_faults_converges(sandbox_factory: Any,
-                                                              tmp_path: Path) -> None:
+def test_kill_9_in_the_middle_of_a_sync_with_faults_converges(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
     """A sync of creates, updates and deletes with 15 % faults (some ambiguous) is killed
     with SIGKILL mid-way, then run again until exit 0: every manifest group exists once
     with the manifest's tags, every extra in scope is gone, nothing outside scope touched."""
     seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
     print(f"CHAOS_SEED={seed}")
     rng = random.Random(seed)
-    account = ([group(f"Old{i:03d}", project="p") for i in range(20)]
-               + [group(f"Keep{i:03d}", project="other") for i in range(5)]
-               + [group(f"组{i:05d}", tags=[tag("批次", "old")]) for i in range(20)])
-    sb = start(sandbox_factory, tmp_path, account, "--fault-rate", "0.1",
-               "--ambiguous-rate", "0.05", "--seed", str(seed), "--hang", "3")
+    account = (
+        [group(f"Old{i:03d}", project="p") for i in range(20)]
+        + [group(f"Keep{i:03d}", project="other") for i in range(5)]
+        + [group(f"组{i:05d}", tags=[tag("批次", "old")]) for i in range(20)]
+    )
+    sb = start(
+        sandbox_factory,
+        tmp_path,
+        account,
+        "--fault-rate",
+        "0.1",
+        "--ambiguous-rate",
+        "0.05",
+        "--seed",
+        str(seed),
+        "--hang",
+        "3",
+    )
     manifest = write_manifest(tmp_path / "m.jsonl", names(80))
-    args = ["sync", str(manifest), "--endpoint", sb.url, *FAST, "--timeout", "1",
-            "--prune", "--scope-project", "p"]
-    proc = subprocess.Popen(worker_cmd(*args), env=cli_env(tmp_path), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "sync",
+        str(manifest),
+        "--endpoint",
+        sb.url,
+        *FAST,
+        "--timeout",
+        "1",
+        "--prune",
+        "--scope-project",
+        "p",
+    ]
+    proc = subprocess.Popen(
+        worker_cmd(*args),
+        env=cli_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and len(sb.arrivals()) < 10 + rng.randrange(30):
         time.sleep(0.05)
@@ -279,5 +324,7 @@ def test_kill_9_in_the_middle_of_a_sync_with_faults_converges(sandbox_factory: A
     assert all(g["created"] <= 1 for g in groups.values())
     assert all(groups[f"Old{i:03d}"]["Status"] == 1 for i in range(20))
     assert all(groups[f"Old{i:03d}"]["deleted"] == 1 for i in range(20))
-    assert all(groups[f"Keep{i:03d}"]["Status"] == 0 and groups[f"Keep{i:03d}"]["requests"] == 0
-               for i in range(5))
+    assert all(
+        groups[f"Keep{i:03d}"]["Status"] == 0 and groups[f"Keep{i:03d}"]["requests"] == 0
+        for i in range(5)
+    )

@@ -46,8 +46,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         args = _parser(sandbox="sandbox" in words).parse_args(words)
         tty = sys.stderr.isatty()
         fmt = args.log_format if args.log_format != "auto" else ("console" if tty else "json")
-        level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet \
-            else logging.INFO
+        level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
         logs.configure(json=fmt == "json", level=level)
         code: int = args.command(args)
         return code
@@ -56,8 +55,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         if exc.total > len(exc.problems):
             print(f"... and {exc.total - len(exc.problems)} more problem(s)", file=sys.stderr)
-        print(f"error: the manifest has {exc.total} problem(s); nothing was sent",
-              file=sys.stderr)
+        print(f"error: the manifest has {exc.total} problem(s); nothing was sent", file=sys.stderr)
         return exc.exit_code
     except LedgerLocked as exc:
         print(f"error: {exc}; nothing was changed", file=sys.stderr)
@@ -70,12 +68,16 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         return Exit.INTERRUPTED
     except Exception:
         traceback.print_exc(file=sys.stderr)
-        print("error: internal error (a bug in worker; the ledger is consistent): please "
-              "report it with the traceback above", file=sys.stderr)
+        print(
+            "error: internal error (a bug in worker; the ledger is consistent): please "
+            "report it with the traceback above",
+            file=sys.stderr,
+        )
         return Exit.INTERNAL
 
 
 # -- signals ------------------------------------------------------------------------------
+
 
 def loop_under_signals(grace_s: float) -> Any:
     """The `Loop` for compose: run a coroutine with SIGINT/SIGTERM handled in the loop.
@@ -96,9 +98,12 @@ def loop_under_signals(grace_s: float) -> Any:
                 seen += 1
                 name = signal.Signals(signum).name
                 if seen == 1 and controls.writes_started:
-                    log.warning("run.stopping", signal=name, grace_s=grace_s,
-                                hint="requests on the wire may finish; signal again to stop "
-                                     "at once")
+                    log.warning(
+                        "run.stopping",
+                        signal=name,
+                        grace_s=grace_s,
+                        hint="requests on the wire may finish; signal again to stop at once",
+                    )
                     controls.drain(StopReason.SIGNAL)
                     loop.call_later(grace_s, task.cancel)
                 else:
@@ -127,14 +132,16 @@ def loop_under_signals(grace_s: float) -> Any:
 
 # -- commands -----------------------------------------------------------------------------
 
+
 def cmd_run(args: argparse.Namespace) -> int:
     from worker import compose
     from worker.runner import Controls
 
     settings, options = _resolve(args, "run")
     controls = Controls()
-    return compose.run(settings, options, controls, loop_under_signals(settings.grace_s),
-                       sys.stdout)
+    return compose.run(
+        settings, options, controls, loop_under_signals(settings.grace_s), sys.stdout
+    )
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -143,8 +150,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     settings, options = _resolve(args, "sync")
     controls = Controls()
-    return compose.sync(settings, options, _sync_options(args), controls,
-                        loop_under_signals(settings.grace_s), sys.stdout)
+    return compose.sync(
+        settings,
+        options,
+        _sync_options(args),
+        controls,
+        loop_under_signals(settings.grace_s),
+        sys.stdout,
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -154,9 +167,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings, options = _resolve(args, "export")
     controls = Controls()
     projects = frozenset(args.project or ())
-    return compose.export(settings, options, projects, Path(args.output) if args.output
-                          else None, controls, loop_under_signals(settings.grace_s),
-                          sys.stdout)
+    return compose.export(
+        settings,
+        options,
+        projects,
+        Path(args.output) if args.output else None,
+        controls,
+        loop_under_signals(settings.grace_s),
+        sys.stdout,
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -172,12 +191,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from worker import report
 
-    return report.main(Path(args.ledger), manifest=Path(args.manifest) if args.manifest
-                       else None, json=args.json, failed=args.failed, out=sys.stdout,
-                       err=sys.stderr)
+    return report.main(
+        Path(args.ledger),
+        manifest=Path(args.manifest) if args.manifest else None,
+        json=args.json,
+        failed=args.failed,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
 
 
 # -- options ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Opt:
@@ -190,42 +215,79 @@ class Opt:
 
 
 OPTIONS: tuple[Opt, ...] = (
-    Opt("ledger", "path", "the result ledger (default: MANIFEST's name + .ledger.jsonl)",
-        ("run", "sync")),
-    Opt("endpoint", "str", "API endpoint (default https://live.volcengineapi.com); plain http "
-        "only to loopback"),
+    Opt(
+        "ledger",
+        "path",
+        "the result ledger (default: MANIFEST's name + .ledger.jsonl)",
+        ("run", "sync"),
+    ),
+    Opt(
+        "endpoint",
+        "str",
+        "API endpoint (default https://live.volcengineapi.com); plain http only to loopback",
+    ),
     Opt("region", "str", "signing region (default cn-north-1)"),
-    Opt("profile", "str", "credentials profile: a `ve` CLI profile or a ~/.volc/credentials "
-        "section"),
+    Opt(
+        "profile", "str", "credentials profile: a `ve` CLI profile or a ~/.volc/credentials section"
+    ),
     Opt("rate", "float", "the account's limit in requests/s (default 10, the documented one)"),
-    Opt("concurrency", "int", "cap on requests in flight, 1-1000 (default: follows latency, "
-        "at most 512)"),
+    Opt(
+        "concurrency",
+        "int",
+        "cap on requests in flight, 1-1000 (default: follows latency, at most 512)",
+    ),
     Opt("max-attempts", "int", "sends per item on retryable errors, 1-100 (default 8)"),
-    Opt("item-deadline", "float", "seconds one item may take across its attempts "
-        "(default 300)"),
+    Opt("item-deadline", "float", "seconds one item may take across its attempts (default 300)"),
     Opt("timeout", "float", "seconds one attempt may take, (0, 600] (default 15)"),
-    Opt("grace", "float", "seconds requests on the wire may finish after SIGINT/SIGTERM "
-        "(default 10)"),
+    Opt(
+        "grace",
+        "float",
+        "seconds requests on the wire may finish after SIGINT/SIGTERM (default 10)",
+    ),
     Opt("limiter", "str", "shared rate budget, redis://HOST:PORT/DB (default: in-process)"),
-    Opt("limiter-timeout", "float", "seconds the shared limiter may stay unreachable "
-        "(default 60)"),
-    Opt("skip-invalid", "bool", "record invalid lines as `invalid` and go on with the rest",
-        ("run", "sync")),
-    Opt("retry-rejected", "bool", "send again the lines rejected before, though unchanged",
-        ("run",)),
-    Opt("prune", "bool", "delete the account's groups that the manifest does not name, "
-        "inside the scope", ("sync",)),
+    Opt("limiter-timeout", "float", "seconds the shared limiter may stay unreachable (default 60)"),
+    Opt(
+        "skip-invalid",
+        "bool",
+        "record invalid lines as `invalid` and go on with the rest",
+        ("run", "sync"),
+    ),
+    Opt(
+        "retry-rejected", "bool", "send again the lines rejected before, though unchanged", ("run",)
+    ),
+    Opt(
+        "prune",
+        "bool",
+        "delete the account's groups that the manifest does not name, inside the scope",
+        ("sync",),
+    ),
     Opt("scope-project", "list", "prune scope: a ProjectName (repeatable)", ("sync",)),
-    Opt("scope-match", "str", "prune scope: a regular expression the whole Name must match",
-        ("sync",)),
-    Opt("max-delete", "int", "refuse a sync that would delete more than N groups "
-        "(default 50)", ("sync",)),
-    Opt("metrics-file", "path", "write Prometheus metrics here, atomically, during the run "
-        "and at its end (node_exporter textfile collector: name it *.prom)", ("run", "sync")),
-    Opt("metrics-port", "int", "serve /metrics on this port while the run lasts",
-        ("run", "sync")),
-    Opt("metrics-host", "str", "the address /metrics listens on (default 127.0.0.1)",
-        ("run", "sync")),
+    Opt(
+        "scope-match",
+        "str",
+        "prune scope: a regular expression the whole Name must match",
+        ("sync",),
+    ),
+    Opt(
+        "max-delete",
+        "int",
+        "refuse a sync that would delete more than N groups (default 50)",
+        ("sync",),
+    ),
+    Opt(
+        "metrics-file",
+        "path",
+        "write Prometheus metrics here, atomically, during the run "
+        "and at its end (node_exporter textfile collector: name it *.prom)",
+        ("run", "sync"),
+    ),
+    Opt("metrics-port", "int", "serve /metrics on this port while the run lasts", ("run", "sync")),
+    Opt(
+        "metrics-host",
+        "str",
+        "the address /metrics listens on (default 127.0.0.1)",
+        ("run", "sync"),
+    ),
 )
 
 
@@ -241,43 +303,74 @@ def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
         raise UsageError(f"{command}: give a MANIFEST (or a job file naming one)")
     manifest_path = Path(str(manifest)) if manifest is not None else Path("export.jsonl")
     ledger_path = values.get("ledger")
-    if ledger_path is None and command != "export" and manifest_path.exists() \
-            and not manifest_path.is_file() and not manifest_path.is_dir():
-        raise UsageError(f"{manifest_path} is not a regular file (a pipe?): give --ledger, "
-                         "since no default ledger can go beside it")
+    if (
+        ledger_path is None
+        and command != "export"
+        and manifest_path.exists()
+        and not manifest_path.is_file()
+        and not manifest_path.is_dir()
+    ):
+        raise UsageError(
+            f"{manifest_path} is not a regular file (a pipe?): give --ledger, "
+            "since no default ledger can go beside it"
+        )
     if ledger_path is None:
         ledger_path = compose.default_ledger(manifest_path, sandbox=sandbox)
     account = None
     if sandbox:
-        account = Path(args.sandbox_account) if args.sandbox_account else (
-            Path("sandbox-account.json") if command == "export"
-            else compose.sandbox_account_for(Path(str(ledger_path))))
-    pacing: dict[str, Any] = {k: values[o] for k, o in (("rate", "rate"),
-                                                        ("headroom", "headroom"))
-                              if values.get(o) is not None}
-    retry: dict[str, Any] = {k: values[o] for k, o in (("max_attempts", "max-attempts"),
-                                                       ("item_deadline_s", "item-deadline"))
-                             if values.get(o) is not None}
-    plain = {"endpoint": "endpoint", "region": "region", "concurrency": "concurrency",
-             "timeout_s": "timeout", "grace_s": "grace", "limiter_url": "limiter",
-             "limiter_timeout_s": "limiter-timeout", "skip_invalid": "skip-invalid"}
-    kwargs: dict[str, Any] = {k: values[o] for k, o in plain.items()
-                              if values.get(o) is not None}
-    settings = Settings(manifest=manifest_path, ledger=Path(str(ledger_path)),
-                        pacing=Pacing(**pacing), retry=RetryPolicy(**retry),
-                        dry_run=bool(getattr(args, "dry_run", False)), **kwargs)
+        account = (
+            Path(args.sandbox_account)
+            if args.sandbox_account
+            else (
+                Path("sandbox-account.json")
+                if command == "export"
+                else compose.sandbox_account_for(Path(str(ledger_path)))
+            )
+        )
+    pacing: dict[str, Any] = {
+        k: values[o]
+        for k, o in (("rate", "rate"), ("headroom", "headroom"))
+        if values.get(o) is not None
+    }
+    retry: dict[str, Any] = {
+        k: values[o]
+        for k, o in (("max_attempts", "max-attempts"), ("item_deadline_s", "item-deadline"))
+        if values.get(o) is not None
+    }
+    plain = {
+        "endpoint": "endpoint",
+        "region": "region",
+        "concurrency": "concurrency",
+        "timeout_s": "timeout",
+        "grace_s": "grace",
+        "limiter_url": "limiter",
+        "limiter_timeout_s": "limiter-timeout",
+        "skip_invalid": "skip-invalid",
+    }
+    kwargs: dict[str, Any] = {k: values[o] for k, o in plain.items() if values.get(o) is not None}
+    settings = Settings(
+        manifest=manifest_path,
+        ledger=Path(str(ledger_path)),
+        pacing=Pacing(**pacing),
+        retry=RetryPolicy(**retry),
+        dry_run=bool(getattr(args, "dry_run", False)),
+        **kwargs,
+    )
     job = getattr(args, "job", None)
     port = values.get("metrics-port")
     if port is not None and not 0 <= port <= 65535:
         raise UsageError(f"--metrics-port must lie in 0..65535, not {port}")
     metrics_file = values.get("metrics-file")
     options = compose.Options(
-        sandbox_account=account, profile=values.get("profile"),
+        sandbox_account=account,
+        profile=values.get("profile"),
         retry_rejected=bool(values.get("retry-rejected")),
         json=bool(getattr(args, "json", False)),
         job_name=_stem(Path(job) if job else manifest_path),
         metrics_file=Path(str(metrics_file)) if metrics_file is not None else None,
-        metrics_port=port, metrics_host=values.get("metrics-host") or "127.0.0.1")
+        metrics_port=port,
+        metrics_host=values.get("metrics-host") or "127.0.0.1",
+    )
     return settings, options
 
 
@@ -293,9 +386,12 @@ def _sync_options(args: argparse.Namespace) -> Any:
 
     values = _merged(args, "sync")
     return compose.SyncOptions.build(
-        prune=bool(values.get("prune")), projects=values.get("scope-project") or (),
-        match=values.get("scope-match"), max_delete=values.get("max-delete"),
-        check=bool(args.check))
+        prune=bool(values.get("prune")),
+        projects=values.get("scope-project") or (),
+        match=values.get("scope-match"),
+        max_delete=values.get("max-delete"),
+        check=bool(args.check),
+    )
 
 
 def _merged(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -318,6 +414,7 @@ def _merged(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 
 # -- the parser ---------------------------------------------------------------------------
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # argparse exits 2 too; keep its usage text
@@ -343,42 +440,67 @@ VOLC_SESSION_TOKEN, a `ve` profile (--profile), ~/.volc/credentials, ~/.volc/con
 def _global_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
     # On the subcommands the defaults are suppressed, so `-v run …` and `run … -v` both work.
     default: Any = argparse.SUPPRESS if sub else None
-    p.add_argument("-v", "--verbose", action="store_true",
-                   default=default if sub else False, help="debug logs")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   default=default if sub else False, help="warnings and errors only")
-    p.add_argument("--log-format", choices=("auto", "console", "json"),
-                   default=default if sub else "auto",
-                   help="auto: console on a terminal, JSON lines otherwise")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=default if sub else False, help="debug logs"
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default if sub else False,
+        help="warnings and errors only",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("auto", "console", "json"),
+        default=default if sub else "auto",
+        help="auto: console on a terminal, JSON lines otherwise",
+    )
 
 
 def _parser(*, sandbox: bool = True) -> argparse.ArgumentParser:
     """The parser. `sandbox`: define the sandbox's own options (only `worker sandbox …`
     needs them; other commands then never import the sandbox)."""
-    p = _Parser(prog="worker", description="Bulk provisioning of Volcengine Live "
-                "pull-to-push groups: signed, paced, resumable.", epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="worker",
+        description="Bulk provisioning of Volcengine Live "
+        "pull-to-push groups: signed, paced, resumable.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"worker {__version__}")
     _global_options(p, sub=False)
     sub = p.add_subparsers(required=True, metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        c = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _global_options(c, sub=True)
         return c
 
     r = command("run", "create every manifest group the ledger does not record as done")
-    s = command("sync", "make the account match the manifest: create, update, and with "
-                "--prune delete, planned from what the account holds")
+    s = command(
+        "sync",
+        "make the account match the manifest: create, update, and with "
+        "--prune delete, planned from what the account holds",
+    )
     e = command("export", "write the account's groups as a manifest")
     for c, name in ((r, "run"), (s, "sync"), (e, "export")):
         if name != "export":
-            c.add_argument("manifest", nargs="?", help="JSONL file, one group per line "
-                           "(may come from --job)")
+            c.add_argument(
+                "manifest", nargs="?", help="JSONL file, one group per line (may come from --job)"
+            )
             c.add_argument("--job", help="a job file (TOML) naming the manifest and options")
-            c.add_argument("--dry-run", action="store_true",
-                           help="show the plan; send no write, record nothing")
+            c.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="show the plan; send no write, record nothing",
+            )
         for o in OPTIONS:
             if name not in o.commands:
                 continue
@@ -386,22 +508,35 @@ def _parser(*, sandbox: bool = True) -> argparse.ArgumentParser:
             if o.kind == "bool":
                 c.add_argument(flag, action="store_true", default=None, help=o.help)
             elif o.kind == "list":
-                c.add_argument(flag, action="append", metavar=o.name.split("-")[-1].upper(),
-                               help=o.help)
+                c.add_argument(
+                    flag, action="append", metavar=o.name.split("-")[-1].upper(), help=o.help
+                )
             else:
                 kind = {"int": int, "float": float}.get(o.kind, str)
                 c.add_argument(flag, type=kind, help=o.help)
         c.add_argument("--headroom", type=float, help=argparse.SUPPRESS)
-        c.add_argument("--sandbox", action="store_true",
-                       help="run against an embedded sandbox whose account is kept in "
-                            "--sandbox-account (no cloud account needed)")
-        c.add_argument("--sandbox-account", help="the embedded sandbox's account file "
-                       "(default: beside the ledger; export: ./sandbox-account.json)")
+        c.add_argument(
+            "--sandbox",
+            action="store_true",
+            help="run against an embedded sandbox whose account is kept in "
+            "--sandbox-account (no cloud account needed)",
+        )
+        c.add_argument(
+            "--sandbox-account",
+            help="the embedded sandbox's account file "
+            "(default: beside the ledger; export: ./sandbox-account.json)",
+        )
     r.set_defaults(command=cmd_run)
-    s.add_argument("--check", action="store_true",
-                   help="plan, write nothing; exit 0 when the account matches, 6 when not")
-    s.add_argument("--json", action="store_true", help="with --dry-run/--check: the plan as "
-                   "one JSON object on stdout")
+    s.add_argument(
+        "--check",
+        action="store_true",
+        help="plan, write nothing; exit 0 when the account matches, 6 when not",
+    )
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="with --dry-run/--check: the plan as one JSON object on stdout",
+    )
     s.set_defaults(command=cmd_sync)
     e.add_argument("--project", action="append", help="only this ProjectName (repeatable)")
     e.add_argument("-o", "--output", help="write here (atomically) instead of stdout")
@@ -413,11 +548,16 @@ def _parser(*, sandbox: bool = True) -> argparse.ArgumentParser:
 
     rep = command("report", "what a ledger says: counts, runs, what is not done")
     rep.add_argument("ledger")
-    rep.add_argument("--manifest", help="count against this manifest (default: the one the "
-                     "last run used, if unchanged)")
+    rep.add_argument(
+        "--manifest",
+        help="count against this manifest (default: the one the last run used, if unchanged)",
+    )
     rep.add_argument("--json", action="store_true", help="machine-readable")
-    rep.add_argument("--failed", action="store_true",
-                     help="print a manifest of every line not done, to fix and run again")
+    rep.add_argument(
+        "--failed",
+        action="store_true",
+        help="print a manifest of every line not done, to fix and run again",
+    )
     rep.set_defaults(command=cmd_report)
 
     sb = command("sandbox", "run the local Live API in the foreground")

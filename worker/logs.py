@@ -106,8 +106,11 @@ def configure(*, json: bool, level: int = logging.INFO, stream: IO[str] | None =
     ]
     factory: Any
     if json:
-        processors = [*shared, structlog.processors.dict_tracebacks,
-                      structlog.processors.JSONRenderer(serializer=orjson.dumps)]
+        processors = [
+            *shared,
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+        ]
         buffer = getattr(out, "buffer", None)
         if buffer is not None:
             factory = structlog.BytesLoggerFactory(buffer)

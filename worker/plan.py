@@ -26,14 +26,14 @@ REASONS = {
     "new": "not in the ledger",
     "deferred": "deferred by an earlier run: trying again",
     "in_doubt": "sent by an earlier run that did not record an answer: sending again "
-                "(an 'already exists' answer confirms it)",
+    "(an 'already exists' answer confirms it)",
     "fixed": "rejected or invalid before and the line has changed since",
     "done": "already created",
     "done_changed": "already created; the line has changed since, but create does not "
-                    "update a group",
+    "update a group",
     "retry_rejected": "rejected before; sending again (--retry-rejected)",
     "rejected_unchanged": "rejected before and the line is unchanged: fix it, or pass "
-                          "--retry-rejected once the cause is fixed",
+    "--retry-rejected once the cause is fixed",
     "invalid": "invalid manifest line",
 }
 
@@ -44,8 +44,9 @@ class Decision:
     why: str  # a key of REASONS
 
 
-def decide(item: Group | Invalid, latest: Mapping[str, Latest], *,
-           retry_rejected: bool = False) -> Decision:
+def decide(
+    item: Group | Invalid, latest: Mapping[str, Latest], *, retry_rejected: bool = False
+) -> Decision:
     if isinstance(item, Invalid):
         return Decision(Do.RECORD_INVALID, "invalid")
     prev = latest.get(item.name)
@@ -78,15 +79,16 @@ class Plan:
 
     def lines(self) -> list[str]:
         """One line per reason that occurs, in REASONS' order (what is sent first)."""
-        return [f"{self.counts[k]:>8}  {k:<18} {why}" for k, why in REASONS.items()
-                if self.counts[k]]
+        return [
+            f"{self.counts[k]:>8}  {k:<18} {why}" for k, why in REASONS.items() if self.counts[k]
+        ]
 
 
 SENDS = ("new", "deferred", "in_doubt", "fixed", "retry_rejected")
 
 
-def count(items: Iterable[Group | Invalid], latest: Mapping[str, Latest], *,
-          retry_rejected: bool = False) -> Plan:
+def count(
+    items: Iterable[Group | Invalid], latest: Mapping[str, Latest], *, retry_rejected: bool = False
+) -> Plan:
     """Decide every line without acting: for --dry-run and the run's opening line."""
-    return Plan(Counter(decide(item, latest, retry_rejected=retry_rejected).why
-                        for item in items))
+    return Plan(Counter(decide(item, latest, retry_rejected=retry_rejected).why for item in items))

@@ -27,8 +27,13 @@ class Progress:
         self._last_line = time.monotonic()
         self._bar: tqdm[Any] | None = None
         if tty:
-            self._bar = tqdm(total=total, unit="group", file=stream or sys.stderr,
-                             dynamic_ncols=True, smoothing=0.1)
+            self._bar = tqdm(
+                total=total,
+                unit="group",
+                file=stream or sys.stderr,
+                dynamic_ncols=True,
+                smoothing=0.1,
+            )
 
     def tick(self, tally: Tally) -> None:
         done = tally.finished + sum(tally.skipped.values())  # lines dealt with
@@ -44,9 +49,17 @@ class Progress:
         elapsed = now - tally.started
         rate = done / elapsed if elapsed > 0 else 0.0
         left = max(0, self._total - done)
-        log.info("run.progress", done=done, total=self._total, rate_per_s=round(rate, 2),
-                 requests=tally.requests, eta_s=round(left / rate) if rate > 0 else None,
-                 throttles=tally.throttles, retries=tally.retries, **tally.by_key())
+        log.info(
+            "run.progress",
+            done=done,
+            total=self._total,
+            rate_per_s=round(rate, 2),
+            requests=tally.requests,
+            eta_s=round(left / rate) if rate > 0 else None,
+            throttles=tally.throttles,
+            retries=tally.retries,
+            **tally.by_key(),
+        )
 
     def close(self, tally: Tally) -> None:
         if self._bar is not None:

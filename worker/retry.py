@@ -29,12 +29,18 @@ from worker.classify import (
 from worker.records import Action, Outcome
 from worker.settings import RetryPolicy
 
-_SUCCESS = {Action.CREATE: Outcome.CREATED, Action.UPDATE: Outcome.UPDATED,
-            Action.DELETE: Outcome.DELETED}
+_SUCCESS = {
+    Action.CREATE: Outcome.CREATED,
+    Action.UPDATE: Outcome.UPDATED,
+    Action.DELETE: Outcome.DELETED,
+}
 # ResourceNotFound: a delete finds the group already gone (done); an update finds it vanished
 # (the next sync creates it); a create cannot get it for a reason of its own.
-_NOT_FOUND = {Action.CREATE: Outcome.REJECTED, Action.UPDATE: Outcome.VANISHED,
-              Action.DELETE: Outcome.DELETED}
+_NOT_FOUND = {
+    Action.CREATE: Outcome.REJECTED,
+    Action.UPDATE: Outcome.VANISHED,
+    Action.DELETE: Outcome.DELETED,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +69,16 @@ class Stop:
 Step = Finish | Wait | Stop
 
 
-def next_step(verdict: Verdict, *, action: Action, attempts: int, policy: RetryPolicy,
-              rng: random.Random, now: float, deadline: float) -> Step:
+def next_step(
+    verdict: Verdict,
+    *,
+    action: Action,
+    attempts: int,
+    policy: RetryPolicy,
+    rng: random.Random,
+    now: float,
+    deadline: float,
+) -> Step:
     """`attempts` counts the failed sends before this one (throttles excluded)."""
     match verdict:
         case Succeeded():
@@ -81,8 +95,7 @@ def next_step(verdict: Verdict, *, action: Action, attempts: int, policy: RetryP
         case Abort():
             return Stop(verdict.answer, verdict.hint)
         case Throttled():
-            return _wait(verdict.retry_after_s or 0.0, verdict.answer, now, deadline,
-                         counts=False)
+            return _wait(verdict.retry_after_s or 0.0, verdict.answer, now, deadline, counts=False)
         case Retry():
             if attempts + 1 >= policy.max_attempts:
                 return Finish(Outcome.DEFERRED, verdict.answer)

@@ -142,9 +142,13 @@ class Tally:
         return sum(n for (_, o), n in self.outcomes.items() if o is outcome)
 
     def by_key(self) -> dict[str, int]:
-        """"action/outcome" -> count, as the footer and the metrics name them."""
-        return {f"{a or 'none'}/{o}": n for (a, o), n in sorted(
-            self.outcomes.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1])))}
+        """ "action/outcome" -> count, as the footer and the metrics name them."""
+        return {
+            f"{a or 'none'}/{o}": n
+            for (a, o), n in sorted(
+                self.outcomes.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))
+            )
+        }
 
 
 @dataclass(slots=True)
@@ -210,13 +214,24 @@ def machine_cap(explicit: int | None) -> int:
 class Runner:
     """Sends work items and records their outcomes; one instance per run."""
 
-    def __init__(self, *, settings: Settings, credentials: Credentials, sender: Sender,
-                 pacer: Pacer, ledger: Journal | None, controls: Controls, run_id: str,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 wall: Callable[[], datetime] = utcnow, rng: random.Random | None = None,
-                 metrics: Metrics | None = None, reachability: Reachability | None = None,
-                 on_tick: Callable[[Tally], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        credentials: Credentials,
+        sender: Sender,
+        pacer: Pacer,
+        ledger: Journal | None,
+        controls: Controls,
+        run_id: str,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        wall: Callable[[], datetime] = utcnow,
+        rng: random.Random | None = None,
+        metrics: Metrics | None = None,
+        reachability: Reachability | None = None,
+        on_tick: Callable[[Tally], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.credentials = credentials
         self.sender = sender
@@ -232,8 +247,9 @@ class Runner:
         self.on_tick = on_tick
         self.tally = Tally()
         self.failure: WorkerError | None = None
-        self.concurrency = Concurrency(rate=settings.pacing.rate,
-                                       cap=machine_cap(settings.concurrency))
+        self.concurrency = Concurrency(
+            rate=settings.pacing.rate, cap=machine_cap(settings.concurrency)
+        )
         self.reachability = reachability or Reachability()
         self._host = urlsplit(settings.endpoint).netloc
         self._region = settings.region
@@ -249,17 +265,26 @@ class Runner:
     async def _send(self, action: str, body: bytes) -> Verdict:
         """Sign (after pacing admitted it: an X-Date that waited goes stale), send, classify."""
         query = {"Action": action, "Version": api.VERSION}
-        headers = sign(method="POST", host=self._host, path="/", query=query,
-                       content_type="application/json", body=body,
-                       credentials=self.credentials, region=self._region, now=self.wall())
+        headers = sign(
+            method="POST",
+            host=self._host,
+            path="/",
+            query=query,
+            content_type="application/json",
+            body=body,
+            credentials=self.credentials,
+            region=self._region,
+            now=self.wall(),
+        )
         began = self.clock()
         if self.tally.first_send is None:
             self.tally.first_send = began
         self.tally.last_send = began
         result = await self.sender.send(query, headers, body)
         self.concurrency.observe(self.clock() - began)
-        verdict = classify(result, region=self._region,
-                           retry_after_max_s=self.settings.retry.retry_after_max_s)
+        verdict = classify(
+            result, region=self._region, retry_after_max_s=self.settings.retry.retry_after_max_s
+        )
         code = verdict.answer.code or "OK"
         self.tally.requests += 1
         self.tally.codes[code] += 1
@@ -267,10 +292,13 @@ class Runner:
             self.metrics.request(action, code)
         if isinstance(result, Failure) and isinstance(verdict, Retry) and verdict.no_answer:
             if self.reachability.saw_no_answer(self.clock()):
-                self._fail(EndpointUnreachable(
-                    f"{self.settings.public()['endpoint']} has not answered at all "
-                    f"({verdict.answer.message}); check --endpoint, DNS and the network"),
-                    StopReason.UNREACHABLE)
+                self._fail(
+                    EndpointUnreachable(
+                        f"{self.settings.public()['endpoint']} has not answered at all "
+                        f"({verdict.answer.message}); check --endpoint, DNS and the network"
+                    ),
+                    StopReason.UNREACHABLE,
+                )
         else:
             self.reachability.saw_answer()
         if isinstance(verdict, Throttled):
@@ -311,8 +339,10 @@ class Runner:
             await self._interruptible(self.sleep(delay))
 
     def _gave_up(self, action: str, answer: Answer) -> str:
-        return (f"{action} failed: {answer.code or answer.status} {answer.message}".rstrip()
-                + "; nothing was changed")
+        return (
+            f"{action} failed: {answer.code or answer.status} {answer.message}".rstrip()
+            + "; nothing was changed"
+        )
 
     async def _paced(self) -> None:
         await self._interruptible(self.pacer.acquire())
@@ -368,8 +398,11 @@ class Runner:
         # The dispatcher may drain the run itself (the limiter is gone): it then stops on its
         # own; cancelling the running task would end it cancelled instead of finished.
         dispatcher = self._dispatcher
-        if dispatcher is not None and not dispatcher.done() \
-                and dispatcher is not asyncio.current_task():
+        if (
+            dispatcher is not None
+            and not dispatcher.done()
+            and dispatcher is not asyncio.current_task()
+        ):
             dispatcher.cancel()
 
     async def _dispatch(self, source: Iterator[Work | Result], tg: asyncio.TaskGroup) -> None:
@@ -443,10 +476,18 @@ class Runner:
         work.sends += 1
         self.controls.writes_started = True
         if self.ledger is not None:
-            self.ledger.append(Intent(
-                run_id=self.run_id, action=work.action, name=work.name, line=work.line,
-                fingerprint=work.fingerprint, attempt=work.sends, at=stamp(self.wall()),
-                body=orjson.loads(work.body)))
+            self.ledger.append(
+                Intent(
+                    run_id=self.run_id,
+                    action=work.action,
+                    name=work.name,
+                    line=work.line,
+                    fingerprint=work.fingerprint,
+                    attempt=work.sends,
+                    at=stamp(self.wall()),
+                    body=orjson.loads(work.body),
+                )
+            )
         self.sent_writes += 1
         if self.metrics is not None:
             self.metrics.in_flight(1)
@@ -457,15 +498,22 @@ class Runner:
                 self.metrics.in_flight(-1)
         work.last = verdict.answer
         now = self.clock()
-        step = next_step(verdict, action=work.action, attempts=work.attempts,
-                         policy=self.settings.retry, rng=self.rng, now=now,
-                         deadline=work.deadline)
+        step = next_step(
+            verdict,
+            action=work.action,
+            attempts=work.attempts,
+            policy=self.settings.retry,
+            rng=self.rng,
+            now=now,
+            deadline=work.deadline,
+        )
         match step:
             case Finish():
                 self._finish(work, step.outcome, step.answer)
             case Stop():
-                self._fail(RunAborted(step.answer.code, step.answer.message, step.hint),
-                           StopReason.ABORTED)
+                self._fail(
+                    RunAborted(step.answer.code, step.answer.message, step.hint), StopReason.ABORTED
+                )
                 self._finish(work, Outcome.DEFERRED, step.answer)
             case Wait():
                 if step.counts:
@@ -476,8 +524,13 @@ class Runner:
                 if self.controls.draining:
                     self._finish(work, Outcome.DEFERRED, step.answer)
                     return
-                log.debug("group.retry_scheduled", name=work.name, code=step.answer.code,
-                          delay_s=round(step.delay_s, 3), attempt=work.sends)
+                log.debug(
+                    "group.retry_scheduled",
+                    name=work.name,
+                    code=step.answer.code,
+                    delay_s=round(step.delay_s, 3),
+                    attempt=work.sends,
+                )
                 heapq.heappush(self._heap, (now + step.delay_s, next(self._seq), work))
 
     def _fail(self, exc: WorkerError, reason: StopReason) -> None:
@@ -487,16 +540,25 @@ class Runner:
 
     def _finish(self, work: Work, outcome: Outcome, answer: Answer | None) -> None:
         """Record the outcome. Synchronous on purpose: no await may split decide and write."""
-        self._record(Result(
-            run_id=self.run_id, action=work.action, name=work.name, outcome=outcome,
-            status=answer.status if answer else None,
-            code=answer.code if answer else "Interrupted",
-            message=answer.message if answer else "stopped before an answer",
-            request_id=answer.request_id if answer else "", sends=work.sends,
-            fingerprint=work.fingerprint, line=work.line, started=work.started,
-            finished=stamp(self.wall()),
-            # For items not done: `report --failed` rebuilds the line from it.
-            body=None if outcome in DONE else orjson.loads(work.body)))
+        self._record(
+            Result(
+                run_id=self.run_id,
+                action=work.action,
+                name=work.name,
+                outcome=outcome,
+                status=answer.status if answer else None,
+                code=answer.code if answer else "Interrupted",
+                message=answer.message if answer else "stopped before an answer",
+                request_id=answer.request_id if answer else "",
+                sends=work.sends,
+                fingerprint=work.fingerprint,
+                line=work.line,
+                started=work.started,
+                finished=stamp(self.wall()),
+                # For items not done: `report --failed` rebuilds the line from it.
+                body=None if outcome in DONE else orjson.loads(work.body),
+            )
+        )
 
     def _record(self, result: Result) -> None:
         if self.ledger is not None:
@@ -505,12 +567,23 @@ class Runner:
         if self.metrics is not None:
             self.metrics.item(str(result.action or "none"), str(result.outcome))
         event = log.info if result.outcome in DONE else log.warning
-        extra = {"code": result.code, "message": result.message} \
-            if result.outcome not in (Outcome.CREATED, Outcome.UPDATED, Outcome.DELETED) \
-            and result.code else {}
-        event(f"group.{result.outcome}", action=str(result.action or "none"), name=result.name,
-              line=result.line, sends=result.sends, status=result.status,
-              request_id=result.request_id or None, duration_s=_duration(result), **extra)
+        extra = (
+            {"code": result.code, "message": result.message}
+            if result.outcome not in (Outcome.CREATED, Outcome.UPDATED, Outcome.DELETED)
+            and result.code
+            else {}
+        )
+        event(
+            f"group.{result.outcome}",
+            action=str(result.action or "none"),
+            name=result.name,
+            line=result.line,
+            sends=result.sends,
+            status=result.status,
+            request_id=result.request_id or None,
+            duration_s=_duration(result),
+            **extra,
+        )
 
     async def _tick(self) -> None:
         while True:
