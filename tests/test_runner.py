@@ -377,6 +377,8 @@ def test_group_events_carry_the_bound_run_id_and_a_duration() -> None:
     import structlog
     from structlog.testing import capture_logs
 
+    # Another test in this process may have configured a level filter (-q); start clean.
+    structlog.reset_defaults()
     structlog.contextvars.bind_contextvars(run_id="r1")
     try:
         with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
