@@ -245,17 +245,23 @@ def test_a_listing_that_changes_while_paging_is_listed_again(
 def test_a_lagging_listing_converges_without_duplicates(
     sandbox_factory: Any, tmp_path: Path
 ) -> None:
-    """With List 5 s behind writes, a sync right after a sync does not see the new groups:
-    it sends their creates again, gets 'already exists' (outcome exists), and every group
-    exists exactly once."""
-    sb = start(sandbox_factory, tmp_path, [], "--list-lag-ms", "5000")
+    """With List 2 s behind writes, a sync right after a sync does not see the new groups:
+    it sends their creates again, gets 'already exists' (outcome exists) and exits 3, since
+    their tags were never compared; once the listing caught up, the next sync finds every
+    group in sync (exit 0), and every group exists exactly once."""
+    sb = start(sandbox_factory, tmp_path, [], "--list-lag-ms", "2000")
     manifest = write_manifest(tmp_path / "m.jsonl", names(10))
     assert sync(sb, manifest, tmp_path).returncode == 0
     again = sync(sb, manifest, tmp_path)
-    assert again.returncode == 0, again.stderr
+    assert again.returncode == 3, again.stderr
+    assert "sync.unverified" in again.stderr
     groups = available(sb)
     assert len(groups) == 10 and all(g["created"] == 1 for g in groups.values())
     assert sum(g["exist_answers"] for g in groups.values()) == 10
+    time.sleep(2.2)
+    settled = sync(sb, manifest, tmp_path)
+    assert settled.returncode == 0, settled.stderr
+    assert sum(g["exist_answers"] for g in available(sb).values()) == 10  # nothing resent
 
 
 def test_kill_9_in_the_middle_of_a_sync_with_faults_converges(

@@ -298,8 +298,13 @@ def _manifest_name(path: Path) -> str:
     return str(path.resolve()) if path.is_file() else str(path)
 
 
-def outcome_exit(tally: Tally, controls: Controls) -> Exit:
-    """How a run that was not stopped by a failure ends, for the exit code and the footer."""
+def outcome_exit(tally: Tally, controls: Controls, *, command: str = "run") -> Exit:
+    """How a run that was not stopped by a failure ends, for the exit code and the footer.
+
+    For `sync`, a create answered "already exists" means the listing did not show a group
+    that is there (a lagging listing, or someone else just made it): its project and tags were
+    never compared, so the account is not known to match. Exit 3: the next sync lists it and
+    compares it. (For `run`, "exists" is done: create does not update, by design.)"""
     if controls.reason is StopReason.SIGNAL:
         return Exit.INTERRUPTED
     # A rerun that skips unchanged rejected lines still has not done what the manifest asks.
@@ -311,6 +316,13 @@ def outcome_exit(tally: Tally, controls: Controls) -> Exit:
     ):
         return Exit.REJECTED
     if tally.count(Outcome.DEFERRED) or tally.count(Outcome.VANISHED):
+        return Exit.RETRY_LATER
+    if command == "sync" and tally.count(Outcome.EXISTS):
+        log.warning(
+            "sync.unverified",
+            exists=tally.count(Outcome.EXISTS),
+            hint="groups the listing did not show exist: the next sync compares them",
+        )
         return Exit.RETRY_LATER
     return Exit.OK
 
@@ -331,7 +343,7 @@ async def journal(
     code: Exit = Exit.INTERNAL
     try:
         await work
-        code = outcome_exit(runner.tally, runner.controls)
+        code = outcome_exit(runner.tally, runner.controls, command=header.command)
     except LedgerWriteError as exc:
         if runner.tally.requests == 0:
             code = Exit.USAGE
