@@ -328,6 +328,14 @@ def clean_text(text: str, limit: int) -> str:
     Drops terminal escape sequences, control characters (C0, DEL, C1), format characters
     (bidi overrides and isolates, zero-width characters) and unpaired surrogates; turns every
     run of whitespace (line and paragraph separators included) into one space."""
+    if (
+        len(text) <= limit
+        and text.isascii()
+        and text.isprintable()
+        and "  " not in text
+        and text == text.strip()
+    ):
+        return text  # the common case (an id, a short English message): nothing to clean
     text = _ESCAPE_RE.sub("", text[:_SCAN_MAX])
     kept = [
         " " if ch.isspace() else ch

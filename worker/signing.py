@@ -8,6 +8,7 @@ request from what arrived, so the two can only agree or both be wrong, and the t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -36,9 +37,13 @@ def x_date(now: datetime) -> str:
 
 def canonical_query(query: Mapping[str, str]) -> str:
     """Keys sorted, RFC 3986 escaping: only A-Za-z0-9-_.~ stay as they are, space is %20."""
-    return "&".join(
-        f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(query.items())
-    )
+    return _canonical_query(tuple(sorted(query.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _canonical_query(items: tuple[tuple[str, str], ...]) -> str:
+    # Cached: a run signs thousands of requests with the same few queries (one per action).
+    return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in items)
 
 
 def canonical_host(host: str) -> str:
@@ -65,7 +70,10 @@ def canonical_request(
     )
 
 
+@functools.lru_cache(maxsize=8)
 def signing_key(secret: str, date: str, region: str, service: str = SERVICE) -> bytes:
+    # Cached: four HMACs that change once a day per key (the SDKs cache it too). The cache
+    # holds the derived key and the secret it came from; both live in this process anyway.
     k = _hmac(secret.encode(), date)
     for part in (region, service, "request"):
         k = _hmac(k, part)
