@@ -8,7 +8,7 @@ not add up (Total moved, a Name seen twice, a short or long page) is thrown away
 started again, a bounded number of times. A partial listing is never handed out: planning
 deletes from one would delete what merely was not seen.
 
-The I/O is `compose.list_account`'s, through the runner:
+The I/O is `commands.sync.list_account`'s, through the runner:
 
     listing = Listing()
     while (body := listing.next_request()) is not None:

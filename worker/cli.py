@@ -134,23 +134,23 @@ def loop_under_signals(grace_s: float) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from worker import compose
+    from worker.commands import run as run_command
     from worker.runner import Controls
 
     settings, options = _resolve(args, "run")
     controls = Controls()
-    return compose.run(
+    return run_command.run(
         settings, options, controls, loop_under_signals(settings.grace_s), sys.stdout
     )
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from worker import compose
+    from worker.commands import sync as sync_command
     from worker.runner import Controls
 
     settings, options = _resolve(args, "sync")
     controls = Controls()
-    return compose.sync(
+    return sync_command.sync(
         settings,
         options,
         _sync_options(args),
@@ -161,13 +161,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from worker import compose
+    from worker.commands import export as export_command
     from worker.runner import Controls
 
     settings, options = _resolve(args, "export")
     controls = Controls()
     projects = frozenset(args.project or ())
-    return compose.export(
+    return export_command.export(
         settings,
         options,
         projects,
@@ -382,10 +382,10 @@ def _stem(path: Path) -> str:
 
 
 def _sync_options(args: argparse.Namespace) -> Any:
-    from worker import compose
+    from worker.commands import sync as sync_command
 
     values = _merged(args, "sync")
-    return compose.SyncOptions.build(
+    return sync_command.SyncOptions.build(
         prune=bool(values.get("prune")),
         projects=values.get("scope-project") or (),
         match=values.get("scope-match"),

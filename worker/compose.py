@@ -1,9 +1,10 @@
-"""Composition root: from settings to a finished `run`, `sync` or `export`.
+"""Composition root: the pieces every command is built from, opened and closed in one place.
 
-Opens what a command needs (the manifest scan, the credentials or the embedded sandbox, the
-ledger, the rate budget, the transport), each by exactly one `with`, hands them to the
-Runner, and turns what happened into an exit code. It knows nothing of arguments or signals:
-the CLI passes `Controls` in and runs the coroutines under its signal handlers (`Loop`).
+The credentials or the embedded sandbox, the ledger of one target, the rate budget, the
+transport and a Runner on them; the journal that frames a run (header, work, footer) and
+turns what happened into an exit code; the run's metrics. `worker/commands/` composes these
+into `run`, `sync` and `export`. Nothing here knows arguments or signals: the CLI passes
+`Controls` in and runs the coroutines under its signal handlers (`Loop`).
 """
 
 from __future__ import annotations
@@ -11,37 +12,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any, Protocol, assert_never
+from typing import Any, Protocol
 
-import orjson
 import structlog
 
-from worker import __version__, api, credentials, ledger, manifest, plan, reconcile
-from worker.account import Listed, Listing
+from worker import credentials
 from worker.errors import (
     Exit,
     LedgerError,
     LedgerWriteError,
-    ManifestError,
     SpoolError,
     UsageError,
     WorkerError,
 )
-from worker.export import export_lines
 from worker.ledger import Ledger
 from worker.metrics import Metrics
 from worker.pacing import LocalPacer, Pacer
 from worker.progress import Progress
-from worker.records import Action, Footer, Outcome, Result, RunHeader, StopReason, Target
-from worker.runner import Controls, Runner, Tally, Work, machine_cap, stamp, utcnow
-from worker.settings import LIMITS, Settings, redact_url
+from worker.records import Footer, Outcome, RunHeader, StopReason, Target
+from worker.runner import Controls, Runner, Tally, machine_cap, stamp, utcnow
+from worker.settings import Settings, redact_url
 from worker.signing import Credentials
 from worker.transport import MAX_BODY_BYTES, Reachability, Transport
 
@@ -176,7 +171,7 @@ def load_credentials(
 
 
 @contextlib.asynccontextmanager
-async def _account(
+async def account_for(
     settings: Settings, creds: Credentials | None, target: Target, options: Options
 ) -> AsyncIterator[Account]:
     """The real endpoint with the user's keys, or the embedded sandbox (--sandbox)."""
@@ -284,7 +279,7 @@ def open_ledger(path: Path, target: Target, *, expect_names: int = 0) -> Ledger:
 
 
 @contextlib.contextmanager
-def _before_writes() -> Iterator[None]:
+def before_writes() -> Iterator[None]:
     """A spool that cannot be read back before any write was sent: exit 2, not 7."""
     try:
         yield
@@ -292,7 +287,7 @@ def _before_writes() -> Iterator[None]:
         raise LedgerError(f"{exc}; nothing was changed") from None
 
 
-def _manifest_name(path: Path) -> str:
+def manifest_name(path: Path) -> str:
     """The manifest as the header records it: absolute for a regular file, so that `report`
     finds it from any folder; as given for a pipe (there is nothing to find again)."""
     return str(path.resolve()) if path.is_file() else str(path)
@@ -398,473 +393,9 @@ def summarize(tally: Tally, code: Exit) -> None:
     )
 
 
-# -- run ----------------------------------------------------------------------------------
-
-
-def run(settings: Settings, options: Options, controls: Controls, loop: Loop, out: IO[str]) -> Exit:
-    """`worker run`: create every manifest group the ledger does not record as done."""
-    with manifest.scan(settings.manifest, spool_dir=settings.ledger.parent) as scan:
-        if scan.problem_count and not settings.skip_invalid:
-            raise ManifestError(scan.problems, scan.problem_count)
-        if settings.dry_run:
-            state = ledger.read_state(settings.ledger)
-            try:
-                with _before_writes():
-                    counted = plan.count(
-                        manifest.read(scan), state.latest, retry_rejected=options.retry_rejected
-                    )
-            finally:
-                state.close()  # the index's mapping
-            print(
-                f"plan for {settings.manifest} (ledger {settings.ledger}); dry run, nothing sent:",
-                file=out,
-            )
-            for line in counted.lines():
-                print(line, file=out)
-            return Exit.OK
-        settings, creds, source = load_credentials(settings, options)
-        target = target_of(settings, creds, options)
-        with open_ledger(settings.ledger, target, expect_names=scan.groups) as book:
-            return loop(
-                _run(settings, options, scan, book, creds, target, source, controls), controls
-            )
-
-
-async def _run(
-    settings: Settings,
-    options: Options,
-    scan: manifest.Scan,
-    book: Ledger,
-    creds: Credentials | None,
-    target: Target,
-    source: str,
-    controls: Controls,
-) -> Exit:
-    run_id = uuid.uuid4().hex
-    structlog.contextvars.bind_contextvars(run_id=run_id)
-    # No counting pass before the first request: the plan is counted as the items go by
-    # (a resume of 10^6 lines would otherwise read the spool and the index twice).
-    progress = Progress(tty=sys.stderr.isatty(), total=scan.groups + scan.invalid)
-    published = Published(options, "run", settings.pacing.rate)
-    published.write()  # the textfile exists from the start, not from the first tick
-    with published.serving():
-        async with (
-            _account(settings, creds, target, options) as account,
-            runner_for(
-                account,
-                book=book,
-                controls=controls,
-                run_id=run_id,
-                metrics=published.metrics,
-                lists=False,
-            ) as runner,
-        ):
-            runner.on_tick = _ticker(progress, published, settings)
-            return await _run_in(
-                runner, settings, scan, book, target, source, progress, published, options
-            )
-
-
-def _ticker(
-    progress: Progress, published: Published, settings: Settings
-) -> Callable[[Tally], None]:
+def ticker(progress: Progress, published: Published, settings: Settings) -> Callable[[Tally], None]:
     def tick(tally: Tally) -> None:
         progress.tick(tally)
         published.tick(tally, settings.pacing.rate)
 
     return tick
-
-
-async def _run_in(
-    runner: Runner,
-    settings: Settings,
-    scan: manifest.Scan,
-    book: Ledger,
-    target: Target,
-    source: str,
-    progress: Progress,
-    published: Published,
-    options: Options,
-) -> Exit:
-    log.info(
-        "run.start",
-        manifest=str(scan.path),
-        ledger=str(book.path),
-        target=str(target),
-        credentials=source,
-        rate=settings.pacing.rate,
-        lines=scan.groups + scan.invalid,
-        concurrency_cap=runner.concurrency.cap,
-    )
-    header = RunHeader(
-        run_id=runner.run_id,
-        started=stamp(runner.wall()),
-        version=__version__,
-        command="run",
-        target=target,
-        manifest=_manifest_name(scan.path),
-        manifest_sha256=scan.sha256,
-        items=scan.groups + scan.invalid,
-        plan={},
-        settings=settings.public(),
-    )  # counted as it goes: see the footer
-    try:
-        work = _run_source(scan, book, runner, options.retry_rejected)
-        return await journal(runner, book, header, runner.apply(work), published)
-    finally:
-        progress.close(runner.tally)
-        for why, n in runner.tally.planned.items():
-            if why != "new":
-                log.info(
-                    "run.resend" if why in plan.SENDS else "run.skip",
-                    reason=why,
-                    count=n,
-                    why=plan.REASONS[why],
-                )
-
-
-def _run_source(
-    scan: manifest.Scan, book: Ledger, runner: Runner, retry_rejected: bool
-) -> Iterator[Work | Result]:
-    """The manifest as work items: what the plan sends, the invalid lines as results."""
-    for item in manifest.read(scan):
-        decision = plan.decide(item, book.state.latest, retry_rejected=retry_rejected)
-        runner.tally.planned[decision.why] += 1
-        if decision.do is plan.Do.SKIP:
-            runner.tally.skipped[decision.why] += 1
-        elif isinstance(item, manifest.Invalid):
-            now = stamp(runner.wall())
-            yield Result(
-                run_id=runner.run_id,
-                action=None,
-                name=item.name,
-                outcome=Outcome.INVALID,
-                status=None,
-                code="InvalidManifestLine",
-                message=str(item.problem),
-                request_id="",
-                sends=0,
-                fingerprint=None,
-                line=item.line,
-                started=now,
-                finished=now,
-            )
-        else:
-            yield Work(
-                action=Action.CREATE,
-                name=item.name,
-                line=item.line,
-                fingerprint=item.fingerprint,
-                body=item.body,
-            )
-
-
-# -- sync ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SyncOptions:
-    prune: bool
-    scope: reconcile.Scope
-    max_delete: int
-    check: bool
-
-    @classmethod
-    def build(
-        cls,
-        *,
-        prune: bool,
-        projects: Iterable[str],
-        match: str | None,
-        max_delete: int | None,
-        check: bool,
-    ) -> SyncOptions:
-        """Checked before anything is read or sent: prune needs a scope (exit 2)."""
-        scope = reconcile.Scope.from_flags(projects, match)
-        reconcile.require_scope(prune, scope)
-        limit = LIMITS["max-delete"].check(
-            reconcile.DEFAULT_MAX_DELETE if max_delete is None else max_delete
-        )
-        return cls(prune=prune, scope=scope, max_delete=limit, check=check)
-
-
-def sync(
-    settings: Settings,
-    options: Options,
-    sync_options: SyncOptions,
-    controls: Controls,
-    loop: Loop,
-    out: IO[str],
-) -> Exit:
-    """`worker sync`: list the account, compare it with the manifest, carry out the difference."""
-    with manifest.scan(settings.manifest, spool_dir=settings.ledger.parent) as scan:
-        if scan.problem_count and not settings.skip_invalid:
-            raise ManifestError(scan.problems, scan.problem_count)
-        settings, creds, source = load_credentials(settings, options)
-        log.info("sync.start", credentials=source)
-        target = target_of(settings, creds, options)
-        if settings.dry_run or sync_options.check:
-            return loop(
-                _sync_plan_only(
-                    settings, options, sync_options, scan, creds, target, controls, out
-                ),
-                controls,
-            )
-        with open_ledger(settings.ledger, target, expect_names=scan.groups) as book:
-            return loop(
-                _sync(settings, options, sync_options, scan, book, creds, target, controls),
-                controls,
-            )
-
-
-async def list_account(runner: Runner) -> Mapping[str, Listed]:
-    """Page through List under the run's budget until the pages add up (account.Listing)."""
-    listing = Listing()
-    while (body := listing.next_request()) is not None:
-        result = await runner.read(api.LIST, orjson.dumps(body))
-        if (why := listing.add_result(result)) is not None:
-            log.warning("sync.relist", why=why, restarts=listing.restarts)
-    groups = listing.groups
-    log.info("sync.listed", groups=len(groups), requests=listing.requests)
-    return groups
-
-
-async def _sync_plan_only(
-    settings: Settings,
-    options: Options,
-    sync_options: SyncOptions,
-    scan: manifest.Scan,
-    creds: Credentials | None,
-    target: Target,
-    controls: Controls,
-    out: IO[str],
-) -> Exit:
-    async with (
-        _account(settings, creds, target, options) as account,
-        runner_for(account, book=None, controls=controls, run_id=uuid.uuid4().hex) as runner,
-    ):
-        groups = await list_account(runner)
-    with _before_writes():
-        the_plan = _plan(sync_options, scan, groups)
-        changes = reconcile.iter_changes(the_plan, manifest.read(scan), groups)
-        if options.json:
-            out.write(orjson.dumps(reconcile.render_json(the_plan, changes)).decode() + "\n")
-        else:
-            for line in reconcile.render_text(the_plan, changes):
-                print(line, file=out)
-    out.flush()
-    if sync_options.check:
-        return Exit.OK if reconcile.in_sync(the_plan, sync_options.prune) else Exit.DRIFT
-    return Exit.OK
-
-
-def _plan(
-    sync_options: SyncOptions, scan: manifest.Scan, groups: Mapping[str, Listed]
-) -> reconcile.SyncPlan:
-    the_plan = reconcile.plan_sync(
-        manifest.read(scan),
-        groups,
-        prune=sync_options.prune,
-        scope=sync_options.scope,
-        max_delete=sync_options.max_delete,
-    )
-    log.info("sync.plan", **the_plan.counts)
-    return the_plan
-
-
-async def _sync(
-    settings: Settings,
-    options: Options,
-    sync_options: SyncOptions,
-    scan: manifest.Scan,
-    book: Ledger,
-    creds: Credentials | None,
-    target: Target,
-    controls: Controls,
-) -> Exit:
-    run_id = uuid.uuid4().hex
-    structlog.contextvars.bind_contextvars(run_id=run_id)
-    published = Published(options, "sync", settings.pacing.rate)
-    published.write()  # during a long listing too
-    with published.serving():
-        async with (
-            _account(settings, creds, target, options) as account,
-            runner_for(
-                account, book=book, controls=controls, run_id=run_id, metrics=published.metrics
-            ) as runner,
-        ):
-            return await _sync_in(runner, settings, sync_options, scan, book, target, published)
-
-
-async def _sync_in(
-    runner: Runner,
-    settings: Settings,
-    sync_options: SyncOptions,
-    scan: manifest.Scan,
-    book: Ledger,
-    target: Target,
-    published: Published,
-) -> Exit:
-    groups = await list_account(runner)
-    # Nothing is written before the listing is complete and the plan accepted.
-    with _before_writes():
-        the_plan = _plan(sync_options, scan, groups)
-    to_send = the_plan.create + the_plan.update + len(the_plan.deletes)
-    progress = Progress(
-        tty=sys.stderr.isatty(), total=scan.groups + scan.invalid + len(the_plan.deletes)
-    )
-    runner.on_tick = _ticker(progress, published, settings)
-    runner.tally.to_send = to_send
-    header = RunHeader(
-        run_id=runner.run_id,
-        started=stamp(runner.wall()),
-        version=__version__,
-        command="sync",
-        target=target,
-        manifest=_manifest_name(scan.path),
-        manifest_sha256=scan.sha256,
-        items=scan.groups + scan.invalid,
-        plan=the_plan.counts,
-        settings=settings.public(),
-    )
-    try:
-        work = _sync_source(the_plan, scan, groups, runner)
-        return await journal(runner, book, header, runner.apply(work), published)
-    finally:
-        progress.close(runner.tally)
-
-
-def _sync_source(
-    the_plan: reconcile.SyncPlan, scan: manifest.Scan, groups: Mapping[str, Listed], runner: Runner
-) -> Iterator[Work | Result]:
-    """The difference as work items: creates and updates while the manifest streams by,
-    conflicts and invalid lines as results, then the deletes the plan allowed."""
-
-    def unsent(name: str | None, line: int, outcome: Outcome, code: str, message: str) -> Result:
-        now = stamp(runner.wall())
-        return Result(
-            run_id=runner.run_id,
-            action=None,
-            name=name,
-            outcome=outcome,
-            status=None,
-            code=code,
-            message=message,
-            request_id="",
-            sends=0,
-            fingerprint=None,
-            line=line,
-            started=now,
-            finished=now,
-        )
-
-    for item in manifest.read(scan):
-        if isinstance(item, manifest.Invalid):
-            yield unsent(
-                item.name, item.line, Outcome.INVALID, "InvalidManifestLine", str(item.problem)
-            )
-            continue
-        change = reconcile.classify_group(item, groups)
-        match change:
-            case reconcile.Create():
-                yield Work(
-                    action=Action.CREATE,
-                    name=item.name,
-                    line=item.line,
-                    fingerprint=item.fingerprint,
-                    body=item.body,
-                )
-            case reconcile.Update():
-                yield Work(
-                    action=Action.UPDATE,
-                    name=item.name,
-                    line=item.line,
-                    fingerprint=item.fingerprint,
-                    body=reconcile.update_body(item),
-                )
-            case reconcile.Conflict():
-                yield unsent(
-                    item.name,
-                    item.line,
-                    Outcome.CONFLICT,
-                    "ProjectConflict",
-                    f"the account's group is in project {change.listed.project!r}, "
-                    f"the manifest says {change.manifest_project!r}; a project "
-                    "cannot be changed after creation",
-                )
-            case reconcile.InSync():
-                runner.tally.skipped["in_sync"] += 1
-            case _:
-                assert_never(change)
-    for listed in the_plan.deletes:
-        yield Work(
-            action=Action.DELETE,
-            name=listed.name,
-            line=0,
-            fingerprint=None,
-            body=reconcile.delete_body(listed.name),
-        )
-
-
-# -- export -------------------------------------------------------------------------------
-
-
-def export(
-    settings: Settings,
-    options: Options,
-    projects: frozenset[str],
-    output: Path | None,
-    controls: Controls,
-    loop: Loop,
-    out: IO[str],
-) -> Exit:
-    """`worker export`: the account's available groups as a manifest, sorted by Name."""
-    if output is not None and output.exists() and not output.is_file():
-        raise UsageError(f"-o {output}: not a regular file")
-    settings, creds, source = load_credentials(settings, options)
-    log.info("export.start", credentials=source)
-    target = target_of(settings, creds, options)
-    return loop(
-        _export(settings, options, projects, output, creds, target, controls, out), controls
-    )
-
-
-async def _export(
-    settings: Settings,
-    options: Options,
-    projects: frozenset[str],
-    output: Path | None,
-    creds: Credentials | None,
-    target: Target,
-    controls: Controls,
-    out: IO[str],
-) -> Exit:
-    async with (
-        _account(settings, creds, target, options) as account,
-        runner_for(account, book=None, controls=controls, run_id=uuid.uuid4().hex) as runner,
-    ):
-        groups = await list_account(runner)
-    lines = export_lines(groups.values(), projects or None)
-    if output is None:
-        out.flush()
-        out.buffer.write(b"".join(lines))  # type: ignore[attr-defined]
-        out.flush()
-    else:
-        _write_atomically(output, lines)
-    log.info("export.done", groups=len(lines), output=str(output) if output else "stdout")
-    return Exit.OK
-
-
-def _write_atomically(path: Path, lines: list[bytes]) -> None:
-    """Write beside the target, fsync, rename: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise UsageError(f"-o {path}: cannot write it: {exc.strerror}") from None

@@ -10,7 +10,7 @@
 
 The manifest is streamed, never held: `plan_sync` makes one pass and keeps only the Names it
 saw that the account also holds (at most the size of the account, which is in memory
-anyway), and from those the extras. The composition (compose.py) re-derives each
+anyway), and from those the extras. `commands/sync.py` re-derives each
 Create/Update/Conflict in a second streaming pass with `classify_group` (or `iter_changes`).
 Deletes come only from `SyncPlan.deletes`, which by construction holds no Name the manifest
 gives, valid or not.

@@ -1,0 +1,277 @@
+"""`worker sync`: list the account, compare it with the manifest, carry out the difference.
+
+The account (account.Listing: complete and consistent, or nothing) and the manifest meet in
+reconcile.plan_sync; nothing is written before the plan is accepted (prune scope,
+--max-delete). Creates and updates stream by with the manifest, conflicts and invalid lines
+become results, then come the deletes the plan allowed, all under the run's one budget.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import IO, assert_never
+
+import orjson
+import structlog
+
+from worker import __version__, api, compose, manifest, reconcile
+from worker.account import Listed, Listing
+from worker.compose import Loop, Options, Published
+from worker.errors import Exit, ManifestError
+from worker.ledger import Ledger
+from worker.progress import Progress
+from worker.records import Action, Outcome, Result, RunHeader, Target
+from worker.runner import Controls, Runner, Work, stamp
+from worker.settings import LIMITS, Settings
+from worker.signing import Credentials
+
+log = structlog.get_logger("worker")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncOptions:
+    prune: bool
+    scope: reconcile.Scope
+    max_delete: int
+    check: bool
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        prune: bool,
+        projects: Iterable[str],
+        match: str | None,
+        max_delete: int | None,
+        check: bool,
+    ) -> SyncOptions:
+        """Checked before anything is read or sent: prune needs a scope (exit 2)."""
+        scope = reconcile.Scope.from_flags(projects, match)
+        reconcile.require_scope(prune, scope)
+        limit = LIMITS["max-delete"].check(
+            reconcile.DEFAULT_MAX_DELETE if max_delete is None else max_delete
+        )
+        return cls(prune=prune, scope=scope, max_delete=limit, check=check)
+
+
+def sync(
+    settings: Settings,
+    options: Options,
+    sync_options: SyncOptions,
+    controls: Controls,
+    loop: Loop,
+    out: IO[str],
+) -> Exit:
+    """`worker sync`: list the account, compare it with the manifest, carry out the difference."""
+    with manifest.scan(settings.manifest, spool_dir=settings.ledger.parent) as scan:
+        if scan.problem_count and not settings.skip_invalid:
+            raise ManifestError(scan.problems, scan.problem_count)
+        settings, creds, source = compose.load_credentials(settings, options)
+        log.info("sync.start", credentials=source)
+        target = compose.target_of(settings, creds, options)
+        if settings.dry_run or sync_options.check:
+            return loop(
+                _sync_plan_only(
+                    settings, options, sync_options, scan, creds, target, controls, out
+                ),
+                controls,
+            )
+        with compose.open_ledger(settings.ledger, target, expect_names=scan.groups) as book:
+            return loop(
+                _sync(settings, options, sync_options, scan, book, creds, target, controls),
+                controls,
+            )
+
+
+async def list_account(runner: Runner) -> Mapping[str, Listed]:
+    """Page through List under the run's budget until the pages add up (account.Listing)."""
+    listing = Listing()
+    while (body := listing.next_request()) is not None:
+        result = await runner.read(api.LIST, orjson.dumps(body))
+        if (why := listing.add_result(result)) is not None:
+            log.warning("sync.relist", why=why, restarts=listing.restarts)
+    groups = listing.groups
+    log.info("sync.listed", groups=len(groups), requests=listing.requests)
+    return groups
+
+
+async def _sync_plan_only(
+    settings: Settings,
+    options: Options,
+    sync_options: SyncOptions,
+    scan: manifest.Scan,
+    creds: Credentials | None,
+    target: Target,
+    controls: Controls,
+    out: IO[str],
+) -> Exit:
+    async with (
+        compose.account_for(settings, creds, target, options) as account,
+        compose.runner_for(
+            account, book=None, controls=controls, run_id=uuid.uuid4().hex
+        ) as runner,
+    ):
+        groups = await list_account(runner)
+    with compose.before_writes():
+        the_plan = _plan(sync_options, scan, groups)
+        changes = reconcile.iter_changes(the_plan, manifest.read(scan), groups)
+        if options.json:
+            out.write(orjson.dumps(reconcile.render_json(the_plan, changes)).decode() + "\n")
+        else:
+            for line in reconcile.render_text(the_plan, changes):
+                print(line, file=out)
+    out.flush()
+    if sync_options.check:
+        return Exit.OK if reconcile.in_sync(the_plan, sync_options.prune) else Exit.DRIFT
+    return Exit.OK
+
+
+def _plan(
+    sync_options: SyncOptions, scan: manifest.Scan, groups: Mapping[str, Listed]
+) -> reconcile.SyncPlan:
+    the_plan = reconcile.plan_sync(
+        manifest.read(scan),
+        groups,
+        prune=sync_options.prune,
+        scope=sync_options.scope,
+        max_delete=sync_options.max_delete,
+    )
+    log.info("sync.plan", **the_plan.counts)
+    return the_plan
+
+
+async def _sync(
+    settings: Settings,
+    options: Options,
+    sync_options: SyncOptions,
+    scan: manifest.Scan,
+    book: Ledger,
+    creds: Credentials | None,
+    target: Target,
+    controls: Controls,
+) -> Exit:
+    run_id = uuid.uuid4().hex
+    structlog.contextvars.bind_contextvars(run_id=run_id)
+    published = compose.Published(options, "sync", settings.pacing.rate)
+    published.write()  # during a long listing too
+    with published.serving():
+        async with (
+            compose.account_for(settings, creds, target, options) as account,
+            compose.runner_for(
+                account, book=book, controls=controls, run_id=run_id, metrics=published.metrics
+            ) as runner,
+        ):
+            return await _sync_in(runner, settings, sync_options, scan, book, target, published)
+
+
+async def _sync_in(
+    runner: Runner,
+    settings: Settings,
+    sync_options: SyncOptions,
+    scan: manifest.Scan,
+    book: Ledger,
+    target: Target,
+    published: Published,
+) -> Exit:
+    groups = await list_account(runner)
+    # Nothing is written before the listing is complete and the plan accepted.
+    with compose.before_writes():
+        the_plan = _plan(sync_options, scan, groups)
+    to_send = the_plan.create + the_plan.update + len(the_plan.deletes)
+    progress = Progress(
+        tty=sys.stderr.isatty(), total=scan.groups + scan.invalid + len(the_plan.deletes)
+    )
+    runner.on_tick = compose.ticker(progress, published, settings)
+    runner.tally.to_send = to_send
+    header = RunHeader(
+        run_id=runner.run_id,
+        started=stamp(runner.wall()),
+        version=__version__,
+        command="sync",
+        target=target,
+        manifest=compose.manifest_name(scan.path),
+        manifest_sha256=scan.sha256,
+        items=scan.groups + scan.invalid,
+        plan=the_plan.counts,
+        settings=settings.public(),
+    )
+    try:
+        work = _sync_source(the_plan, scan, groups, runner)
+        return await compose.journal(runner, book, header, runner.apply(work), published)
+    finally:
+        progress.close(runner.tally)
+
+
+def _sync_source(
+    the_plan: reconcile.SyncPlan, scan: manifest.Scan, groups: Mapping[str, Listed], runner: Runner
+) -> Iterator[Work | Result]:
+    """The difference as work items: creates and updates while the manifest streams by,
+    conflicts and invalid lines as results, then the deletes the plan allowed."""
+
+    def unsent(name: str | None, line: int, outcome: Outcome, code: str, message: str) -> Result:
+        now = stamp(runner.wall())
+        return Result(
+            run_id=runner.run_id,
+            action=None,
+            name=name,
+            outcome=outcome,
+            status=None,
+            code=code,
+            message=message,
+            request_id="",
+            sends=0,
+            fingerprint=None,
+            line=line,
+            started=now,
+            finished=now,
+        )
+
+    for item in manifest.read(scan):
+        if isinstance(item, manifest.Invalid):
+            yield unsent(
+                item.name, item.line, Outcome.INVALID, "InvalidManifestLine", str(item.problem)
+            )
+            continue
+        change = reconcile.classify_group(item, groups)
+        match change:
+            case reconcile.Create():
+                yield Work(
+                    action=Action.CREATE,
+                    name=item.name,
+                    line=item.line,
+                    fingerprint=item.fingerprint,
+                    body=item.body,
+                )
+            case reconcile.Update():
+                yield Work(
+                    action=Action.UPDATE,
+                    name=item.name,
+                    line=item.line,
+                    fingerprint=item.fingerprint,
+                    body=reconcile.update_body(item),
+                )
+            case reconcile.Conflict():
+                yield unsent(
+                    item.name,
+                    item.line,
+                    Outcome.CONFLICT,
+                    "ProjectConflict",
+                    f"the account's group is in project {change.listed.project!r}, "
+                    f"the manifest says {change.manifest_project!r}; a project "
+                    "cannot be changed after creation",
+                )
+            case reconcile.InSync():
+                runner.tally.skipped["in_sync"] += 1
+            case _:
+                assert_never(change)
+    for listed in the_plan.deletes:
+        yield Work(
+            action=Action.DELETE,
+            name=listed.name,
+            line=0,
+            fingerprint=None,
+            body=reconcile.delete_body(listed.name),
+        )
