@@ -19,6 +19,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from tests.test_ledger import footer
 from worker import index, plan
 from worker.index import Table
 from worker.ledger import Ledger, State, read_state, records_of
@@ -77,24 +78,6 @@ def result(
         line=line,
         started="t",
         finished="t",
-    )
-
-
-def footer(run_id: str) -> Footer:
-    return Footer(
-        run_id=run_id,
-        finished="t",
-        stopped_by=None,
-        exit_code=0,
-        outcomes={},
-        skipped={},
-        codes={},
-        requests=0,
-        throttles=0,
-        retries=0,
-        duration_s=0.0,
-        rate_limit=10.0,
-        rate_achieved=0.0,
     )
 
 
