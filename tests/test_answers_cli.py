@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import cli_env, ledger_records, names, run_worker, write_manifest
 
+pytestmark = pytest.mark.slow  # real processes: `pytest -m 'not slow'` skips them
+
 # request number (0-based) -> (status, extra header lines, body)
 Script = Callable[[int], tuple[int, list[str], bytes]]
 

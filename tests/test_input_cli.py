@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import AK, SK, SandboxProc, cli_env, names, run_worker, worker_cmd
 
+pytestmark = pytest.mark.slow  # real processes: `pytest -m 'not slow'` skips them
+
 GROUPS = names(6)
 MANIFEST = "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in GROUPS).encode()
 FAST = ("--rate", "50")

@@ -37,7 +37,7 @@ from tests.conftest import (
 from worker.pacing_redis import RedisPacer
 from worker.settings import Pacing
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 HOW = (
     "start one (`redis-server --port 6379 --save '' &`, after `apt-get install "
     "redis-server`) or point REDIS_URL at one; `bash scripts/test` starts one by itself"
