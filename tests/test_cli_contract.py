@@ -443,3 +443,41 @@ def test_commands_that_send_nothing_load_no_http_stack(tmp_path: Path, argv: lis
         timeout=60,
     )
     assert out.stderr.strip().splitlines()[-1] == "[]", out.stderr[-2000:]
+
+
+def test_bad_region_and_scope_regex_are_usage_errors(tmp_path: Path) -> None:
+    """A region with a control character and a regex that overflows the engine: exit 2 with
+    a message naming the flag, never a traceback."""
+    manifest = write_manifest(tmp_path / "m.jsonl", names(1))
+    env = cli_env(tmp_path)
+    region = run_worker("run", str(manifest), "--region", "a\x01b", "--dry-run", env=env)
+    assert region.returncode == 2 and "--region" in region.stderr
+    scope = run_worker(
+        "sync",
+        str(manifest),
+        "--prune",
+        "--scope-match",
+        "a{99999999999}",
+        "--endpoint",
+        "http://127.0.0.1:9",
+        env=env,
+    )
+    assert scope.returncode == 2 and "--scope-match" in scope.stderr
+    assert "Traceback" not in region.stderr + scope.stderr
+
+
+def test_a_full_stdout_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    """`worker validate` / `report --failed` into /dev/full: exit 2 with the reason, no
+    traceback (a closed pipe, by contrast, is a reader that left: not an error)."""
+    manifest = write_manifest(tmp_path / "m.jsonl", names(3))
+    with open("/dev/full", "w") as full:
+        out = subprocess.run(
+            worker_cmd("validate", str(manifest)),
+            env=cli_env(tmp_path),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 2, out.stderr
+    assert "No space left" in out.stderr and "Traceback" not in out.stderr

@@ -334,3 +334,92 @@ def test_kill_9_in_the_middle_of_a_sync_with_faults_converges(
         groups[f"Keep{i:03d}"]["Status"] == 0 and groups[f"Keep{i:03d}"]["requests"] == 0
         for i in range(5)
     )
+
+
+def test_prune_refuses_a_manifest_line_whose_name_cannot_be_read(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """--prune --skip-invalid with a line that does not even parse (a trailing comma, bad
+    UTF-8): the line might name an extra, so the sync is refused (exit 2) and nothing is
+    deleted."""
+    sb = start(sandbox_factory, tmp_path, [group("tmp4", project="scratch"), group("Keep")])
+    for bad in (
+        b'{"Name":"tmp4","ProjectName":"scratch",}\n',
+        b'{"Name":"tmp4","ProjectName":"scr\xffatch"}\n',
+    ):
+        manifest = tmp_path / "m.jsonl"
+        manifest.write_bytes(b'{"Name":"Keep"}\n' + bad)
+        out = sync(sb, manifest, tmp_path, "--prune", "--scope-match", "tmp.*", "--skip-invalid")
+        assert out.returncode == 2, out.stderr
+        assert "no readable Name" in out.stderr
+    assert sb.of(DELETE) == [] and available(sb)["tmp4"]["Status"] == 0
+
+
+def test_check_counts_invalid_lines_as_drift(sandbox_factory: Any, tmp_path: Path) -> None:
+    """--check --skip-invalid with an invalid line: the account cannot be shown to match that
+    line, so the drift alarm goes off (exit 6), as a real sync would exit 1."""
+    sb = start(sandbox_factory, tmp_path, names(2))
+    manifest = write_manifest(
+        tmp_path / "m.jsonl", [*names(2), {"Name": "NewOne", "Tags": [{"Key": "a"}]}]
+    )
+    out = sync(sb, manifest, tmp_path, "--check", "--skip-invalid")
+    assert out.returncode == 6, out.stdout + out.stderr
+
+
+def test_a_plan_over_max_delete_can_still_be_looked_at(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """--dry-run --json with more deletes than --max-delete prints the whole plan (valid
+    JSON) and exits 2, the refusal a real sync would give; --check says drift (6)."""
+    sb = start(sandbox_factory, tmp_path, [group(f"Old{i}", project="p") for i in range(3)])
+    manifest = write_manifest(tmp_path / "m.jsonl", [group("Keep1")])
+    flags = ("--prune", "--scope-project", "p", "--max-delete", "1")
+    dry = sync(sb, manifest, tmp_path, "--dry-run", "--json", *flags)
+    assert dry.returncode == 2, dry.stderr
+    assert json.loads(dry.stdout)["counts"]["delete"] == 3
+    assert "sync.plan_refused" in dry.stderr
+    assert sync(sb, manifest, tmp_path, "--check", *flags).returncode == 6
+    assert {a["action"] for a in sb.arrivals()} == {LIST}
+
+
+def test_export_replaces_only_a_manifest(sandbox_factory: Any, tmp_path: Path) -> None:
+    """-o onto a ledger, a metrics file or a symlink is refused untouched (exit 2); a new
+    file is written, and a previous export is replaced."""
+    sb = start(sandbox_factory, tmp_path, ACCOUNT)
+    manifest = write_manifest(tmp_path / "m.jsonl", names(1))
+    assert sync(sb, manifest, tmp_path).returncode == 0
+    ledger = tmp_path / "m.ledger.jsonl"
+    prom = tmp_path / "x.prom"
+    prom.write_text("# HELP worker_info x\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(manifest)
+    env = cli_env(tmp_path)
+    for target in (ledger, prom, link):
+        before = target.read_bytes()
+        out = run_worker("export", "--endpoint", sb.url, "-o", str(target), env=env)
+        assert out.returncode == 2, (target, out.stderr)
+        assert target.read_bytes() == before
+    fresh = tmp_path / "export.jsonl"
+    for _ in range(2):
+        out = run_worker("export", "--endpoint", sb.url, "-o", str(fresh), env=env)
+        assert out.returncode == 0, out.stderr
+    assert len(fresh.read_text().splitlines()) == len(available(sb))
+
+
+def test_metrics_file_never_replaces_what_the_run_needs(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """--metrics-file naming the ledger, the manifest or a file that is not a Prometheus
+    textfile: exit 2 before any request, the file untouched."""
+    sb = start(sandbox_factory, tmp_path, [])
+    manifest = write_manifest(tmp_path / "m.jsonl", names(1))
+    assert sync(sb, manifest, tmp_path).returncode == 0
+    other = tmp_path / "notes.txt"
+    other.write_text("my notes\n")
+    arrivals = len(sb.arrivals())
+    for target in (tmp_path / "m.ledger.jsonl", manifest, other):
+        before = target.read_bytes()
+        out = sync(sb, manifest, tmp_path, "--metrics-file", str(target))
+        assert out.returncode == 2, (target, out.stderr)
+        assert target.read_bytes() == before
+    assert len(sb.arrivals()) == arrivals

@@ -361,6 +361,20 @@ def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
     if port is not None and not 0 <= port <= 65535:
         raise UsageError(f"--metrics-port must lie in 0..65535, not {port}")
     metrics_file = values.get("metrics-file")
+    if metrics_file is not None:
+        from worker.metrics import check_textfile
+
+        ledger_file = Path(str(ledger_path))
+        check_textfile(
+            Path(str(metrics_file)),
+            not_these=[
+                ledger_file,
+                ledger_file.with_name(ledger_file.name + ".lock"),
+                ledger_file.with_name(ledger_file.name + ".index"),
+                manifest_path,
+                *([account] if account is not None else []),
+            ],
+        )
     options = compose.Options(
         sandbox_account=account,
         profile=values.get("profile"),

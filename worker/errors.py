@@ -8,6 +8,7 @@ returns `exc.exit_code`. Anything that is not a WorkerError is a bug (exit 70).
     ├── CredentialsError      no usable AK/SK                              2
     ├── ManifestError         one or more bad lines, or a bad file         2
     ├── PlanRefused           sync refused before any write (scope, --max-delete)  2
+    ├── OutputError           stdout could not be written (a full disk)    2
     ├── LedgerError           ledger damaged, foreign, unreadable          2
     │   ├── LedgerTargetMismatch  written for another endpoint/region/AK   2
     │   ├── LedgerLocked          another run holds the ledger             5
@@ -57,6 +58,11 @@ class UsageError(WorkerError):
 
 class CredentialsError(WorkerError):
     pass
+
+
+class OutputError(WorkerError):
+    """stdout could not be written (a full disk behind `> file`): what the command was asked
+    for did not arrive; nothing was changed in the account."""
 
 
 class PlanRefused(WorkerError):

@@ -22,13 +22,21 @@ import orjson
 import structlog
 from tqdm import tqdm
 
+from worker.errors import OutputError
+
 
 class _Unbreakable:
-    """A stream whose writes to a closed pipe are dropped: the first EPIPE points the file
-    descriptor at /dev/null, so later writes and the interpreter's final flush succeed."""
+    """A stream whose writes never raise an OSError out of the middle of a run.
 
-    def __init__(self, stream: Any) -> None:
+    A closed pipe (EPIPE, a reader that went away) drops what follows. Any other failure
+    (a full disk behind `> file`, an I/O error) drops it too on stderr, where nobody could be
+    told; on stdout, which carries what a command was asked for, it is an OutputError (exit 2)
+    rather than a traceback. Either way the file descriptor is pointed at /dev/null first, so
+    the interpreter's final flush cannot fail again (exit 120)."""
+
+    def __init__(self, stream: Any, *, strict: bool) -> None:
         self._stream = stream
+        self._strict = strict
         self.closed_pipe = False
 
     def __getattr__(self, name: str) -> Any:
@@ -50,25 +58,32 @@ class _Unbreakable:
     @property
     def buffer(self) -> Any:
         inner = getattr(self._stream, "buffer", None)
-        return _Unbreakable(inner) if inner is not None else None
+        return _Unbreakable(inner, strict=self._strict) if inner is not None else None
 
     def _lost(self, exc: OSError) -> None:
-        if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
-            raise exc
-        self.closed_pipe = True
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, self._stream.fileno())
         finally:
             os.close(devnull)
+        if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+            self.closed_pipe = True
+            return
+        if self._strict:
+            raise OutputError(f"cannot write the output: {exc.strerror or exc}") from None
 
 
 def guard_stdio() -> None:
-    """Make stdout and stderr survive a reader that closed its end of the pipe."""
+    """Make stdout and stderr survive a reader that closed its end of the pipe, a full disk,
+    and a descriptor that was closed before we started (`worker … >&-`)."""
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - process-long
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - process-long
     if not isinstance(sys.stdout, _Unbreakable):
-        sys.stdout = _Unbreakable(sys.stdout)
+        sys.stdout = _Unbreakable(sys.stdout, strict=True)
     if not isinstance(sys.stderr, _Unbreakable):
-        sys.stderr = _Unbreakable(sys.stderr)
+        sys.stderr = _Unbreakable(sys.stderr, strict=False)
 
 
 class _TqdmAwareWriter:

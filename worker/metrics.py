@@ -20,7 +20,7 @@ import contextlib
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -191,3 +191,36 @@ def previous_last_success(path: Path, *, command: str, job_name: str) -> float |
     except (ValueError, UnicodeDecodeError):
         return None
     return best
+
+
+def check_textfile(path: Path, *, not_these: Iterable[Path]) -> None:
+    """--metrics-file may create a file or replace a metrics textfile, nothing else: never the
+    run's ledger, its lock or index, the manifest or the sandbox's account (a typo in a job
+    file would otherwise wipe them every night with exit 0), nor any other file."""
+    real = os.path.realpath(path)
+    for other in not_these:
+        if real == os.path.realpath(other):
+            raise UsageError(
+                f"--metrics-file {path}: that is {other}, which the run needs; choose "
+                "another file (e.g. NAME.prom)"
+            )
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError(f"--metrics-file {path}: cannot look at it: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"--metrics-file {path}: not a regular file")
+    if info.st_size == 0:
+        return
+    try:
+        with path.open("rb") as f:
+            first = f.readline(4096)
+    except OSError as exc:
+        raise UsageError(f"--metrics-file {path}: cannot read it: {exc.strerror}") from None
+    if not first.startswith((b"# HELP ", b"# TYPE ")):
+        raise UsageError(
+            f"--metrics-file {path}: refusing to replace a file that is not a Prometheus "
+            "textfile; nothing was changed"
+        )

@@ -49,9 +49,11 @@ class Scope:
             raise UsageError("--scope-project must not be empty")
         if match is None:
             return cls(projects=named)
+        if not match:
+            raise UsageError("--scope-match must not be empty (it would match no Name)")
         try:
             pattern = re.compile(match)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError, ValueError) as exc:
             raise UsageError(
                 f"--scope-match {match!r} is not a valid regular expression: {exc}"
             ) from None
@@ -181,7 +183,14 @@ def plan_sync(
     named: set[str] = set()  # Names the manifest gives that the account holds
     for item in items:
         if isinstance(item, Invalid):
-            # An invalid line still names its group: never delete what a user listed.
+            # An invalid line still names its group: never delete what a user listed. A line
+            # whose Name cannot even be read (bad JSON, bad UTF-8) might name any extra.
+            if prune and item.name is None:
+                raise PlanRefused(
+                    f"manifest line {item.line} is invalid and has no readable Name, so "
+                    "--prune cannot tell whether it names a group to keep; fix that line "
+                    "(nothing was changed)"
+                )
             invalid += 1
             if item.name is not None and item.name in account:
                 named.add(item.name)
@@ -243,7 +252,8 @@ def iter_changes(
 def in_sync(plan: SyncPlan, prune: bool) -> bool:
     """For `--check`: nothing to create, update or resolve; extras count only with --prune
     (and then only those in scope: outside it the manifest does not speak for the account)."""
-    drift = plan.create + plan.update + plan.conflict
+    # An invalid line (--skip-invalid) names a group the account cannot be shown to match.
+    drift = plan.create + plan.update + plan.conflict + plan.invalid
     if prune:
         drift += len(plan.deletes)
     return drift == 0

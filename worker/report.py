@@ -9,7 +9,15 @@ they cover every Name the ledger has recorded (`scope: "ledger"`, no `pending`).
 Per manifest line, the status is: `invalid` (the line does not validate; kept per line, so a
 duplicate Name's invalid line is never hidden by the valid line's result), `pending` (never
 sent, or the line changed since a result that was not done), `in_doubt` (sent, no answer
-recorded), or the outcome of the Name's latest result.
+recorded), `in_sync` (below), or the outcome of the Name's latest result.
+
+A sync records nothing for a line it found in sync with the account. So when the last run is
+a sync that went through every item (footer, not stopped), a line it recorded nothing for,
+and whose Name has no not-done record, is `in_sync` (done), never `pending`; after a sync
+that was stopped, interrupted or crashed, such a line may simply not have been reached, and
+stays `pending`. A delete is no manifest line: on a ledger holding a sync, `actions` counts
+every result of every run (so a prune's deletes show), and `deletes` names what was deleted.
+That needs a second, streaming pass over the ledger (`audit_of`), made only for such ledgers.
 
 `gather` does the I/O (read the ledger, probe its lock, find the manifest); `summary_of` and
 `failures_of` are pure; `render` and `main` print.
@@ -23,7 +31,7 @@ import stat
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -33,11 +41,25 @@ from worker import manifest as manifest_step
 from worker.errors import Exit, ManifestError, UsageError
 from worker.ledger import Latest, State, probe_lock, read_state, records_of
 from worker.manifest import Group, Invalid
-from worker.records import DONE, Footer, Intent, Outcome, Result, RunHeader, StopReason
+from worker.records import (
+    DONE,
+    Action,
+    Footer,
+    Intent,
+    Outcome,
+    Record,
+    Result,
+    RunHeader,
+    StopReason,
+)
 
 # Every status a manifest line can have, in the order reports list them.
-STATUSES: Final = (*(o.value for o in Outcome), "pending", "in_doubt")
+STATUSES: Final = (*(o.value for o in Outcome), "in_sync", "pending", "in_doubt")
+# The statuses that count as done: the done outcomes, and a line a finished sync found in sync.
+DONE_STATUSES: Final = frozenset({*(o.value for o in DONE), "in_sync"})
 RUNS_SHOWN: Final = 10  # runs in the text report (all of them in --json)
+DELETED_LISTED: Final = 1000  # deleted Names listed in --json (the count covers them all)
+DELETED_SHOWN: Final = 10  # deleted Names in the text report
 
 _STOPPED: Final = {
     StopReason.LIMITER: "stopped: the shared limiter stayed unreachable",
@@ -60,6 +82,73 @@ class Failure:
     body: bytes | None  # the canonical line to send again; None for an invalid line
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Audit:
+    """What the results say beyond each Name's latest word, for a ledger holding a sync:
+    counts per "action/outcome" over every result of every run, the Names deleted, and,
+    when the last run is a sync that went through every item, which Names it recorded."""
+
+    actions: Mapping[str, int] = field(default_factory=dict)
+    deleted: int = 0  # results `delete/deleted`, in every run
+    deleted_names: tuple[str, ...] = ()  # the first DELETED_LISTED of them, in ledger order
+    # hash() of each Name the last run recorded; None unless that run is a finished sync.
+    # Hashes, not Names: a sync of millions of lines keeps 8 bytes a Name, not a str.
+    last_sync_recorded: frozenset[int] | None = None
+
+    def in_sync(self, name: str, entry: Latest | None) -> bool:
+        """The last run, a finished sync, recorded nothing for `name`, and the ledger holds
+        no not-done word on it: the sync found it in sync with the account."""
+        return (
+            self.last_sync_recorded is not None
+            and (entry is None or entry.done)
+            and hash(name) not in self.last_sync_recorded
+        )
+
+
+def has_sync(state: State) -> bool:
+    return any(h.command == "sync" for h in state.runs)
+
+
+def finished_sync(state: State) -> bool:
+    """The last run is a sync whose footer says it went through every item."""
+    header, footer = state.header, state.footer
+    return (
+        header is not None
+        and header.command == "sync"
+        and footer is not None
+        and footer.stopped_by is None
+    )
+
+
+def audit_of(state: State, records: Iterable[Record]) -> Audit:
+    """Fold the ledger's records (a streaming pass) into an Audit for `state`."""
+    last = state.header.run_id if finished_sync(state) and state.header is not None else None
+    actions: Counter[str] = Counter()
+    deleted = 0
+    names: list[str] = []
+    recorded: set[int] = set()
+    for record in records:
+        if isinstance(record, Result):
+            actions[f"{record.action or 'none'}/{record.outcome}"] += 1
+            if record.action is Action.DELETE and record.outcome is Outcome.DELETED:
+                deleted += 1
+                if len(names) < DELETED_LISTED and record.name is not None:
+                    names.append(record.name)
+        if (
+            last is not None
+            and isinstance(record, Intent | Result)
+            and record.run_id == last
+            and record.name is not None
+        ):
+            recorded.add(hash(record.name))
+    return Audit(
+        actions=dict(sorted(actions.items())),
+        deleted=deleted,
+        deleted_names=tuple(names),
+        last_sync_recorded=frozenset(recorded) if last is not None else None,
+    )
+
+
 @dataclass(slots=True, kw_only=True)
 class Gathered:
     """What `report` reads before the pure core runs. A context manager: it may hold the
@@ -70,6 +159,7 @@ class Gathered:
     locked: bool | None  # a process holds the ledger's lock now (None: cannot tell)
     scan: manifest_step.Scan | None  # the manifest counted against, if any
     note: str  # which manifest and why, or why none
+    audit: Audit | None = None  # only for a ledger holding a sync
 
     def items(self) -> Iterator[Group | Invalid] | None:
         return manifest_step.read(self.scan) if self.scan is not None else None
@@ -93,6 +183,18 @@ def gather(ledger: Path, *, manifest: Path | None = None, state: State | None = 
             raise UsageError(f"{ledger}: no such ledger")
         state = read_state(ledger)
     locked = probe_lock(ledger)
+    got = _choose(ledger, state, locked, manifest)
+    if has_sync(state):
+        try:
+            got.audit = audit_of(state, records_of(ledger))
+        except BaseException:
+            got.close()
+            raise
+    return got
+
+
+def _choose(ledger: Path, state: State, locked: bool | None, manifest: Path | None) -> Gathered:
+    """The manifest to count against, and why."""
     header = state.header
     if manifest is not None:
         scan = manifest_step.scan(manifest)  # the user named it: its problems are errors
@@ -157,8 +259,11 @@ def gather(ledger: Path, *, manifest: Path | None = None, state: State | None = 
 # -- the pure core ------------------------------------------------------------------------
 
 
-def status_of(item: Group | Invalid, latest: Mapping[str, Latest]) -> tuple[str, str]:
-    """(status, reason) of one manifest line given the ledger's latest word per Name."""
+def status_of(
+    item: Group | Invalid, latest: Mapping[str, Latest], audit: Audit | None = None
+) -> tuple[str, str]:
+    """(status, reason) of one manifest line given the ledger's latest word per Name (and,
+    for a ledger holding a sync, its Audit)."""
     if isinstance(item, Invalid):
         return (
             "invalid",
@@ -167,6 +272,8 @@ def status_of(item: Group | Invalid, latest: Mapping[str, Latest]) -> tuple[str,
             else f"invalid: {item.problem.reason}",
         )
     entry = latest.get(item.name)
+    if audit is not None and audit.in_sync(item.name, entry):
+        return "in_sync", ""
     if entry is None:
         return "pending", "pending: never sent"
     if entry.outcome is None:
@@ -201,10 +308,16 @@ def _reason(entry: Latest) -> str:
 
 
 def summary_of(
-    state: State, *, items: Iterable[Group | Invalid] | None, locked: bool | None, note: str = ""
+    state: State,
+    *,
+    items: Iterable[Group | Invalid] | None,
+    locked: bool | None,
+    note: str = "",
+    audit: Audit | None = None,
 ) -> dict[str, Any]:
     """Counts per status (with `items`: per manifest line; without: per Name recorded), per
-    "action/outcome" and per answer code; every run with how it ended."""
+    "action/outcome" (per line; with `audit`, a ledger holding a sync: per result of every
+    run, deletes included) and per answer code; every run with how it ended."""
     counts: Counter[str] = Counter()
     actions: Counter[str] = Counter()
     codes: Counter[str] = Counter()
@@ -218,7 +331,7 @@ def summary_of(
 
     if items is not None:
         for item in items:
-            status, _ = status_of(item, state.latest)
+            status, _ = status_of(item, state.latest, audit)
             if status == "invalid":
                 codes["InvalidManifestLine"] += 1
                 counts[status] += 1
@@ -240,9 +353,14 @@ def summary_of(
     summary.update({s: counts[s] for s in STATUSES})
     if items is None:
         summary["pending"] = None  # unknowable without a manifest
-    summary["done"] = sum(counts[o] for o in DONE)
+    summary["done"] = sum(counts[s] for s in DONE_STATUSES)
     summary["not_done"] = summary["total"] - summary["done"]
     summary["actions"] = dict(sorted(actions.items()))
+    summary["actions_over"] = "lines"
+    if audit is not None:
+        summary["actions"] = dict(audit.actions)
+        summary["actions_over"] = "results"
+        summary["deletes"] = {"total": audit.deleted, "names": list(audit.deleted_names)}
     summary["codes"] = {k: v for k, v in sorted(codes.items()) if v}
     runs = [
         _run(h, state.footers.get(h.run_id), last=i == len(state.runs) - 1, locked=locked)
@@ -308,14 +426,15 @@ def failures_of(
     *,
     items: Iterable[Group | Invalid] | None,
     bodies: Mapping[str, bytes] | None = None,
+    audit: Audit | None = None,
 ) -> Iterator[Failure]:
     """Every line that is not done, in line order. With `items` (the manifest): every line,
     never-sent ones included, with the manifest's own canonical body. Without: what the
     ledger knows (its recorded bodies, from `bodies`); never-sent lines cannot be listed."""
     if items is not None:
         for item in items:
-            status, reason = status_of(item, state.latest)
-            if status in DONE:
+            status, reason = status_of(item, state.latest, audit)
+            if status in DONE_STATUSES:
                 continue
             if isinstance(item, Invalid):
                 yield Failure(
@@ -372,16 +491,30 @@ def render(summary: dict[str, Any]) -> str:
         if status == "pending" and n is None:
             continue
         if n or status in ("created", "exists", "rejected", "deferred", "invalid", "pending"):
-            label = "in doubt" if status == "in_doubt" else status
+            label = status.replace("_", " ")  # in doubt, in sync
             lines.append(f"{label:<12}{n:>8}")
     if summary["in_doubt"]:
         lines.append(
             f"  ({summary['in_doubt']} sent without a recorded answer; the next run "
             "sends them again)"
         )
+    if summary["in_sync"]:
+        lines.append(
+            f"  ({summary['in_sync']} found in sync with the account by the last sync: "
+            "nothing to send)"
+        )
     if summary["actions"]:
-        lines.append("by action:")
+        over_results = summary.get("actions_over") == "results"
+        lines.append("by action (every result of every run):" if over_results else "by action:")
         lines += [f"  {k:<28}{n:>8}" for k, n in summary["actions"].items()]
+    deletes = summary.get("deletes")
+    if deletes and deletes["total"]:
+        shown = ", ".join(deletes["names"][:DELETED_SHOWN])
+        more = deletes["total"] - min(len(deletes["names"]), DELETED_SHOWN)
+        lines.append(
+            f"deleted ({deletes['total']}): {shown}"
+            + (f" and {more} more (--json lists up to {DELETED_LISTED})" if more else "")
+        )
     if summary["codes"]:
         lines.append("codes:")
         lines += [f"  {code:<36}{n:>8}" for code, n in summary["codes"].items()]
@@ -434,7 +567,9 @@ def main(
     err = err if err is not None else sys.stderr
     with gather(ledger, manifest=manifest) as got:
         if not failed:
-            summary = summary_of(got.state, items=got.items(), locked=got.locked, note=got.note)
+            summary = summary_of(
+                got.state, items=got.items(), locked=got.locked, note=got.note, audit=got.audit
+            )
             summary["ledger"] = str(ledger)
             out.write(orjson.dumps(summary).decode() + "\n" if json else render(summary) + "\n")
             return Exit.OK
@@ -446,7 +581,7 @@ def main(
             bodies = recorded_bodies(ledger, wanted)
         where = str(got.scan.path) if got.scan is not None else "(ledger)"
         listed = unlisted = 0
-        for failure in failures_of(got.state, items=items, bodies=bodies):
+        for failure in failures_of(got.state, items=items, bodies=bodies, audit=got.audit):
             if json:
                 body = orjson.Fragment(failure.body) if failure.body is not None else None
                 row = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TypeVar
@@ -139,6 +140,9 @@ def default_concurrency(rate: float) -> int:
     return min(cap, max(4, math.ceil(rate * DESIGN_LATENCY_S * 1.25)))
 
 
+_REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     manifest: Path
@@ -157,6 +161,13 @@ class Settings:
 
     def __post_init__(self) -> None:
         check_endpoint(self.endpoint)
+        # The region goes into the credential scope and a header: lowercase letters, digits
+        # and dashes (cn-north-1), nothing a header could be split or smuggled with.
+        if not _REGION_RE.fullmatch(self.region):
+            raise UsageError(
+                f"--region {self.region[:40]!r}: expected a region name such as cn-north-1 "
+                "(lowercase letters, digits and dashes)"
+            )
         if self.concurrency is not None:
             LIMITS["concurrency"].check(self.concurrency)
         if self.limiter_url is not None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import uuid
 from pathlib import Path
 from typing import IO
 
+import orjson
 import structlog
 
 from worker import compose
@@ -33,8 +35,8 @@ def export(
     out: IO[str],
 ) -> Exit:
     """`worker export`: the account's available groups as a manifest, sorted by Name."""
-    if output is not None and output.exists() and not output.is_file():
-        raise UsageError(f"-o {output}: not a regular file")
+    if output is not None:
+        check_output(output)
     settings, creds, source = compose.load_credentials(settings, options)
     log.info("export.start", credentials=source)
     target = compose.target_of(settings, creds, options)
@@ -84,3 +86,38 @@ def _write_atomically(path: Path, lines: list[bytes]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise UsageError(f"-o {path}: cannot write it: {exc.strerror}") from None
+
+
+def check_output(path: Path) -> None:
+    """-o may create a file, or replace a manifest (a previous export); nothing else. A
+    ledger, the sandbox's account, a metrics file or a config file given by mistake is refused
+    untouched, before anything is listed."""
+    if str(path) in ("", "-"):
+        raise UsageError("-o needs a file name (leave -o out to write to stdout)")
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError(f"-o {path}: cannot look at it: {exc.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise UsageError(f"-o {path}: is a symbolic link; give the file it points to")
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"-o {path}: not a regular file")
+    if info.st_size == 0:
+        return
+    try:
+        with path.open("rb") as f:
+            first = f.readline(64 * 1024)
+    except OSError as exc:
+        raise UsageError(f"-o {path}: cannot read it: {exc.strerror}") from None
+    try:
+        head = orjson.loads(first.lstrip(b"\xef\xbb\xbf"))
+    except orjson.JSONDecodeError:
+        head = None
+    if not (isinstance(head, dict) and "Name" in head and "type" not in head):
+        raise UsageError(
+            f"-o {path}: refusing to replace a file that is not a manifest (a ledger, an "
+            "account file, something else); nothing was changed. Remove it or choose "
+            "another name"
+        )

@@ -116,7 +116,9 @@ async def _sync_plan_only(
     ):
         groups = await list_account(runner)
     with compose.before_writes():
-        the_plan = _plan(sync_options, scan, groups)
+        # Plan without the --max-delete fence, so the plan a real sync would refuse can be
+        # looked at; the refusal is said below and in the exit code.
+        the_plan = _plan(sync_options, scan, groups, max_delete=int(LIMITS["max-delete"].high))
         changes = reconcile.iter_changes(the_plan, manifest.read(scan), groups)
         if options.json:
             out.write(orjson.dumps(reconcile.render_json(the_plan, changes)).decode() + "\n")
@@ -124,20 +126,33 @@ async def _sync_plan_only(
             for line in reconcile.render_text(the_plan, changes):
                 print(line, file=out)
     out.flush()
+    refused = len(the_plan.deletes) > sync_options.max_delete
+    if refused:
+        log.warning(
+            "sync.plan_refused",
+            deletes=len(the_plan.deletes),
+            max_delete=sync_options.max_delete,
+            hint="a real sync refuses this plan before any write (exit 2): narrow "
+            "the scope, or raise --max-delete",
+        )
     if sync_options.check:
         return Exit.OK if reconcile.in_sync(the_plan, sync_options.prune) else Exit.DRIFT
-    return Exit.OK
+    return Exit.USAGE if refused else Exit.OK
 
 
 def _plan(
-    sync_options: SyncOptions, scan: manifest.Scan, groups: Mapping[str, Listed]
+    sync_options: SyncOptions,
+    scan: manifest.Scan,
+    groups: Mapping[str, Listed],
+    *,
+    max_delete: int | None = None,
 ) -> reconcile.SyncPlan:
     the_plan = reconcile.plan_sync(
         manifest.read(scan),
         groups,
         prune=sync_options.prune,
         scope=sync_options.scope,
-        max_delete=sync_options.max_delete,
+        max_delete=sync_options.max_delete if max_delete is None else max_delete,
     )
     log.info("sync.plan", **the_plan.counts)
     return the_plan
