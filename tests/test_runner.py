@@ -391,3 +391,13 @@ def test_group_events_carry_the_bound_run_id_and_a_duration() -> None:
     assert all(isinstance(e["duration_s"], float) for e in finished)
     rejected = next(e for e in finished if e["event"] == "group.rejected")
     assert rejected["code"] == "InvalidParam" and rejected["log_level"] == "warning"
+
+
+def test_a_refused_read_stops_the_run_instead_of_retrying_later() -> None:
+    """A List answered InvalidParam is a refusal no later run changes: RunAborted (exit 7),
+    after one request, not 'listing incomplete, run again' (3)."""
+    sender = Script({"": [envelope("InvalidParam", 400)]})
+    runner = make(sender)
+    with pytest.raises(RunAborted) as caught:
+        asyncio.run(runner.read("ListPullToPushGroup", b'{"PageNum":1}'))
+    assert caught.value.exit_code == 7 and runner.tally.requests == 1

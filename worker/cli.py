@@ -148,6 +148,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from worker.commands import sync as sync_command
     from worker.runner import Controls
 
+    if args.json and not (args.dry_run or args.check):
+        raise UsageError("--json prints a plan: give it with --dry-run or --check")
     settings, options = _resolve(args, "sync")
     controls = Controls()
     return sync_command.sync(

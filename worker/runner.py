@@ -333,7 +333,14 @@ class Runner:
                     delay = backoff_s(attempts, policy, self.rng, verdict.retry_after_s)
                     self.tally.retries += 1
                 case _:
-                    raise ListingFailed(self._gave_up(action, verdict.answer))
+                    # Refused (InvalidParam, ResourceNotFound, …): no retry or later run
+                    # changes that answer; a human must look (exit 7), nothing was written.
+                    answer = verdict.answer
+                    raise RunAborted(
+                        answer.code or f"HTTP{answer.status}",
+                        answer.message,
+                        f"the API refused the {action} request; nothing was changed",
+                    )
             if self.clock() + delay > deadline:
                 raise ListingFailed(self._gave_up(action, verdict.answer))
             await self._interruptible(self.sleep(delay))
