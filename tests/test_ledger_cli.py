@@ -7,6 +7,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,3 +138,47 @@ def test_a_one_line_config_file_given_as_ledger_is_left_untouched(tmp_path: Path
     assert out.returncode == 2 and "is not a worker ledger" in out.stderr
     assert config.read_bytes() == b"endpoint = https://live.volcengineapi.com"
     assert not lock_path(config).exists()
+
+
+def test_report_after_sync_says_in_sync_and_names_the_pruned(
+    tmp_path: Path, sandbox_factory: Any
+) -> None:
+    """Through the CLI against a preloaded sandbox: a sync that found all 12 groups in sync
+    reports them `in_sync` (none pending, --failed lists none); after a prune of 4, the
+    report counts delete/deleted 4 by action and names the deleted groups."""
+    rows = names(12)
+    manifest = write_manifest(tmp_path / "m.jsonl", rows)
+    sb = sandbox_factory("--preload", str(manifest))
+    env = cli_env(tmp_path)
+    ledger = tmp_path / "fresh.ledger.jsonl"
+    synced = run_worker(
+        "sync", str(manifest), "--endpoint", sb.url, "--ledger", str(ledger), env=env
+    )
+    assert synced.returncode == 0, synced.stderr
+    got = report_json(ledger, tmp_path)
+    assert (got["total"], got["in_sync"], got["pending"], got["not_done"]) == (12, 12, 0, 0)
+    failed = run_worker("report", str(ledger), "--failed", env=env)
+    assert failed.returncode == 0 and failed.stdout == "", failed.stderr
+    kept = write_manifest(tmp_path / "kept.jsonl", rows[:8])
+    pruned = run_worker(
+        "sync",
+        str(kept),
+        "--endpoint",
+        sb.url,
+        "--ledger",
+        str(ledger),
+        "--prune",
+        "--scope-match",
+        "组.*",
+        env=env,
+    )
+    assert pruned.returncode == 0, pruned.stderr
+    got = report_json(ledger, tmp_path)
+    assert (got["total"], got["in_sync"], got["pending"]) == (8, 8, 0)
+    assert got["actions"] == {"delete/deleted": 4}
+    deletes = got["deletes"]
+    assert isinstance(deletes, dict) and deletes["total"] == 4
+    assert sorted(deletes["names"]) == [r["Name"] for r in rows[8:]]  # sent concurrently
+    text = run_worker("report", str(ledger), env=env).stdout
+    assert ["delete/deleted", "4"] in [x.split() for x in text.splitlines()]
+    assert "deleted (4): " in text and "in sync" in text

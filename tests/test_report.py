@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -15,7 +16,7 @@ from tests.test_ledger import footer, header, intent, line, result
 from worker import manifest, report
 from worker.ledger import State
 from worker.manifest import Group
-from worker.records import Outcome, Record, StopReason
+from worker.records import Action, Outcome, Record, Result, StopReason
 
 
 def groups_of(path: Path) -> dict[str, Group]:
@@ -23,13 +24,32 @@ def groups_of(path: Path) -> dict[str, Group]:
         return {g.name: g for g in manifest.read(scan) if isinstance(g, Group)}
 
 
-def ledger_for(tmp_path: Path, manifest_path: Path, *records: Record) -> Path:
-    """A ledger whose one run used `manifest_path` as it is now, then `records`."""
+def ledger_for(
+    tmp_path: Path,
+    manifest_path: Path,
+    *records: Record,
+    before: tuple[Record, ...] = (),
+    **over: Any,
+) -> Path:
+    """A ledger whose last run (header `over`, e.g. command="sync") used `manifest_path` as
+    it is now, then `records`; `before` are the records of earlier runs."""
     sha = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
     path = tmp_path / "m.ledger.jsonl"
-    first = header(manifest=str(manifest_path), manifest_sha256=sha)
-    path.write_bytes(b"".join(line(r) for r in (first, *records)))
+    last = header(**{"manifest": str(manifest_path), "manifest_sha256": sha, **over})
+    path.write_bytes(b"".join(line(r) for r in (*before, last, *records)))
     return path
+
+
+def deleted(name: str, run_id: str = "r1") -> Result:
+    """A prune's delete of `name` (no manifest line) answered OK."""
+    return dataclasses.replace(
+        result(name, Outcome.DELETED, None, 0), action=Action.DELETE, run_id=run_id
+    )
+
+
+def in_run(run_id: str, records: list[Record]) -> list[Record]:
+    """`records` as written by run `run_id` (the helpers write r1)."""
+    return [dataclasses.replace(r, run_id=run_id) for r in records]
 
 
 def done(g: Group, outcome: Outcome = Outcome.CREATED, code: str = "") -> list[Record]:
@@ -243,3 +263,121 @@ def test_failed_without_the_manifest_uses_the_recorded_bodies(tmp_path: Path) ->
     out, err = run_main(ledger, failed=True)
     assert out == g[1].body + b"\n"
     assert "lines never sent cannot be listed" in err
+
+
+def test_a_finished_sync_counts_unrecorded_lines_in_sync(tmp_path: Path) -> None:
+    """A sync that went through every line and recorded none (all in sync): every line is
+    `in_sync` and done, none pending; text says so; --failed lists nothing."""
+    path = write_manifest(tmp_path / "m.jsonl", names(12))
+    ledger = ledger_for(tmp_path, path, footer("r1"), command="sync")
+    got = summary(ledger)
+    assert (got["total"], got["in_sync"], got["pending"]) == (12, 12, 0)
+    assert (got["done"], got["not_done"]) == (12, 0)
+    text, _ = run_main(ledger)
+    rows = [x.split() for x in text.decode().splitlines()]
+    assert ["in", "sync", "12"] in rows and ["pending", "0"] in rows
+    assert "found in sync with the account by the last sync" in text.decode()
+    out, err = run_main(ledger, failed=True)
+    assert out == b"" and "0 line(s) not done" in err
+    json_out, _ = run_main(ledger, failed=True, json=True)
+    assert json_out == b""
+
+
+def test_a_sync_that_did_not_finish_leaves_unrecorded_lines_pending(tmp_path: Path) -> None:
+    """After a sync stopped by a signal, stopped by the server, or with no footer (crashed),
+    lines it recorded nothing for may not have been reached: pending, never in_sync."""
+    path = write_manifest(tmp_path / "m.jsonl", names(3))
+    g = list(groups_of(path).values())
+    for end in (
+        [footer("r1", StopReason.SIGNAL)],
+        [footer("r1", StopReason.UNREACHABLE)],
+        [],
+    ):
+        ledger = ledger_for(tmp_path, path, *done(g[0]), *end, command="sync")
+        got = summary(ledger)
+        assert (got["created"], got["in_sync"], got["pending"]) == (1, 0, 2)
+        out, _ = run_main(ledger, failed=True)
+        assert [json.loads(x)["Name"] for x in out.splitlines()] == [g[1].name, g[2].name]
+
+
+def test_a_run_ledger_without_records_stays_pending(tmp_path: Path) -> None:
+    """A finished `run` that recorded nothing for lines is not a sync: they stay pending,
+    and `actions` still counts per line."""
+    path = write_manifest(tmp_path / "m.jsonl", names(3))
+    g = list(groups_of(path).values())
+    got = summary(ledger_for(tmp_path, path, *done(g[0]), footer("r1")))
+    assert (got["created"], got["in_sync"], got["pending"]) == (1, 0, 2)
+    assert got["actions"] == {"create/created": 1} and got["actions_over"] == "lines"
+    assert "deletes" not in got
+
+
+def test_in_sync_needs_no_record_in_the_sync_and_no_not_done_word(tmp_path: Path) -> None:
+    """After a finished sync: a line it created is `created`; a line created by an earlier
+    run and unrecorded now is `in_sync`; a line whose Name holds a not-done word from an
+    earlier run keeps that status; a line the sync deferred is deferred."""
+    path = write_manifest(tmp_path / "m.jsonl", names(5))
+    g = list(groups_of(path).values())
+    earlier = [
+        header("r0", manifest=str(path)),
+        *in_run("r0", done(g[1])),
+        *in_run("r0", done(g[2], Outcome.REJECTED, "InvalidParam")),
+        footer("r0"),
+    ]
+    ledger = ledger_for(
+        tmp_path,
+        path,
+        *done(g[0]),
+        *done(g[3], Outcome.DEFERRED, "InternalError"),
+        footer("r1"),
+        before=tuple(earlier),
+        command="sync",
+    )
+    got = summary(ledger)
+    assert {k: got[k] for k in ("created", "in_sync", "rejected", "deferred", "pending")} == {
+        "created": 1,
+        "in_sync": 2,  # g[1] (created before) and g[4] (never recorded)
+        "rejected": 1,
+        "deferred": 1,
+        "pending": 0,
+    }
+    assert (got["done"], got["not_done"]) == (3, 2)
+
+
+def test_a_prunes_deletes_are_counted_and_named(tmp_path: Path) -> None:
+    """Deletes are no manifest line: on a sync ledger `actions` counts every result of every
+    run (delete/deleted 4 among them), the text shows them by action, and `deletes` names
+    the deleted groups."""
+    path = write_manifest(tmp_path / "m.jsonl", names(2))
+    g = list(groups_of(path).values())
+    gone = [f"旧{i}" for i in range(4)]
+    ledger = ledger_for(
+        tmp_path,
+        path,
+        *done(g[0]),
+        *(deleted(n) for n in gone),
+        footer("r1"),
+        command="sync",
+    )
+    got = summary(ledger)
+    assert got["actions"] == {"create/created": 1, "delete/deleted": 4}
+    assert got["actions_over"] == "results"
+    assert got["deletes"] == {"total": 4, "names": gone}
+    assert (got["created"], got["in_sync"], got["deleted"], got["total"]) == (1, 1, 0, 2)
+    text = run_main(ledger)[0].decode()
+    assert "by action (every result of every run):" in text
+    assert ["delete/deleted", "4"] in [x.split() for x in text.splitlines()]
+    assert f"deleted (4): {', '.join(gone)}" in text
+
+
+def test_deleted_names_are_bounded(tmp_path: Path) -> None:
+    """More deletes than DELETED_LISTED: --json lists the first 1000 and counts them all;
+    the text shows a few and says how many more."""
+    path = write_manifest(tmp_path / "m.jsonl", names(1))
+    gone = [f"x{i:05d}" for i in range(report.DELETED_LISTED + 5)]
+    ledger = ledger_for(tmp_path, path, *(deleted(n) for n in gone), footer("r1"), command="sync")
+    got = summary(ledger)
+    assert got["deletes"]["total"] == len(gone)
+    assert got["deletes"]["names"] == gone[: report.DELETED_LISTED]
+    assert got["actions"] == {"delete/deleted": len(gone)}
+    text = run_main(ledger)[0].decode()
+    assert f"and {len(gone) - report.DELETED_SHOWN} more" in text
