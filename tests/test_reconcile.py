@@ -232,7 +232,7 @@ def test_scope_combinations(
 
 
 def test_scope_flags_are_checked() -> None:
-    """A bad regex or an empty project is a usage error naming the flag."""
+    """A bad regex, an empty pattern or an empty project is a usage error naming the flag."""
     with pytest.raises(
         UsageError, match="--scope-match '\\(' is not a valid regular expression"
     ) as err:
@@ -240,7 +240,10 @@ def test_scope_flags_are_checked() -> None:
     assert err.value.exit_code == Exit.USAGE
     with pytest.raises(UsageError, match="--scope-project must not be empty"):
         Scope.from_flags([""], None)
-    assert not Scope.from_flags([], None).given and Scope.from_flags([], "").given
+    # An empty pattern would be a scope that matches no Name: a silent no-op prune.
+    with pytest.raises(UsageError, match="--scope-match must not be empty"):
+        Scope.from_flags([], "")
+    assert not Scope.from_flags([], None).given and Scope.from_flags([], "x").given
 
 
 def test_prune_without_scope_is_refused_naming_the_flags() -> None:
