@@ -128,3 +128,34 @@ def test_stats_count_admissions() -> None:
     asyncio.run(admissions(pacer, clock, 7, callers=3))
     assert pacer.stats() == {"admitted": 7}
     assert "admitted=7" in repr(pacer)
+
+
+def test_a_high_rate_does_not_sleep_for_every_admission() -> None:
+    """At 5000/s, callers behind the schedule by less than SLACK_S go at once instead of one
+    timer each, and any sliding second still holds at most the limit."""
+    clock = FakeClock()
+    pacer = LocalPacer(Pacing(rate=5000), clock=clock, sleep=clock.sleep)
+    sleeps = 0
+
+    async def late(seconds: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        clock.t += seconds + 0.001  # every wake-up 1 ms late: five gaps
+        await asyncio.sleep(0)
+
+    pacer._sleep = late
+    times = asyncio.run(admissions(pacer, clock, 6000))
+    assert sleeps < len(times) / 3
+    assert max_in_window(times) <= 5000
+    assert (len(times) - 1) / (times[-1] - times[0]) >= 0.95 * 5000
+
+
+def test_below_250_per_second_no_two_callers_go_at_once() -> None:
+    """Where the gap is longer than SLACK_S, every admission is its own instant."""
+    clock = FakeClock()
+    pacer = LocalPacer(Pacing(rate=200), clock=clock, sleep=clock.sleep)
+    clock.late = 0.05
+    times = asyncio.run(admissions(pacer, clock, 400))
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 1 / Pacing(rate=200).target - SLACK_S - 1e-9  # float times near 1000
+    assert max_in_window(times) <= 200
