@@ -200,3 +200,16 @@ def test_a_taken_port_is_a_usage_error() -> None:
         with pytest.raises(UsageError) as caught, Metrics(command="run", job_name="j").serve(port):
             pass
     assert str(caught.value).startswith(f"--metrics-port {port}: cannot listen on 127.0.0.1:")
+
+
+def test_made_up_codes_all_count_as_other() -> None:
+    """Many distinct codes a server makes up land in one 'other' series, counted each time."""
+    m = Metrics(command="run", job_name="j")
+    for i in range(1000):
+        m.request("CreatePullToPushGroup", f"bad code {i}")
+    m.request("CreatePullToPushGroup", "OK")
+    m.request("CreatePullToPushGroup", "OK")
+    labels = {"command": "run", "job_name": "j", "action": "CreatePullToPushGroup"}
+    get = m.registry.get_sample_value
+    assert get("worker_requests_total", {**labels, "code": "other"}) == 1000
+    assert get("worker_requests_total", {**labels, "code": "OK"}) == 2

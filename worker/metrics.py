@@ -67,9 +67,12 @@ class Metrics:
         self._retries = Counter(
             "worker_retries", "Attempts scheduled again after a retryable failure",
             const, registry=reg).labels(command, job_name)  # fmt: skip
-        self._in_flight = Gauge(
+        # Read when collected: two lock-taking increments per request otherwise.
+        self._in_flight_now = 0
+        Gauge(
             "worker_in_flight", "Requests sent and not yet answered",
-            const, registry=reg).labels(command, job_name)  # fmt: skip
+            const, registry=reg).labels(command, job_name).set_function(
+                lambda: self._in_flight_now)  # fmt: skip
         self._rate_limit = Gauge(
             "worker_rate_limit", "The rate the worker keeps under, requests/s",
             const, registry=reg).labels(command, job_name)  # fmt: skip
@@ -95,6 +98,10 @@ class Metrics:
                 const, registry=reg).labels(command, job_name).set(started_at)  # fmt: skip
         self._succeeded_at: float | None = None
         self._carried = False
+        # The labelled children, by label values: `labels()` checks and builds a key on every
+        # call, a cost paid on every request otherwise. Bounded as the labels are (`bounded`).
+        self._request_counters: dict[tuple[str, str], Counter] = {}
+        self._item_counters: dict[tuple[str, str], Counter] = {}
 
     def __repr__(self) -> str:
         return f"<Metrics {self.command} {self.job_name!r}>"
@@ -102,10 +109,10 @@ class Metrics:
     # -- what the runner reports -----------------------------------------------------
 
     def request(self, action: str, code: str) -> None:
-        self._requests.labels(self.command, self.job_name, bounded(action), bounded(code)).inc()
+        self._child(self._request_counters, self._requests, action, code).inc()
 
     def item(self, action: str, outcome: str) -> None:
-        self._items.labels(self.command, self.job_name, bounded(action), bounded(outcome)).inc()
+        self._child(self._item_counters, self._items, action, outcome).inc()
 
     def throttle(self) -> None:
         self._throttles.inc()
@@ -114,7 +121,18 @@ class Metrics:
         self._retries.inc()
 
     def in_flight(self, delta: int) -> None:
-        self._in_flight.inc(delta)
+        self._in_flight_now += delta
+
+    def _child(
+        self, cache: dict[tuple[str, str], Counter], family: Counter, a: str, b: str
+    ) -> Counter:
+        child = cache.get((a, b))
+        if child is None:
+            key = (bounded(a), bounded(b))
+            child = family.labels(self.command, self.job_name, *key)
+            if key == (a, b):  # a value that became "other" is not kept: it would grow the cache
+                cache[key] = child
+        return child
 
     def rates(self, limit: float, achieved: float) -> None:
         self._rate_limit.set(limit)
