@@ -202,8 +202,12 @@ def classify(
         if result.kind == "certificate":
             return Abort(answer, CERTIFICATE_HINT)
         return Retry(answer, None, no_answer=result.no_answer)
-    retry_after = clamp_retry_after(
-        parse_retry_after(result.retry_after, now or datetime.now(UTC)), retry_after_max_s
+    retry_after = (
+        None  # the common case: no header, and no clock reading for it
+        if result.retry_after is None
+        else clamp_retry_after(
+            parse_retry_after(result.retry_after, now or datetime.now(UTC)), retry_after_max_s
+        )
     )
     status = result.status
     if 300 <= status < 400:
