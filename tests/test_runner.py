@@ -350,6 +350,45 @@ def test_adaptive_limit_grows_with_latency_and_stays_under_the_cap() -> None:
     assert limits == sorted(limits) and limits[0] < limits[2] and limits[-1] == 40
 
 
+def test_requests_out_longer_than_assumed_raise_the_limit_up_to_the_cap() -> None:
+    """A server that has not answered yet (2-4 s) does not starve the rate at the start
+    limit: the age of the oldest request raises it, and never above --concurrency."""
+
+    async def scenario() -> tuple[Script, int]:
+        hold = asyncio.Event()
+        sender = Script(hold=hold)
+        runner = make(sender, concurrency=40)
+        start = runner.concurrency.limit  # 10/s x 0.5 s assumed x 1.5 + 1
+        task = asyncio.ensure_future(runner.apply(iter(items(60))))
+        for _ in range(400):  # virtual time passes as the dispatcher waits; no answer comes
+            await asyncio.sleep(0)
+        assert sender.in_flight == 40 > start
+        hold.set()
+        await task
+        return sender, start
+
+    sender, start = asyncio.run(scenario())
+    assert sender.max_in_flight == 40 and len(sender.sent) == 60 and start < 40
+
+
+def test_latency_for_is_where_the_limit_passes_the_count() -> None:
+    """latency_for(n) is the boundary: just above it the limit exceeds n; at the cap, None."""
+    runner = make(Script(), concurrency=30)
+    c = runner.concurrency
+    for n in (2, 9, 20, 29):
+        need = c.latency_for(n)
+        assert need is not None
+        c.latency_s = need + 1e-9
+        assert c.limit > n
+        c.latency_s = need
+        assert c.limit <= n or n < 2
+    assert c.latency_for(30) is None
+    c.waiting(100.0)
+    assert c.latency_s == 100.0 and c.limit == 30
+    c.waiting(1.0)  # a younger request says nothing new
+    assert c.latency_s == 100.0
+
+
 def test_a_ledger_that_cannot_write_the_intent_sends_nothing_more() -> None:
     """The intent write fails (disk full): that request is not sent, the run stops with
     LedgerWriteError (exit 7)."""

@@ -10,8 +10,9 @@ So pacing is one wait, not thousands of parked senders; memory holds only what i
 and waiting to be retried, however long the source is.
 
 The in-flight limit follows latency (Little's law: in flight = rate x latency): it is sized
-from a moving average of answer times, never above the cap (`--concurrency`, else
-DEFAULT_CAP and what the open-file limit allows).
+from a moving average of answer times, and from the age of the oldest request still out
+(a request out for 3 s says the latency is at least 3 s before its answer does), never above
+the cap (`--concurrency`, else DEFAULT_CAP and what the open-file limit allows).
 
 Stopping has two stages (as arq and Kubernetes do it). `drain()` cancels the dispatcher,
 which is only ever waiting (for room, for the pacer, for a retry to fall due): items it held
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import math
 import random
 import resource
@@ -182,6 +184,8 @@ class Controls:
 class Concurrency:
     """The in-flight limit: rate x latency (Little's law) with room to spare, capped."""
 
+    _ROOM = 1.5  # in flight = rate x latency x _ROOM (+1): latency varies from one to the next
+
     def __init__(self, *, rate: float, cap: int, alpha: float = 0.2) -> None:
         self._rate = rate
         self.cap = cap
@@ -193,7 +197,7 @@ class Concurrency:
 
     @property
     def limit(self) -> int:
-        want = math.ceil(self._rate * self.latency_s * 1.5) + 1
+        want = math.ceil(self._rate * self.latency_s * self._ROOM) + 1
         return max(MIN_IN_FLIGHT, min(self.cap, want))
 
     def observe(self, latency_s: float) -> None:
@@ -202,6 +206,19 @@ class Concurrency:
             self.latency_s = latency_s
         else:
             self.latency_s += self._alpha * (latency_s - self.latency_s)
+
+    def waiting(self, age_s: float) -> None:
+        """A request has been out `age_s` seconds without an answer: the latency is at least
+        that. Without this, the first answers of a slow server (2-4 s) would come only after
+        START_LATENCY_S worth of requests had starved the rate for seconds."""
+        self.latency_s = max(self.latency_s, age_s)
+
+    def latency_for(self, in_flight: int) -> float | None:
+        """The latency above which the limit exceeds `in_flight` (None: the cap is reached,
+        no latency makes room)."""
+        if in_flight >= self.cap:
+            return None
+        return max(0.0, in_flight - 1) / (self._rate * self._ROOM)
 
 
 def machine_cap(explicit: int | None) -> int:
@@ -255,15 +272,18 @@ class Runner:
         self._region = settings.region
         self._heap: list[tuple[float, int, Work]] = []
         self._seq = itertools.count()
-        self._in_flight: set[asyncio.Task[None]] = set()
+        # Requests on the wire -> when each was sent, oldest first (a dict keeps that order).
+        self._in_flight: dict[asyncio.Task[None], float] = {}
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
+        self._log: Any = log  # assembled once per run by `apply`
         self.sent_writes = 0  # write requests that left this process
 
     # -- one request ----------------------------------------------------------------------
 
-    async def _send(self, action: str, body: bytes) -> Verdict:
-        """Sign (after pacing admitted it: an X-Date that waited goes stale), send, classify."""
+    async def _send(self, action: str, body: bytes, now: datetime | None = None) -> Verdict:
+        """Sign (after pacing admitted it: an X-Date that waited goes stale), send, classify.
+        `now`: the wall time already read for this attempt's intent, if any."""
         query = {"Action": action, "Version": api.VERSION}
         headers = sign(
             method="POST",
@@ -274,7 +294,7 @@ class Runner:
             body=body,
             credentials=self.credentials,
             region=self._region,
-            now=self.wall(),
+            now=now or self.wall(),
         )
         began = self.clock()
         if self.tally.first_send is None:
@@ -381,6 +401,9 @@ class Runner:
         """Carry out every item of `source` (a `Result` is recorded as it is: an invalid line
         or a conflict). Returns when the source is done and nothing is in flight or waiting,
         or when the run drained."""
+        # structlog's lazy proxy assembles a new logger on every call; one per run is enough
+        # (the CLI configures logging before the run, capture_logs wraps it in tests).
+        self._log = log.bind()
         try:
             async with asyncio.TaskGroup() as tg:
                 ticker = tg.create_task(self._tick())
@@ -433,7 +456,10 @@ class Runner:
                     held.started = stamp(self.wall())
                     held.deadline = now + self.settings.retry.item_deadline_s
                 while len(self._in_flight) >= self.concurrency.limit:
-                    await self._idle(None)
+                    wait = self._until_room()
+                    if len(self._in_flight) < self.concurrency.limit:
+                        break
+                    await self._idle(wait)
                 try:
                     await self.pacer.acquire()
                 except LimiterUnavailable as exc:
@@ -444,7 +470,7 @@ class Runner:
                 if self._drained():
                     break  # drained meanwhile, by this very task (the source, the limiter)
                 task = tg.create_task(self._attempt(held))
-                self._in_flight.add(task)
+                self._in_flight[task] = self.clock()
                 task.add_done_callback(self._landed)
                 held = None
         except asyncio.CancelledError:
@@ -461,27 +487,42 @@ class Runner:
                 waiting = heapq.heappop(self._heap)[2]
                 self._finish(waiting, Outcome.DEFERRED, waiting.last)
 
+    def _until_room(self) -> float | None:
+        """At the limit: let the oldest request's age raise the latency estimate, and say in
+        how many seconds that age alone makes room (None: only an answer can, at the cap)."""
+        age = self.clock() - next(iter(self._in_flight.values()))
+        self.concurrency.waiting(age)
+        need = self.concurrency.latency_for(len(self._in_flight))
+        # At least 1 ms: a wake-up exactly on the boundary must not spin.
+        return None if need is None else max(need - age, 0.001)
+
     async def _idle(self, timeout: float | None) -> None:
-        """Wait until a request lands, or `timeout` seconds (a retry falls due)."""
+        """Wait until a request lands, or `timeout` seconds (a retry falls due, the oldest
+        request grows old enough to raise the limit)."""
         self._wake.clear()
         if timeout is None:
             await self._wake.wait()
             return
-        waiter = asyncio.ensure_future(self._wake.wait())
+        # One task, not two under asyncio.wait: at the limit this runs once per request.
         sleeper = asyncio.ensure_future(self.sleep(max(0.0, timeout)))
+        sleeper.add_done_callback(self._wake_up)
         try:
-            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+            await self._wake.wait()
         finally:
-            waiter.cancel()
+            sleeper.remove_done_callback(self._wake_up)
             sleeper.cancel()
 
+    def _wake_up(self, _: asyncio.Future[None]) -> None:
+        self._wake.set()
+
     def _landed(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
+        self._in_flight.pop(task, None)
         self._wake.set()
 
     async def _attempt(self, work: Work) -> None:
         work.sends += 1
         self.controls.writes_started = True
+        now = self.wall()  # one reading for the intent and the signature: microseconds apart
         if self.ledger is not None:
             self.ledger.append(
                 Intent(
@@ -491,7 +532,7 @@ class Runner:
                     line=work.line,
                     fingerprint=work.fingerprint,
                     attempt=work.sends,
-                    at=stamp(self.wall()),
+                    at=stamp(now),
                     body=orjson.loads(work.body),
                 )
             )
@@ -499,19 +540,19 @@ class Runner:
         if self.metrics is not None:
             self.metrics.in_flight(1)
         try:
-            verdict = await self._send(_ACTION_NAMES[work.action], work.body)
+            verdict = await self._send(_ACTION_NAMES[work.action], work.body, now)
         finally:
             if self.metrics is not None:
                 self.metrics.in_flight(-1)
         work.last = verdict.answer
-        now = self.clock()
+        mono = self.clock()
         step = next_step(
             verdict,
             action=work.action,
             attempts=work.attempts,
             policy=self.settings.retry,
             rng=self.rng,
-            now=now,
+            now=mono,
             deadline=work.deadline,
         )
         match step:
@@ -538,7 +579,7 @@ class Runner:
                     delay_s=round(step.delay_s, 3),
                     attempt=work.sends,
                 )
-                heapq.heappush(self._heap, (now + step.delay_s, next(self._seq), work))
+                heapq.heappush(self._heap, (mono + step.delay_s, next(self._seq), work))
 
     def _fail(self, exc: WorkerError, reason: StopReason) -> None:
         if self.failure is None:
@@ -573,7 +614,10 @@ class Runner:
         self.tally.outcomes[(result.action, result.outcome)] += 1
         if self.metrics is not None:
             self.metrics.item(str(result.action or "none"), str(result.outcome))
-        event = log.info if result.outcome in DONE else log.warning
+        done = result.outcome in DONE
+        if not self._log.is_enabled_for(logging.INFO if done else logging.WARNING):
+            return  # -q: build no event nobody will see
+        event = self._log.info if done else self._log.warning
         extra = (
             {"code": result.code, "message": result.message}
             if result.outcome not in (Outcome.CREATED, Outcome.UPDATED, Outcome.DELETED)
