@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from worker import credentials
+from worker import credentials, manifest
 from worker.errors import (
     Exit,
     LedgerError,
@@ -276,6 +276,24 @@ def wall_clock() -> Callable[[], Any]:
 def open_ledger(path: Path, target: Target, *, expect_names: int = 0) -> Ledger:
     torn = float(os.environ.get("WORKER_TEST_TORN_WRITES_S", "0") or 0)
     return Ledger.open(path, target=target, torn_writes_s=torn, expect_names=expect_names)
+
+
+def scan_manifest(settings: Settings) -> manifest.Scan:
+    """The manifest, validated: remembered from an earlier run against this ledger when its
+    bytes are the same (manifest.recall), else scanned now (spool beside the ledger)."""
+    remembered = manifest.remembered_path(settings.ledger)
+    recalled = manifest.recall(settings.manifest, remembered)
+    if recalled is not None:
+        log.info("manifest.unchanged", manifest=str(settings.manifest), sha256=recalled.sha256)
+        return recalled
+    return manifest.scan(settings.manifest, spool_dir=settings.ledger.parent)
+
+
+def remember_manifest(scan: manifest.Scan, settings: Settings) -> None:
+    """Keep the validated spool for the next run (best effort; called with the ledger's
+    lock held, so two runs never write it at once)."""
+    if not scan.recalled and not manifest.remember(scan, manifest.remembered_path(settings.ledger)):
+        log.debug("manifest.not_remembered", ledger=str(settings.ledger))
 
 
 @contextlib.contextmanager

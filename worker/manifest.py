@@ -27,6 +27,7 @@ it is an unlinked scratch copy, and nothing in it is still needed then.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import io
@@ -38,11 +39,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Final, Self
 
 import orjson
 
-from worker import api
+from worker import __version__, api
 from worker.errors import ManifestError, Problem, SpoolError
 
 MAX_LINE_BYTES = 1 << 20  # a group body is tiny; a longer line is a mistake, not data
@@ -55,6 +56,7 @@ MAX_MANIFEST_BYTES = 16 << 30
 MAX_SHOWN = 50  # problems printed; all are counted
 _BOM = b"\xef\xbb\xbf"
 _SPOOL_BUFFER = 1 << 16
+_FP_END = 1 + 64  # a group's spool record: b"G", its fingerprint (hex), Name, TAB, body
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,6 +99,8 @@ class Scan:
     # One record per source line: b"" blank, b"G" name TAB body, b"!" JSON [name, field, reason]
     spool: IO[bytes] = field(repr=False, compare=False)
     spool_dir: str = ""  # the spool's folder, for messages
+    start: int = 0  # where the spool's records begin (after a remembered spool's header)
+    recalled: bool = False  # validated by an earlier run, for these very bytes (`recall`)
 
     def close(self) -> None:
         _close_quietly(self.spool)
@@ -152,14 +156,14 @@ def read(scanned: Scan) -> Iterator[Group | Invalid]:
     exit code says that nothing was sent."""
     where = str(scanned.path)
     try:
-        for lineno, record in _spooled_lines(scanned.spool):
+        for lineno, record in _spooled_lines(scanned.spool, scanned.start):
             if record.startswith(b"G"):
-                name, _, body = record[1:].partition(b"\t")
+                name, _, body = record[_FP_END:].partition(b"\t")
                 yield Group(
                     name=name.decode(),
                     line=lineno,
                     body=body,
-                    fingerprint=hashlib.sha256(body).hexdigest(),
+                    fingerprint=record[1:_FP_END].decode(),
                 )
             elif record.startswith(b"!"):
                 name, field_name, reason = orjson.loads(record[1:])
@@ -194,8 +198,16 @@ def _scan(
             if seen.add(h):
                 suspects.add(h)
             groups += 1
-            # A Name holds no TAB (api.name_problem) and canonical JSON no newline.
-            spooled.write(b"G" + result.name.encode() + b"\t" + result.body + b"\n")
+            # A Name holds no TAB (api.name_problem) and canonical JSON no newline. The
+            # fingerprint is kept so that no later pass hashes the body again.
+            spooled.write(
+                b"G"
+                + result.fingerprint.encode()
+                + result.name.encode()
+                + b"\t"
+                + result.body
+                + b"\n"
+            )
             continue
         if result is None:
             spooled.write(b"\n")  # one spool line per source line keeps numbers true
@@ -289,7 +301,7 @@ def _confirm(
     for lineno, record in _spooled_lines(spool):
         if not record.startswith(b"G"):
             continue
-        name = record[1:].partition(b"\t")[0].decode()
+        name = record[_FP_END:].partition(b"\t")[0].decode()
         if name_hash(name) not in suspects:
             continue
         earlier = first.setdefault(name, lineno)
@@ -446,9 +458,9 @@ def _kind(path: Path) -> str | None:
 class _Pread(io.RawIOBase):
     """Reads the spool at its own offset (os.pread), so passes never disturb each other."""
 
-    def __init__(self, spool: IO[bytes]) -> None:
+    def __init__(self, spool: IO[bytes], start: int = 0) -> None:
         self._fd = spool.fileno()
-        self._offset = 0
+        self._offset = start
 
     def readable(self) -> bool:
         return True
@@ -460,10 +472,10 @@ class _Pread(io.RawIOBase):
         return len(data)
 
 
-def _spooled_lines(spool: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+def _spooled_lines(spool: IO[bytes], start: int = 0) -> Iterator[tuple[int, bytes]]:
     # Unbounded readline is safe here: `scan` wrote every line, none longer than a manifest
-    # line may be.
-    with io.BufferedReader(_Pread(spool), _SPOOL_BUFFER) as f:
+    # line may be (a remembered spool's were checked by its sha256: see _recall).
+    with io.BufferedReader(_Pread(spool, start), _SPOOL_BUFFER) as f:
         for lineno, raw in enumerate(f, start=1):
             yield lineno, raw[:-1]
 
@@ -560,3 +572,184 @@ def _name_of(raw: bytes) -> str | None:
     # Printable only: the Name goes to the ledger, reports and the terminal.
     ok = isinstance(name, str) and len(name) <= 200 and name.isprintable()
     return name if ok else None
+
+
+# -- a validation remembered --------------------------------------------------------------
+#
+# Validating 10^6 lines costs seconds (a JSON parse and the body rules per line), and a
+# nightly sync or a resume reads the very same bytes again. So a run that goes ahead keeps
+# its spool beside the ledger (`remember`), and the next scan of a regular file first hashes
+# the source (cheap: no parse) and, if the sha256 and size are those the remembered spool was
+# made from, by this worker version, reads that spool instead of validating again (`recall`).
+# The spool is derived and never trusted blindly: it must be a regular file of ours (owner,
+# no symbolic link), its header must parse, and the sha256 of its records must be the one
+# its header names (so a torn or edited copy is validated afresh). Deleting it is always
+# safe. It never stops a run: a spool that cannot be kept or read is simply not used.
+
+_REMEMBERED_FORMAT: Final = "worker-spool/1"
+_MAX_HEADER_BYTES: Final = 1 << 20
+_COPY_BYTES: Final = 1 << 20
+
+
+def remembered_path(ledger: Path) -> Path:
+    """`<ledger>.spool`, beside the file the ledger path finally names."""
+    real = Path(os.path.realpath(ledger))
+    return real.with_name(real.name + ".spool")
+
+
+def recall(path: Path, remembered: Path, *, max_bytes: int = MAX_MANIFEST_BYTES) -> Scan | None:
+    """The Scan a previous run remembered for exactly the bytes now at `path`, or None (no
+    such spool, another manifest, another worker version, damage, or `path` is not a
+    regular file: a pipe can be read only once, by `scan`)."""
+    try:
+        fd = os.open(remembered, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        os.close(fd)  # not a file we wrote
+        return None
+    f = io.FileIO(fd, "rb")  # closes fd from now on
+    try:
+        scanned = _recalled(path, f, max_bytes)
+    except (OSError, ValueError, TypeError, KeyError):  # JSONDecodeError is a ValueError
+        scanned = None
+    except BaseException:
+        f.close()
+        raise
+    if scanned is None:
+        f.close()
+    return scanned
+
+
+def _recalled(path: Path, f: IO[bytes], max_bytes: int) -> Scan | None:
+    info = os.fstat(f.fileno())
+    head = os.pread(f.fileno(), _MAX_HEADER_BYTES, 0).partition(b"\n")
+    if not head[1]:
+        return None
+    meta = orjson.loads(head[0])
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != _REMEMBERED_FORMAT
+        or meta.get("worker") != __version__
+    ):
+        return None
+    start = len(head[0]) + 1
+    if info.st_size - start != meta["records_bytes"]:
+        return None
+    source = _source_digest(path, max_bytes)
+    if source is None or source != (meta["source_sha256"], meta["source_size"]):
+        return None
+    if _digest_from(f.fileno(), start) != meta["records_sha256"]:
+        return None
+    where = str(path)
+    problems = [
+        Problem(where, int(line), str(fld), str(why)) for line, fld, why in meta["problems"]
+    ]
+    return Scan(
+        path=path,
+        sha256=source[0],
+        size=source[1],
+        groups=int(meta["groups"]),
+        invalid=int(meta["invalid"]),
+        problems=problems,
+        problem_count=int(meta["problem_count"]),
+        spool=f,
+        spool_dir=str(Path(os.path.realpath(path)).parent),
+        start=start,
+        recalled=True,
+    )
+
+
+def remember(scanned: Scan, remembered: Path) -> bool:
+    """Keep `scanned`'s spool at `remembered` for the next run's `recall` (atomically: a
+    new file renamed over the old). Best effort: False when it cannot be written."""
+    if scanned.recalled:
+        return True
+    meta_fields = {
+        "format": _REMEMBERED_FORMAT,
+        "worker": __version__,
+        "source_sha256": scanned.sha256,
+        "source_size": scanned.size,
+        "groups": scanned.groups,
+        "invalid": scanned.invalid,
+        "problem_count": scanned.problem_count,
+        "problems": [[p.line, p.field, p.reason] for p in scanned.problems],
+    }
+    folder = remembered.parent
+    try:
+        tmp_fd, tmp_name = tempfile.mkstemp(prefix=f".{remembered.name}.", dir=folder)
+    except OSError:
+        return False
+    try:
+        with open(tmp_fd, "wb") as out:
+            # Records first, at a fixed place after a header of known size: the header
+            # (which holds their sha256) is written last, into the room left for it.
+            digest = hashlib.sha256()
+            size = 0
+            spool_fd = scanned.spool.fileno()
+            out.seek(_MAX_HEADER_BYTES)
+            while chunk := os.pread(spool_fd, _COPY_BYTES, scanned.start + size):
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+            meta = orjson.dumps(
+                {**meta_fields, "records_sha256": digest.hexdigest(), "records_bytes": size}
+            )
+            # The header line is padded with spaces to the fixed size (JSON allows them).
+            header = meta + b" " * (_MAX_HEADER_BYTES - 1 - len(meta)) + b"\n"
+            if len(header) != _MAX_HEADER_BYTES:
+                raise OSError("the remembered spool's header does not fit")
+            out.seek(0)
+            out.write(header)
+        os.replace(tmp_name, remembered)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        return False
+    return True
+
+
+def digest(path: Path, *, max_bytes: int = MAX_MANIFEST_BYTES) -> str | None:
+    """The sha256 of a regular file's bytes, without validating them (to tell whether a
+    manifest is the one a run used before scanning it); None for anything else, or a file
+    that cannot be read."""
+    try:
+        got = _source_digest(path, max_bytes)
+    except OSError:
+        return None
+    return got[0] if got is not None else None
+
+
+def _source_digest(path: Path, max_bytes: int) -> tuple[str, int] | None:
+    """(sha256, size) of a regular file's bytes, or None for anything else."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        # Not even opened: opening and closing a FIFO would wake its writer, and it could
+        # then write to a pipe with no reader (SIGPIPE) before `scan` opens it again.
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := os.read(fd, _COPY_BYTES):
+            size += len(chunk)
+            if size > max_bytes:
+                return None  # `scan` says why
+            digest.update(chunk)
+        return digest.hexdigest(), size
+    finally:
+        os.close(fd)
+
+
+def _digest_from(fd: int, offset: int) -> str:
+    digest = hashlib.sha256()
+    while chunk := os.pread(fd, _COPY_BYTES, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()

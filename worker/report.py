@@ -196,8 +196,11 @@ def gather(ledger: Path, *, manifest: Path | None = None, state: State | None = 
 def _choose(ledger: Path, state: State, locked: bool | None, manifest: Path | None) -> Gathered:
     """The manifest to count against, and why."""
     header = state.header
+    remembered = manifest_step.remembered_path(ledger)
     if manifest is not None:
-        scan = manifest_step.scan(manifest)  # the user named it: its problems are errors
+        # The user named it: its problems are errors. A run's validation of the very same
+        # bytes, kept beside the ledger, is as good as a new one (manifest.recall).
+        scan = manifest_step.recall(manifest, remembered) or manifest_step.scan(manifest)
         note = f"counted against {manifest} (--manifest)"
         if header is not None and scan.sha256 != header.manifest_sha256:
             note += "; it is not the manifest the last run used"
@@ -227,9 +230,22 @@ def _choose(ledger: Path, state: State, locked: bool | None, manifest: Path | No
             scan=None,
             note=f"the last run's manifest {path} is not a file here; {every}",
         )
-    try:
-        scan = manifest_step.scan(path)
-    except ManifestError:
+    # Hashed before it is validated: a manifest that changed since is not counted against,
+    # so validating it (seconds for millions of lines) would be wasted.
+    sha256 = manifest_step.digest(path)
+    if sha256 is not None and sha256 != header.manifest_sha256:
+        return Gathered(
+            ledger=ledger,
+            state=state,
+            locked=locked,
+            scan=None,
+            note=f"the last run's manifest {path} has changed since; {every}",
+        )
+    counted: manifest_step.Scan | None = None
+    if sha256 is not None:
+        with contextlib.suppress(ManifestError):
+            counted = manifest_step.recall(path, remembered) or manifest_step.scan(path)
+    if counted is None:
         return Gathered(
             ledger=ledger,
             state=state,
@@ -237,9 +253,8 @@ def _choose(ledger: Path, state: State, locked: bool | None, manifest: Path | No
             scan=None,
             note=f"the last run's manifest {path} cannot be read; {every}",
         )
-    if scan.sha256 != header.manifest_sha256:
-        with contextlib.suppress(AttributeError):
-            scan.close()
+    if counted.sha256 != header.manifest_sha256:  # changed between the hash and the scan
+        counted.close()
         return Gathered(
             ledger=ledger,
             state=state,
@@ -251,7 +266,7 @@ def _choose(ledger: Path, state: State, locked: bool | None, manifest: Path | No
         ledger=ledger,
         state=state,
         locked=locked,
-        scan=scan,
+        scan=counted,
         note=f"counted against {path}, the last run's manifest (unchanged)",
     )
 
@@ -271,7 +286,11 @@ def status_of(
             if item.problem.field
             else f"invalid: {item.problem.reason}",
         )
-    entry = latest.get(item.name)
+    return status_given(item, latest.get(item.name), audit)
+
+
+def status_given(item: Group, entry: Latest | None, audit: Audit | None) -> tuple[str, str]:
+    """status_of, for a line whose ledger entry was looked up already."""
     if audit is not None and audit.in_sync(item.name, entry):
         return "in_sync", ""
     if entry is None:
@@ -330,14 +349,14 @@ def summary_of(
                 codes[entry.code] += 1
 
     if items is not None:
+        get = state.latest.get
         for item in items:
-            status, _ = status_of(item, state.latest, audit)
-            if status == "invalid":
+            if isinstance(item, Invalid):
                 codes["InvalidManifestLine"] += 1
-                counts[status] += 1
+                counts["invalid"] += 1
             else:
-                assert isinstance(item, Group)
-                count(status, state.latest.get(item.name))
+                entry = get(item.name)  # once per line: millions of lookups
+                count(status_given(item, entry, audit)[0], entry)
     else:
         for entry in state.latest.values():
             if entry.outcome is Outcome.INVALID:

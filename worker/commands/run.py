@@ -29,7 +29,7 @@ log = structlog.get_logger("worker")
 
 def run(settings: Settings, options: Options, controls: Controls, loop: Loop, out: IO[str]) -> Exit:
     """`worker run`: create every manifest group the ledger does not record as done."""
-    with manifest.scan(settings.manifest, spool_dir=settings.ledger.parent) as scan:
+    with compose.scan_manifest(settings) as scan:
         if scan.problem_count and not settings.skip_invalid:
             raise ManifestError(scan.problems, scan.problem_count)
         if settings.dry_run:
@@ -51,6 +51,7 @@ def run(settings: Settings, options: Options, controls: Controls, loop: Loop, ou
         settings, creds, source = compose.load_credentials(settings, options)
         target = compose.target_of(settings, creds, options)
         with compose.open_ledger(settings.ledger, target, expect_names=scan.groups) as book:
+            compose.remember_manifest(scan, settings)
             return loop(
                 _run(settings, options, scan, book, creds, target, source, controls), controls
             )

@@ -66,7 +66,7 @@ def sync(
     out: IO[str],
 ) -> Exit:
     """`worker sync`: list the account, compare it with the manifest, carry out the difference."""
-    with manifest.scan(settings.manifest, spool_dir=settings.ledger.parent) as scan:
+    with compose.scan_manifest(settings) as scan:
         if scan.problem_count and not settings.skip_invalid:
             raise ManifestError(scan.problems, scan.problem_count)
         settings, creds, source = compose.load_credentials(settings, options)
@@ -80,6 +80,7 @@ def sync(
                 controls,
             )
         with compose.open_ledger(settings.ledger, target, expect_names=scan.groups) as book:
+            compose.remember_manifest(scan, settings)
             return loop(
                 _sync(settings, options, sync_options, scan, book, creds, target, controls),
                 controls,

@@ -1,0 +1,217 @@
+"""A validation remembered (manifest.remember / recall): a run keeps its validated spool
+beside the ledger, and the next scan of the very same bytes reads it instead of validating
+again. Derived, checked, never trusted over the manifest: other bytes, damage, another
+version, a file that is not ours, or a pipe all mean a fresh validation."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import SandboxProc, cli_env, ledger_records, names, run_worker, write_manifest
+from worker import manifest as manifest_step
+from worker.manifest import Group, Invalid, Scan, recall, remember, remembered_path, scan
+
+MIXED = (
+    '{"Name": "Good1", "Tags": [{"Key": "k", "Value": "v", "Category": "Custom"}]}\n'
+    "\n"
+    '{"Name": "bad name"}\n'
+    '{"Name": "Good2", "ProjectName": "p"}\n'
+    "[]\n"
+    '{"Name": "Good1"}\n'
+)
+
+
+def items_of(result: Scan) -> list[tuple[object, ...]]:
+    out: list[tuple[object, ...]] = []
+    for item in manifest_step.read(result):
+        if isinstance(item, Group):
+            out.append(("G", item.name, item.line, item.body, item.fingerprint))
+        else:
+            assert isinstance(item, Invalid)
+            out.append(("!", item.name, item.line, str(item.problem)))
+    return out
+
+
+def scanned_and_remembered(tmp_path: Path, text: str = MIXED) -> tuple[Path, Path, Scan]:
+    source = tmp_path / "m.jsonl"
+    source.write_text(text, encoding="utf-8")
+    kept = remembered_path(tmp_path / "m.ledger.jsonl")
+    fresh = scan(source, spool_dir=tmp_path)
+    assert remember(fresh, kept)
+    return source, kept, fresh
+
+
+def test_a_recalled_scan_yields_exactly_what_the_validation_did(tmp_path: Path) -> None:
+    """Groups (bodies, fingerprints, lines), invalid lines, duplicates, counts and problems:
+    all as the fresh scan found them, and the problems name the manifest's path now."""
+    source, kept, fresh = scanned_and_remembered(tmp_path)
+    with fresh, recall(source, kept) as again:  # type: ignore[union-attr]
+        assert again.recalled and not fresh.recalled
+        assert items_of(again) == items_of(fresh)
+        assert (again.sha256, again.size, again.groups, again.invalid) == (
+            fresh.sha256,
+            fresh.size,
+            fresh.groups,
+            fresh.invalid,
+        )
+        assert again.problem_count == fresh.problem_count == 3
+        assert [str(p) for p in again.problems] == [str(p) for p in fresh.problems]
+        assert items_of(again) == items_of(again)  # every pass reads it afresh
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+
+
+def test_a_renamed_manifest_with_the_same_bytes_is_named_by_its_new_path(tmp_path: Path) -> None:
+    source, kept, fresh = scanned_and_remembered(tmp_path)
+    fresh.close()
+    moved = source.rename(tmp_path / "renamed.jsonl")
+    again = recall(moved, kept)
+    assert again is not None
+    with again:
+        assert all(str(p).startswith(f"{moved}:") for p in again.problems)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda b: b + b'{"Name": "Good3"}\n', id="appended"),
+        pytest.param(lambda b: b.replace(b"Good2", b"Good9"), id="same-size-edit"),
+        pytest.param(lambda b: b[:-1], id="cut"),
+    ],
+)
+def test_other_bytes_are_validated_afresh(tmp_path: Path, edit: object) -> None:
+    source, kept, fresh = scanned_and_remembered(tmp_path)
+    fresh.close()
+    assert callable(edit)
+    source.write_bytes(edit(source.read_bytes()))
+    assert recall(source, kept) is None
+
+
+@pytest.mark.parametrize("where", ["records", "header", "truncated", "empty", "version"])
+def test_a_damaged_or_foreign_spool_is_not_used(tmp_path: Path, where: str) -> None:
+    source, kept, fresh = scanned_and_remembered(tmp_path)
+    fresh.close()
+    data = bytearray(kept.read_bytes())
+    if where == "records":
+        data[-3] ^= 0x01  # one bit in the last record's body
+    elif where == "header":
+        data[0:1] = b"["
+    elif where == "truncated":
+        del data[-10:]
+    elif where == "empty":
+        data = bytearray()
+    else:
+        data = bytearray(bytes(data).replace(b'"worker":"', b'"worker":"9', 1))
+    kept.write_bytes(bytes(data))
+    assert recall(source, kept) is None
+
+
+def test_a_spool_that_is_not_ours_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another user's file, a symbolic link (even to a good spool), a directory: not used."""
+    source, kept, fresh = scanned_and_remembered(tmp_path)
+    fresh.close()
+    real_uid = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: real_uid + 1)
+    assert recall(source, kept) is None
+    monkeypatch.undo()
+    mine = recall(source, kept)
+    assert mine is not None  # the same file is used when it is ours
+    mine.close()
+    link = tmp_path / "link.spool"
+    link.symlink_to(kept)
+    assert recall(source, link) is None
+    folder = tmp_path / "dir.spool"
+    folder.mkdir()
+    assert recall(source, folder) is None
+    assert recall(source, tmp_path / "missing.spool") is None
+
+
+def test_a_pipe_is_never_recalled_or_opened(tmp_path: Path) -> None:
+    """A FIFO is read once, by `scan`: recall does not even open it (opening and closing it
+    would wake its writer into a pipe with no reader)."""
+    source, kept, fresh = scanned_and_remembered(tmp_path)
+    fresh.close()
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    assert recall(fifo, kept) is None
+    # No reader ever opened it: a non-blocking writer still finds none.
+    with pytest.raises(OSError) as info:
+        os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    assert info.value.errno == 6  # ENXIO: no reader
+
+
+def test_a_spool_that_cannot_be_kept_is_not_an_error(tmp_path: Path) -> None:
+    source = tmp_path / "m.jsonl"
+    source.write_text(MIXED, encoding="utf-8")
+    with scan(source) as fresh:
+        assert not remember(fresh, tmp_path / "no-such-folder" / "m.spool")
+        (tmp_path / "taken.spool").mkdir()
+        assert not remember(fresh, tmp_path / "taken.spool")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl", "taken.spool"]
+
+
+# -- through the real CLI --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_rerun_of_the_same_manifest_skips_the_validation_and_an_edit_does_not(
+    sandbox: SandboxProc, tmp_path: Path
+) -> None:
+    manifest = write_manifest(tmp_path / "m.jsonl", names(5))
+    ledger = tmp_path / "m.ledger.jsonl"
+    env = cli_env(tmp_path)
+    args = ("run", str(manifest), "--endpoint", sandbox.url, "--log-format", "json")
+    first = run_worker(*args, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "manifest.unchanged" not in first.stderr
+    kept = Path(f"{ledger}.spool")
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+
+    again = run_worker(*args, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "manifest.unchanged" in again.stderr
+    assert len(sandbox.creates()) == 5  # nothing sent again
+
+    # An edit is validated: a bad line is refused before anything is sent (exit 2)...
+    with manifest.open("a", encoding="utf-8") as f:
+        f.write('{"Name": "bad name"}\n')
+    bad = run_worker(*args, env=env)
+    assert bad.returncode == 2, bad.stderr
+    assert f"{manifest}:6: Name:" in bad.stderr
+    assert "manifest.unchanged" not in bad.stderr
+    # ...and a good one is created.
+    write_manifest(manifest, [*names(5), {"Name": "Extra1"}])
+    good = run_worker(*args, env=env)
+    assert good.returncode == 0, good.stderr
+    assert "manifest.unchanged" not in good.stderr
+    assert [c["name"] for c in sandbox.creates()][5:] == ["Extra1"]
+    assert ledger_records(ledger)[-1]["type"] == "end"
+
+
+@pytest.mark.slow
+def test_a_damaged_spool_is_validated_afresh_and_a_dry_run_keeps_none(
+    sandbox: SandboxProc, tmp_path: Path
+) -> None:
+    manifest = write_manifest(tmp_path / "m.jsonl", names(3))
+    env = cli_env(tmp_path)
+    args = ("run", str(manifest), "--endpoint", sandbox.url, "--log-format", "json")
+    dry = run_worker(*args, "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert not list(tmp_path.glob("*.spool"))  # a dry run writes nothing
+    assert run_worker(*args, env=env).returncode == 0
+    kept = tmp_path / "m.ledger.jsonl.spool"
+    head, _, records = kept.read_bytes().partition(b"\n")
+    meta = orjson.loads(head)
+    kept.write_bytes(head + b"\n" + records.replace(b"00000", b"00009"))  # same size
+    assert meta["records_bytes"] == len(records)
+    again = run_worker(*args, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "manifest.unchanged" not in again.stderr
+    assert len(sandbox.creates()) == 3  # the true manifest, all done: nothing sent
+    assert "manifest.unchanged" in run_worker(*args, env=env).stderr  # remembered anew
