@@ -253,29 +253,110 @@ def test_records_appended_behind_the_index_are_read(tmp_path: Path) -> None:
         same_state(book.state, in_memory(path))
 
 
-def test_a_killed_run_leaves_an_index_nobody_trusts(tmp_path: Path) -> None:
-    """A run killed while it updates the index (kill -9) leaves it marked dirty: readers and
-    the next run read the ledger, including what the killed run wrote."""
-    path = tmp_path / "l.jsonl"
-    write_run(path, history("r1", 12))
+def _killed_run(path: Path, body: str) -> None:
+    """A child process that opens the ledger as a run does, runs `body` (with `book`,
+    `header`, `intent`, `result`, `Outcome` and `ledger` at hand) and dies as `kill -9`
+    would (no close, no footer)."""
     code = f"""
 import os
 from pathlib import Path
-from typing import Any
 from tests.test_scale import TARGET, header, intent, result
+from worker import ledger
 from worker.ledger import Ledger
 from worker.records import Outcome
 book = Ledger.open(Path({str(path)!r}), target=TARGET)
+{body}
+os._exit(9)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=Path(__file__).parents[1],
+        text=True,
+        capture_output=True,
+    )
+    assert done.returncode == 9, done.stderr
+
+
+def _index_state(path: Path) -> int:
+    return int.from_bytes(index.index_path(path).read_bytes()[8:12], "little")
+
+
+def test_a_killed_run_leaves_a_checkpoint_the_next_run_extends(tmp_path: Path) -> None:
+    """A run killed (kill -9) while it extends a clean index leaves it as a checkpoint of
+    what it covered: readers without the lock do not trust it (they build their own), and
+    the next run reads the ledger on from there, in the same file (no rebuild); both get
+    exactly a plain fold of every record, what the killed run wrote included."""
+    path = tmp_path / "l.jsonl"
+    write_run(path, history("r1", 12))
+    assert _index_state(path) == index.CLEAN
+    _killed_run(
+        path,
+        """
 book.append(header("r2"))
 book.append(intent("r2", "组00003", 4))
 book.append(result("r2", "组00003", 4, Outcome.CREATED))
 book.append(intent("r2", "新名字", 99))
-os._exit(9)
-"""
-    subprocess.run([sys.executable, "-c", code], check=False, cwd=Path(__file__).parents[1])
-    assert index.index_path(path).read_bytes()[8:12] == b"\0\0\0\0"  # not clean
+""",
+    )
+    assert _index_state(path) == index.CHECKPOINT
     want = in_memory(path)
     assert want.latest["组00003"].done and want.latest["新名字"].in_doubt
+    same_state(read_state(path), want)
+    inode = index.index_path(path).stat().st_ino
+    with Ledger.open(path, target=TARGET) as book:
+        same_state(book.state, want)
+        assert index.index_path(path).stat().st_ino == inode  # extended, not rebuilt
+    assert _index_state(path) == index.CLEAN
+
+
+def test_checkpoints_during_a_run_cover_what_was_fsynced(tmp_path: Path) -> None:
+    """A run checkpoints its index as it goes, up to what its last fsync covered. Killed
+    after more records (new Names among them), the next run folds the rest in from the
+    checkpoint and counts every Name once."""
+    path = tmp_path / "l.jsonl"
+    write_run(path, history("r1", 12))
+    os.unlink(index.index_path(path))  # a rebuilt index: dirty until its first checkpoint
+    _killed_run(
+        path,
+        """
+ledger.CHECKPOINT_S = 0.0
+book._next_checkpoint = 0.0
+book.append(header("r2"))
+for i in range(5):
+    book.append(intent("r2", f"早{i}", 100 + i))
+book.sync()
+book.append(result("r2", "早0", 100, Outcome.CREATED))  # checkpoints what sync covered
+for i in range(5):
+    book.append(intent("r2", f"晚{i}", 200 + i))  # after the checkpoint, some in the table
+""",
+    )
+    assert _index_state(path) == index.CHECKPOINT
+    want = in_memory(path)
+    assert want.latest["早0"].done and want.latest["晚4"].in_doubt
+    inode = index.index_path(path).stat().st_ino
+    with Ledger.open(path, target=TARGET) as book:
+        same_state(book.state, want)
+        assert index.index_path(path).stat().st_ino == inode
+        assert len(book.state.latest) == len(want.latest)  # 晚0-4 counted once
+
+
+def test_a_table_grown_after_a_checkpoint_is_dirty_until_the_next(tmp_path: Path) -> None:
+    """Growing makes a new file; a checkpoint of the old one describes nothing in it, so a
+    run killed before its next checkpoint leaves it dirty, and the next run rebuilds."""
+    path = tmp_path / "l.jsonl"
+    write_run(path, history("r1", 12))
+    n = int(index.MIN_SLOTS * index.MAX_LOAD) + 10
+    _killed_run(
+        path,
+        f"""
+book.append(header("r2"))
+for i in range({n}):
+    book.append(intent("r2", f"名{{i}}", i + 1))
+""",
+    )
+    assert _index_state(path) == index.DIRTY
+    want = in_memory(path)
     same_state(read_state(path), want)
     with Ledger.open(path, target=TARGET) as book:
         same_state(book.state, want)
@@ -527,7 +608,8 @@ def test_a_reader_that_cannot_build_a_private_index_reads_in_memory(tmp_path: Pa
 def test_an_index_that_cannot_be_marked_dirty_is_not_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start: str
 ) -> None:
-    """When the dirty mark cannot be written (EIO), the run never changes that index: a
+    """When the index cannot be marked (dirty, or a checkpoint being extended: EIO), the run
+    never changes that index: a
     current one is copied into memory and removed, a new one gives way to a private file;
     either way the run's state is right and the next run trusts only what is true."""
     path = tmp_path / "l.jsonl"
@@ -539,7 +621,8 @@ def test_an_index_that_cannot_be_marked_dirty_is_not_written(
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     with monkeypatch.context() as patch, capture_logs() as logs:
-        patch.setattr(index, "mark_dirty", cannot)
+        patch.setattr(index, "mark_dirty", cannot)  # a new index, before its first change
+        patch.setattr(index, "mark_checkpoint", cannot)  # a current one, before it is extended
         with Ledger.open(path, target=TARGET) as book:
             table = book.state.latest
             assert isinstance(table, Table) and table.path is None

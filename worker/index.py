@@ -50,6 +50,7 @@ import contextlib
 import errno
 import hashlib
 import mmap
+import operator
 import os
 import struct
 import tempfile
@@ -83,6 +84,15 @@ _ACTION_NO: Final = {a: i for i, a in enumerate(_ACTIONS)}
 _HAS_FP: Final = 1
 _EMPTY_KEY: Final = bytes(16)
 _COPY_CHUNK: Final = 1 << 20
+_PROBE_SLOTS: Final = 2
+# The header's state. DIRTY: being changed, trusted by nobody. CLEAN: describes the covered
+# ledger prefix exactly. CHECKPOINT: holds every record of the covered prefix, and maybe
+# some after it (a run went on writing): trusted only by a run holding the lock, which
+# folds the ledger in again from the covered offset (folding a record twice is harmless:
+# a Name's word is its latest record's) and counts the used slots afresh.
+DIRTY: Final = 0
+CLEAN: Final = 1
+CHECKPOINT: Final = 2
 
 log = structlog.get_logger("worker")
 
@@ -240,7 +250,10 @@ class Table(Mapping[str, Latest]):
             i = (i + 1) & mask
 
     def _entry(self, at: int) -> Latest:
-        _, fp, line, _, outcome, action, flags, code = _SLOT.unpack_from(self._mm, at)
+        return self._unpack(self._mm, at)
+
+    def _unpack(self, buffer: Any, at: int) -> Latest:
+        _, fp, line, _, outcome, action, flags, code = _SLOT.unpack_from(buffer, at)
         return Latest(
             _OUTCOMES[outcome],
             _ACTIONS[action],
@@ -255,11 +268,31 @@ class Table(Mapping[str, Latest]):
             raise KeyError(name)
         return self._entry(at)
 
-    def get(self, name: str, default: Any = None) -> Any:  # the hot path: one probe
-        at = self._find(name_key(name))
-        if self._mm[at : at + 16] == _EMPTY_KEY:
-            return default
-        return self._entry(at)
+    def get(self, name: str, default: Any = None) -> Any:
+        """The hot path of a resume: a lookup per manifest line. A file's slots are read
+        with `pread`, not through the mapping: that adds nothing to our resident set, so no
+        pages need dropping (dropping and faulting them back cost twice as much, measured)."""
+        if self._fd < 0:
+            at = self._find(name_key(name))
+            if self._mm[at : at + 16] == _EMPTY_KEY:
+                return default
+            return self._entry(at)
+        key = name_key(name)
+        mask = self.slots - 1
+        i = int.from_bytes(key[8:], "little") & mask
+        while True:
+            # Two slots at a time: linear probing rarely needs more below MAX_LOAD.
+            run = min(_PROBE_SLOTS, self.slots - i)
+            chunk = os.pread(self._fd, run * SLOT_BYTES, HEADER_BYTES + i * SLOT_BYTES)
+            for at in range(0, len(chunk), SLOT_BYTES):
+                here = chunk[at : at + 16]
+                if here == key:
+                    return self._unpack(chunk, at)
+                if here == _EMPTY_KEY:
+                    return default
+            if len(chunk) < run * SLOT_BYTES:
+                raise OSError(errno.EIO, f"{self.path or 'the index'} is shorter than its table")
+            i = (i + run) & mask
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
@@ -416,7 +449,11 @@ class Table(Mapping[str, Latest]):
             if i % (_DROP_EVERY * 16) == 0:
                 self._drop_pages(old)
                 into._drop_pages(new)
-        new[:HEADER_BYTES] = old[:HEADER_BYTES]  # the dirty mark
+        # Dirty: nothing of the new file is on disk yet, whatever the old header said (a
+        # checkpoint of the old file describes nothing in this one).
+        new[:HEADER_BYTES] = _HEAD.pack(
+            MAGIC, DIRTY, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, bytes(32), bytes(32)
+        ).ljust(HEADER_BYTES, b"\0")
         return into
 
     def _adopt(self, other: Table) -> None:
@@ -518,11 +555,11 @@ def _tail_sha(fd: int, offset: int) -> bytes:
 
 
 def _write_header(
-    fd: int, *, clean: bool, slots: int, used: int, at: Covered, trailer_len: int
+    fd: int, *, state: int, slots: int, used: int, at: Covered, trailer_len: int
 ) -> None:
     data = _HEAD.pack(
         MAGIC,
-        int(clean),
+        state,
         0,
         slots,
         used,
@@ -555,7 +592,16 @@ def mark_dirty(table: Table) -> None:
     """Before the first change: a crash from here on leaves an index nobody trusts. Only
     for the shared index, in its file."""
     assert table.path is not None and not table.in_memory
-    _write_header(table._fd, clean=False, slots=0, used=0, at=_NOTHING, trailer_len=0)
+    _write_header(table._fd, state=DIRTY, slots=0, used=0, at=_NOTHING, trailer_len=0)
+    os.fsync(table._fd)
+
+
+def mark_checkpoint(table: Table) -> None:
+    """A clean index that a run (holding the lock) is about to extend: from here on it is a
+    checkpoint of the prefix it covered, so a run killed while extending it leaves an index
+    the next run still extends, rather than one it must rebuild from the whole ledger."""
+    assert table.path is not None and not table.in_memory
+    _pwrite_all(table._fd, struct.pack("<I", CHECKPOINT), 8)  # the state field alone
     os.fsync(table._fd)
 
 
@@ -563,29 +609,46 @@ def finish(table: Table, at: Covered, trailer: dict[str, Any]) -> None:
     """After the ledger's fsync: write the trailer, then a clean header naming what the
     index now covers, and fsync. The header goes last: a crash before it leaves the index
     dirty, to be rebuilt. Only for the shared index, in its file."""
+    _seal(table, at, trailer, CLEAN)
+
+
+def checkpoint(table: Table, at: Covered, trailer: dict[str, Any]) -> None:
+    """While a run goes on (every CHECKPOINT_S): a header saying that the table holds every
+    record before `at.offset` (a ledger prefix already fsynced), with the trailer of that
+    moment. A run killed later (`kill -9`) then costs the next one a read of the ledger
+    from there on, not a rebuild from the whole ledger. `trailer` must be the state at
+    `at.offset` as far as runs go (no run header after it): the caller sees to that."""
+    _seal(table, at, trailer, CHECKPOINT)
+
+
+def _seal(table: Table, at: Covered, trailer: dict[str, Any], state: int) -> None:
     assert table.path is not None and not table.in_memory
+    fd = table._fd
+    # Dirty while the trailer changes: a crash in between must not pair an older header
+    # with a newer trailer.
+    mark_dirty(table)
     table.flush()
     data = orjson.dumps(trailer)
     end = HEADER_BYTES + table.slots * SLOT_BYTES
-    _pwrite_all(table._fd, data, end)
-    os.ftruncate(table._fd, end + len(data))
-    os.fsync(table._fd)
-    _write_header(
-        table._fd, clean=True, slots=table.slots, used=table.used, at=at, trailer_len=len(data)
-    )
-    os.fsync(table._fd)
+    _pwrite_all(fd, data, end)
+    os.ftruncate(fd, end + len(data))
+    os.fsync(fd)  # the slots (through the mapping) and the trailer, before the header
+    _write_header(fd, state=state, slots=table.slots, used=table.used, at=at, trailer_len=len(data))
+    os.fsync(fd)
 
 
-def read_index(fd: int, ledger_fd: int) -> tuple[int, int, Covered, dict[str, Any]]:
-    """(slots, used, covered, trailer) of a clean index that describes a prefix of this
-    ledger (same file, same first line, same bytes before the covered offset). Raises Stale
-    otherwise."""
+def read_index(
+    fd: int, ledger_fd: int, *, checkpoint_ok: bool = False
+) -> tuple[int, int, Covered, dict[str, Any]]:
+    """(slots, used, covered, trailer) of a clean index (or, with `checkpoint_ok`, a
+    checkpoint: see CHECKPOINT) that describes a prefix of this ledger (same file, same
+    first line, same bytes before the covered offset). Raises Stale otherwise."""
     raw = os.pread(fd, _HEAD.size, 0)
     if len(raw) != _HEAD.size:
         raise Stale("no header")
     (
         magic,
-        clean,
+        state,
         _,
         slots,
         used,
@@ -601,7 +664,9 @@ def read_index(fd: int, ledger_fd: int) -> tuple[int, int, Covered, dict[str, An
     ) = _HEAD.unpack(raw)
     if magic != MAGIC:
         raise Stale("another format or version")
-    if not clean:
+    if state == CHECKPOINT and not checkpoint_ok:
+        raise Stale("a run is using it, or was killed")
+    if state not in (CLEAN, CHECKPOINT):
         raise Stale("a run stopped while it was updating it")
     if slots < MIN_SLOTS or slots & (slots - 1) or used > slots * MAX_LOAD:
         raise Stale("damaged header")
@@ -639,4 +704,22 @@ def read_index(fd: int, ledger_fd: int) -> tuple[int, int, Covered, dict[str, An
         head_sha=head_sha,
         tail_sha=tail_sha,
     )
+    if state == CHECKPOINT:
+        used = _count_used(fd, slots)  # slots taken after the checkpoint count too
     return slots, used, at, trailer
+
+
+def _count_used(fd: int, slots: int) -> int:
+    """The slots whose key is not all zero, read in chunks (two 8-byte words per key)."""
+    words_per_slot = SLOT_BYTES // 8
+    empty = 0
+    per = 1 << 14
+    for first in range(0, slots, per):
+        n = min(per, slots - first)
+        chunk = os.pread(fd, n * SLOT_BYTES, HEADER_BYTES + first * SLOT_BYTES)
+        if len(chunk) != n * SLOT_BYTES:
+            raise Stale("the file has the wrong size")
+        words = memoryview(chunk).cast("Q")
+        lows, highs = words[0::words_per_slot], words[1::words_per_slot]
+        empty += list(map(operator.or_, lows, highs)).count(0)
+    return slots - empty

@@ -58,6 +58,9 @@ from worker.records import (
 __all__ = ["Latest", "Ledger", "State", "read_state", "records_of"]
 
 FSYNC_EVERY_S: Final = 1.0
+# How often a run records in its index how far the ledger is folded in (index.checkpoint):
+# after a `kill -9`, the next run reads the ledger from the last checkpoint on, not whole.
+CHECKPOINT_S: Final = 10.0
 # The largest record we write is a result holding a 1 MiB manifest body and a bounded
 # message; four times that leaves room and still bounds what one line can make us hold.
 MAX_RECORD_BYTES: Final = 4 << 20
@@ -254,7 +257,7 @@ def _current_index(
     except OSError:
         return None  # none yet, or not ours to use: a new one is made (and says why)
     try:
-        slots, used, at, trailer = index.read_index(ifd, fd)
+        slots, used, at, trailer = index.read_index(ifd, fd, checkpoint_ok=lock_held)
         size = os.fstat(fd).st_size
         if not lock_held and (at.offset != size or at.size != size):
             raise index.Stale("the ledger has grown since (a run is going on, or was killed)")
@@ -286,7 +289,7 @@ def _current_index(
         return None
     if lock_held:
         try:
-            index.mark_dirty(table)
+            index.mark_checkpoint(table)
         except OSError as exc:
             index.unavailable(ipath, exc, "memory")
             try:
@@ -431,6 +434,10 @@ class Ledger:
         self._broken: str | None = None
         self._end = 0  # the ledger's size: where the next record starts
         self._lines = 0
+        self._tip = (0, 0)  # (end, lines) after the last append
+        self._synced = (0, 0)  # (end, lines) that the last fsync covered
+        self._header_end = 0  # the end of the last run header this ledger appended
+        self._next_checkpoint = time.monotonic() + CHECKPOINT_S
 
     @classmethod
     def open(
@@ -477,6 +484,7 @@ class Ledger:
             raise
         book = cls(path, fd, lock_fd, state, torn_writes_s=torn_writes_s)
         book._end, book._lines = end, lines
+        book._tip = book._synced = (end, lines)
         return book
 
     def __enter__(self) -> Self:
@@ -521,11 +529,39 @@ class Ledger:
             raise LedgerWriteError(self._broken) from None
         self._dirty = True
         offset, self._end, self._lines = self._end, self._end + len(data), self._lines + 1
+        self._tip = (self._end, self._lines)  # one attribute: `sync`'s thread reads it
+        if isinstance(record, RunHeader):
+            self._header_end = self._end
         try:
             self.state.fold(record, offset)
         except OSError as exc:  # the index could not grow (a full disk): stop sending
             self._broken = f"{self.path}: cannot update the ledger's index: {exc.strerror}"
             raise LedgerWriteError(self._broken) from None
+        if time.monotonic() >= self._next_checkpoint:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Record in the index how far the ledger is folded in (index.checkpoint). Here,
+        on the thread that appends, never beside it: the table must not grow or close
+        under it. Only up to what the last fsync covered (after a power cut the ledger
+        holds at least that), and never before this run's header (the trailer holds the
+        runs as of now). The index is a cache: a checkpoint that fails is given up."""
+        self._next_checkpoint = time.monotonic() + CHECKPOINT_S
+        table = self.state.latest
+        end, lines = self._synced
+        if (
+            not isinstance(table, Table)
+            or table.path is None
+            or table.in_memory
+            or end < self._header_end
+            or end == 0
+        ):
+            return
+        try:
+            index.checkpoint(table, index.covered(self._fd, end, lines), self.state.trailer())
+        except OSError as exc:  # left marked dirty: the next run rebuilds it
+            index.unavailable(table.path, exc, "a rebuild by the next run")
+            self._next_checkpoint = float("inf")
 
     def sync(self) -> None:
         """fsync if anything was written since the last one. The runner calls this from a
@@ -534,8 +570,10 @@ class Ledger:
         if not self._dirty or self._fd < 0:
             return
         self._dirty = False  # before the fsync: a write racing with it marks it dirty again
+        covers = self._tip  # read once: appends go on beside this thread
         try:
             os.fsync(self._fd)
+            self._synced = covers
         except OSError as exc:
             self._broken = f"{self.path}: cannot sync the ledger: {exc.strerror}"
             raise LedgerWriteError(self._broken) from None
