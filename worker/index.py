@@ -6,9 +6,10 @@ into arrays it is ~60 B (the fingerprint alone is 32) plus the table's slack, wh
 fit ten million Names in 200 MB. Measured alternatives: sqlite3 point lookups cost ~12 µs
 each from Python (a resume looks every manifest line up, twice), a sorted file needs ~23
 probes per lookup. So the index is an open-addressing hash table of fixed 72-byte slots in a
-file, read through `mmap` (a lookup is one hash and one or two `unpack_from`s, ~1.5 µs),
-whose pages are dropped from our resident set every few thousand touches (MADV_DONTNEED on a
-shared file mapping only unmaps them: the page cache keeps them, dirty ones included).
+file. Lookups read slots with `pread` (one hash and one call, ~3 µs, nothing resident);
+writes go through `mmap`, whose pages are dropped from our resident set every thousand
+touches (MADV_DONTNEED on a shared file mapping only unmaps them: the page cache keeps them,
+dirty ones included).
 
 Slot: blake2b-128 of the Name (UTF-8), sha256 fingerprint (32 raw bytes), manifest line,
 byte offset of the record that set it (to give the Name back for `items`), outcome, action,
@@ -21,17 +22,20 @@ Derived, never trusted over the ledger. The header records what the index was ma
 the ledger's device and inode, the byte offset and line count it covers, the ledger's size
 and mtime when it was last brought up to date, sha256 of the ledger's first line (its first
 run header: a random run id, so another ledger never matches) and of the 4 KiB before the
-covered offset. The index is used only when all of them match and it is marked clean; a
-ledger that grew (a run appended to it) is read from the covered offset on and folded in;
-on any other mismatch, damage, a dirty mark (a run that was killed while it updated the
-index) or another version, it is rebuilt from the whole ledger. A hand edit inside the
+covered offset. The index is used only when all of them match and it is marked clean (or,
+for a run holding the lock, a checkpoint: below); a ledger that grew (a run appended to it)
+is read from the covered offset on and folded in; on any other mismatch, damage, a dirty
+mark or another version, it is rebuilt from the whole ledger. A hand edit inside the
 ledger that keeps its size and is followed by an append is not noticed (the ledger is
 append-only by contract; the 4 KiB before the covered offset are checked).
 
-Who writes it. Only a process holding the ledger's lock (`Ledger.open`): it marks the index
-dirty (fsynced) before the first change, folds what the run appends into it, and at close,
-after the ledger's fsync, writes the trailer (codes, run headers, footers, the last run's
-invalid lines) and a clean header. A reader without the lock (`read_state`: dry runs,
+Who writes it. Only a process holding the ledger's lock (`Ledger.open`): before the first
+change it marks a current index a CHECKPOINT of what it covers (a new one: dirty), folds
+what the run appends into it, every CHECKPOINT_S records a checkpoint up to what the
+ledger's last fsync covered, and at close, after the ledger's fsync, writes the trailer
+(codes, run headers, footers, the last run's invalid lines) and a clean header. So a run
+killed with `kill -9` leaves a checkpoint, and the next run reads the ledger on from it
+instead of rebuilding from the whole ledger. A reader without the lock (`read_state`: dry runs,
 `report`) uses the index only if it is clean and covers the ledger exactly; otherwise it
 builds a private one in an unlinked temporary file beside the ledger.
 
