@@ -409,15 +409,19 @@ def test_export_replaces_only_a_manifest(sandbox_factory: Any, tmp_path: Path) -
 def test_metrics_file_never_replaces_what_the_run_needs(
     sandbox_factory: Any, tmp_path: Path
 ) -> None:
-    """--metrics-file naming the ledger, the manifest or a file that is not a Prometheus
-    textfile: exit 2 before any request, the file untouched."""
+    """--metrics-file naming the ledger, its lock, index or remembered validation, the
+    manifest or a file that is not a Prometheus textfile: exit 2 before any request, the
+    file untouched."""
     sb = start(sandbox_factory, tmp_path, [])
     manifest = write_manifest(tmp_path / "m.jsonl", names(1))
     assert sync(sb, manifest, tmp_path).returncode == 0
     other = tmp_path / "notes.txt"
     other.write_text("my notes\n")
     arrivals = len(sb.arrivals())
-    for target in (tmp_path / "m.ledger.jsonl", manifest, other):
+    ledger = tmp_path / "m.ledger.jsonl"
+    beside = [ledger.with_name(ledger.name + ext) for ext in (".lock", ".index", ".spool")]
+    assert all(p.exists() for p in beside)
+    for target in (ledger, *beside, manifest, other):
         before = target.read_bytes()
         out = sync(sb, manifest, tmp_path, "--metrics-file", str(target))
         assert out.returncode == 2, (target, out.stderr)

@@ -373,6 +373,7 @@ def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
                 ledger_file,
                 ledger_file.with_name(ledger_file.name + ".lock"),
                 ledger_file.with_name(ledger_file.name + ".index"),
+                ledger_file.with_name(ledger_file.name + ".spool"),  # the remembered validation
                 manifest_path,
                 *([account] if account is not None else []),
             ],
