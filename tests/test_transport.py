@@ -334,6 +334,23 @@ async def test_the_exact_bytes_and_headers_are_sent() -> None:
     assert request.endswith(b"\r\n\r\n" + BODY)
 
 
+@run_async
+async def test_each_request_carries_its_own_query() -> None:
+    """Queries seen before and new ones (the URL per query is kept) go out as given, encoded
+    as aiohttp encodes `params` (the gateway decodes them before it checks the signature)."""
+    other = {"Action": "ListPullToPushGroup", "Version": "2023-01-01", "X": "a b/c"}
+    async with (
+        scripted(answer(200)) as endpoint,
+        Transport(endpoint.url, timeout_s=5, max_connections=2) as transport,
+    ):
+        for query in (QUERY, other, QUERY, other):
+            assert isinstance(await transport.send(query, HEADERS, BODY), Response)
+    lines = [r.split(b" HTTP/1.1", 1)[0] for r in endpoint.requests]
+    create = b"POST /?Action=CreatePullToPushGroup&Version=2023-01-01"
+    listing = b"POST /?Action=ListPullToPushGroup&Version=2023-01-01&X=a+b/c"
+    assert lines == [create, listing, create, listing]
+
+
 class ScriptedSender:
     """The shape a runner test passes in instead of a Transport."""
 

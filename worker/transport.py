@@ -30,9 +30,11 @@ from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+from yarl import URL
 
 MAX_BODY_BYTES = 1 << 20  # an API envelope is a few hundred bytes; never buffer a flood
 _MAX_HEADER_CHARS = 256  # Retry-After and Location are short; anything longer is hostile
+_MAX_URLS = 16  # queries whose URL is kept: the runner sends one per action
 
 FailureKind = Literal[
     "dns", "refused", "connect", "tls", "certificate", "timeout", "disconnected", "protocol"
@@ -102,6 +104,9 @@ class Transport:
         self._max_body_bytes = max_body_bytes
         self._tls = self._endpoint.startswith("https:")
         self._session: aiohttp.ClientSession | None = None
+        # The URL with its query, per query: a run sends a few queries (one per action)
+        # thousands of times, and aiohttp would parse and encode each one every time.
+        self._urls: dict[tuple[tuple[str, str], ...], URL] = {}
 
     def __repr__(self) -> str:
         return f"<Transport {redact_location(self._endpoint)} open={self._session is not None}>"
@@ -131,11 +136,16 @@ class Transport:
         """POST exactly these bytes with exactly these (already signed) headers, once."""
         assert self._session is not None, "use `async with Transport(...)`"
         answered = False  # a status line arrived: whatever fails later, the endpoint is there
+        key = tuple(query.items())
+        url = self._urls.get(key)
+        if url is None:
+            url = URL(self._endpoint).extend_query(key)
+            if len(self._urls) < _MAX_URLS:
+                self._urls[key] = url
         try:
             async with self._session.post(
-                self._endpoint,
-                params=dict(query),
-                headers=dict(headers),
+                url,
+                headers=headers,
                 data=body,
                 allow_redirects=False,
             ) as resp:
