@@ -446,3 +446,43 @@ def test_cool_down_message_does_not_outlive_the_pacer(redis_url: str) -> None:
     left, text = asyncio.run(main())
     assert left == set()
     assert "RedisPacer" in text and "admitted=1" in text
+
+
+def test_a_slow_answer_is_not_taken_for_a_late_send(redis_url: str) -> None:
+    """The loop held 30 ms while a booking was on its way (a busy machine): the slot is still
+    slept to on time through an earlier quick reading of Redis's clock, so nothing is reported
+    late and the shared schedule does not move."""
+    import redis.asyncio as aioredis
+
+    pacing = Pacing(rate=20)
+    gap = int(1_000_000 / pacing.target)
+
+    async def main() -> tuple[int, int, float, dict[str, float]]:
+        pacer = RedisPacer(
+            redis_url,
+            pacing=pacing,
+            endpoint=f"http://slow-{time.monotonic_ns()}",
+            access_key="AK",
+            timeout_s=5,
+            watch_s=None,
+        )
+        client = aioredis.Redis.from_url(redis_url)
+        async with pacer:
+            key = pacer._keys[0]
+            for _ in range(3):  # quick calls: readings of Redis's clock to within ~1 ms
+                await pacer.acquire()
+            tat0 = await _tat(client, key)
+            booking = asyncio.create_task(pacer.acquire())
+            await asyncio.sleep(0)  # the booking goes out...
+            time.sleep(0.030)  # ...and its answer is read 30 ms after Redis read its clock
+            await booking
+            widest = max(m.width for m in pacer._marks)
+            tat = await _tat(client, key)
+            stats = pacer.stats()
+        await client.aclose()
+        return tat, tat0, widest, stats
+
+    tat, tat0, widest, stats = asyncio.run(main())
+    assert widest >= 0.030  # the booking really was answered late
+    assert stats["reported_late"] == 0 and stats["missed"] == 0
+    assert tat == tat0 + gap

@@ -7,6 +7,15 @@ for its slot, and the caller sleeps exactly that long. Every "now" is the **Redi
 clock** (`TIME`), never a host's, so hosts whose clocks differ by seconds still share slots
 evenly; the only local time involved is a relative sleep.
 
+A slot is slept to through the best recent reading of Redis's clock, not through the call that
+booked it. Each call brackets the moment Redis read its clock between two local times (just
+before it went out, just after its answer was read); the narrowest bracket of the last second
+places Redis's clock in local time to within that call's round trip. On a busy machine one call
+can take 100 ms (the process waited for a CPU): timed by its own bracket, its slot was slept
+past by that much and then reported late, and the report pushed every process's schedule
+(measured, two CPU hogs on 2 cores, `python -m bench.shared`: 6 processes at 0.77 of the limit,
+reported lateness 5.7 s in total; timed by the best bracket, 0.96-0.97, 0.1 s).
+
 A late send moves the shared schedule, as it moves the local one. A caller that wakes more
 than SLACK_S after its slot still uses it (up to LATE_S) and reports when it really went:
 the process's next booking carries the report, and the script pushes TAT so that the slots
@@ -34,11 +43,11 @@ has been away longer than `timeout_s`.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import replace
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -70,10 +79,48 @@ LATE_S = 0.200
 WATCH_S = 0.005
 STALL_S = 0.010
 KEY_TTL_MS = 120_000  # keys vanish on their own once nobody uses the budget
+# Readings of Redis's clock are trusted this long (local seconds): the two clocks may drift
+# apart, by ppm, and a wall clock may be slewed; a second of that is far below a slack.
+MARK_S = 1.0
+MARKS = 32  # the readings kept: at 20 calls/s, more than MARK_S's worth
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """One reading of Redis's clock: Redis read `redis_us` at a local time between `asked`
+    (just before the call went out) and `answered` (just after its answer was read)."""
+
+    asked: float
+    answered: float
+    redis_us: int
+
+    @property
+    def width(self) -> float:
+        return self.answered - self.asked
+
+    def local(self, redis_us: int) -> tuple[float, float]:
+        """The local time of the Redis instant `redis_us`: the earliest and the latest it can be."""
+        since = (redis_us - self.redis_us) / 1e6
+        return self.asked + since, self.answered + since
+
+    def agrees(self, other: Mark) -> bool:
+        """Both can be right: the clocks did not step between them (nor drift a whole width)."""
+        earliest, latest = self.local(other.redis_us)
+        return earliest <= other.answered and other.asked <= latest
+
+
+def best_mark(marks: Sequence[Mark], now: float) -> Mark:
+    """The narrowest reading of the last MARK_S (on a tie the newest; the newest always
+    counts). A call held up by a busy machine reads Redis's clock as loosely as it was slow;
+    the quickest recent call pins it to within its own round trip."""
+    newest = marks[-1]
+    fresh = [m for m in marks if now - m.answered <= MARK_S] or [newest]
+    return min(reversed(fresh), key=lambda m: m.width)
+
 
 # KEYS: tat, throttle (hash: at, floor), seq. ARGV: target rate, horizon us, cooldown us,
 # recover us, ttl ms, slack us, book (1|0), then (used at us, seq) per late send reported.
-# Returns {wait_us, booked (1|0), slot us, seq}; with book 0 it only takes the reports.
+# Returns {wait_us, booked (1|0), slot us, seq, now us}; with book 0 it only takes the reports.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -107,13 +154,13 @@ if ARGV[7] == '0' or slot - now > horizon then
   if tat > tat0 then
     redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', ARGV[5])
   end
-  return {slot - now - horizon, 0, 0, 0}
+  return {slot - now - horizon, 0, 0, 0, now}
 end
 seq = seq + 1
 -- %.0f: Lua 5.1's tostring keeps 14 digits, and microsecond stamps have 16
 redis.call('SET', KEYS[1], string.format('%.0f', slot + gap), 'PX', ARGV[5])
 redis.call('SET', KEYS[3], string.format('%.0f', seq), 'PX', ARGV[5])
-return {slot - now, 1, slot, seq}
+return {slot - now, 1, slot, seq, now}
 """
 
 # KEYS: throttle. ARGV: target rate, cooldown us, recover us, min rate, ttl ms.
@@ -139,8 +186,9 @@ return 1
 class RedisPacer:
     """The shared budget of one access key at one endpoint. Open it with `async with`.
 
-    `stats()` says where the time went: slots used, used late and reported, lost to a stalled
-    loop; bookings refused because the horizon was full; Redis calls and their mean round trip.
+    `stats()` says where the time went: slots used; used late and reported (of those, reported
+    by the watchdog; their lateness in total); lost to a stalled loop; bookings refused because
+    the horizon was full; Redis calls and their mean round trip.
     """
 
     def __init__(
@@ -173,6 +221,7 @@ class RedisPacer:
         self._throttle: Any = None
         self._down_since: float | None = None
         self._lock: asyncio.Lock | None = None  # made inside the running loop
+        self._marks: deque[Mark] = deque(maxlen=MARKS)  # readings of Redis's clock
         self._late: list[tuple[int, int]] = []  # (used at, seq) on Redis's clock, not yet told
         self._tasks: set[asyncio.Task[None]] = set()  # messages to Redis still on their way
         self._flush: asyncio.Task[None] | None = None  # the one telling of late sends
@@ -180,6 +229,8 @@ class RedisPacer:
         self._recent: list[tuple[float, int, int, float]] = []
         self.admitted = 0  # slots used
         self.reported = 0  # of those, used late and reported
+        self.stalled = 0  # of those, reported by the watchdog (the loop was held after admission)
+        self._late_s = 0.0  # the lateness reported, in total
         self.missed = 0  # slots let go: the loop woke too late for them
         self.refused = 0  # bookings refused: the horizon was full, asked again later
         self.calls = 0  # Redis round trips that answered
@@ -198,6 +249,8 @@ class RedisPacer:
             "admitted": self.admitted,
             "reported_late": self.reported,
             "missed": self.missed,
+            "stalled": self.stalled,
+            "late_ms": round(1000 * self._late_s, 1),
             "refused": self.refused,
             "redis_calls": self.calls,
             "redis_rtt_ms": round(1000 * self._call_s / self.calls, 3) if self.calls else 0.0,
@@ -241,14 +294,17 @@ class RedisPacer:
             # One booking in flight per process: its callers queue here (FIFO), so a full
             # horizon is polled by one caller, and the late reports ride along with it.
             async with self._lock:
-                asked, wait_s, slot_us, seq = await self._book()
-                answered = self._clock()
-            # Redis read its clock somewhere between asked and answered. Sleep from the later
-            # bound, so that we are never early; count lateness from the earlier one, so that a
-            # loop that stalled before it read the answer is seen as late, not taken as on time.
-            if (rest := answered + wait_s - self._clock()) > 0:
+                slot_us, seq = await self._book()
+                # The slot in local time, read through the best recent reading of Redis's
+                # clock, not this call's: a call that was slow to answer (a busy machine)
+                # would make us sleep past the slot by its round trip and then count that
+                # round trip as lateness, which pushes everybody's schedule.
+                earliest, due = best_mark(self._marks, self._clock()).local(slot_us)
+            # Sleep to the later bound, so that we are never early; count lateness from the
+            # earlier one, so that a loop that stalled is seen as late, not taken as on time.
+            if (rest := due - self._clock()) > 0:
                 await self._sleep(rest)
-            late = self._clock() - (asked + wait_s)
+            late = self._clock() - earliest
             if late > LATE_S:
                 # Our loop stalled far past the slot: the report might come after the slots a
                 # second later were booked. Let it go, book anew.
@@ -257,7 +313,7 @@ class RedisPacer:
             if late > SLACK_S:
                 self._used_late(slot_us, seq, late)
             if self._watch_s is not None:
-                self._recent.append((self._clock(), slot_us, seq, asked + wait_s))
+                self._recent.append((self._clock(), slot_us, seq, earliest))
             self.admitted += 1
             return
 
@@ -267,6 +323,7 @@ class RedisPacer:
         message of its own does, right away."""
         self._late.append((slot_us + round(late * 1e6), seq))
         self.reported += 1
+        self._late_s += late
         if self._flush is None:
             self._flush = self._own(self._report())
 
@@ -279,6 +336,7 @@ class RedisPacer:
             if now - last - every_s > STALL_S:
                 for _, slot_us, seq, due in self._recent:
                     if now - due > SLACK_S:
+                        self.stalled += 1
                         self._used_late(slot_us, seq, now - due)
             # Keep one more look's worth: a request admitted just before this look may still be
             # on its way to the socket when the next stall begins.
@@ -290,11 +348,7 @@ class RedisPacer:
         try:
             while self._late:
                 reports, self._late = self._late, []
-                await self._call(
-                    functools.partial(
-                        self._acquire, keys=list(self._keys), args=self._args(reports, book=False)
-                    )
-                )
+                await self._script(self._args(reports, book=False))
         except LimiterUnavailable:
             pass  # acquire() meets the same outage and ends the run
         finally:
@@ -322,24 +376,32 @@ class RedisPacer:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _book(self) -> tuple[float, float, int, int]:
-        """Book the next slot: (local time just before the call that booked it, seconds to wait
-        for it from then, its time on Redis's clock, its number)."""
-        asked = 0.0
+    async def _book(self) -> tuple[int, int]:
+        """Book the next slot: (its time on Redis's clock, its number)."""
         while True:
             reports, self._late = self._late, []
-            args = self._args(reports, book=True)
-
-            async def book(args: list[int | str] = args) -> Any:
-                nonlocal asked
-                asked = self._clock()
-                return await self._acquire(keys=list(self._keys), args=args)
-
-            wait_us, booked, slot_us, seq = await self._call(book)
+            wait_us, booked, slot_us, seq = await self._script(self._args(reports, book=True))
             if booked:
-                return asked, wait_us / 1e6, int(slot_us), int(seq)
+                return int(slot_us), int(seq)
             self.refused += 1
             await self._sleep(min(wait_us / 1e6, HORIZON_S / 4))
+
+    async def _script(self, args: list[int | str]) -> tuple[int, int, int, int]:
+        """Run the booking script; keep its reading of Redis's clock."""
+
+        async def run() -> tuple[int, int, int, int]:
+            asked = self._clock()
+            wait_us, booked, slot_us, seq, now_us = await self._acquire(
+                keys=list(self._keys), args=args
+            )
+            mark = Mark(asked, self._clock(), int(now_us))
+            if self._marks and not best_mark(self._marks, mark.answered).agrees(mark):
+                self._marks.clear()  # a clock stepped: what we read before no longer holds
+            self._marks.append(mark)
+            return int(wait_us), int(booked), int(slot_us), int(seq)
+
+        result: tuple[int, int, int, int] = await self._call(run)
+        return result
 
     def throttled(self) -> None:
         """Start the shared cool-down; the runner does not wait for Redis to hear of it."""
