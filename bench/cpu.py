@@ -1,6 +1,6 @@
 """Benchmark: client CPU per request at a high rate, the worker against a bare loop (issue 11).
 
-    python -m bench.cpu [--requests N] [--rate R]
+    python -m bench.cpu [--requests N] [--rate R] [--runs 3]
 
 Both talk to the same sandbox process (signatures checked, a window far above the rate) on
 loopback, so the server's CPU is not counted. The worker is the real CLI in a child process:
@@ -16,10 +16,12 @@ import asyncio
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -87,17 +89,24 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--rate", type=float, default=5000.0)
-    parser.add_argument("--floor", nargs=2, metavar=("URL", "N"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.floor:  # the child that measures the bare loop
-        url, n = args.floor[0], int(args.floor[1])
-        print(asyncio.run(_floor_loop(url, n, 64)))
-        return
-    n = args.requests
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Row:
+    """One measurement: the worker's and the floor's CPU per request, in milliseconds."""
+
+    requests: int
+    worker_ms: float
+    floor_ms: float
+    exit_code: int
+    wall_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.worker_ms / self.floor_ms
+
+
+def measure(requests: int = 3000, rate: float = 5000.0) -> Row:
+    """Both clients against one fresh sandbox, the worker first."""
+    n = requests
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp_name:
         tmp = Path(tmp_name)
         sb = start_sandbox(tmp, "--rate", "1000000", keys={AK: SK})
@@ -112,7 +121,7 @@ def main() -> None:
                 "--endpoint",
                 sb.url,
                 "--rate",
-                str(args.rate),
+                str(rate),
                 "-q",
             ]
             one, _ = _child_cpu([*worker, str(_manifest(tmp / "one.jsonl", 1))], env)
@@ -130,20 +139,49 @@ def main() -> None:
             floor = float(floor_out.stdout.strip().splitlines()[-1])
         finally:
             sb.stop()
-    per_request = (many - one) / max(1, n - 1) * 1000
-    floor_ms = floor / n * 1000
+    return Row(
+        requests=n,
+        worker_ms=(many - one) / max(1, n - 1) * 1000,
+        floor_ms=floor / n * 1000,
+        exit_code=code,
+        wall_s=wall,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--rate", type=float, default=5000.0)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--floor", nargs=2, metavar=("URL", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.floor:  # the child that measures the bare loop
+        url, n = args.floor[0], int(args.floor[1])
+        print(asyncio.run(_floor_loop(url, n, 64)))
+        return
+    n = args.requests
+    print(f"python -m bench.cpu --requests {n} --rate {args.rate:g} --runs {args.runs}")
+    print(
+        "| run | worker run: CPU per request | floor: sign + aiohttp post, 64 in flight | ratio |"
+    )
+    print("| --- | --- | --- | --- |")
+    rows = []
+    for i in range(args.runs):
+        row = measure(n, args.rate)
+        rows.append(row)
+        print(
+            f"| {i + 1} | {row.worker_ms:.3f} ms (exit {row.exit_code}, {row.wall_s:.1f} s wall) "
+            f"| {row.floor_ms:.3f} ms | {row.ratio:.2f}x |",
+            flush=True,
+        )
+    if args.runs > 1:
+        ratios = [r.ratio for r in rows]
+        print(
+            f"ratio to the floor over {args.runs} runs: mean {statistics.mean(ratios):.2f}x "
+            f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)"
+        )
     self_cpu = resource.getrusage(resource.RUSAGE_SELF)
-    print(
-        f"python -m bench.cpu --requests {n} --rate {args.rate:g}  (bench's own CPU "
-        f"{self_cpu.ru_utime + self_cpu.ru_stime:.1f} s)"
-    )
-    print("| client | CPU per request | ratio to the floor |")
-    print("| --- | --- | --- |")
-    print(
-        f"| worker run, {n} groups at --rate {args.rate:g} (exit {code}, {wall:.1f} s wall) "
-        f"| {per_request:.3f} ms | {per_request / floor_ms:.2f}x |"
-    )
-    print(f"| floor: sign + aiohttp post, 64 in flight | {floor_ms:.3f} ms | 1.00x |")
+    print(f"(the bench's own CPU: {self_cpu.ru_utime + self_cpu.ru_stime:.1f} s)")
 
 
 if __name__ == "__main__":
