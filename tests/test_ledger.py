@@ -3,6 +3,7 @@ and the plan built on it."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -509,6 +510,28 @@ def test_a_failed_write_mid_run_is_a_ledger_write_error(tmp_path: Path) -> None:
     first, after = out.stdout.splitlines()
     assert first.startswith("first LedgerWriteError 7 ") and "cannot write the ledger" in first
     assert after.startswith("after LedgerWriteError 7 ")
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT, errno.EIO])
+def test_a_full_disk_says_which_derived_files_may_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    """A full disk (or quota) names the derived files beside the ledger that can be deleted
+    to make room; other failures do not (deleting them would not help)."""
+    path = tmp_path / "l.jsonl"
+    with Ledger.open(path, target=TARGET) as book:
+        book.append(header())
+
+        def full(fd: int, data: Any) -> int:
+            raise OSError(err, os.strerror(err))
+
+        monkeypatch.setattr(os, "write", full)
+        with pytest.raises(LedgerWriteError) as info:
+            book.append(intent("A"))
+        monkeypatch.undo()
+    hint = "l.jsonl.spool and l.jsonl.index beside it may be deleted"
+    assert (hint in str(info.value)) is (err != errno.EIO)
+    assert os.strerror(err) in str(info.value)
 
 
 GROWER = textwrap.dedent("""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import orjson
@@ -42,7 +43,7 @@ def scanned_and_remembered(tmp_path: Path, text: str = MIXED) -> tuple[Path, Pat
     source.write_text(text, encoding="utf-8")
     kept = remembered_path(tmp_path / "m.ledger.jsonl")
     fresh = scan(source, spool_dir=tmp_path)
-    assert remember(fresh, kept)
+    assert remember(fresh, kept) is None
     return source, kept, fresh
 
 
@@ -105,9 +106,93 @@ def test_a_damaged_or_foreign_spool_is_not_used(tmp_path: Path, where: str) -> N
     elif where == "empty":
         data = bytearray()
     else:
-        data = bytearray(bytes(data).replace(b'"worker":"', b'"worker":"9', 1))
+        data = bytearray(bytes(data).replace(b'"rules":"', b'"rules":"9', 1))
     kept.write_bytes(bytes(data))
     assert recall(source, kept) is None
+
+
+def test_every_header_field_is_sealed_with_the_records(tmp_path: Path) -> None:
+    """A header edited consistently (a count, a problem) is refused as surely as a damaged
+    record: the seal covers both. Otherwise one bit (problem_count 1 -> 0) would let a run
+    without --skip-invalid send the valid lines of an invalid manifest."""
+    source, kept, fresh = scanned_and_remembered(tmp_path)
+    fresh.close()
+    head, _, records = kept.read_bytes().partition(b"\n")
+    for field, value in (("problem_count", 0), ("groups", 1), ("problems", [])):
+        meta = orjson.loads(head)
+        meta[field] = value
+        kept.write_bytes(orjson.dumps(meta) + b"\n" + records)
+        assert recall(source, kept) is None, field
+    kept.write_bytes(head + b"\n" + records)
+    intact = recall(source, kept)
+    assert intact is not None
+    intact.close()
+
+
+def test_other_validation_rules_validate_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool is keyed on the code that validates, not only the version number: an
+    upgrade that changes a rule (and keeps 0.2.0) must not reuse a verdict of the old rule."""
+    source, kept, fresh = scanned_and_remembered(tmp_path)
+    fresh.close()
+    monkeypatch.setattr(manifest_step, "_rules", lambda: "another rule set")
+    assert recall(source, kept) is None
+    monkeypatch.setattr(manifest_step, "_rules", lambda: None)  # code that cannot be read
+    assert recall(source, kept) is None
+    with scan(source) as again:
+        assert remember(again, kept) == "the validation code cannot be read"
+
+
+def test_the_spool_costs_its_records_and_a_short_header(tmp_path: Path) -> None:
+    _source, kept, fresh = scanned_and_remembered(tmp_path, MIXED * 200)
+    fresh.close()
+    records = kept.read_bytes().partition(b"\n")[2]
+    assert kept.stat().st_size - len(records) < 8192  # not a fixed 1 MiB
+
+
+def test_a_spool_is_not_kept_when_the_disk_is_nearly_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger needs the room more: a spool that would leave less free space than its own
+    size (or 64 MiB) is not written, and the reason is given."""
+    source = tmp_path / "m.jsonl"
+    source.write_text(MIXED, encoding="utf-8")
+    real = os.statvfs(tmp_path)
+
+    class Full:
+        f_frsize = real.f_frsize
+        f_bavail = (32 << 20) // real.f_frsize  # 32 MiB free
+
+    monkeypatch.setattr(os, "statvfs", lambda _: Full)
+    with scan(source) as fresh:
+        why = remember(fresh, tmp_path / "m.spool")
+    assert why is not None and why.startswith("it would leave 31 MiB free")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]
+
+
+def test_a_copy_cut_short_leaves_no_scratch_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal in the middle of the copy removes the scratch copy and goes on being a
+    signal; scratch copies a killed process left are removed by the next remember."""
+    source = tmp_path / "m.jsonl"
+    source.write_text(MIXED, encoding="utf-8")
+    kept = tmp_path / "m.spool"
+    left = tmp_path / ".m.spool.k1ll3d"
+    left.write_bytes(b"half a copy")
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    with scan(source) as fresh:
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                remember(fresh, kept)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]  # both gone
+        assert remember(fresh, kept) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl", "m.spool"]
 
 
 def test_a_spool_that_is_not_ours_is_not_used(
@@ -135,7 +220,7 @@ def test_a_spool_that_is_not_ours_is_not_used(
 def test_a_pipe_is_never_recalled_or_opened(tmp_path: Path) -> None:
     """A FIFO is read once, by `scan`: recall does not even open it (opening and closing it
     would wake its writer into a pipe with no reader)."""
-    source, kept, fresh = scanned_and_remembered(tmp_path)
+    _source, kept, fresh = scanned_and_remembered(tmp_path)
     fresh.close()
     fifo = tmp_path / "pipe.jsonl"
     os.mkfifo(fifo)
@@ -150,9 +235,11 @@ def test_a_spool_that_cannot_be_kept_is_not_an_error(tmp_path: Path) -> None:
     source = tmp_path / "m.jsonl"
     source.write_text(MIXED, encoding="utf-8")
     with scan(source) as fresh:
-        assert not remember(fresh, tmp_path / "no-such-folder" / "m.spool")
+        assert (
+            remember(fresh, tmp_path / "no-such-folder" / "m.spool") == "No such file or directory"
+        )
         (tmp_path / "taken.spool").mkdir()
-        assert not remember(fresh, tmp_path / "taken.spool")
+        assert remember(fresh, tmp_path / "taken.spool") == "Is a directory"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl", "taken.spool"]
 
 
@@ -215,3 +302,27 @@ def test_a_damaged_spool_is_validated_afresh_and_a_dry_run_keeps_none(
     assert "manifest.unchanged" not in again.stderr
     assert len(sandbox.creates()) == 3  # the true manifest, all done: nothing sent
     assert "manifest.unchanged" in run_worker(*args, env=env).stderr  # remembered anew
+
+
+def test_a_ledger_folder_that_cannot_be_written_gets_its_spool_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dry run or a check may look at a ledger in a read-only folder: the manifest's
+    private spool then goes to the temporary directory instead of failing the scan."""
+    from worker import compose
+    from worker.settings import Settings
+
+    source = tmp_path / "m.jsonl"
+    source.write_text(MIXED, encoding="utf-8")
+    ledger = tmp_path / "ro" / "m.ledger.jsonl"
+    ledger.parent.mkdir()
+    settings = Settings(manifest=source, ledger=ledger)
+    with compose.scan_manifest(settings) as beside:
+        assert beside.spool_dir == str(ledger.parent)
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == ledger.parent else real_access(p, mode)
+    )
+    with compose.scan_manifest(settings) as elsewhere:
+        assert elsewhere.spool_dir == tempfile.gettempdir()
+        assert elsewhere.groups == beside.groups

@@ -286,14 +286,20 @@ def scan_manifest(settings: Settings) -> manifest.Scan:
     if recalled is not None:
         log.info("manifest.unchanged", manifest=str(settings.manifest), sha256=recalled.sha256)
         return recalled
-    return manifest.scan(settings.manifest, spool_dir=settings.ledger.parent)
+    # The spool goes beside the ledger (not a small /tmp); a dry run or a check may look at
+    # a ledger in a folder it cannot write, and then uses the temporary directory.
+    folder = settings.ledger.parent
+    writable = os.access(folder, os.W_OK | os.X_OK)
+    return manifest.scan(settings.manifest, spool_dir=folder if writable else None)
 
 
 def remember_manifest(scan: manifest.Scan, settings: Settings) -> None:
     """Keep the validated spool for the next run (best effort; called with the ledger's
     lock held, so two runs never write it at once)."""
-    if not scan.recalled and not manifest.remember(scan, manifest.remembered_path(settings.ledger)):
-        log.debug("manifest.not_remembered", ledger=str(settings.ledger))
+    kept = manifest.remembered_path(settings.ledger)
+    if (why := manifest.remember(scan, kept)) is not None:
+        # Not an error: the next run validates the manifest again, that is all.
+        log.info("manifest.not_remembered", spool=str(kept), reason=why)
 
 
 @contextlib.contextmanager

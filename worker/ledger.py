@@ -434,9 +434,6 @@ class Ledger:
         self._broken: str | None = None
         self._end = 0  # the ledger's size: where the next record starts
         self._lines = 0
-        self._tip = (0, 0)  # (end, lines) after the last append
-        self._synced = (0, 0)  # (end, lines) that the last fsync covered
-        self._header_end = 0  # the end of the last run header this ledger appended
         self._next_checkpoint = time.monotonic() + CHECKPOINT_S
 
     @classmethod
@@ -484,7 +481,6 @@ class Ledger:
             raise
         book = cls(path, fd, lock_fd, state, torn_writes_s=torn_writes_s)
         book._end, book._lines = end, lines
-        book._tip = book._synced = (end, lines)
         return book
 
     def __enter__(self) -> Self:
@@ -526,12 +522,14 @@ class Ledger:
                     view = view[written:]
         except OSError as exc:
             self._broken = f"{self.path}: cannot write the ledger: {exc.strerror}"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._broken += (
+                    f" (to make room, {self.path.name}.spool and {self.path.name}.index "
+                    "beside it may be deleted: both are derived and rebuilt when missing)"
+                )
             raise LedgerWriteError(self._broken) from None
         self._dirty = True
         offset, self._end, self._lines = self._end, self._end + len(data), self._lines + 1
-        self._tip = (self._end, self._lines)  # one attribute: `sync`'s thread reads it
-        if isinstance(record, RunHeader):
-            self._header_end = self._end
         try:
             self.state.fold(record, offset)
         except OSError as exc:  # the index could not grow (a full disk): stop sending
@@ -543,22 +541,21 @@ class Ledger:
     def _checkpoint(self) -> None:
         """Record in the index how far the ledger is folded in (index.checkpoint). Here,
         on the thread that appends, never beside it: the table must not grow or close
-        under it. Only up to what the last fsync covered (after a power cut the ledger
-        holds at least that), and never before this run's header (the trailer holds the
-        runs as of now). The index is a cache: a checkpoint that fails is given up."""
+        under it, and the ledger is fsynced first, so the index never claims records a
+        power cut could take back (an fsync every CHECKPOINT_S on this thread costs
+        milliseconds). The index is a cache: a checkpoint that fails is given up."""
         self._next_checkpoint = time.monotonic() + CHECKPOINT_S
         table = self.state.latest
-        end, lines = self._synced
-        if (
-            not isinstance(table, Table)
-            or table.path is None
-            or table.in_memory
-            or end < self._header_end
-            or end == 0
-        ):
+        if not isinstance(table, Table) or table.path is None or table.in_memory:
             return
         try:
-            index.checkpoint(table, index.covered(self._fd, end, lines), self.state.trailer())
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._broken = f"{self.path}: cannot sync the ledger: {exc.strerror}"
+            raise LedgerWriteError(self._broken) from None
+        try:
+            at = index.covered(self._fd, self._end, self._lines)
+            index.checkpoint(table, at, self.state.trailer())
         except OSError as exc:  # left marked dirty: the next run rebuilds it
             index.unavailable(table.path, exc, "a rebuild by the next run")
             self._next_checkpoint = float("inf")
@@ -570,10 +567,8 @@ class Ledger:
         if not self._dirty or self._fd < 0:
             return
         self._dirty = False  # before the fsync: a write racing with it marks it dirty again
-        covers = self._tip  # read once: appends go on beside this thread
         try:
             os.fsync(self._fd)
-            self._synced = covers
         except OSError as exc:
             self._broken = f"{self.path}: cannot sync the ledger: {exc.strerror}"
             raise LedgerWriteError(self._broken) from None

@@ -28,6 +28,7 @@ it is an unlinked scratch copy, and nothing in it is still needed then.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import heapq
 import io
@@ -585,15 +586,34 @@ def _name_of(raw: bytes) -> str | None:
 # nightly sync or a resume reads the very same bytes again. So a run that goes ahead keeps
 # its spool beside the ledger (`remember`), and the next scan of a regular file first hashes
 # the source (cheap: no parse) and, if the sha256 and size are those the remembered spool was
-# made from, by this worker version, reads that spool instead of validating again (`recall`).
-# The spool is derived and never trusted blindly: it must be a regular file of ours (owner,
-# no symbolic link), its header must parse, and the sha256 of its records must be the one
-# its header names (so a torn or edited copy is validated afresh). Deleting it is always
-# safe. It never stops a run: a spool that cannot be kept or read is simply not used.
+# made from, under the same validation rules, reads that spool instead of validating again
+# (`recall`). The spool is derived and never trusted blindly: it must be a regular file of
+# ours (owner, no symbolic link), its header must parse, and one sha256 over its header's
+# fields and its records must match (so a torn or edited copy is validated afresh). The
+# rules are the code that validates (api.py and this module), hashed: an upgrade, even one
+# that keeps the version number, validates afresh. Deleting the spool is always safe. It
+# never stops a run: a spool that cannot be kept or read is simply not used, and it is not
+# kept when it would leave the disk with less free space than its own size (or 64 MiB): the
+# ledger needs that room more.
 
-_REMEMBERED_FORMAT: Final = "worker-spool/1"
+_REMEMBERED_FORMAT: Final = "worker-spool/2"
 _MAX_HEADER_BYTES: Final = 1 << 20
 _COPY_BYTES: Final = 1 << 20
+_MIN_FREE_BYTES: Final = 64 << 20
+
+
+@functools.cache
+def _rules() -> str | None:
+    """A digest of the code that validates a manifest; None when it cannot be read (then
+    nothing is remembered or recalled)."""
+    digest = hashlib.sha256(__version__.encode())
+    try:
+        for module in (api.__file__, __file__):
+            with open(module, "rb") as f:
+                digest.update(f.read())
+    except (OSError, TypeError):
+        return None
+    return digest.hexdigest()
 
 
 def remembered_path(ledger: Path) -> Path:
@@ -604,8 +624,10 @@ def remembered_path(ledger: Path) -> Path:
 
 def recall(path: Path, remembered: Path, *, max_bytes: int = MAX_MANIFEST_BYTES) -> Scan | None:
     """The Scan a previous run remembered for exactly the bytes now at `path`, or None (no
-    such spool, another manifest, another worker version, damage, or `path` is not a
-    regular file: a pipe can be read only once, by `scan`)."""
+    such spool, another manifest, other rules, damage, or `path` is not a regular file: a
+    pipe can be read only once, by `scan`)."""
+    if _rules() is None:
+        return None
     try:
         fd = os.open(remembered, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
@@ -640,7 +662,7 @@ def _recalled(path: Path, f: IO[bytes], max_bytes: int) -> Scan | None:
     if (
         not isinstance(meta, dict)
         or meta.get("format") != _REMEMBERED_FORMAT
-        or meta.get("worker") != __version__
+        or meta.get("rules") != _rules()
     ):
         return None
     start = len(head[0]) + 1
@@ -649,7 +671,8 @@ def _recalled(path: Path, f: IO[bytes], max_bytes: int) -> Scan | None:
     source = _source_digest(path, max_bytes)
     if source is None or source != (meta["source_sha256"], meta["source_size"]):
         return None
-    if _digest_from(f.fileno(), start) != meta["records_sha256"]:
+    sealed = meta.pop("sha256")
+    if _seal(meta, f.fileno(), start) != sealed:
         return None
     where = str(path)
     problems = [
@@ -670,53 +693,81 @@ def _recalled(path: Path, f: IO[bytes], max_bytes: int) -> Scan | None:
     )
 
 
-def remember(scanned: Scan, remembered: Path) -> bool:
+def remember(scanned: Scan, remembered: Path) -> str | None:
     """Keep `scanned`'s spool at `remembered` for the next run's `recall` (atomically: a
-    new file renamed over the old). Best effort: False when it cannot be written."""
+    new file renamed over the old). Best effort: returns why it was not kept, or None.
+    The caller holds the ledger's lock: no other run writes this spool meanwhile, so the
+    scratch copies a killed run left (`.<name>.*`) are removed here."""
     if scanned.recalled:
-        return True
-    meta_fields = {
+        return None
+    rules = _rules()
+    if rules is None:
+        return "the validation code cannot be read"
+    folder = remembered.parent
+    try:
+        records = os.fstat(scanned.spool.fileno()).st_size - scanned.start
+        _remove_scratch(folder, remembered.name)
+        disk = os.statvfs(folder)
+    except OSError as exc:
+        return _reason(exc)
+    room = disk.f_bavail * disk.f_frsize - records
+    if room < max(records, _MIN_FREE_BYTES):
+        return f"it would leave {max(room, 0) >> 20} MiB free in {folder}"
+    meta: dict[str, Any] = {
         "format": _REMEMBERED_FORMAT,
-        "worker": __version__,
+        "rules": rules,
         "source_sha256": scanned.sha256,
         "source_size": scanned.size,
         "groups": scanned.groups,
         "invalid": scanned.invalid,
         "problem_count": scanned.problem_count,
         "problems": [[p.line, p.field, p.reason] for p in scanned.problems],
+        "records_bytes": records,
     }
-    folder = remembered.parent
+    header = orjson.dumps({**meta, "sha256": _seal(meta, scanned.spool.fileno(), scanned.start)})
+    if len(header) >= _MAX_HEADER_BYTES:
+        return "its header is too long"
     try:
         tmp_fd, tmp_name = tempfile.mkstemp(prefix=f".{remembered.name}.", dir=folder)
-    except OSError:
-        return False
+    except OSError as exc:
+        return _reason(exc)
     try:
         with open(tmp_fd, "wb") as out:
-            # Records first, at a fixed place after a header of known size: the header
-            # (which holds their sha256) is written last, into the room left for it.
-            digest = hashlib.sha256()
-            size = 0
-            spool_fd = scanned.spool.fileno()
-            out.seek(_MAX_HEADER_BYTES)
-            while chunk := os.pread(spool_fd, _COPY_BYTES, scanned.start + size):
-                digest.update(chunk)
+            out.write(header + b"\n")
+            spool_fd, copied = scanned.spool.fileno(), 0
+            while copied < records and (
+                chunk := os.pread(spool_fd, _COPY_BYTES, scanned.start + copied)
+            ):
                 out.write(chunk)
-                size += len(chunk)
-            meta = orjson.dumps(
-                {**meta_fields, "records_sha256": digest.hexdigest(), "records_bytes": size}
-            )
-            # The header line is padded with spaces to the fixed size (JSON allows them).
-            header = meta + b" " * (_MAX_HEADER_BYTES - 1 - len(meta)) + b"\n"
-            if len(header) != _MAX_HEADER_BYTES:
-                raise OSError("the remembered spool's header does not fit")
-            out.seek(0)
-            out.write(header)
+                copied += len(chunk)
         os.replace(tmp_name, remembered)
-    except OSError:
+    except BaseException as exc:  # a signal mid-copy too: no scratch copy is left behind
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
-        return False
-    return True
+        if isinstance(exc, OSError):
+            return _reason(exc)
+        raise
+    return None
+
+
+def _seal(meta: dict[str, Any], fd: int, start: int) -> str:
+    """sha256 over the header's fields (canonical JSON) and then the records."""
+    digest = hashlib.sha256(orjson.dumps(meta, option=orjson.OPT_SORT_KEYS) + b"\n")
+    offset = start
+    while chunk := os.pread(fd, _COPY_BYTES, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+def _remove_scratch(folder: Path, name: str) -> None:
+    """Scratch copies `remember` left when its process was killed mid-copy."""
+    prefix = f".{name}."
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def digest(path: Path, *, max_bytes: int = MAX_MANIFEST_BYTES) -> str | None:
@@ -750,11 +801,3 @@ def _source_digest(path: Path, max_bytes: int) -> tuple[str, int] | None:
         return digest.hexdigest(), size
     finally:
         os.close(fd)
-
-
-def _digest_from(fd: int, offset: int) -> str:
-    digest = hashlib.sha256()
-    while chunk := os.pread(fd, _COPY_BYTES, offset):
-        digest.update(chunk)
-        offset += len(chunk)
-    return digest.hexdigest()
