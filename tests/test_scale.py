@@ -310,27 +310,26 @@ book.append(intent("r2", "新名字", 99))
     assert _index_state(path) == index.CLEAN
 
 
-def test_checkpoints_during_a_run_cover_what_was_fsynced(tmp_path: Path) -> None:
-    """A run checkpoints its index as it goes, up to what its last fsync covered. Killed
-    after more records (new Names among them), the next run folds the rest in from the
-    checkpoint and counts every Name once."""
-    path = tmp_path / "l.jsonl"
-    write_run(path, history("r1", 12))
-    os.unlink(index.index_path(path))  # a rebuilt index: dirty until its first checkpoint
-    _killed_run(
-        path,
-        """
-ledger.CHECKPOINT_S = 0.0
-book._next_checkpoint = 0.0
+_CHECKPOINT_THEN_MORE = """
+ledger.CHECKPOINT_S = 3600.0  # one checkpoint only: the one asked for below
 book.append(header("r2"))
 for i in range(5):
     book.append(intent("r2", f"早{i}", 100 + i))
-book.sync()
-book.append(result("r2", "早0", 100, Outcome.CREATED))  # checkpoints what sync covered
+book._next_checkpoint = 0.0
+book.append(result("r2", "早0", 100, Outcome.CREATED))  # checkpoints, up to this record
 for i in range(5):
-    book.append(intent("r2", f"晚{i}", 200 + i))  # after the checkpoint, some in the table
-""",
-    )
+    book.append(intent("r2", f"晚{i}", 200 + i))  # after the checkpoint: in the table only
+"""
+
+
+def test_checkpoints_during_a_run_let_the_next_run_read_on(tmp_path: Path) -> None:
+    """A run checkpoints its index as it goes. Killed after more records (new Names among
+    them, in the table but past the checkpoint), the next run folds the rest in from the
+    checkpoint, in the same file, and counts every Name once."""
+    path = tmp_path / "l.jsonl"
+    write_run(path, history("r1", 12))
+    os.unlink(index.index_path(path))  # a rebuilt index: dirty until its first checkpoint
+    _killed_run(path, _CHECKPOINT_THEN_MORE)
     assert _index_state(path) == index.CHECKPOINT
     want = in_memory(path)
     assert want.latest["早0"].done and want.latest["晚4"].in_doubt
@@ -339,6 +338,26 @@ for i in range(5):
         same_state(book.state, want)
         assert index.index_path(path).stat().st_ino == inode
         assert len(book.state.latest) == len(want.latest)  # 晚0-4 counted once
+
+
+@pytest.mark.parametrize("cut", ["after the checkpoint", "at the checkpoint"])
+def test_a_ledger_cut_back_behind_its_checkpoint_index_is_rebuilt(tmp_path: Path, cut: str) -> None:
+    """A ledger restored in place from a backup, cut back, or shorter after a power cut
+    than what its checkpoint index folded in: the index holds words the ledger no longer
+    has, so nobody trusts it; the next run and every reader get the ledger's word."""
+    path = tmp_path / "l.jsonl"
+    write_run(path, history("r1", 12))
+    _killed_run(path, _CHECKPOINT_THEN_MORE)
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    keep = 3 if cut == "after the checkpoint" else 5  # 晚0-1 survive, or none of 晚
+    path.write_bytes(b"".join(lines[: len(lines) - keep]))  # in place: same inode
+    want = in_memory(path)
+    assert "晚4" not in want.latest
+    same_state(read_state(path), want)
+    with Ledger.open(path, target=TARGET) as book:
+        same_state(book.state, want)
+        assert "晚4" not in book.state.latest
 
 
 def test_a_table_grown_after_a_checkpoint_is_dirty_until_the_next(tmp_path: Path) -> None:

@@ -709,14 +709,20 @@ def read_index(
         tail_sha=tail_sha,
     )
     if state == CHECKPOINT:
-        used = _count_used(fd, slots)  # slots taken after the checkpoint count too
+        # Slots taken after the checkpoint count too; and every slot must point at a record
+        # the ledger still holds: one cut back, restored in place from a backup, or shorter
+        # after a power cut than what was folded in is not described by this index.
+        used, last = _used_and_last(fd, slots)
+        if used > slots * MAX_LOAD or (used and last >= st.st_size):
+            raise Stale("it holds records the ledger does not (cut, or restored from a backup)")
     return slots, used, at, trailer
 
 
-def _count_used(fd: int, slots: int) -> int:
-    """The slots whose key is not all zero, read in chunks (two 8-byte words per key)."""
-    words_per_slot = SLOT_BYTES // 8
-    empty = 0
+def _used_and_last(fd: int, slots: int) -> tuple[int, int]:
+    """(slots whose key is not all zero, the largest record offset any slot holds), read
+    in chunks as 8-byte words: 9 to a slot, the key in the first two, the offset the 8th."""
+    per_slot = SLOT_BYTES // 8
+    empty = last = 0
     per = 1 << 14
     for first in range(0, slots, per):
         n = min(per, slots - first)
@@ -724,6 +730,7 @@ def _count_used(fd: int, slots: int) -> int:
         if len(chunk) != n * SLOT_BYTES:
             raise Stale("the file has the wrong size")
         words = memoryview(chunk).cast("Q")
-        lows, highs = words[0::words_per_slot], words[1::words_per_slot]
+        lows, highs = words[0::per_slot], words[1::per_slot]
         empty += list(map(operator.or_, lows, highs)).count(0)
-    return slots - empty
+        last = max(last, max(words[7::per_slot]))
+    return slots - empty, last
