@@ -197,6 +197,10 @@ def _choose(ledger: Path, state: State, locked: bool | None, manifest: Path | No
     """The manifest to count against, and why."""
     header = state.header
     remembered = manifest_step.remembered_path(ledger)
+
+    def counted(scan: manifest_step.Scan | None, note: str) -> Gathered:
+        return Gathered(ledger=ledger, state=state, locked=locked, scan=scan, note=note)
+
     if manifest is not None:
         # The user named it: its problems are errors. A run's validation of the very same
         # bytes, kept beside the ledger, is as good as a new one (manifest.recall).
@@ -204,15 +208,9 @@ def _choose(ledger: Path, state: State, locked: bool | None, manifest: Path | No
         note = f"counted against {manifest} (--manifest)"
         if header is not None and scan.sha256 != header.manifest_sha256:
             note += "; it is not the manifest the last run used"
-        return Gathered(ledger=ledger, state=state, locked=locked, scan=scan, note=note)
+        return counted(scan, note)
     if header is None:
-        return Gathered(
-            ledger=ledger,
-            state=state,
-            locked=locked,
-            scan=None,
-            note="the ledger records no run yet",
-        )
+        return counted(None, "the ledger records no run yet")
     path = Path(header.manifest)
     every = (
         "the counts cover every Name the ledger has recorded (pass --manifest to count "
@@ -223,52 +221,23 @@ def _choose(ledger: Path, state: State, locked: bool | None, manifest: Path | No
     except OSError:
         regular = False
     if not regular:  # never read a pipe or /dev/stdin named by an old header
-        return Gathered(
-            ledger=ledger,
-            state=state,
-            locked=locked,
-            scan=None,
-            note=f"the last run's manifest {path} is not a file here; {every}",
-        )
+        return counted(None, f"the last run's manifest {path} is not a file here; {every}")
+    changed = f"the last run's manifest {path} has changed since; {every}"
     # Hashed before it is validated: a manifest that changed since is not counted against,
     # so validating it (seconds for millions of lines) would be wasted.
     sha256 = manifest_step.digest(path)
     if sha256 is not None and sha256 != header.manifest_sha256:
-        return Gathered(
-            ledger=ledger,
-            state=state,
-            locked=locked,
-            scan=None,
-            note=f"the last run's manifest {path} has changed since; {every}",
-        )
-    counted: manifest_step.Scan | None = None
+        return counted(None, changed)
+    last: manifest_step.Scan | None = None
     if sha256 is not None:
         with contextlib.suppress(ManifestError):
-            counted = manifest_step.recall(path, remembered) or manifest_step.scan(path)
-    if counted is None:
-        return Gathered(
-            ledger=ledger,
-            state=state,
-            locked=locked,
-            scan=None,
-            note=f"the last run's manifest {path} cannot be read; {every}",
-        )
-    if counted.sha256 != header.manifest_sha256:  # changed between the hash and the scan
-        counted.close()
-        return Gathered(
-            ledger=ledger,
-            state=state,
-            locked=locked,
-            scan=None,
-            note=f"the last run's manifest {path} has changed since; {every}",
-        )
-    return Gathered(
-        ledger=ledger,
-        state=state,
-        locked=locked,
-        scan=counted,
-        note=f"counted against {path}, the last run's manifest (unchanged)",
-    )
+            last = manifest_step.recall(path, remembered) or manifest_step.scan(path)
+    if last is None:
+        return counted(None, f"the last run's manifest {path} cannot be read; {every}")
+    if last.sha256 != header.manifest_sha256:  # changed between the hash and the scan
+        last.close()
+        return counted(None, changed)
+    return counted(last, f"counted against {path}, the last run's manifest (unchanged)")
 
 
 # -- the pure core ------------------------------------------------------------------------
