@@ -152,6 +152,8 @@ def scale(
     endpoint = sb.url.rstrip("/")
     run = ["run", "--endpoint", endpoint, "--rate", "5000", "-q"]
     goal_rss = "≤ 100 MB" if lines <= 1_000_000 else "≤ 200 MB"
+    # The issue sets the time goal at 10^6 lines; at 10^7 only memory has one.
+    goal_first = "≤ 5 s" if lines <= 1_000_000 else "none (≤ 5 s is the goal at 10^6)"
 
     work = folder / f"{label}-none"
     work.mkdir()
@@ -193,7 +195,7 @@ def scale(
         "time to the first request, resuming after a run stopped by SIGTERM (its "
         "index and validated spool are current)",
         _first(got),
-        "≤ 5 s",
+        goal_first,
     )
     got = child(
         [*run, str(manifest)],
@@ -207,7 +209,7 @@ def scale(
         "peak RSS and time to the first request, resuming after a run killed with "
         "`kill -9` (it left its index as a checkpoint)",
         f"{got.rss_mb:.0f} MB, {_first(got)}",
-        f"{goal_rss}, ≤ 5 s",
+        f"{goal_rss}, {goal_first}",
     )
     for p in work.iterdir():
         p.unlink()
