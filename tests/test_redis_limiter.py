@@ -486,3 +486,28 @@ def test_a_slow_answer_is_not_taken_for_a_late_send(redis_url: str) -> None:
     assert widest >= 0.030  # the booking really was answered late
     assert stats["reported_late"] == 0 and stats["missed"] == 0
     assert tat == tat0 + gap
+
+
+@pytest.mark.parametrize("what", ["database", "credentials"])
+def test_a_limiter_redis_refuses_is_a_usage_error_at_once(
+    redis_url: str, sandbox: SandboxProc, tmp_path: Path, what: str
+) -> None:
+    """A --limiter that Redis answers with a refusal (a database number out of range, a user
+    it does not know) is a mistake, not an outage: exit 2 at once, naming it (the password
+    redacted), nothing sent; not a minute of polling and then 'run again later' (3)."""
+    host_port = redis_url.split("//", 1)[1].split("/", 1)[0].rpartition("@")[2]
+    url = (
+        f"redis://{host_port}/99"
+        if what == "database"
+        else f"redis://nobody:s3cret-pw@{host_port}/0"
+    )
+    manifest = write_manifest(tmp_path / "m.jsonl", names(3))
+    started = time.monotonic()
+    out = run_worker(
+        "run", str(manifest), "--endpoint", sandbox.url, "--limiter", url, env=cli_env(tmp_path)
+    )
+    assert out.returncode == 2, out.stderr
+    assert time.monotonic() - started < 30  # not after --limiter-timeout (60 s)
+    assert "Redis refused it" in out.stderr and "Nothing was sent" in out.stderr
+    assert "s3cret-pw" not in out.stderr and "Traceback" not in out.stderr
+    assert sandbox.creates() == []

@@ -18,7 +18,8 @@ returns `exc.exit_code`. Anything that is not a WorkerError is a bug (exit 70).
     │                         a redirect or a non-API answer)              7
     ├── EndpointUnreachable   no HTTP answer at all for a bounded time     3
     ├── ListingFailed         the account could not be listed completely   3
-    └── LimiterUnavailable    the shared rate budget stayed away           3
+    ├── LimiterUnavailable    the shared rate budget stayed away           3
+    └── LimiterRefused        Redis refused --limiter (database, credentials)  2
 
 Exit 2 always means "nothing was sent". A failure after requests went out is 3 (try
 again later) or 7 (a human must fix something first); either way the ledger is consistent
@@ -139,3 +140,10 @@ class ListingFailed(WorkerError):
 
 class LimiterUnavailable(WorkerError):
     exit_code = Exit.RETRY_LATER
+
+
+class LimiterRefused(WorkerError):
+    """Redis answered, and refused us (a database number out of range, bad credentials): a
+    mistake in --limiter, found before anything was sent."""
+
+    exit_code = Exit.USAGE

@@ -55,9 +55,9 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
-from worker.errors import LimiterUnavailable
+from worker.errors import LimiterRefused, LimiterUnavailable
 from worker.pacing import MIN_RATE, SLACK_S
 from worker.settings import Pacing, redact_url
 
@@ -266,7 +266,16 @@ class RedisPacer:
         self._acquire = self._client.register_script(_ACQUIRE)
         self._throttle = self._client.register_script(_THROTTLE)
         client = self._client
-        await self._call(lambda: client.ping())  # unreachable at the start: wait or give up
+        try:
+            await client.ping()
+        except (ResponseError, AuthenticationError, AuthorizationError) as exc:
+            # Redis answered and said no: waiting will not change that (exit 2).
+            raise LimiterRefused(
+                f"--limiter {redact_url(self._url)}: Redis refused it ({exc}); check the "
+                "database number and the credentials in the URL. Nothing was sent"
+            ) from None
+        except (RedisError, OSError):
+            await self._call(lambda: client.ping())  # unreachable at the start: wait or give up
         if self._watch_s is not None:
             _ = self._own(self._watch(self._watch_s))
         return self
