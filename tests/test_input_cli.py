@@ -294,6 +294,22 @@ def test_numbers_out_of_range_are_usage_errors(tmp_path: Path, flag: str, value:
 
 
 @pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--rate", "１０"), ("--rate", "1_0"), ("--concurrency", "٣"), ("--max-attempts", "1_000")],
+)
+def test_numbers_not_in_ascii_digits_are_usage_errors(
+    tmp_path: Path, flag: str, value: str
+) -> None:
+    """Python's int() and float() take other scripts' digits and underscores; a flag does not
+    (a typo, most likely an input method left on): exit 2 naming the flag and the value."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(MANIFEST)
+    out = run_worker("run", str(manifest), "--dry-run", flag, value, env=cli_env(tmp_path))
+    assert_clean_refusal(out)
+    assert f"argument {flag}: invalid" in out.stderr and repr(value) in out.stderr
+
+
+@pytest.mark.parametrize(
     ("endpoint", "reason", "secret"),
     [
         (

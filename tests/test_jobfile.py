@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from worker.jobfile import (
     OptionSpec,
     env_values,
     env_var,
+    integer,
     load,
     looks_like_credential,
+    number,
     unknown_env_vars,
 )
 
@@ -308,6 +311,11 @@ def test_env_values_are_typed() -> None:
         ("WORKER_RATE", "fast", "WORKER_RATE='fast': must be a number"),
         ("WORKER_RATE", "nan", "WORKER_RATE='nan': must be a finite number"),
         ("WORKER_CONCURRENCY", "2.5", "WORKER_CONCURRENCY='2.5': must be an integer"),
+        # Python's int() and float() take these; a person typing a number does not mean them
+        ("WORKER_RATE", "１０", "WORKER_RATE='１０': must be a number"),
+        ("WORKER_RATE", "1_0", "WORKER_RATE='1_0': must be a number"),
+        ("WORKER_CONCURRENCY", "٣", "WORKER_CONCURRENCY='٣': must be an integer"),
+        ("WORKER_CONCURRENCY", "1_000", "WORKER_CONCURRENCY='1_000': must be an integer"),
         (
             "WORKER_PRUNE",
             "maybe",
@@ -326,3 +334,25 @@ def test_unknown_env_vars_are_found_for_a_warning() -> None:
     """A typo in a WORKER_ variable is reported; test hooks and other variables are not."""
     env = {"WORKER_RAET": "3", "WORKER_RATE": "3", "WORKER_TEST_CLOCK_OFFSET_S": "5", "HOME": "/"}
     assert unknown_env_vars(env, SCHEMA) == ["WORKER_RAET"]
+
+
+@pytest.mark.parametrize(
+    ("text", "whole", "value"),
+    [("10", True, 10), (" 7 ", True, 7), ("-3", True, -3), ("2.5", False, 2.5),
+     (".5", False, 0.5), ("1e1", False, 10.0), ("5.", False, 5.0)],
+)  # fmt: skip
+def test_numbers_in_ascii_digits_are_numbers(text: str, whole: bool, value: float) -> None:
+    assert (integer if whole else number)(text) == value
+
+
+@pytest.mark.parametrize("text", ["１０", "٣", "1_0", "", "1e", "0x10", "+", "1 0"])
+def test_anything_else_is_not_a_number(text: str) -> None:
+    for parse in (integer, number):
+        with pytest.raises(ValueError):
+            parse(text)
+
+
+def test_nan_and_inf_reach_the_range_check_which_names_them() -> None:
+    assert math.isnan(number("nan")) and number("-Inf") == -math.inf
+    with pytest.raises(ValueError):
+        integer("inf")

@@ -478,6 +478,8 @@ def _global_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
 def _parser(*, sandbox: bool = True) -> argparse.ArgumentParser:
     """The parser. `sandbox`: define the sandbox's own options (only `worker sandbox …`
     needs them; other commands then never import the sandbox)."""
+    from worker import jobfile  # numbers as typed (ASCII digits), for the numeric flags
+
     p = _Parser(
         prog="worker",
         description="Bulk provisioning of Volcengine Live "
@@ -529,9 +531,9 @@ def _parser(*, sandbox: bool = True) -> argparse.ArgumentParser:
                     flag, action="append", metavar=o.name.split("-")[-1].upper(), help=o.help
                 )
             else:
-                kind = {"int": int, "float": float}.get(o.kind, str)
+                kind = {"int": jobfile.integer, "float": jobfile.number}.get(o.kind, str)
                 c.add_argument(flag, type=kind, help=o.help)
-        c.add_argument("--headroom", type=float, help=argparse.SUPPRESS)
+        c.add_argument("--headroom", type=jobfile.number, help=argparse.SUPPRESS)
         c.add_argument(
             "--sandbox",
             action="store_true",

@@ -307,6 +307,31 @@ def unknown_env_vars(env: Mapping[str, str], schema: Mapping[str, OptionSpec]) -
     )
 
 
+# Numbers as a person types them in ASCII: Python's int() and float() also take other
+# scripts' digits ("１０", "٣"), underscores ("1_0") and words ("inf", "nan"), which in a
+# flag or a variable are typos, not numbers.
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+# "nan" and "inf" pass here so that the range check can say what is wrong with them.
+_NUMBER = re.compile(
+    r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|nan|inf|infinity)", re.I
+)
+
+
+def integer(text: str) -> int:
+    """A whole number in ASCII digits (argparse's `type=` for whole-number flags)."""
+    if not _INTEGER.fullmatch(text.strip()):
+        raise ValueError(text)
+    return int(text)
+
+
+def number(text: str) -> float:
+    """A decimal number in ASCII digits, or nan/inf for the range check to refuse by name
+    (argparse's `type=` for the other numeric flags)."""
+    if not _NUMBER.fullmatch(text.strip()):
+        raise ValueError(text)
+    return float(text)
+
+
 def _from_env(raw: str, kind: Kind, var: str) -> object:
     match kind:
         case "str":
@@ -315,17 +340,17 @@ def _from_env(raw: str, kind: Kind, var: str) -> object:
             return Path(raw)
         case "int":
             try:
-                return int(raw)
+                return integer(raw)
             except ValueError:
                 raise UsageError(f"{var}={raw!r}: must be an integer") from None
         case "float":
             try:
-                number = float(raw)
+                value = number(raw)
             except ValueError:
                 raise UsageError(f"{var}={raw!r}: must be a number") from None
-            if not math.isfinite(number):
+            if not math.isfinite(value):
                 raise UsageError(f"{var}={raw!r}: must be a finite number")
-            return number
+            return value
         case "bool":
             word = raw.lower()
             if word in _TRUE:
