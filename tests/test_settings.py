@@ -115,6 +115,10 @@ def test_concurrency_none_means_the_default_and_zero_is_an_error() -> None:
         ("https://h/#access_token=abc", "https://h/#access_token=***"),
         ("https://h/?api-key=abc&secretKey=1", "https://h/?api-key=***&secretKey=***"),
         ("https://live.volcengineapi.com", "https://live.volcengineapi.com"),
+        # path parameters (RFC 3986 `;name=value`) are parameters too
+        ("https://h/;password=hunter2", "https://h/;password=***"),
+        ("https://h/x;token=t1;a=b/y;Secret=z?a=b", "https://h/x;token=***;a=b/y;Secret=***?a=b"),
+        ("https://h/a;b/c", "https://h/a;b/c"),
         ("https://h/?q=\x1b[31m", "https://h/?q=\\x1b[31m"),
         ("user:pw@host", UNPARSABLE_URL),
         ("http://[::1", UNPARSABLE_URL),

@@ -234,20 +234,33 @@ def redact_url(url: str) -> str:
         query = f"?{_redact_params(parts.query)}" if parts.query else ""
         fragment = f"#{_redact_params(parts.fragment)}" if parts.fragment else ""
         scheme = f"{parts.scheme}:" if parts.scheme else ""
-        redacted = f"{scheme}{slashes}{netloc}{parts.path}{query}{fragment}"
+        path = _redact_path(parts.path)
+        redacted = f"{scheme}{slashes}{netloc}{path}{query}{fragment}"
     except Exception:  # any malformed input: a placeholder, never the raw text
         return UNPARSABLE_URL
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in redacted)
 
 
-def _redact_params(text: str) -> str:
+def _redact_path(path: str) -> str:
+    """Path parameters (RFC 3986 `;name=value` in a segment, as in `/x;password=...`) are
+    parameters too: password-like values become ***."""
+    if ";" not in path:
+        return path
+    segments = []
+    for segment in path.split("/"):
+        head, semi, params = segment.partition(";")
+        segments.append(head + semi + _redact_params(params, sep=";") if semi else segment)
+    return "/".join(segments)
+
+
+def _redact_params(text: str, sep: str = "&") -> str:
     out = []
-    for part in text.split("&"):
+    for part in text.split(sep):
         name, eq, _ = part.partition("=")
         key = unquote_plus(name).lower().replace("-", "_")
         secret = key in _SECRET_NAMES or any(word in key for word in _SECRET_WORDS)
         out.append(f"{name}=***" if eq and secret else part)
-    return "&".join(out)
+    return sep.join(out)
 
 
 def is_loopback(host: str) -> bool:
