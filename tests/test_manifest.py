@@ -104,6 +104,18 @@ def test_fingerprint_is_canonical(tmp_path: Path) -> None:
         ("[1, 2]", "line: must be a JSON object, not an array"),
         ('"text"', "line: must be a JSON object, not a string"),
         ('{"Name": "ok"', "line: is not valid JSON"),
+        # a key given twice: parsers disagree on which counts, so it is refused, wherever
+        # it is and however it is written
+        ('{"Name": "Ok1", "Name": "Ok2"}', "Name: is given twice in one object"),
+        ('{"Name":"Ok1","Name":"Ok2"}', "Name: is given twice in one object"),
+        ('{"Name": "Ok1", "Name" : "Ok2"}', "Name: is given twice in one object"),
+        ('{"Name": "Ok1", "\\u004eame": "Ok2"}', "Name: is given twice in one object"),
+        ('{"Name": "ok", "Tags": [], "Tags": []}', "Tags: is given twice in one object"),
+        (
+            '{"Name": "ok", "Tags": [{"Key": "k", "Value": "v", "Category": "Custom"}, '
+            '{"Key": "k", "Key": "j", "Value": "v", "Category": "Custom"}]}',
+            "Tags[1].Key: is given twice in one object",
+        ),
     ],
 )
 def test_each_problem_is_named(tmp_path: Path, line: str, expected: str) -> None:
@@ -136,6 +148,22 @@ def test_chinese_characters_are_exactly_u4e00_to_u9fa5(char: str, allowed: bool)
     else:
         assert reason is not None
         assert f"{char!r} (U+{ord(char):04X}) is not one" in reason
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"Name": "Ok1", "ProjectName": "p\\",\\"Name\\":\\"x"}',  # quotes inside a value
+        '{"Name" : "Ok1" , "ProjectName" : "p"}',  # spaces before colons
+        '{"Name": "Ok1", "Tags": [{"Key": "Name", "Value": "Name", "Category": "Custom"}]}',
+        '{"Name": "Ok1", "Tags": [{"Key": "k", "Value": "v", "Category": "Custom"}, '
+        '{"Key": "k", "Value": "v", "Category": "Custom"}]}',  # same keys, other objects
+    ],
+)
+def test_keys_that_only_look_repeated_are_not_refused(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_text(line + "\n", encoding="utf-8")
+    assert not any("twice" in p for p in problems_of(path))
 
 
 def test_problem_fields_and_values_never_carry_terminal_escapes(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ import functools
 import hashlib
 import heapq
 import io
+import json
 import os
 import stat
 import tempfile
@@ -530,6 +531,10 @@ def _parse(path: Path, lineno: int, raw: bytes) -> Group | list[Problem] | None:
         return problem("line", f"is not valid JSON ({exc.msg} at column {exc.colno})")
     if not isinstance(obj, dict):
         return problem("line", f"must be a JSON object, not {api.json_type(obj)}")
+    if (twice := _repeated_key(text, obj)) is not None:
+        # JSON parsers disagree on which one counts (orjson keeps the last): ambiguous, so
+        # refused rather than guessed.
+        return problem(twice, "is given twice in one object; give it once")
     problems = [
         Problem(where, lineno, api.label(k), "unknown field (allowed: Name, ProjectName, Tags)")
         for k in sorted(set(obj) - api.CREATE_FIELDS)
@@ -554,6 +559,47 @@ def _parse(path: Path, lineno: int, raw: bytes) -> Group | list[Problem] | None:
         return problems
     assert isinstance(name, str)
     return _group(name, project, tags, lineno)
+
+
+def _repeated_key(text: str, obj: dict[str, Any]) -> str | None:
+    """The field given twice in one object of this (valid JSON) line, or None.
+
+    Cheap for every line: a key is written as `"...":`, so when the line holds exactly as
+    many of those as the decoded line has keys (at the top and in its tags), no key was
+    lost to a repeat. Anything that could blur that count (an escape, a space before a
+    colon, an object nested deeper) sends the line to the exact check instead: decoded
+    again by the standard library, which shows every key."""
+    tags = obj.get("Tags")
+    keys = len(obj)
+    if isinstance(tags, list):
+        keys += sum(len(t) for t in tags if isinstance(t, dict))
+    if (
+        text.count('":') == keys
+        and "\\" not in text
+        and '" ' not in text
+        and '"\t' not in text
+        and '"\r' not in text
+    ):
+        return None
+    found: list[tuple[str, dict[str, Any]]] = []  # the first key given twice, its object
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        made = dict(items)
+        if not found and len(made) != len(items):
+            keys = [k for k, _ in items]
+            found.append((next(k for i, k in enumerate(keys) if k in keys[:i]), made))
+        return made
+
+    decoded = json.loads(text, object_pairs_hook=pairs)
+    if not found:
+        return None
+    key, where = found[0]
+    tags = decoded.get("Tags")
+    if where is not decoded and isinstance(tags, list):
+        for i, tag in enumerate(tags):
+            if tag is where:
+                return f"Tags[{i}].{api.label(key)}"
+    return api.label(key)
 
 
 def _group(name: str, project: str, tags: list[dict[str, str]], lineno: int) -> Group:
