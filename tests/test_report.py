@@ -311,16 +311,19 @@ def test_a_run_ledger_without_records_stays_pending(tmp_path: Path) -> None:
     assert "deletes" not in got
 
 
-def test_in_sync_needs_no_record_in_the_sync_and_no_not_done_word(tmp_path: Path) -> None:
-    """After a finished sync: a line it created is `created`; a line created by an earlier
-    run and unrecorded now is `in_sync`; a line whose Name holds a not-done word from an
-    earlier run keeps that status; a line the sync deferred is deferred."""
-    path = write_manifest(tmp_path / "m.jsonl", names(5))
+def test_a_finished_sync_outranks_an_earlier_runs_word_on_lines_it_did_not_record(
+    tmp_path: Path,
+) -> None:
+    """After a finished sync that exited 3: a line it created is `created`; a line it
+    deferred is deferred; a line it recorded nothing for is `in_sync`, even when an earlier
+    run left it created, rejected or in doubt (the sync listed the account after that)."""
+    path = write_manifest(tmp_path / "m.jsonl", names(6))
     g = list(groups_of(path).values())
     earlier = [
         header("r0", manifest=str(path)),
         *in_run("r0", done(g[1])),
         *in_run("r0", done(g[2], Outcome.REJECTED, "InvalidParam")),
+        *in_run("r0", [intent(g[5].name, g[5].fingerprint, g[5].line)]),
         footer("r0"),
     ]
     ledger = ledger_for(
@@ -328,19 +331,120 @@ def test_in_sync_needs_no_record_in_the_sync_and_no_not_done_word(tmp_path: Path
         path,
         *done(g[0]),
         *done(g[3], Outcome.DEFERRED, "InternalError"),
-        footer("r1"),
+        dataclasses.replace(footer("r1"), exit_code=3),
         before=tuple(earlier),
         command="sync",
     )
     got = summary(ledger)
-    assert {k: got[k] for k in ("created", "in_sync", "rejected", "deferred", "pending")} == {
+    assert {
+        k: got[k] for k in ("created", "in_sync", "rejected", "deferred", "pending", "in_doubt")
+    } == {
         "created": 1,
-        "in_sync": 2,  # g[1] (created before) and g[4] (never recorded)
-        "rejected": 1,
+        "in_sync": 4,  # g[1], g[2], g[5] (earlier words) and g[4] (never recorded)
+        "rejected": 0,
         "deferred": 1,
         "pending": 0,
+        "in_doubt": 0,
     }
-    assert (got["done"], got["not_done"]) == (3, 2)
+    assert (got["done"], got["not_done"]) == (5, 1)
+    out, err = run_main(ledger, failed=True)
+    assert [json.loads(x)["Name"] for x in out.splitlines()] == [g[3].name]
+
+
+def test_a_sync_that_exited_0_leaves_no_line_in_doubt_or_pending(tmp_path: Path) -> None:
+    """A finished sync that exited 0 checked the account against every line: a line whose
+    word in that sync is deferred or in doubt (a later round found it in sync) is in_sync;
+    a line it created stays created."""
+    path = write_manifest(tmp_path / "m.jsonl", names(3))
+    g = list(groups_of(path).values())
+    ledger = ledger_for(
+        tmp_path,
+        path,
+        *done(g[0]),
+        *done(g[1], Outcome.DEFERRED, "InternalError"),
+        intent(g[2].name, g[2].fingerprint, g[2].line),
+        footer("r1"),
+        command="sync",
+    )
+    got = summary(ledger)
+    assert (got["created"], got["in_sync"], got["deferred"], got["in_doubt"]) == (1, 2, 0, 0)
+    assert (got["pending"], got["not_done"]) == (0, 0)
+    assert "in doubt" not in run_main(ledger)[0].decode()
+    out, err = run_main(ledger, failed=True)
+    assert out == b"" and "0 line(s) not done" in err
+
+
+def test_the_last_syncs_verdict_needs_the_manifest_it_used(tmp_path: Path) -> None:
+    """Counted against another manifest (--manifest), lines the last sync recorded nothing
+    for are not `in_sync`: that sync never saw them."""
+    used = write_manifest(tmp_path / "m.jsonl", names(2))
+    ledger = ledger_for(tmp_path, used, footer("r1"), command="sync")
+    other = write_manifest(tmp_path / "other.jsonl", names(3, prefix="乙"))
+    got = summary(ledger, manifest=other)
+    assert (got["in_sync"], got["pending"]) == (0, 3)
+    assert summary(ledger)["in_sync"] == 2
+
+
+def test_a_conflict_is_a_conflict_naming_both_projects(tmp_path: Path) -> None:
+    """A conflict (nothing sent, with or without the line's fingerprint) is counted and
+    listed as a conflict with the sync's message, never as a changed line; once the line
+    really changed, it is pending."""
+    path = write_manifest(tmp_path / "m.jsonl", names(2))
+    g = list(groups_of(path).values())
+    said = "the account's group is in project 'other', the manifest says 'default'"
+    for fp in (g[1].fingerprint, None):
+        clash = dataclasses.replace(
+            result(g[1].name, Outcome.CONFLICT, fp, g[1].line, code="ProjectConflict"),
+            action=None,
+            message=said,
+        )
+        end = dataclasses.replace(footer("r1"), exit_code=1)
+        ledger = ledger_for(tmp_path, path, *done(g[0]), clash, end, command="sync")
+        got = summary(ledger)
+        assert (got["conflict"], got["pending"], got["created"]) == (1, 0, 1)
+        assert got["conflicts"] == [
+            {"line": g[1].line, "name": g[1].name, "reason": f"conflict (ProjectConflict): {said}"}
+        ]
+        text = run_main(ledger)[0].decode()
+        assert f"line {g[1].line}: {g[1].name}: conflict (ProjectConflict): {said}" in text
+        _, err = run_main(ledger, failed=True)
+        assert said in err and "changed since" not in err
+    clash = dataclasses.replace(
+        result(g[1].name, Outcome.CONFLICT, "0" * 64, g[1].line), action=None
+    )
+    ledger = ledger_for(tmp_path, path, *done(g[0]), clash, footer("r1"), command="sync")
+    assert (summary(ledger)["conflict"], summary(ledger)["pending"]) == (0, 1)
+
+
+def test_a_delete_of_an_absent_group_is_already_gone(tmp_path: Path) -> None:
+    """A delete answered ResourceNotFound is `already gone`, in the actions, the deletes and
+    (without a manifest) the statuses, never counted as a delete."""
+    path = write_manifest(tmp_path / "m.jsonl", names(1))
+    gone = dataclasses.replace(
+        deleted("Lagging"), status=404, code="ResourceNotFound", message="not found"
+    )
+    ledger = ledger_for(tmp_path, path, deleted("Real"), gone, footer("r1"), command="sync")
+    got = summary(ledger)
+    assert got["actions"] == {"delete/already_gone": 1, "delete/deleted": 1}
+    assert got["deletes"] == {"total": 1, "names": ["Real"]}
+    assert got["already_gone_deletes"] == {"total": 1, "names": ["Lagging"]}
+    text = run_main(ledger)[0].decode()
+    assert "deleted (1): Real" in text
+    assert "already gone (delete answered ResourceNotFound) (1): Lagging" in text
+    path.write_text("")  # the manifest changed: counted per Name recorded
+    by_name = summary(ledger)
+    assert (by_name["deleted"], by_name["already_gone"], by_name["scope"]) == (1, 1, "ledger")
+
+
+def test_a_manifest_line_whose_group_was_deleted_is_pending(tmp_path: Path) -> None:
+    """A Name deleted by a prune and given again by the manifest is not done: pending."""
+    path = write_manifest(tmp_path / "m.jsonl", names(1))
+    g = list(groups_of(path).values())
+    ledger = ledger_for(tmp_path, path, deleted(g[0].name), footer("r1"))
+    got = summary(ledger)
+    assert (got["pending"], got["deleted"], got["done"]) == (1, 0, 0)
+    _, err = run_main(ledger, failed=True)
+    assert "deleted since" in err
 
 
 def test_a_prunes_deletes_are_counted_and_named(tmp_path: Path) -> None:

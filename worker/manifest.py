@@ -45,7 +45,7 @@ from typing import IO, Any, Final, Self
 
 import orjson
 
-from worker import __version__, api
+from worker import __version__, api, line_names
 from worker.errors import ManifestError, Problem, SpoolError
 
 MAX_LINE_BYTES = 1 << 20  # a group body is tiny; a longer line is a mistake, not data
@@ -79,8 +79,15 @@ class Group:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Invalid:
     line: int
-    name: str | None
+    name: str | None  # the Name shown and recorded: printable, or None
     problem: Problem
+    # Every Name the line could mean (line_names): what `sync --prune` must not delete.
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # The Name shown is one the line could mean, so it is always protected too.
+        if self.name is not None and self.name not in self.names:
+            object.__setattr__(self, "names", (*self.names, self.name))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,7 +105,8 @@ class Scan:
     invalid: int  # invalid lines (`read` yields each as Invalid, with its first problem)
     problems: list[Problem]  # every problem, capped at MAX_SHOWN
     problem_count: int  # every problem, counted
-    # One record per source line: b"" blank, b"G" name TAB body, b"!" JSON [name, field, reason]
+    # One record per source line: b"" blank, b"G" name TAB body,
+    # b"!" JSON [name, field, reason, names]
     spool: IO[bytes] = field(repr=False, compare=False)
     spool_dir: str = ""  # the spool's folder, for messages
     start: int = 0  # where the spool's records begin (after a remembered spool's header)
@@ -168,9 +176,12 @@ def read(scanned: Scan) -> Iterator[Group | Invalid]:
                     fingerprint=record[1:_FP_END].decode(),
                 )
             elif record.startswith(b"!"):
-                name, field_name, reason = orjson.loads(record[1:])
+                name, field_name, reason, names = orjson.loads(record[1:])
                 yield Invalid(
-                    line=lineno, name=name, problem=Problem(where, lineno, field_name, reason)
+                    line=lineno,
+                    name=name,
+                    problem=Problem(where, lineno, field_name, reason),
+                    names=tuple(names),
                 )
     except OSError as exc:  # only the spool's reads raise it: the consumer's errors stay there
         raise SpoolError(
@@ -215,7 +226,9 @@ def _scan(
             spooled.write(b"\n")  # one spool line per source line keeps numbers true
             continue
         first = result[0]
-        spooled.write(b"!" + orjson.dumps([_name_of(raw), first.field, first.reason]) + b"\n")
+        names = line_names.names_of(raw)
+        record = [_name_of(raw), first.field, first.reason, names]
+        spooled.write(b"!" + orjson.dumps(record) + b"\n")
         invalid += 1
         count += len(result)
         shown.extend(result[: max(0, MAX_SHOWN - len(shown))])
@@ -332,7 +345,7 @@ def _respool(
                 if lineno in duplicates:
                     name, first = duplicates[lineno]
                     reason = f"{name!r} is already given on line {first}"
-                    record = b"!" + orjson.dumps([name, "Name", reason])
+                    record = b"!" + orjson.dumps([name, "Name", reason, [name]])
                 copy.write(record + b"\n")
         except OSError as exc:  # the reads: `copy.write` raises ManifestError itself
             raise spooled.error("read back", exc) from None
@@ -642,7 +655,7 @@ def _name_of(raw: bytes) -> str | None:
 # kept when it would leave the disk with less free space than its own size (or 64 MiB): the
 # ledger needs that room more.
 
-_REMEMBERED_FORMAT: Final = "worker-spool/2"
+_REMEMBERED_FORMAT: Final = "worker-spool/3"  # 3: an invalid line's record holds its names
 _MAX_HEADER_BYTES: Final = 1 << 20
 _COPY_BYTES: Final = 1 << 20
 _MIN_FREE_BYTES: Final = 64 << 20
@@ -654,7 +667,7 @@ def _rules() -> str | None:
     nothing is remembered or recalled)."""
     digest = hashlib.sha256(__version__.encode())
     try:
-        for module in (api.__file__, __file__):
+        for module in (api.__file__, line_names.__file__, __file__):
             with open(module, "rb") as f:
                 digest.update(f.read())
     except (OSError, TypeError):

@@ -183,17 +183,17 @@ def plan_sync(
     named: set[str] = set()  # Names the manifest gives that the account holds
     for item in items:
         if isinstance(item, Invalid):
-            # An invalid line still names its group: never delete what a user listed. A line
-            # whose Name cannot even be read (bad JSON, bad UTF-8) might name any extra.
-            if prune and item.name is None:
+            # An invalid line still names its group: never delete what a user listed, under
+            # any Name the line could mean (a repeated key, an escape). A line whose Name
+            # cannot even be read (bad JSON, bad UTF-8) might name any extra.
+            if prune and not item.names:
                 raise PlanRefused(
                     f"manifest line {item.line} is invalid and has no readable Name, so "
                     "--prune cannot tell whether it names a group to keep; fix that line "
                     "(nothing was changed)"
                 )
             invalid += 1
-            if item.name is not None and item.name in account:
-                named.add(item.name)
+            named.update(name for name in item.names if name in account)
             continue
         if item.name in account:
             named.add(item.name)

@@ -12,12 +12,20 @@ sent, or the line changed since a result that was not done), `in_doubt` (sent, n
 recorded), `in_sync` (below), or the outcome of the Name's latest result.
 
 A sync records nothing for a line it found in sync with the account. So when the last run is
-a sync that went through every item (footer, not stopped), a line it recorded nothing for,
-and whose Name has no not-done record, is `in_sync` (done), never `pending`; after a sync
-that was stopped, interrupted or crashed, such a line may simply not have been reached, and
-stays `pending`. A delete is no manifest line: on a ledger holding a sync, `actions` counts
-every result of every run (so a prune's deletes show), and `deletes` names what was deleted.
-That needs a second, streaming pass over the ledger (`audit_of`), made only for such ledgers.
+a sync that went through every item (footer, not stopped) and the manifest counted against is
+the one it used, a line it recorded nothing for is `in_sync` (done), whatever an earlier run
+said of its Name (the sync listed the account after that and found the line as it says);
+after a sync that was stopped, interrupted or crashed, such a line may simply not have been
+reached, and stays what the ledger says. A sync that ended with exit 0 checked the account
+against every line, so none of its lines is left pending or in doubt either.
+
+A delete is no manifest line: on a ledger holding a sync, `actions` counts every result of
+every run (so a prune's deletes show), `deletes` names what was deleted, and a delete
+answered ResourceNotFound (a lagging listing showed a group already deleted) is `already
+gone` (`delete/already_gone`), not a delete. A manifest line whose Name was deleted is not
+done: the next run or sync creates it again. A conflict is reported with the sync's own
+words, which name both projects. That needs a second, streaming pass over the ledger
+(`audit_of`), made only for ledgers holding a sync.
 
 `gather` does the I/O (read the ledger, probe its lock, find the manifest); `summary_of` and
 `failures_of` are pure; `render` and `main` print.
@@ -31,18 +39,20 @@ import stat
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, TextIO
 
 import orjson
 
 from worker import manifest as manifest_step
+from worker.classify import NOT_FOUND
 from worker.errors import Exit, ManifestError, UsageError
 from worker.ledger import Latest, State, probe_lock, read_state, records_of
 from worker.manifest import Group, Invalid
 from worker.records import (
     DONE,
+    NEEDS_FIX,
     Action,
     Footer,
     Intent,
@@ -53,13 +63,18 @@ from worker.records import (
     StopReason,
 )
 
-# Every status a manifest line can have, in the order reports list them.
-STATUSES: Final = (*(o.value for o in Outcome), "in_sync", "pending", "in_doubt")
+# Every status a manifest line (or, without a manifest, a Name) can have, in the order
+# reports list them. `already_gone`: a delete answered ResourceNotFound (only without a
+# manifest: a manifest line whose Name was deleted is `pending`).
+STATUSES: Final = (*(o.value for o in Outcome), "already_gone", "in_sync", "pending", "in_doubt")
 # The statuses that count as done: the done outcomes, and a line a finished sync found in sync.
-DONE_STATUSES: Final = frozenset({*(o.value for o in DONE), "in_sync"})
+DONE_STATUSES: Final = frozenset({*(o.value for o in DONE), "already_gone", "in_sync"})
 RUNS_SHOWN: Final = 10  # runs in the text report (all of them in --json)
 DELETED_LISTED: Final = 1000  # deleted Names listed in --json (the count covers them all)
 DELETED_SHOWN: Final = 10  # deleted Names in the text report
+CONFLICTS_KEPT: Final = 10_000  # conflict messages the audit holds (beyond: a generic reason)
+CONFLICTS_LISTED: Final = 1000  # conflicts listed in --json (the count covers them all)
+CONFLICTS_SHOWN: Final = 10  # conflicts in the text report
 
 _STOPPED: Final = {
     StopReason.LIMITER: "stopped: the shared limiter stayed unreachable",
@@ -85,24 +100,43 @@ class Failure:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Audit:
     """What the results say beyond each Name's latest word, for a ledger holding a sync:
-    counts per "action/outcome" over every result of every run, the Names deleted, and,
-    when the last run is a sync that went through every item, which Names it recorded."""
+    counts per "action/outcome" over every result of every run, the Names deleted and found
+    already gone, each standing conflict's message, and, when the last run is a sync that
+    went through every item, which Names it recorded and whether it checked the account."""
 
     actions: Mapping[str, int] = field(default_factory=dict)
-    deleted: int = 0  # results `delete/deleted`, in every run
+    deleted: int = 0  # results `delete/deleted` answered OK, in every run
     deleted_names: tuple[str, ...] = ()  # the first DELETED_LISTED of them, in ledger order
+    gone: int = 0  # deletes answered ResourceNotFound: the group was already gone
+    gone_names: tuple[str, ...] = ()  # the first DELETED_LISTED of them
+    # Name -> the message of its latest result, while that is a conflict (the sync's words
+    # name both projects); at most CONFLICTS_KEPT.
+    conflicts: Mapping[str, str] = field(default_factory=dict)
     # hash() of each Name the last run recorded; None unless that run is a finished sync.
     # Hashes, not Names: a sync of millions of lines keeps 8 bytes a Name, not a str.
     last_sync_recorded: frozenset[int] | None = None
+    # The last run is a finished sync that exited 0: it checked the account against every
+    # line of its manifest, so no line of it is left pending or in doubt.
+    last_sync_checked: bool = False
 
     def in_sync(self, name: str, entry: Latest | None) -> bool:
-        """The last run, a finished sync, recorded nothing for `name`, and the ledger holds
-        no not-done word on it: the sync found it in sync with the account."""
-        return (
-            self.last_sync_recorded is not None
-            and (entry is None or entry.done)
-            and hash(name) not in self.last_sync_recorded
+        """The last run, a finished sync, found `name`'s line as the manifest says without
+        writing: it recorded nothing for it (a word of an earlier run is older than that
+        sync's listing), or it checked the account at its end and the ledger's word is one
+        a later look can settle (in doubt, deferred, vanished)."""
+        if self.last_sync_recorded is None:
+            return False
+        if hash(name) not in self.last_sync_recorded:
+            return True
+        # A word that needs a human (conflict, rejected, invalid) never comes with exit 0;
+        # should one, it is kept: the check cannot have settled it.
+        return self.last_sync_checked and (
+            entry is None or not (entry.done or entry.outcome in NEEDS_FIX)
         )
+
+    def unchecked(self) -> Audit:
+        """This audit for a manifest the last run did not use: its sync says nothing of it."""
+        return replace(self, last_sync_recorded=None, last_sync_checked=False)
 
 
 def has_sync(state: State) -> bool:
@@ -120,20 +154,34 @@ def finished_sync(state: State) -> bool:
     )
 
 
+def already_gone(action: Action | None, outcome: Outcome | None, code: str) -> bool:
+    """A delete answered ResourceNotFound: a lagging listing showed a group already gone."""
+    return action is Action.DELETE and outcome is Outcome.DELETED and code == NOT_FOUND
+
+
 def audit_of(state: State, records: Iterable[Record]) -> Audit:
     """Fold the ledger's records (a streaming pass) into an Audit for `state`."""
     last = state.header.run_id if finished_sync(state) and state.header is not None else None
     actions: Counter[str] = Counter()
-    deleted = 0
-    names: list[str] = []
+    counts = {"deleted": 0, "gone": 0}
+    listed: dict[str, list[str]] = {"deleted": [], "gone": []}
+    conflicts: dict[str, str] = {}
     recorded: set[int] = set()
     for record in records:
         if isinstance(record, Result):
-            actions[f"{record.action or 'none'}/{record.outcome}"] += 1
+            gone = already_gone(record.action, record.outcome, record.code)
+            shown = "already_gone" if gone else record.outcome
+            actions[f"{record.action or 'none'}/{shown}"] += 1
             if record.action is Action.DELETE and record.outcome is Outcome.DELETED:
-                deleted += 1
-                if len(names) < DELETED_LISTED and record.name is not None:
-                    names.append(record.name)
+                kind = "gone" if gone else "deleted"
+                counts[kind] += 1
+                if len(listed[kind]) < DELETED_LISTED and record.name is not None:
+                    listed[kind].append(record.name)
+            if record.outcome is Outcome.CONFLICT and record.name is not None:
+                if record.name in conflicts or len(conflicts) < CONFLICTS_KEPT:
+                    conflicts[record.name] = record.message
+            elif record.outcome is not Outcome.INVALID and record.name is not None:
+                conflicts.pop(record.name, None)  # a later word; an invalid line hides none
         if (
             last is not None
             and isinstance(record, Intent | Result)
@@ -141,11 +189,16 @@ def audit_of(state: State, records: Iterable[Record]) -> Audit:
             and record.name is not None
         ):
             recorded.add(hash(record.name))
+    footer = state.footer
     return Audit(
         actions=dict(sorted(actions.items())),
-        deleted=deleted,
-        deleted_names=tuple(names),
+        deleted=counts["deleted"],
+        deleted_names=tuple(listed["deleted"]),
+        gone=counts["gone"],
+        gone_names=tuple(listed["gone"]),
+        conflicts=conflicts,
         last_sync_recorded=frozenset(recorded) if last is not None else None,
+        last_sync_checked=last is not None and footer is not None and footer.exit_code == Exit.OK,
     )
 
 
@@ -190,6 +243,13 @@ def gather(ledger: Path, *, manifest: Path | None = None, state: State | None = 
         except BaseException:
             got.close()
             raise
+        header = state.header
+        if (
+            got.scan is not None
+            and header is not None
+            and got.scan.sha256 != header.manifest_sha256
+        ):
+            got.audit = got.audit.unchecked()
     return got
 
 
@@ -265,19 +325,26 @@ def status_given(item: Group, entry: Latest | None, audit: Audit | None) -> tupl
     if entry is None:
         return "pending", "pending: never sent"
     if entry.outcome is None:
-        return (
-            "in_doubt",
-            "in doubt: sent, but no answer was recorded; the next run sends "
-            "it again (an 'already exists' answer confirms it)",
-        )
+        return "in_doubt", IN_DOUBT
+    if entry.outcome is Outcome.DELETED:
+        # The line asks for the group; the ledger's last word is that it is gone.
+        return "pending", "pending: the group was deleted since; the next run or sync creates it"
     if entry.done:
         return str(entry.outcome), ""
-    if entry.outcome is Outcome.INVALID or entry.fingerprint != item.fingerprint:
+    # A conflict recorded without a fingerprint (nothing was sent) says nothing of a change.
+    unknown = entry.outcome is Outcome.CONFLICT and entry.fingerprint is None
+    if entry.outcome is Outcome.INVALID or (entry.fingerprint != item.fingerprint and not unknown):
         return "pending", f"pending: {entry.outcome} before, and the line has changed since"
-    return str(entry.outcome), _reason(entry)
+    return str(entry.outcome), _reason(item.name, entry, audit)
 
 
-def _reason(entry: Latest) -> str:
+IN_DOUBT: Final = (
+    "in doubt: sent, but no answer was recorded; the next run sends it again, the next "
+    "sync lists it first (an 'already exists' answer or the listing confirms it)"
+)
+
+
+def _reason(name: str, entry: Latest, audit: Audit | None) -> str:
     code = f" ({entry.code})" if entry.code else ""
     match entry.outcome:
         case Outcome.REJECTED:
@@ -290,9 +357,41 @@ def _reason(entry: Latest) -> str:
         case Outcome.VANISHED:
             return "vanished: the group was gone when it was updated; the next sync creates it"
         case Outcome.CONFLICT:
-            return f"conflict{code}: the account holds it in another project"
+            said = audit.conflicts.get(name) if audit is not None else None
+            return f"conflict{code}: {said or 'the account holds it in another project'}"
         case _:
             return f"{entry.outcome}{code}"
+
+
+def _status_of_name(entry: Latest) -> str:
+    """A Name's status without a manifest: its latest word."""
+    if entry.outcome is None:
+        return "in_doubt"
+    if already_gone(entry.action, entry.outcome, entry.code):
+        return "already_gone"
+    return str(entry.outcome)
+
+
+@dataclass(slots=True)
+class _Tally:
+    """The counts `summary_of` adds up, line by line (or Name by Name)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    actions: Counter[str] = field(default_factory=Counter)
+    codes: Counter[str] = field(default_factory=Counter)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)  # the first CONFLICTS_LISTED
+
+    def add(self, status: str, entry: Latest | None) -> None:
+        self.counts[status] += 1
+        # The latest word is the line's status: count its action and code with it.
+        if entry is not None and entry.outcome is not None and status == _status_of_name(entry):
+            self.actions[f"{entry.action or 'none'}/{status}"] += 1
+            if entry.code:
+                self.codes[entry.code] += 1
+
+    def conflict(self, line: int, name: str, reason: str) -> None:
+        if len(self.conflicts) < CONFLICTS_LISTED:
+            self.conflicts.append({"line": line, "name": name, "reason": reason})
 
 
 def summary_of(
@@ -305,51 +404,63 @@ def summary_of(
 ) -> dict[str, Any]:
     """Counts per status (with `items`: per manifest line; without: per Name recorded), per
     "action/outcome" (per line; with `audit`, a ledger holding a sync: per result of every
-    run, deletes included) and per answer code; every run with how it ended."""
-    counts: Counter[str] = Counter()
-    actions: Counter[str] = Counter()
-    codes: Counter[str] = Counter()
-
-    def count(status: str, entry: Latest | None) -> None:
-        counts[status] += 1
-        if entry is not None and entry.outcome is not None and status == entry.outcome:
-            actions[f"{entry.action or 'none'}/{entry.outcome}"] += 1
-            if entry.code:
-                codes[entry.code] += 1
-
+    run, deletes included) and per answer code; the conflicts, with both projects; every
+    run with how it ended."""
+    tally = _Tally()
     if items is not None:
         get = state.latest.get
         for item in items:
             if isinstance(item, Invalid):
-                codes["InvalidManifestLine"] += 1
-                counts["invalid"] += 1
-            else:
-                entry = get(item.name)  # once per line: millions of lookups
-                count(status_given(item, entry, audit)[0], entry)
+                tally.codes["InvalidManifestLine"] += 1
+                tally.counts["invalid"] += 1
+                continue
+            entry = get(item.name)  # once per line: millions of lookups
+            status, reason = status_given(item, entry, audit)
+            tally.add(status, entry)
+            if status == "conflict":
+                tally.conflict(item.line, item.name, reason)
     else:
         for entry in state.latest.values():
-            if entry.outcome is Outcome.INVALID:
-                continue  # invalid lines are counted by line, below
-            count("in_doubt" if entry.outcome is None else str(entry.outcome), entry)
-        counts["invalid"] += len(state.invalid_lines)
-        codes["InvalidManifestLine"] += len(state.invalid_lines)
+            if entry.outcome is not Outcome.INVALID:  # invalid lines are counted by line
+                tally.add(_status_of_name(entry), entry)
+        tally.counts["invalid"] += len(state.invalid_lines)
+        tally.codes["InvalidManifestLine"] += len(state.invalid_lines)
+        for name in audit.conflicts if audit is not None else {}:
+            entry = state.latest.get(name)
+            if entry is not None and entry.outcome is Outcome.CONFLICT:
+                tally.conflict(entry.line, name, _reason(name, entry, audit))
+    return _summary(state, tally, scoped=items is not None, note=note, audit=audit, locked=locked)
+
+
+def _summary(
+    state: State,
+    tally: _Tally,
+    *,
+    scoped: bool,
+    note: str,
+    audit: Audit | None,
+    locked: bool | None,
+) -> dict[str, Any]:
+    counts = tally.counts
     summary: dict[str, Any] = {
-        "scope": "manifest" if items is not None else "ledger",
+        "scope": "manifest" if scoped else "ledger",
         "note": note,
         "total": sum(counts.values()),
     }
     summary.update({s: counts[s] for s in STATUSES})
-    if items is None:
+    if not scoped:
         summary["pending"] = None  # unknowable without a manifest
     summary["done"] = sum(counts[s] for s in DONE_STATUSES)
     summary["not_done"] = summary["total"] - summary["done"]
-    summary["actions"] = dict(sorted(actions.items()))
+    summary["actions"] = dict(sorted(tally.actions.items()))
     summary["actions_over"] = "lines"
     if audit is not None:
         summary["actions"] = dict(audit.actions)
         summary["actions_over"] = "results"
         summary["deletes"] = {"total": audit.deleted, "names": list(audit.deleted_names)}
-    summary["codes"] = {k: v for k, v in sorted(codes.items()) if v}
+        summary["already_gone_deletes"] = {"total": audit.gone, "names": list(audit.gone_names)}
+    summary["conflicts"] = tally.conflicts
+    summary["codes"] = {k: v for k, v in sorted(tally.codes.items()) if v}
     runs = [
         _run(h, state.footers.get(h.run_id), last=i == len(state.runs) - 1, locked=locked)
         for i, h in enumerate(state.runs)
@@ -441,11 +552,11 @@ def failures_of(
     for name, entry in state.latest.items():
         if entry.done or entry.outcome is Outcome.INVALID:
             continue
-        status = "in_doubt" if entry.outcome is None else str(entry.outcome)
+        status = _status_of_name(entry)
         reason = (
             "in doubt: sent, but no answer was recorded"
             if entry.outcome is None
-            else _reason(entry)
+            else _reason(name, entry, audit)
         )
         found.append(
             Failure(line=entry.line, name=name, status=status, reason=reason, body=bodies.get(name))
@@ -483,8 +594,8 @@ def render(summary: dict[str, Any]) -> str:
             lines.append(f"{label:<12}{n:>8}")
     if summary["in_doubt"]:
         lines.append(
-            f"  ({summary['in_doubt']} sent without a recorded answer; the next run "
-            "sends them again)"
+            f"  ({summary['in_doubt']} sent without a recorded answer; the next run sends "
+            "them again, the next sync lists them first)"
         )
     if summary["in_sync"]:
         lines.append(
@@ -495,14 +606,18 @@ def render(summary: dict[str, Any]) -> str:
         over_results = summary.get("actions_over") == "results"
         lines.append("by action (every result of every run):" if over_results else "by action:")
         lines += [f"  {k:<28}{n:>8}" for k, n in summary["actions"].items()]
-    deletes = summary.get("deletes")
-    if deletes and deletes["total"]:
-        shown = ", ".join(deletes["names"][:DELETED_SHOWN])
-        more = deletes["total"] - min(len(deletes["names"]), DELETED_SHOWN)
-        lines.append(
-            f"deleted ({deletes['total']}): {shown}"
-            + (f" and {more} more (--json lists up to {DELETED_LISTED})" if more else "")
-        )
+    lines += _named("deleted", summary.get("deletes"))
+    lines += _named(
+        "already gone (delete answered ResourceNotFound)", summary.get("already_gone_deletes")
+    )
+    conflicts = summary.get("conflicts") or []
+    if conflicts:
+        lines.append(f"conflicts ({summary['conflict']}):")
+        lines += [
+            f"  line {c['line']}: {c['name']}: {c['reason']}" for c in conflicts[:CONFLICTS_SHOWN]
+        ]
+        if (more := summary["conflict"] - min(len(conflicts), CONFLICTS_SHOWN)) > 0:
+            lines.append(f"  and {more} more (report --failed lists every one)")
     if summary["codes"]:
         lines.append("codes:")
         lines += [f"  {code:<36}{n:>8}" for code, n in summary["codes"].items()]
@@ -518,6 +633,18 @@ def render(summary: dict[str, Any]) -> str:
         last = runs[-1]
         lines.append(f"last run {last['run_id']} started {last['started']}: {last['ended']}")
     return "\n".join(lines)
+
+
+def _named(label: str, deletes: dict[str, Any] | None) -> list[str]:
+    """`label (n): the first names`, when there are any."""
+    if not deletes or not deletes["total"]:
+        return []
+    shown = ", ".join(deletes["names"][:DELETED_SHOWN])
+    more = deletes["total"] - min(len(deletes["names"]), DELETED_SHOWN)
+    return [
+        f"{label} ({deletes['total']}): {shown}"
+        + (f" and {more} more (--json lists up to {DELETED_LISTED})" if more else "")
+    ]
 
 
 def _run_line(run: dict[str, Any]) -> str:

@@ -227,7 +227,14 @@ def _sync_source(
     """The difference as work items: creates and updates while the manifest streams by,
     conflicts and invalid lines as results, then the deletes the plan allowed."""
 
-    def unsent(name: str | None, line: int, outcome: Outcome, code: str, message: str) -> Result:
+    def unsent(
+        name: str | None,
+        line: int,
+        outcome: Outcome,
+        code: str,
+        message: str,
+        fp: str | None = None,
+    ) -> Result:
         now = stamp(runner.wall())
         return Result(
             run_id=runner.run_id,
@@ -239,7 +246,7 @@ def _sync_source(
             message=message,
             request_id="",
             sends=0,
-            fingerprint=None,
+            fingerprint=fp,  # a conflict's: `report` tells whether the line changed since
             line=line,
             started=now,
             finished=now,
@@ -278,6 +285,7 @@ def _sync_source(
                     f"the account's group is in project {change.listed.project!r}, "
                     f"the manifest says {change.manifest_project!r}; a project "
                     "cannot be changed after creation",
+                    fp=item.fingerprint,
                 )
             case reconcile.InSync():
                 runner.tally.skipped["in_sync"] += 1
