@@ -347,7 +347,7 @@ def test_a_finished_sync_outranks_an_earlier_runs_word_on_lines_it_did_not_recor
         "in_doubt": 0,
     }
     assert (got["done"], got["not_done"]) == (5, 1)
-    out, err = run_main(ledger, failed=True)
+    out, _ = run_main(ledger, failed=True)
     assert [json.loads(x)["Name"] for x in out.splitlines()] == [g[3].name]
 
 
