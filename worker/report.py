@@ -39,29 +39,27 @@ import stat
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TextIO
 
 import orjson
 
 from worker import manifest as manifest_step
-from worker.classify import NOT_FOUND
+from worker import sync_audit
 from worker.errors import Exit, ManifestError, UsageError
 from worker.ledger import Latest, State, probe_lock, read_state, records_of
 from worker.manifest import Group, Invalid
 from worker.records import (
     DONE,
-    NEEDS_FIX,
-    Action,
     Footer,
     Intent,
     Outcome,
-    Record,
     Result,
     RunHeader,
     StopReason,
 )
+from worker.sync_audit import Audit, already_gone, audit_of, has_sync
 
 # Every status a manifest line (or, without a manifest, a Name) can have, in the order
 # reports list them. `already_gone`: a delete answered ResourceNotFound (only without a
@@ -70,9 +68,8 @@ STATUSES: Final = (*(o.value for o in Outcome), "already_gone", "in_sync", "pend
 # The statuses that count as done: the done outcomes, and a line a finished sync found in sync.
 DONE_STATUSES: Final = frozenset({*(o.value for o in DONE), "already_gone", "in_sync"})
 RUNS_SHOWN: Final = 10  # runs in the text report (all of them in --json)
-DELETED_LISTED: Final = 1000  # deleted Names listed in --json (the count covers them all)
+DELETED_LISTED: Final = sync_audit.DELETED_LISTED  # deleted Names listed in --json
 DELETED_SHOWN: Final = 10  # deleted Names in the text report
-CONFLICTS_KEPT: Final = 10_000  # conflict messages the audit holds (beyond: a generic reason)
 CONFLICTS_LISTED: Final = 1000  # conflicts listed in --json (the count covers them all)
 CONFLICTS_SHOWN: Final = 10  # conflicts in the text report
 
@@ -95,111 +92,6 @@ class Failure:
     status: str  # a STATUSES value other than the done outcomes
     reason: str
     body: bytes | None  # the canonical line to send again; None for an invalid line
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Audit:
-    """What the results say beyond each Name's latest word, for a ledger holding a sync:
-    counts per "action/outcome" over every result of every run, the Names deleted and found
-    already gone, each standing conflict's message, and, when the last run is a sync that
-    went through every item, which Names it recorded and whether it checked the account."""
-
-    actions: Mapping[str, int] = field(default_factory=dict)
-    deleted: int = 0  # results `delete/deleted` answered OK, in every run
-    deleted_names: tuple[str, ...] = ()  # the first DELETED_LISTED of them, in ledger order
-    gone: int = 0  # deletes answered ResourceNotFound: the group was already gone
-    gone_names: tuple[str, ...] = ()  # the first DELETED_LISTED of them
-    # Name -> the message of its latest result, while that is a conflict (the sync's words
-    # name both projects); at most CONFLICTS_KEPT.
-    conflicts: Mapping[str, str] = field(default_factory=dict)
-    # hash() of each Name the last run recorded; None unless that run is a finished sync.
-    # Hashes, not Names: a sync of millions of lines keeps 8 bytes a Name, not a str.
-    last_sync_recorded: frozenset[int] | None = None
-    # The last run is a finished sync that exited 0: it checked the account against every
-    # line of its manifest, so no line of it is left pending or in doubt.
-    last_sync_checked: bool = False
-
-    def in_sync(self, name: str, entry: Latest | None) -> bool:
-        """The last run, a finished sync, found `name`'s line as the manifest says without
-        writing: it recorded nothing for it (a word of an earlier run is older than that
-        sync's listing), or it checked the account at its end and the ledger's word is one
-        a later look can settle (in doubt, deferred, vanished)."""
-        if self.last_sync_recorded is None:
-            return False
-        if hash(name) not in self.last_sync_recorded:
-            return True
-        # A word that needs a human (conflict, rejected, invalid) never comes with exit 0;
-        # should one, it is kept: the check cannot have settled it.
-        return self.last_sync_checked and (
-            entry is None or not (entry.done or entry.outcome in NEEDS_FIX)
-        )
-
-    def unchecked(self) -> Audit:
-        """This audit for a manifest the last run did not use: its sync says nothing of it."""
-        return replace(self, last_sync_recorded=None, last_sync_checked=False)
-
-
-def has_sync(state: State) -> bool:
-    return any(h.command == "sync" for h in state.runs)
-
-
-def finished_sync(state: State) -> bool:
-    """The last run is a sync whose footer says it went through every item."""
-    header, footer = state.header, state.footer
-    return (
-        header is not None
-        and header.command == "sync"
-        and footer is not None
-        and footer.stopped_by is None
-    )
-
-
-def already_gone(action: Action | None, outcome: Outcome | None, code: str) -> bool:
-    """A delete answered ResourceNotFound: a lagging listing showed a group already gone."""
-    return action is Action.DELETE and outcome is Outcome.DELETED and code == NOT_FOUND
-
-
-def audit_of(state: State, records: Iterable[Record]) -> Audit:
-    """Fold the ledger's records (a streaming pass) into an Audit for `state`."""
-    last = state.header.run_id if finished_sync(state) and state.header is not None else None
-    actions: Counter[str] = Counter()
-    counts = {"deleted": 0, "gone": 0}
-    listed: dict[str, list[str]] = {"deleted": [], "gone": []}
-    conflicts: dict[str, str] = {}
-    recorded: set[int] = set()
-    for record in records:
-        if isinstance(record, Result):
-            gone = already_gone(record.action, record.outcome, record.code)
-            shown = "already_gone" if gone else record.outcome
-            actions[f"{record.action or 'none'}/{shown}"] += 1
-            if record.action is Action.DELETE and record.outcome is Outcome.DELETED:
-                kind = "gone" if gone else "deleted"
-                counts[kind] += 1
-                if len(listed[kind]) < DELETED_LISTED and record.name is not None:
-                    listed[kind].append(record.name)
-            if record.outcome is Outcome.CONFLICT and record.name is not None:
-                if record.name in conflicts or len(conflicts) < CONFLICTS_KEPT:
-                    conflicts[record.name] = record.message
-            elif record.outcome is not Outcome.INVALID and record.name is not None:
-                conflicts.pop(record.name, None)  # a later word; an invalid line hides none
-        if (
-            last is not None
-            and isinstance(record, Intent | Result)
-            and record.run_id == last
-            and record.name is not None
-        ):
-            recorded.add(hash(record.name))
-    footer = state.footer
-    return Audit(
-        actions=dict(sorted(actions.items())),
-        deleted=counts["deleted"],
-        deleted_names=tuple(listed["deleted"]),
-        gone=counts["gone"],
-        gone_names=tuple(listed["gone"]),
-        conflicts=conflicts,
-        last_sync_recorded=frozenset(recorded) if last is not None else None,
-        last_sync_checked=last is not None and footer is not None and footer.exit_code == Exit.OK,
-    )
 
 
 @dataclass(slots=True, kw_only=True)
