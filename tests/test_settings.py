@@ -31,7 +31,7 @@ def settings(**kw: Any) -> Settings:
 
 # Each flag, how to build it, and values on both sides of its documented range.
 FLAGS: dict[str, tuple[Any, list[Any], list[Any]]] = {
-    "rate": (lambda v: Pacing(rate=v), [0.001, 10, 10_000], [0, -1, 10_000.5, 10**30]),
+    "rate": (lambda v: Pacing(rate=v), [0.2, 10, 10_000], [0, 0.19, 1e-300, -1, 10_000.5, 10**30]),
     "headroom": (lambda v: Pacing(headroom=v), [0, 0.03, 0.49], [0.5, -0.1, 1]),
     "concurrency": (lambda v: settings(concurrency=v), [1, 1000], [0, -1, 1001, 100_000]),
     "max-attempts": (lambda v: RetryPolicy(max_attempts=v), [1, 100], [0, 101, 10**20]),
@@ -82,7 +82,7 @@ def test_whole_number_flags_refuse_floats_and_booleans() -> None:
 def test_range_text_is_what_the_help_says() -> None:
     """The ranges print the way the README documents them."""
     assert [str(LIMITS[f]) for f in ("rate", "concurrency", "timeout", "grace", "headroom")] == [
-        "(0, 10000]",
+        "[0.2, 10000]",
         "1..1000",
         "(0, 600]",
         "[0, 3600]",
