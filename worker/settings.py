@@ -312,13 +312,13 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
-def check_endpoint(endpoint: str) -> None:
+def check_endpoint(endpoint: str, named: str = "--endpoint") -> None:
     """A UsageError, showing only the redacted URL, unless `endpoint` is http(s)://HOST[:PORT]
     with no credentials in it, and plain http only to loopback."""
     shown = redact_url(endpoint)
 
     def refuse(why: str) -> UsageError:
-        return UsageError(f"--endpoint {shown}: {why}")
+        return UsageError(f"{named} {shown}: {why}")
 
     if not all(c.isprintable() and not c.isspace() for c in endpoint):
         raise refuse("holds spaces or control characters")
@@ -378,7 +378,7 @@ def _param_ok(kind: str, value: str) -> bool:
     return bool(value) and value.isprintable() and len(value) <= 128
 
 
-def check_limiter(url: str) -> None:
+def check_limiter(url: str, named: str = "--limiter") -> None:
     """A UsageError, showing only the redacted URL, unless `url` is a Redis URL redis-py
     reads as it is written: redis(s)://[USER:PASSWORD@]HOST[:PORT][/DB] or unix://PATH, a port
     in 1..65535, only the query parameters in _LIMITER_PARAMS with good values, each once,
@@ -386,7 +386,7 @@ def check_limiter(url: str) -> None:
     shown = redact_url(url)
 
     def refuse(why: str) -> UsageError:
-        return UsageError(f"--limiter {shown}: {why}")
+        return UsageError(f"{named} {shown}: {why}")
 
     if not url or not all(c.isprintable() and not c.isspace() for c in url):
         raise refuse("empty, or holds spaces or control characters")
