@@ -17,6 +17,8 @@ from worker.settings import (
     RetryPolicy,
     Settings,
     check_endpoint,
+    check_limiter,
+    secret_in_url,
     default_concurrency,
     is_loopback,
     redact_url,
@@ -217,3 +219,51 @@ def test_limiter_url_errors_and_the_ledger_header_are_redacted() -> None:
     public = settings(limiter_url="redis://:hunter2@redis:6379/0?password=hunter2").public()
     assert "hunter2" not in repr(public)
     assert public["limiter"] == "redis://:***@redis:6379/0?password=***"
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("redis://h:99999/3", "1..65535"),
+        ("redis://h:0/3", "port 0"),
+        ("redis://h/3?socket_timeout=abc", "socket_timeout must be"),
+        ("redis://h/3?socket_timeout=inf", "socket_timeout must be"),
+        ("redis://h/3?sockettimeout=1", "unknown parameter"),
+        ("redis://h/12?db=3", "name different databases"),
+        ("redis://h/3?db=3&db=3", "given twice"),
+        ("redis://h/x", "database number alone"),
+        ("redis://h/3;password=pw", "database number alone"),
+        ("redis://h/3#frag", "fragment"),
+        ("redis://h/3#", "fragment"),
+        ("unix://", "unix:///path"),
+        ("http://h/3", "expected redis://"),
+    ],
+)
+def test_bad_limiter_urls_are_refused(url: str, why: str) -> None:
+    """Each --limiter redis-py would misread (or read only at the first connect) is refused."""
+    with pytest.raises(UsageError, match="--limiter") as info:
+        check_limiter(url)
+    assert why in str(info.value) and "pw" not in str(info.value).replace("password", "")
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://h:6379/3", "redis://:pw@h/3?db=3", "unix:///r.sock?db=2", "rediss://h"]
+)
+def test_good_limiter_urls_pass(url: str) -> None:
+    """Plain Redis URLs, with a matching ?db= or a password, pass."""
+    check_limiter(url)
+
+
+def test_secret_in_url_names_the_part_never_the_value() -> None:
+    """Userinfo, ?password=, ;token= and #access_token= are credentials; ?db= is not."""
+    assert secret_in_url("redis://:hunter2@h/3") == "its user:password@ part"
+    assert secret_in_url("redis://h/3?password=hunter2") == "its password parameter"
+    assert secret_in_url("redis://h/3;token=x") == "its token parameter"
+    assert secret_in_url("https://h/#access_token=x") == "its access_token parameter"
+    assert secret_in_url("redis://h/3?db=3") is None
+
+
+def test_fragments_are_redacted_whole() -> None:
+    """A fragment is never sent: all of it is ***, named parameters keep their names."""
+    assert redact_url("redis://h/3#hunter2") == "redis://h/3#***"
+    assert redact_url("http://h#a=b&c") == "http://h#a=***&***"
