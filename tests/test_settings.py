@@ -18,10 +18,10 @@ from worker.settings import (
     Settings,
     check_endpoint,
     check_limiter,
-    secret_in_url,
     default_concurrency,
     is_loopback,
     redact_url,
+    secret_in_url,
 )
 
 M, L = Path("m.jsonl"), Path("m.ledger.jsonl")
