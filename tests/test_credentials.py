@@ -276,3 +276,22 @@ def test_a_credentials_path_that_is_a_fifo_or_huge_is_refused_without_hanging(
     path.unlink()
     path.write_text("[default]\n" + "#" * (MAX_FILE_BYTES + 1))
     assert "larger than" in refused({}, tmp_path)
+
+
+@pytest.mark.parametrize("where", [".volc/credentials", ".volc/config", ".volcengine/config.json"])
+@pytest.mark.parametrize("profile", [None, "default"])
+def test_a_credentials_path_that_is_a_directory_is_named(
+    tmp_path: Path, where: str, profile: str | None
+) -> None:
+    """A secret mounted as a folder (no subPath) is an error naming it, not IsADirectoryError."""
+    path = tmp_path / where
+    path.mkdir(parents=True)
+    if profile is not None and where == ".volc/config":
+        pytest.skip("--profile does not read ~/.volc/config")
+    assert refused({}, tmp_path, profile).startswith(f"{path}: not a regular file: a directory")
+
+
+def test_a_credentials_path_too_long_is_named(tmp_path: Path) -> None:
+    """A HOME whose names the file system cannot hold is an error naming the file."""
+    home = tmp_path / ("h" * 300)
+    assert "cannot open it (File name too long)" in refused({}, home)

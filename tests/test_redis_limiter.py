@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import (
+    SK,
     SandboxProc,
     cli_env,
     ledger_records,
@@ -34,7 +35,7 @@ from tests.conftest import (
     worker_cmd,
     write_manifest,
 )
-from worker.pacing_redis import RedisPacer
+from worker.pacing_redis import RedisPacer, budget_key
 from worker.settings import Pacing
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -175,6 +176,49 @@ def test_three_workers_share_one_budget(
     assert len(state["groups"]) == 300 and all(g["created"] == 1 for g in state["groups"])
 
 
+def test_one_access_key_is_one_budget_however_the_endpoint_is_spelled(
+    redis_url: str, sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """3 processes on one AK, endpoints spelled 127.0.0.1:P, 127.0.0.1:P/ and localhost:P,
+    sandbox strict at 20/s: they share one budget (no throttle), not one budget per spelling."""
+    ak = f"AKSPELL{time.monotonic_ns()}"  # a key of its own: no budget left by another test
+    sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "20-200", keys={ak: SK})
+    port = sb.url.rsplit(":", 1)[1].rstrip("/")
+    spellings = [
+        f"http://127.0.0.1:{port}",
+        f"http://127.0.0.1:{port}/",
+        f"http://localhost:{port}",
+    ]
+    procs = []
+    for i, endpoint in enumerate(spellings):
+        manifest = write_manifest(tmp_path / f"s{i}.jsonl", names(60, prefix=f"拼写{i}组"))
+        command = ["run", str(manifest), "--endpoint", endpoint, "--rate", "20"]
+        procs.append(
+            subprocess.Popen(
+                worker_cmd(*command, "--limiter", redis_url),
+                env=cli_env(tmp_path, ak=ak, sk=SK),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    results = finish(procs)
+    assert [code for code, _ in results] == [0, 0, 0], [err[-2000:] for _, err in results]
+    arrivals = sb.creates()
+    assert [a for a in arrivals if a["code"] == "FlowLimitExceeded"] == []
+    assert max_in_window([a["t"] for a in arrivals]) <= 20
+    assert len(sb.state()["groups"]) == 180
+
+
+def test_budget_key_names_the_access_key_and_region_only() -> None:
+    """The shared budget's key follows the access key and the region, hashed; nothing else."""
+    key = budget_key("AKLTexample", "cn-north-1")
+    assert key == budget_key("AKLTexample", "cn-north-1")
+    assert key.startswith("worker:pace:") and "AKLTexample" not in key
+    assert key != budget_key("AKLTother", "cn-north-1")
+    assert key != budget_key("AKLTexample", "cn-beijing")
+
+
 def test_per_process_budgets_get_throttled(sandbox_factory: Any, tmp_path: Path) -> None:
     """The same setup with in-process limiters is throttled: the test above can tell them apart."""
     sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "20-200")
@@ -284,10 +328,10 @@ def test_pacers_in_one_loop_book_evenly_spaced_slots(redis_url: str) -> None:
 
     async def main() -> list[float]:
         times: list[float] = []
-        endpoint = f"http://test-{time.monotonic_ns()}"
+        ak = f"AK-test-{time.monotonic_ns()}"
         pacers = [
             RedisPacer(
-                redis_url, pacing=Pacing(rate=40), endpoint=endpoint, access_key="AK", timeout_s=5
+                redis_url, pacing=Pacing(rate=40), access_key=ak, region="cn-north-1", timeout_s=5
             )
             for _ in range(3)
         ]
@@ -357,8 +401,8 @@ def _late_send_moves_schedule(redis_url: str, callers: int) -> tuple[int, int]:
         pacer = RedisPacer(
             redis_url,
             pacing=pacing,
-            endpoint=f"http://late-{time.monotonic_ns()}",
-            access_key="AK",
+            access_key=f"AK-late-{time.monotonic_ns()}",
+            region="cn-north-1",
             timeout_s=5,
             clock=clock,
             sleep=clock.sleep,
@@ -406,8 +450,8 @@ def test_stall_past_late_limit_lets_the_slot_go(redis_url: str) -> None:
         pacer = RedisPacer(
             redis_url,
             pacing=Pacing(rate=20),
-            endpoint=f"http://stall-{time.monotonic_ns()}",
-            access_key="AK",
+            access_key=f"AK-stall-{time.monotonic_ns()}",
+            region="cn-north-1",
             timeout_s=5,
             clock=clock,
             sleep=clock.sleep,
@@ -430,11 +474,11 @@ def test_stall_past_late_limit_lets_the_slot_go(redis_url: str) -> None:
 def test_cool_down_message_does_not_outlive_the_pacer(redis_url: str) -> None:
     """throttled() right before the pacer closes leaves no task behind (it is owned, ended on
     exit), and a cool-down that did reach Redis is seen by the next pacer on the same key."""
-    endpoint = f"http://cool-{time.monotonic_ns()}"
+    ak = f"AK-cool-{time.monotonic_ns()}"
 
     async def main() -> tuple[set[asyncio.Task[Any]], str]:
         async with RedisPacer(
-            redis_url, pacing=Pacing(rate=20), endpoint=endpoint, access_key="AK", timeout_s=5
+            redis_url, pacing=Pacing(rate=20), access_key=ak, region="cn-north-1", timeout_s=5
         ) as pacer:
             await pacer.acquire()
             pacer.throttled()
@@ -461,8 +505,8 @@ def test_a_slow_answer_is_not_taken_for_a_late_send(redis_url: str) -> None:
         pacer = RedisPacer(
             redis_url,
             pacing=pacing,
-            endpoint=f"http://slow-{time.monotonic_ns()}",
-            access_key="AK",
+            access_key=f"AK-slow-{time.monotonic_ns()}",
+            region="cn-north-1",
             timeout_s=5,
             watch_s=None,
         )

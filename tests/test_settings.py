@@ -17,9 +17,11 @@ from worker.settings import (
     RetryPolicy,
     Settings,
     check_endpoint,
+    check_limiter,
     default_concurrency,
     is_loopback,
     redact_url,
+    secret_in_url,
 )
 
 M, L = Path("m.jsonl"), Path("m.ledger.jsonl")
@@ -31,7 +33,7 @@ def settings(**kw: Any) -> Settings:
 
 # Each flag, how to build it, and values on both sides of its documented range.
 FLAGS: dict[str, tuple[Any, list[Any], list[Any]]] = {
-    "rate": (lambda v: Pacing(rate=v), [0.001, 10, 10_000], [0, -1, 10_000.5, 10**30]),
+    "rate": (lambda v: Pacing(rate=v), [0.2, 10, 10_000], [0, 0.19, 1e-300, -1, 10_000.5, 10**30]),
     "headroom": (lambda v: Pacing(headroom=v), [0, 0.03, 0.49], [0.5, -0.1, 1]),
     "concurrency": (lambda v: settings(concurrency=v), [1, 1000], [0, -1, 1001, 100_000]),
     "max-attempts": (lambda v: RetryPolicy(max_attempts=v), [1, 100], [0, 101, 10**20]),
@@ -82,7 +84,7 @@ def test_whole_number_flags_refuse_floats_and_booleans() -> None:
 def test_range_text_is_what_the_help_says() -> None:
     """The ranges print the way the README documents them."""
     assert [str(LIMITS[f]) for f in ("rate", "concurrency", "timeout", "grace", "headroom")] == [
-        "(0, 10000]",
+        "[0.2, 10000]",
         "1..1000",
         "(0, 600]",
         "[0, 3600]",
@@ -217,3 +219,51 @@ def test_limiter_url_errors_and_the_ledger_header_are_redacted() -> None:
     public = settings(limiter_url="redis://:hunter2@redis:6379/0?password=hunter2").public()
     assert "hunter2" not in repr(public)
     assert public["limiter"] == "redis://:***@redis:6379/0?password=***"
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("redis://h:99999/3", "1..65535"),
+        ("redis://h:0/3", "port 0"),
+        ("redis://h/3?socket_timeout=abc", "socket_timeout must be"),
+        ("redis://h/3?socket_timeout=inf", "socket_timeout must be"),
+        ("redis://h/3?sockettimeout=1", "unknown parameter"),
+        ("redis://h/12?db=3", "name different databases"),
+        ("redis://h/3?db=3&db=3", "given twice"),
+        ("redis://h/x", "database number alone"),
+        ("redis://h/3;password=pw", "database number alone"),
+        ("redis://h/3#frag", "fragment"),
+        ("redis://h/3#", "fragment"),
+        ("unix://", "unix:///path"),
+        ("http://h/3", "expected redis://"),
+    ],
+)
+def test_bad_limiter_urls_are_refused(url: str, why: str) -> None:
+    """Each --limiter redis-py would misread (or read only at the first connect) is refused."""
+    with pytest.raises(UsageError, match="--limiter") as info:
+        check_limiter(url)
+    assert why in str(info.value) and "pw" not in str(info.value).replace("password", "")
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://h:6379/3", "redis://:pw@h/3?db=3", "unix:///r.sock?db=2", "rediss://h"]
+)
+def test_good_limiter_urls_pass(url: str) -> None:
+    """Plain Redis URLs, with a matching ?db= or a password, pass."""
+    check_limiter(url)
+
+
+def test_secret_in_url_names_the_part_never_the_value() -> None:
+    """Userinfo, ?password=, ;token= and #access_token= are credentials; ?db= is not."""
+    assert secret_in_url("redis://:hunter2@h/3") == "its user:password@ part"
+    assert secret_in_url("redis://h/3?password=hunter2") == "its password parameter"
+    assert secret_in_url("redis://h/3;token=x") == "its token parameter"
+    assert secret_in_url("https://h/#access_token=x") == "its access_token parameter"
+    assert secret_in_url("redis://h/3?db=3") is None
+
+
+def test_fragments_are_redacted_whole() -> None:
+    """A fragment is never sent: all of it is ***, named parameters keep their names."""
+    assert redact_url("redis://h/3#hunter2") == "redis://h/3#***"
+    assert redact_url("http://h#a=b&c") == "http://h#a=***&***"

@@ -26,6 +26,7 @@ from worker import __version__, logs
 from worker.errors import Exit, LedgerLocked, ManifestError, UsageError, WorkerError
 from worker.records import StopReason
 from worker.signals import SIGNALS, Interrupted, install_early
+from worker.userpaths import Named, check_path, check_paths
 
 if TYPE_CHECKING:  # the runner (and aiohttp) load only for the commands that send
     from worker.runner import Controls
@@ -166,6 +167,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from worker.commands import export as export_command
     from worker.runner import Controls
 
+    if args.output:
+        check_path(Path(args.output), "-o")
     settings, options = _resolve(args, "export")
     controls = Controls()
     projects = frozenset(args.project or ())
@@ -183,6 +186,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from worker import manifest
 
+    check_path(Path(args.manifest), "MANIFEST")
     with manifest.scan(Path(args.manifest)) as scan:
         if scan.problem_count:
             raise ManifestError(scan.problems, scan.problem_count)
@@ -193,6 +197,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from worker import report
 
+    check_path(Path(args.ledger), "LEDGER")
+    if args.manifest:
+        check_path(Path(args.manifest), "--manifest")
     return report.main(
         Path(args.ledger),
         manifest=Path(args.manifest) if args.manifest else None,
@@ -296,7 +303,7 @@ OPTIONS: tuple[Opt, ...] = (
 def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
     """Settings and compose.Options from the command line, the job file, the environment."""
     from worker import compose
-    from worker.settings import Pacing, RetryPolicy, Settings
+    from worker.settings import Pacing, RetryPolicy, Settings, check_endpoint, check_limiter
 
     values = _merged(args, command)
     sandbox = bool(args.sandbox or args.sandbox_account)
@@ -304,6 +311,8 @@ def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
     if command != "export" and manifest is None:
         raise UsageError(f"{command}: give a MANIFEST (or a job file naming one)")
     manifest_path = Path(str(manifest)) if manifest is not None else Path("export.jsonl")
+    if manifest is not None:
+        check_path(manifest_path, lambda: _origin(args, "manifest"))
     ledger_path = values.get("ledger")
     if (
         ledger_path is None
@@ -316,8 +325,16 @@ def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
             f"{manifest_path} is not a regular file (a pipe?): give --ledger, "
             "since no default ledger can go beside it"
         )
+    ledger_named: Named = lambda: _origin(args, "ledger")  # noqa: E731
     if ledger_path is None:
         ledger_path = compose.default_ledger(manifest_path, sandbox=sandbox)
+        ledger_named = f"the default ledger (beside {_origin(args, 'manifest')})"
+    if command != "export":  # the ledger and the files kept beside it (ledger.py, compose.py)
+        ledger_file = Path(str(ledger_path))
+        check_paths(
+            (ledger_file.with_name(ledger_file.name + suffix), ledger_named)
+            for suffix in ("", ".lock", ".index", ".spool")
+        )
     account = None
     if sandbox:
         account = (
@@ -329,6 +346,7 @@ def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
                 else compose.sandbox_account_for(Path(str(ledger_path)))
             )
         )
+        check_path(account, "--sandbox-account")
     pacing: dict[str, Any] = {
         k: values[o]
         for k, o in (("rate", "rate"), ("headroom", "headroom"))
@@ -350,6 +368,12 @@ def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
         "skip_invalid": "skip-invalid",
     }
     kwargs: dict[str, Any] = {k: values[o] for k, o in plain.items() if values.get(o) is not None}
+    # Checked here first so that the message names where a bad URL came from; Settings
+    # checks again (it is also built by tests and benchmarks), naming the flag.
+    if "endpoint" in kwargs:
+        check_endpoint(str(kwargs["endpoint"]), _origin(args, "endpoint"))
+    if "limiter_url" in kwargs:
+        check_limiter(str(kwargs["limiter_url"]), _origin(args, "limiter"))
     settings = Settings(
         manifest=manifest_path,
         ledger=Path(str(ledger_path)),
@@ -366,6 +390,7 @@ def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
     if metrics_file is not None:
         from worker.metrics import check_textfile
 
+        check_path(Path(str(metrics_file)), lambda: _origin(args, "metrics-file"))
         ledger_file = Path(str(ledger_path))
         check_textfile(
             Path(str(metrics_file)),
@@ -389,6 +414,25 @@ def _resolve(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
         metrics_host=values.get("metrics-host") or "127.0.0.1",
     )
     return settings, options
+
+
+def _origin(args: argparse.Namespace, name: str) -> str:
+    """Where option `name`'s value came from, for a message: the command line, the job
+    file (command line > job file > environment, as in `_merged`) or a WORKER_* variable."""
+    import tomllib
+
+    from worker import jobfile
+
+    if getattr(args, name.replace("-", "_"), None) not in (None, []):
+        return "MANIFEST" if name == "manifest" else f"--{name}"
+    job = getattr(args, "job", None)
+    if job:
+        try:
+            if name in tomllib.loads(Path(job).read_text(encoding="utf-8")):
+                return f"{job}: {name}"
+        except (OSError, ValueError):
+            pass  # it was read once already; this is only a message's wording
+    return jobfile.env_var(name)
 
 
 def _stem(path: Path) -> str:

@@ -213,8 +213,8 @@ async def _pacer(settings: Settings, creds: Credentials) -> AsyncIterator[Pacer]
     async with RedisPacer(
         settings.limiter_url,
         pacing=settings.pacing,
-        endpoint=settings.endpoint,
         access_key=creds.access_key,
+        region=settings.region,
         timeout_s=settings.limiter_timeout_s,
     ) as shared:
         log.info("limiter.shared", limiter=redact_url(settings.limiter_url))

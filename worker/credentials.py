@@ -323,12 +323,21 @@ def _read(path: Path) -> str | None:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    except OSError as exc:
+    except OSError as exc:  # unreadable, a name too long, a parent that is a file
         raise CredentialsError(f"{path}: cannot open it ({exc.strerror})") from None
+    # Checked before open(): it raises IsADirectoryError on a directory's descriptor, and
+    # a directory here is common (a Kubernetes secret mounted without subPath).
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        os.close(fd)
+        raise CredentialsError(f"{path}: cannot read it ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a directory (a secret mounted without subPath?)" if stat.S_ISDIR(mode) else ""
+        raise CredentialsError(f"{path}: not a regular file{': ' + what if what else ''}")
     with open(fd, "rb") as f:
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise CredentialsError(f"{path}: not a regular file")
             data = f.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
             raise CredentialsError(f"{path}: cannot read it ({exc.strerror})") from None

@@ -23,9 +23,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
 from worker.errors import UsageError
+from worker.settings import secret_in_url
 
 Kind = Literal["str", "path", "int", "float", "bool", "list"]
 
@@ -266,13 +266,11 @@ def _toml_type(value: object) -> str:
 
 
 def _refuse_url_password(value: str, where: str, var: str) -> None:
-    try:
-        password = urlsplit(value).password if "://" in value else None
-    except ValueError:
-        return  # not a URL we can read; the option's own parser will say what is wrong
-    if password is not None:
+    # A job file is committed and shared; a URL's password (userinfo or ?password=) is not.
+    what = secret_in_url(value) if "://" in value else None
+    if what is not None:
         raise UsageError(
-            f"{where}: holds a password in a URL; put the URL in the "
+            f"{where}: holds a password in a URL ({what}); put the URL in the "
             f"environment ({var}) instead of the job file"
         )
 

@@ -183,8 +183,19 @@ return 1
 """
 
 
+def budget_key(access_key: str, region: str) -> str:
+    """The Redis key prefix of one access key's budget in one region.
+
+    The budget is the server's (10 req/s per user), so the key names only what the server
+    counts by: not the endpoint's spelling, which split one key into several budgets
+    (`http://h:p`, `http://h:p/` and `http://localhost:p`: three workers, 16 throttles).
+    Hashed: keys show up in MONITOR and dashboards, an access key id should not."""
+    ident = hashlib.sha256(f"live|{region}|{access_key}".encode()).hexdigest()[:16]
+    return f"worker:pace:{ident}"
+
+
 class RedisPacer:
-    """The shared budget of one access key at one endpoint. Open it with `async with`.
+    """The shared budget of one access key in one region. Open it with `async with`.
 
     `stats()` says where the time went: slots used; used late and reported (of those, reported
     by the watchdog; their lateness in total); lost to a stalled loop; bookings refused because
@@ -196,8 +207,8 @@ class RedisPacer:
         url: str,
         *,
         pacing: Pacing,
-        endpoint: str,
         access_key: str,
+        region: str,
         timeout_s: float,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -209,13 +220,8 @@ class RedisPacer:
         self._timeout_s = timeout_s
         self._sleep = sleep
         self._clock = clock
-        # Namespaced by endpoint and AK (hashed: keys show up in MONITOR and dashboards).
-        ident = hashlib.sha256(f"{endpoint}|{access_key}".encode()).hexdigest()[:16]
-        self._keys = (
-            f"worker:pace:{ident}:tat",
-            f"worker:pace:{ident}:throttle",
-            f"worker:pace:{ident}:seq",
-        )
+        prefix = budget_key(access_key, region)
+        self._keys = (f"{prefix}:tat", f"{prefix}:throttle", f"{prefix}:seq")
         self._client: aioredis.Redis | None = None
         self._acquire: Any = None
         self._throttle: Any = None

@@ -11,10 +11,11 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TypeVar
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 from worker import api
 from worker.errors import UsageError
@@ -26,6 +27,7 @@ DEFAULT_HEADROOM = 0.03
 DESIGN_LATENCY_S = 2.0
 
 N = TypeVar("N", int, float)
+MIN_RATE_FLAG: Final = 0.2  # the lowest --rate: see LIMITS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,7 +80,10 @@ class Limit:
 LIMITS: Final[dict[str, Limit]] = {
     limit.flag: limit
     for limit in (
-        Limit(flag="rate", low=0, high=10_000, low_open=True),
+        # Floor: at 0.2/s a request leaves every 5 s, so a run shows progress well inside any
+        # deadline; it is also the cool-down's floor (pacing.MIN_RATE), which a slower target
+        # would sit under. 1e-300 was accepted and then waited 1e300 s for its first request.
+        Limit(flag="rate", low=MIN_RATE_FLAG, high=10_000),
         Limit(flag="headroom", low=0, high=0.5, high_open=True),
         Limit(flag="concurrency", low=1, high=1000, whole=True),
         Limit(flag="max-attempts", low=1, high=100, whole=True),
@@ -232,7 +237,8 @@ def redact_url(url: str) -> str:
         # Built by hand: urlunsplit drops the "//" of schemes it does not know (unix:///...).
         slashes = "//" if netloc or "://" in url else ""
         query = f"?{_redact_params(parts.query)}" if parts.query else ""
-        fragment = f"#{_redact_params(parts.fragment)}" if parts.fragment else ""
+        # A fragment is never sent, so nothing needs it in the clear: every value goes.
+        fragment = f"#{_redact_params(parts.fragment, every=True)}" if parts.fragment else ""
         scheme = f"{parts.scheme}:" if parts.scheme else ""
         path = _redact_path(parts.path)
         redacted = f"{scheme}{slashes}{netloc}{path}{query}{fragment}"
@@ -253,14 +259,43 @@ def _redact_path(path: str) -> str:
     return "/".join(segments)
 
 
-def _redact_params(text: str, sep: str = "&") -> str:
+def _redact_params(text: str, sep: str = "&", *, every: bool = False) -> str:
+    """Password-like values become *** (`every`: all values, and bare words too)."""
     out = []
     for part in text.split(sep):
         name, eq, _ = part.partition("=")
-        key = unquote_plus(name).lower().replace("-", "_")
-        secret = key in _SECRET_NAMES or any(word in key for word in _SECRET_WORDS)
-        out.append(f"{name}=***" if eq and secret else part)
+        if every:
+            out.append(f"{name}=***" if eq else "***")
+        else:
+            out.append(f"{name}=***" if eq and is_secret_name(name) else part)
     return sep.join(out)
+
+
+def secret_in_url(url: str) -> str | None:
+    """What in `url` is a credential (a userinfo password or token, a password-like query,
+    path or fragment parameter), said without its value; None when nothing is."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return None  # not a URL we can read; the option's own check says what is wrong
+    if password is not None or parts.username:  # a bare user@ may be a token, too
+        return "its user:password@ part"
+    params = [
+        *(p.partition("=")[0] for p in parts.query.split("&") if "=" in p),
+        *(p.partition("=")[0] for p in parts.fragment.split("&") if "=" in p),
+        *(p.partition("=")[0] for seg in parts.path.split("/") for p in seg.split(";")[1:]),
+    ]
+    for name in params:
+        if is_secret_name(name):
+            return f"its {api.label(unquote_plus(name))} parameter"
+    return None
+
+
+def is_secret_name(name: str) -> bool:
+    """True for a parameter name whose value is (or may be) a credential."""
+    key = unquote_plus(name).lower().replace("-", "_")
+    return key in _SECRET_NAMES or any(word in key for word in _SECRET_WORDS)
 
 
 def is_loopback(host: str) -> bool:
@@ -277,13 +312,13 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
-def check_endpoint(endpoint: str) -> None:
+def check_endpoint(endpoint: str, named: str = "--endpoint") -> None:
     """A UsageError, showing only the redacted URL, unless `endpoint` is http(s)://HOST[:PORT]
     with no credentials in it, and plain http only to loopback."""
     shown = redact_url(endpoint)
 
     def refuse(why: str) -> UsageError:
-        return UsageError(f"--endpoint {shown}: {why}")
+        return UsageError(f"{named} {shown}: {why}")
 
     if not all(c.isprintable() and not c.isspace() for c in endpoint):
         raise refuse("holds spaces or control characters")
@@ -306,11 +341,94 @@ def check_endpoint(endpoint: str) -> None:
         raise refuse("plain http is allowed only to loopback (localhost, 127.0.0.0/8, ::1)")
 
 
-def check_limiter(url: str) -> None:
-    """A UsageError, showing only the redacted URL, unless `url` is a Redis URL."""
+# Query parameters a --limiter URL may carry, and what each value must be. redis-py takes any
+# name and hands it to the connection (an unknown one failed at the first connect, with a
+# traceback), and it reads a bad value only once the run starts: both are checked here.
+_WHOLE, _SECONDS, _BOOL = "a whole number", "a positive number of seconds", "true or false"
+_LIMITER_PARAMS: Final = {
+    "db": _WHOLE,
+    "socket_timeout": _SECONDS,
+    "socket_connect_timeout": _SECONDS,
+    "socket_keepalive": _BOOL,
+    "health_check_interval": _WHOLE,
+    "client_name": "a name",
+    "ssl_check_hostname": _BOOL,
+    "ssl_cert_reqs": "none, optional or required",
+    "username": "a name",
+    "password": "a password",
+}
+_BOOLS: Final = frozenset({"0", "1", "true", "false", "yes", "no", "on", "off", "t", "f"})
+
+
+def _param_ok(kind: str, value: str) -> bool:
+    if kind == _WHOLE:
+        return value.isascii() and value.isdigit() and len(value) <= 9
+    if kind == _SECONDS:
+        try:
+            seconds = float(value)
+        except ValueError:
+            return False
+        return math.isfinite(seconds) and 0 < seconds <= 3600
+    if kind == _BOOL:
+        return value.lower() in _BOOLS
+    if kind == _LIMITER_PARAMS["ssl_cert_reqs"]:
+        return value in ("none", "optional", "required")
+    if kind == _LIMITER_PARAMS["password"]:
+        return bool(value)
+    return bool(value) and value.isprintable() and len(value) <= 128
+
+
+def check_limiter(url: str, named: str = "--limiter") -> None:
+    """A UsageError, showing only the redacted URL, unless `url` is a Redis URL redis-py
+    reads as it is written: redis(s)://[USER:PASSWORD@]HOST[:PORT][/DB] or unix://PATH, a port
+    in 1..65535, only the query parameters in _LIMITER_PARAMS with good values, each once,
+    no `?db=` that says otherwise than the path, no #fragment."""
+    shown = redact_url(url)
+
+    def refuse(why: str) -> UsageError:
+        return UsageError(f"{named} {shown}: {why}")
+
+    if not url or not all(c.isprintable() and not c.isspace() for c in url):
+        raise refuse("empty, or holds spaces or control characters")
     try:
-        scheme = urlsplit(url).scheme
-    except ValueError:
-        scheme = ""
-    if scheme not in ("redis", "rediss", "unix"):
-        raise UsageError(f"--limiter {redact_url(url)}: expected redis://HOST:PORT/DB")
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is no number or out of 0..65535, a broken [v6] literal
+        raise refuse("not a URL, or its port is not in 1..65535") from None
+    if parts.scheme not in ("redis", "rediss", "unix") or "://" not in url:
+        raise refuse("expected redis://HOST:PORT/DB (or rediss://, unix://PATH)")
+    if parts.fragment or url.endswith("#"):
+        raise refuse("a #fragment has no meaning in a Redis URL; remove it")
+    if port == 0:
+        raise refuse("port 0 is not a port to connect to")
+    path_db: str | None = None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise refuse("expected unix:///path/to/redis.sock")
+    else:
+        if not host:
+            raise refuse("expected redis://HOST:PORT/DB: no host")
+        path_db = parts.path.strip("/") or None
+        if path_db is not None and not _param_ok(_WHOLE, path_db):
+            # The raw path is not shown: it may hold ;password=... (redacted in `shown`).
+            raise refuse("the path must be the database number alone, as in /3")
+    _check_limiter_query(parts.query, path_db, refuse)
+
+
+def _check_limiter_query(
+    query: str, path_db: str | None, refuse: Callable[[str], UsageError]
+) -> None:
+    seen: set[str] = set()
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        kind = _LIMITER_PARAMS.get(name)
+        if kind is None:
+            known = ", ".join(_LIMITER_PARAMS)
+            raise refuse(f"unknown parameter {api.shown(name)} (known: {known})")
+        if name in seen:
+            raise refuse(f"{name} is given twice")
+        seen.add(name)
+        if not _param_ok(kind, value):
+            shown = "''" if is_secret_name(name) and not value else api.shown(value)
+            raise refuse(f"{name} must be {kind}, not {shown}")
+        if name == "db" and path_db is not None and int(value) != int(path_db):
+            raise refuse(f"?db={value} and the path's /{path_db} name different databases")
