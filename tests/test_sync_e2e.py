@@ -226,41 +226,43 @@ def test_export_then_sync_into_an_empty_account_reproduces_it(
     assert got == want
 
 
-def test_a_listing_that_changes_while_paging_is_listed_again(
+def test_a_listing_that_changes_while_paging_is_used_and_checked(
     sandbox_factory: Any, tmp_path: Path
 ) -> None:
-    """Two pages, and a group appears after the first page (--list-churn 1): the collected
-    groups do not add up to Total, so the worker lists again before planning, and nothing
-    the manifest names is created twice."""
+    """Two pages, and a group appears after the first page (--list-churn 1): the listing
+    moved (logged) and is planned from as it is; the sync lists again after its write to
+    check it (two pages, then two again), and nothing the manifest names is created twice."""
     account = [group(f"Pre{i:05d}") for i in range(1200)]
     sb = start(sandbox_factory, tmp_path, account, "--list-churn", "1")
     manifest = write_manifest(tmp_path / "m.jsonl", [*account[:5], group("Fresh")])
     out = sync(sb, manifest, tmp_path)
     assert out.returncode == 0, out.stderr
     assert len(sb.of(LIST)) >= 4  # two pages, then two again
-    assert "sync.relist" in out.stderr
+    assert "sync.listing_moved" in out.stderr
     assert [a["name"] for a in sb.of(CREATE)] == ["Fresh"]
 
 
 def test_a_lagging_listing_converges_without_duplicates(
     sandbox_factory: Any, tmp_path: Path
 ) -> None:
-    """With List 2 s behind writes, a sync right after a sync does not see the new groups:
-    it sends their creates again, gets 'already exists' (outcome exists) and exits 3, since
-    their tags were never compared; once the listing caught up, the next sync finds every
-    group in sync (exit 0), and every group exists exactly once."""
+    """With List 2 s behind writes: the first sync's check listing does not show its creates
+    yet, and their 2xx answers count (exit 0); a sync right after sends the creates again,
+    gets 'already exists', and waits for a listing that shows them to compare them (exit
+    0, not 3); a third sync has nothing to do and costs exactly one List request."""
     sb = start(sandbox_factory, tmp_path, [], "--list-lag-ms", "2000")
     manifest = write_manifest(tmp_path / "m.jsonl", names(10))
-    assert sync(sb, manifest, tmp_path).returncode == 0
+    first = sync(sb, manifest, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert '"credits":10' in first.stderr  # the check listing showed none of them yet
     again = sync(sb, manifest, tmp_path)
-    assert again.returncode == 3, again.stderr
-    assert "sync.unverified" in again.stderr
+    assert again.returncode == 0, again.stderr
     groups = available(sb)
     assert len(groups) == 10 and all(g["created"] == 1 for g in groups.values())
     assert sum(g["exist_answers"] for g in groups.values()) == 10
-    time.sleep(2.2)
-    settled = sync(sb, manifest, tmp_path)
+    lists_before = len(sb.of(LIST))
+    settled = sync(sb, manifest, tmp_path)  # the second sync's last listing showed all ten
     assert settled.returncode == 0, settled.stderr
+    assert len(sb.of(LIST)) == lists_before + 1  # nothing to do: exactly one listing
     assert sum(g["exist_answers"] for g in available(sb).values()) == 10  # nothing resent
 
 
