@@ -110,7 +110,7 @@ class Rounds:
 
     async def run(self, first: reconcile.SyncPlan) -> Tally:
         """Round after round until a listing shows the manifest, or StillDifferent."""
-        plan = first
+        plan, pending = first, list[str]()
         for round_no in range(1, rounds.MAX_ROUNDS + 2):
             if round_no > 1:
                 plan = self._plan()
