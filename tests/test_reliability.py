@@ -144,6 +144,80 @@ def test_kill_9_chaos(sandbox_factory: Any, tmp_path: Path) -> None:
     assert summary["exists"] == sum(1 for v in truth.values() if v == "exists") > 0
 
 
+def test_kill_9_chaos_pruning_sync(sandbox_factory: Any, tmp_path: Path) -> None:
+    """A pruning sync (creates, updates, deletes) under 10% faults with ambiguous creates,
+    killed with SIGKILL 8 times at random moments; then ONE more sync must exit 0: every
+    manifest group exists once with the manifest's tags, every extra in scope is gone,
+    nothing outside the scope is touched, every ledger line parses."""
+    seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
+    print(f"chaos seed: {seed} (replay with CHAOS_SEED={seed})")
+    rng = random.Random(seed)
+    tag = {"Key": "批次", "Value": "new", "Category": "Custom"}
+    wanted = [{"Name": f"组{i:05d}", "ProjectName": "p", "Tags": [tag]} for i in range(40)]
+    extras = [{"Name": f"Old{i:03d}", "ProjectName": "p"} for i in range(60)]
+    outside = [{"Name": f"Keep{i:03d}", "ProjectName": "other"} for i in range(10)]
+    retagged = [{**g, "Tags": [{**tag, "Value": "old"}]} for g in wanted[:20]]
+    preload = write_manifest(tmp_path / "preload.jsonl", retagged + extras + outside)
+    sb: SandboxProc = sandbox_factory(
+        "--rate",
+        "20",
+        "--fault-rate",
+        "0.05",
+        "--ambiguous-rate",
+        "0.05",
+        "--latency-ms",
+        "10-250",
+        "--hang",
+        "5",
+        "--seed",
+        str(seed),
+        "--preload",
+        str(preload),
+    )
+    manifest = write_manifest(tmp_path / "m.jsonl", wanted)
+    ledger = tmp_path / "m.ledger.jsonl"
+    env = cli_env(tmp_path)
+    env["WORKER_TEST_TORN_WRITES_S"] = "0.003"
+    args = [
+        "sync",
+        str(manifest),
+        "--endpoint",
+        sb.url,
+        "--rate",
+        "20",
+        "--timeout",
+        "1",
+        "--prune",
+        "--scope-project",
+        "p",
+        "--max-delete",
+        "100",
+        "--ledger",
+        str(ledger),
+    ]
+    kills = 0
+    while kills < 8:
+        proc = start(args, env, tmp_path / "stderr.txt")
+        time.sleep(rng.uniform(0.3, 1.2))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    print(f"kills: {kills}")
+    final = run_worker(*args, env=env, timeout=180)
+    assert final.returncode == 0, final.stderr[-3000:]
+    groups = {g["Name"]: g for g in sb.state()["groups"]}
+    for g in wanted:
+        got = groups[g["Name"]]
+        assert got["Status"] == 0 and got["Tags"] == [tag], got
+        assert got["created"] <= 1, f"{g['Name']} was created twice"
+    assert all(groups[g["Name"]]["Status"] == 1 for g in extras)
+    assert all(groups[g["Name"]]["Status"] == 0 for g in outside)
+    assert all(groups[g["Name"]]["requests"] == 0 for g in outside)
+    every_line_parses(ledger)
+
+
 # -- signals ------------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from worker.sandbox import Running, SandboxConfig, serve
 from worker.sandbox.app import SandboxApp
 from worker.sandbox.envelope import ApiError
 from worker.sandbox.service import Service
+from worker.sandbox.store import Stored
 from worker.sandbox.window import SlidingWindow
 from worker.signing import Credentials, sign
 
@@ -972,3 +973,76 @@ def test_sandbox_process_preloads_and_saves_its_state_on_sigterm(tmp_path: Path)
     )
     assert bad.returncode == 2
     assert f"{preload}:2: Name:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- a moving account ------------------------------------------------------------------------
+
+
+def _names(service: Service, page: int = 1, size: int = 100) -> list[str]:
+    result = service.carry_out(
+        api.LIST, orjson.dumps({"PageNum": page, "PageSize": size, "StatusList": [0]})
+    )
+    assert result is not None
+    return [g["Name"] for g in result["List"]]
+
+
+def _created(service: Service, n: int) -> None:
+    for i in range(n):
+        service.carry_out(api.CREATE, orjson.dumps({"Name": f"G{i}"}))
+
+
+def test_list_order_newest_first() -> None:
+    """--list-order newest: the last group created is on page 1, first."""
+    service = Service(clock=FakeClock(), list_order="newest")
+    _created(service, 5)
+    assert _names(service) == ["G4", "G3", "G2", "G1", "G0"]
+    assert _names(service, page=2, size=2) == ["G2", "G1"]
+
+
+def test_list_order_shuffled_differs_between_calls_and_is_seeded() -> None:
+    """--list-order shuffled: every call a new order of the same groups; the seed fixes it."""
+    a, b = (Service(clock=FakeClock(), list_order="shuffled", seed=7) for _ in range(2))
+    for service in (a, b):
+        _created(service, 30)
+    first, second = _names(a), _names(a)
+    assert sorted(first) == sorted(second) == sorted(f"G{i}" for i in range(30))
+    assert first != second
+    assert _names(b) == first  # same seed, same sequence
+
+
+def test_churn_every_creates_and_deletes_on_the_clock() -> None:
+    """--churn-every 2: another party's group appears every 2 s and goes 1 s later; the
+    account's own groups are never touched."""
+    clock = FakeClock(100.0)
+    service = Service(clock=clock, churn_every_s=2.0, list_order="newest")
+    _created(service, 3)
+    clock.t = 102.0
+    assert _names(service)[0].startswith("Churn")  # created at 102, newest first
+    clock.t = 103.5
+    assert _names(service) == ["G2", "G1", "G0"]  # deleted at 103
+    clock.t = 110.2  # five more ticks at once: the last one's group is still there
+    names = _names(service)
+    assert names[0].startswith("Churn") and names[1:] == ["G2", "G1", "G0"]
+    created = [g for g in service.state() if g["Name"].startswith("Churn")]
+    assert len(created) == 5 and sum(g["Status"] == 0 for g in created) == 1
+
+
+def test_preload_of_20000_groups_lists_fast_enough_with_churn() -> None:
+    """20 000 groups, newest first, churn: twenty pages of 1000 each answer promptly (the
+    view is cached between changes; no timed assert, only that it completes and counts)."""
+    clock = FakeClock(100.0)
+    service = Service(clock=clock, churn_every_s=2.0, list_order="newest")
+    service.load(Stored(name=f"P{i}", project="p", tags=[], status=0) for i in range(20_000))
+    seen: set[str] = set()
+    for page in range(1, 21):
+        clock.t += 0.1
+        seen.update(_names(service, page=page, size=1000))
+    assert len(seen) >= 19_990
+
+
+def test_sandbox_refuses_an_unknown_list_order_and_negative_churn() -> None:
+    """Bad --list-order or --churn-every values are usage errors."""
+    with pytest.raises(UsageError, match="--list-order"):
+        SandboxConfig(list_order="random")
+    with pytest.raises(UsageError, match="--churn-every"):
+        SandboxConfig(churn_every_s=-1)

@@ -1,20 +1,20 @@
 """Account step (sync): what `ListPullToPushGroup` says the account holds. Pure.
 
 `parse_page` checks one List `Result` strictly and turns it into `Listed` values;
-`Listing` is the paging state machine that says which page to ask for next and decides,
-from `Total` and the Names seen, whether the pages add up to one consistent picture of the
-account. The API promises no order and no stability while paging, so a listing whose pages do
-not add up (Total moved, a Name seen twice, a short or long page) is thrown away whole and
-started again, a bounded number of times. A partial listing is never handed out: planning
-deletes from one would delete what merely was not seen.
+`Listing` is the paging state machine that says which page to ask for next and when the
+pages say there is no more. The API promises no order and no stability while paging, and a
+busy account never holds still, so a listing that moved (Total moved, a Name seen twice, a
+short page) is used as it is and the moves are reported: the plan made from it creates a
+Name it did not see (answered `Exist` if it is there) and never deletes one it did not see.
+Only the *content* of a page is checked strictly (`parse_page`).
 
 The I/O is `commands.sync.list_account`'s, through the runner:
 
     listing = Listing()
     while (body := listing.next_request()) is not None:
         result = await runner.read(api.LIST, orjson.dumps(body))  # paced, retried
-        listing.add_result(result)          # parse_page + add
-    account = listing.groups                # complete and consistent
+        listing.add_result(result)          # parse_page + add; says how the account moved
+    account = listing.groups                # every group seen, each Name once
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from worker.errors import ListingFailed
 
 PAGE_SIZE: Final = 1000  # the API's maximum: one request lists a thousand groups
 MAX_PAGES: Final = 1000  # PageNum is 1-1000: past page 1000 a group cannot be listed at all
-MAX_RESTARTS: Final = 5  # listings thrown away because the account moved, before giving up
 AVAILABLE: Final = 0  # Status / StatusList value of a group that is not deleted
 
 SHARE_LIMIT: Final = 1 << 16  # distinct values an Interner keeps one copy of
@@ -180,33 +179,35 @@ def _show(value: object) -> str:
 
 
 class Listing:
-    """Pages through List until the pages add up to one consistent account, or gives up.
+    """Pages through List until the pages say there is no more, and keeps what it saw.
 
-    Invariant: `_groups` holds exactly the items of pages 1.._page of the current attempt,
-    each Name once, and every page so far reported the same `_total`.
+    The API promises no order and no stability while paging, and a busy account never holds
+    still, so a listing that moved (another Total, a Name twice, a short page) is used as it
+    is: a Name seen twice counts once (its later sighting wins), a Name not seen is simply
+    not in `groups`. Paging goes on while a full page, or the largest Total seen, says more
+    may come; MAX_PAGES bounds it. `moves` says how the listing moved (logged by the caller);
+    `whole` says it did not move at all, so a Name it does not hold is known to be absent.
+
+    Invariant: `_groups` holds every item of pages 1.._page, each Name once.
     """
 
-    def __init__(self, *, page_size: int = PAGE_SIZE, max_restarts: int = MAX_RESTARTS) -> None:
+    def __init__(self, *, page_size: int = PAGE_SIZE) -> None:
         if not 1 <= page_size <= PAGE_SIZE:
             raise ValueError(f"page_size must be 1-{PAGE_SIZE}, not {page_size}")
-        if max_restarts < 0:
-            raise ValueError("max_restarts must be >= 0")
         self.page_size = page_size
-        self.max_restarts = max_restarts
-        self.restarts = 0  # attempts thrown away so far
-        self.requests = 0  # List requests asked for, over all attempts
-        self.last_restart: str | None = None  # why the last attempt was thrown away
-        self._page = 0  # pages of the current attempt added so far
+        self.requests = 0  # List requests asked for
+        self.moves: list[str] = []  # how the account moved under the listing, in order
+        self._page = 0  # pages added so far
         self._pending = False  # a request was handed out and its page not added yet
-        self._total: int | None = None
+        self._total: int | None = None  # the largest Total seen
         self._groups: dict[str, Listed] = {}
         self._done = False
-        self._share = Interner()  # one copy of repeated values, across pages and attempts
+        self._share = Interner()  # one copy of repeated values across pages
 
     def __repr__(self) -> str:
         return (
             f"<Listing page={self._page} collected={len(self._groups)} "
-            f"total={self._total} restarts={self.restarts} done={self._done}>"
+            f"total={self._total} moves={len(self.moves)} done={self._done}>"
         )
 
     @property
@@ -214,8 +215,13 @@ class Listing:
         return self._done
 
     @property
+    def whole(self) -> bool:
+        """Done, and nothing moved: every Name of the account was seen exactly once."""
+        return self._done and not self.moves and len(self._groups) == self._total
+
+    @property
     def groups(self) -> Mapping[str, Listed]:
-        """Name -> Listed for the whole account. Only once `done`: never a partial listing."""
+        """Name -> Listed for every group seen. Only once `done`."""
         if not self._done:
             raise RuntimeError("the listing is not complete")
         return self._groups
@@ -235,10 +241,9 @@ class Listing:
         return self.add(parse_page(result, page_size=self.page_size, share=self._share))
 
     def add(self, page: Page) -> str | None:
-        """Take the answer to the last request. Returns why the listing starts over, if it does.
+        """Take the answer to the last request. Returns how the account moved, if it did.
 
-        Raises ListingError when the account cannot be listed: more groups than List can page
-        through, or still moving after `max_restarts` fresh starts.
+        Raises ListingError when the account holds more groups than List can page through.
         """
         if not self._pending:
             raise RuntimeError("add() without a request from next_request()")
@@ -255,37 +260,30 @@ class Listing:
                 "completely and sync will not plan from part of it"
             )
         self._page += 1
-        if self._total is None:
-            self._total = page.total
-        elif page.total != self._total:
-            return self._restart(
-                f"Total changed from {self._total} to {page.total} "
-                f"between pages (page {self._page})"
-            )
+        moved: list[str] = []
+        if self._total is not None and page.total != self._total:
+            moved.append(f"Total {self._total} -> {page.total} at page {self._page}")
+        self._total = max(self._total or 0, page.total)
+        seen_twice = 0
+        for item in page.items:
+            if item.name in self._groups:
+                seen_twice += 1
+            self._groups[item.name] = item
+        if seen_twice:
+            moved.append(f"{seen_twice} Names listed twice (page {self._page})")
         before = (self._page - 1) * self.page_size
         expected = max(0, min(self.page_size, self._total - before))
         if len(page.items) != expected:
-            return self._restart(
-                f"page {self._page} held {len(page.items)} groups where "
-                f"Total {self._total} means {expected}"
+            moved.append(
+                f"page {self._page} held {len(page.items)} groups where Total "
+                f"{self._total} means {expected}"
             )
-        for item in page.items:
-            if item.name in self._groups:
-                return self._restart(f"{item.name} was listed twice (page {self._page})")
-            self._groups[item.name] = item
-        if len(self._groups) == self._total:
+        # More may come while the largest Total reaches past this page, or a full page held
+        # more than Total said (the account grew under a Total read before).
+        more = self._page * self.page_size < self._total or (
+            len(page.items) == self.page_size and len(page.items) > expected
+        )
+        if not more or self._page >= MAX_PAGES:
             self._done = True
-        return None
-
-    def _restart(self, why: str) -> str:
-        if self.restarts >= self.max_restarts:
-            raise ListingError(
-                f"the account kept changing while it was listed: {self.restarts + 1} "
-                f"listings in a row did not add up (last: {why}); run again later"
-            )
-        self.restarts += 1
-        self.last_restart = why
-        self._page = 0
-        self._total = None
-        self._groups = {}
-        return why
+        self.moves.extend(moved)
+        return "; ".join(moved) or None

@@ -320,10 +320,10 @@ def manifest_name(path: Path) -> str:
 def outcome_exit(tally: Tally, controls: Controls, *, command: str = "run") -> Exit:
     """How a run that was not stopped by a failure ends, for the exit code and the footer.
 
-    For `sync`, a create answered "already exists" means the listing did not show a group
-    that is there (a lagging listing, or someone else just made it): its project and tags were
-    never compared, so the account is not known to match. Exit 3: the next sync lists it and
-    compares it. (For `run`, "exists" is done: create does not update, by design.)"""
+    For `sync`, "already exists", "vanished" and "deferred" are not the end of the story:
+    its rounds (commands/sync_rounds.py) list again and carry out what is still different,
+    and raise StillDifferent (exit 3) if a difference remains. (For `run`, "exists" is done:
+    create does not update, by design.)"""
     if controls.reason is StopReason.SIGNAL:
         return Exit.INTERRUPTED
     # A rerun that skips unchanged rejected lines still has not done what the manifest asks.
@@ -334,14 +334,9 @@ def outcome_exit(tally: Tally, controls: Controls, *, command: str = "run") -> E
         or tally.skipped["rejected_unchanged"]
     ):
         return Exit.REJECTED
+    if command == "sync":
+        return Exit.OK
     if tally.count(Outcome.DEFERRED) or tally.count(Outcome.VANISHED):
-        return Exit.RETRY_LATER
-    if command == "sync" and tally.count(Outcome.EXISTS):
-        log.warning(
-            "sync.unverified",
-            exists=tally.count(Outcome.EXISTS),
-            hint="groups the listing did not show exist: the next sync compares them",
-        )
         return Exit.RETRY_LATER
     return Exit.OK
 

@@ -18,6 +18,7 @@ returns `exc.exit_code`. Anything that is not a WorkerError is a bug (exit 70).
     │                         a redirect or a non-API answer)              7
     ├── EndpointUnreachable   no HTTP answer at all for a bounded time     3
     ├── ListingFailed         the account could not be listed completely   3
+    ├── StillDifferent        sync's last listing still differs from the manifest  3
     ├── LimiterUnavailable    the shared rate budget stayed away           3
     └── LimiterRefused        Redis refused --limiter (database, credentials)  2
 
@@ -135,6 +136,12 @@ class EndpointUnreachable(WorkerError):
 
 
 class ListingFailed(WorkerError):
+    exit_code = Exit.RETRY_LATER
+
+
+class StillDifferent(WorkerError):
+    """sync wrote, listed again, and after its last round the account still differs."""
+
     exit_code = Exit.RETRY_LATER
 
 

@@ -1,30 +1,31 @@
 """`worker sync`: list the account, compare it with the manifest, carry out the difference.
 
-The account (account.Listing: complete and consistent, or nothing) and the manifest meet in
-reconcile.plan_sync; nothing is written before the plan is accepted (prune scope,
---max-delete). Creates and updates stream by with the manifest, conflicts and invalid lines
-become results, then come the deletes the plan allowed, all under the run's one budget.
+The account (account.Listing: every group one listing saw, however the account moved under
+it) and the manifest meet in reconcile.plan_sync; nothing is written before the plan is
+accepted (prune scope, --max-delete). Then sync_rounds carries out the difference, lists
+again and corrects what is still different, all under the run's one budget.
 """
 
 from __future__ import annotations
 
 import sys
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import IO, assert_never
+from typing import IO
 
 import orjson
 import structlog
 
-from worker import __version__, api, compose, manifest, reconcile
-from worker.account import Listed, Listing
+from worker import __version__, compose, manifest, reconcile
+from worker.account import Listed
+from worker.commands.sync_rounds import Rounds, fresh_s_from_env, list_once
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
 from worker.ledger import Ledger
 from worker.progress import Progress
-from worker.records import Action, Outcome, Result, RunHeader, Target
-from worker.runner import Controls, Runner, Work, stamp
+from worker.records import RunHeader, Target
+from worker.runner import Controls, Runner, stamp
 from worker.settings import LIMITS, Settings
 from worker.signing import Credentials
 
@@ -88,15 +89,9 @@ def sync(
 
 
 async def list_account(runner: Runner) -> Mapping[str, Listed]:
-    """Page through List under the run's budget until the pages add up (account.Listing)."""
-    listing = Listing()
-    while (body := listing.next_request()) is not None:
-        result = await runner.read(api.LIST, orjson.dumps(body))
-        if (why := listing.add_result(result)) is not None:
-            log.warning("sync.relist", why=why, restarts=listing.restarts)
-    groups = listing.groups
-    log.info("sync.listed", groups=len(groups), requests=listing.requests)
-    return groups
+    """One listing under the run's budget: every group it saw (sync_rounds.list_once)."""
+    listing, _ = await list_once(runner)
+    return listing.groups
 
 
 async def _sync_plan_only(
@@ -192,7 +187,8 @@ async def _sync_in(
     target: Target,
     published: Published,
 ) -> Exit:
-    groups = await list_account(runner)
+    listing, listed_at = await list_once(runner)
+    groups = listing.groups
     # Nothing is written before the listing is complete and the plan accepted.
     with compose.before_writes():
         the_plan = _plan(sync_options, scan, groups)
@@ -214,88 +210,17 @@ async def _sync_in(
         plan=the_plan.counts,
         settings=settings.public(),
     )
+    the_rounds = Rounds(
+        runner=runner,
+        scan=scan,
+        prune=sync_options.prune,
+        scope=sync_options.scope,
+        max_delete=sync_options.max_delete,
+        pause=runner.sleep,
+        fresh_s=fresh_s_from_env(),
+    )
+    the_rounds.start(listing, listed_at)
     try:
-        work = _sync_source(the_plan, scan, groups, runner)
-        return await compose.journal(runner, book, header, runner.apply(work), published)
+        return await compose.journal(runner, book, header, the_rounds.run(the_plan), published)
     finally:
         progress.close(runner.tally)
-
-
-def _sync_source(
-    the_plan: reconcile.SyncPlan, scan: manifest.Scan, groups: Mapping[str, Listed], runner: Runner
-) -> Iterator[Work | Result]:
-    """The difference as work items: creates and updates while the manifest streams by,
-    conflicts and invalid lines as results, then the deletes the plan allowed."""
-
-    def unsent(
-        name: str | None,
-        line: int,
-        outcome: Outcome,
-        code: str,
-        message: str,
-        fp: str | None = None,
-    ) -> Result:
-        now = stamp(runner.wall())
-        return Result(
-            run_id=runner.run_id,
-            action=None,
-            name=name,
-            outcome=outcome,
-            status=None,
-            code=code,
-            message=message,
-            request_id="",
-            sends=0,
-            fingerprint=fp,  # a conflict's: `report` tells whether the line changed since
-            line=line,
-            started=now,
-            finished=now,
-        )
-
-    for item in manifest.read(scan):
-        if isinstance(item, manifest.Invalid):
-            yield unsent(
-                item.name, item.line, Outcome.INVALID, "InvalidManifestLine", str(item.problem)
-            )
-            continue
-        change = reconcile.classify_group(item, groups)
-        match change:
-            case reconcile.Create():
-                yield Work(
-                    action=Action.CREATE,
-                    name=item.name,
-                    line=item.line,
-                    fingerprint=item.fingerprint,
-                    body=item.body,
-                )
-            case reconcile.Update():
-                yield Work(
-                    action=Action.UPDATE,
-                    name=item.name,
-                    line=item.line,
-                    fingerprint=item.fingerprint,
-                    body=reconcile.update_body(item),
-                )
-            case reconcile.Conflict():
-                yield unsent(
-                    item.name,
-                    item.line,
-                    Outcome.CONFLICT,
-                    "ProjectConflict",
-                    f"the account's group is in project {change.listed.project!r}, "
-                    f"the manifest says {change.manifest_project!r}; a project "
-                    "cannot be changed after creation",
-                    fp=item.fingerprint,
-                )
-            case reconcile.InSync():
-                runner.tally.skipped["in_sync"] += 1
-            case _:
-                assert_never(change)
-    for listed in the_plan.deletes:
-        yield Work(
-            action=Action.DELETE,
-            name=listed.name,
-            line=0,
-            fingerprint=None,
-            body=reconcile.delete_body(listed.name),
-        )

@@ -45,6 +45,9 @@ class SandboxApp:
             forbid=config.forbid,
             list_lag_s=config.list_lag_ms / 1000,
             list_churn=config.list_churn,
+            list_order=config.list_order,
+            churn_every_s=config.churn_every_s,
+            seed=config.seed,
         )
         self._latency_rng = random.Random(config.seed)
         self._log: IO[bytes] | None = None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from worker import api
 from worker.errors import UsageError
-from worker.sandbox.config import FAULTS, SandboxConfig
+from worker.sandbox.config import FAULTS, LIST_ORDERS, SandboxConfig
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
@@ -52,6 +52,24 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         default=0,
         help="after each of the first K List pages, one new group appears",
     )
+    s.add_argument(
+        "--list-order",
+        choices=LIST_ORDERS,
+        default="created",
+        help="creation order, newest first, or a new random order on every List call",
+    )
+    s.add_argument(
+        "--churn-every",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="another party creates a group every S seconds and deletes one S/2 later",
+    )
+    s.add_argument(
+        "--timeout-first-create",
+        action="store_true",
+        help="each Name's first create is carried out, then answered 504 (ambiguous)",
+    )
     s.add_argument("--state-file", help="keep the account and keys here between runs (JSON)")
 
 
@@ -74,6 +92,9 @@ def config_from(args: argparse.Namespace) -> SandboxConfig:
         preload=Path(args.preload) if args.preload else None,
         list_lag_ms=args.list_lag_ms,
         list_churn=args.list_churn,
+        list_order=args.list_order,
+        churn_every_s=args.churn_every,
+        timeout_first_create=args.timeout_first_create,
         state_file=Path(args.state_file) if args.state_file else None,
     )
 

@@ -35,6 +35,9 @@ FAULT_STATUS: Final = {
     "ServiceUnavailableTemp": 503,
     "InternalServiceTimeout": 504,
 }
+# Orders List may show the account in: creation order, newest first, or a new random order
+# on every call (the API documents none).
+LIST_ORDERS: Final = ("created", "newest", "shuffled")
 # Ways the server misbehaves after it *has* created the group.
 AMBIGUOUS: Final = ("InternalServiceTimeout", "drop")
 
@@ -59,6 +62,9 @@ class SandboxConfig:
     preload: Path | None = None  # a manifest whose groups exist at start (created 0)
     list_lag_ms: float = 0.0  # List sees the account as it was this long ago
     list_churn: int = 0  # after each of the first K List pages, one new group appears
+    list_order: str = "created"  # one of LIST_ORDERS
+    churn_every_s: float = 0.0  # another party creates a group every S s, deletes one S/2 later
+    timeout_first_create: bool = False  # each Name's first create: carried out, answered 504
     state_file: Path | None = None  # the account (and keys) kept between runs
 
     def __post_init__(self) -> None:
@@ -75,6 +81,10 @@ class SandboxConfig:
             raise UsageError("--list-lag-ms must be a finite number >= 0")
         if self.list_churn < 0:
             raise UsageError("--list-churn must be >= 0")
+        if self.list_order not in LIST_ORDERS:
+            raise UsageError(f"--list-order must be one of {', '.join(LIST_ORDERS)}")
+        if not (math.isfinite(self.churn_every_s) and self.churn_every_s >= 0):
+            raise UsageError("--churn-every must be a finite number of seconds >= 0")
 
 
 def new_keys() -> dict[str, str]:

@@ -43,17 +43,27 @@ class Faults:
     """Counts requests per (action, Name) and picks each one's fault."""
 
     def __init__(
-        self, *, seed: int, fault_rate: float, ambiguous_rate: float, kinds: tuple[str, ...]
+        self,
+        *,
+        seed: int,
+        fault_rate: float,
+        ambiguous_rate: float,
+        kinds: tuple[str, ...],
+        timeout_first_create: bool = False,
     ) -> None:
         self.seed, self.fault_rate, self.ambiguous_rate = seed, fault_rate, ambiguous_rate
         self.kinds = kinds
+        self.timeout_first_create = timeout_first_create
         self._seen: Counter[tuple[str, str]] = Counter()
 
     def next(self, action: str, name: str | None) -> Fault | None:
-        if self.fault_rate == 0 and self.ambiguous_rate == 0:
+        if self.fault_rate == 0 and self.ambiguous_rate == 0 and not self.timeout_first_create:
             return None
         key = (action, name or "")
         self._seen[key] += 1
+        if self.timeout_first_create and action == api.CREATE and self._seen[key] == 1:
+            # The create is carried out and answered 504: its retry then hears `Exist`.
+            return Fault("InternalServiceTimeout", ambiguous=True)
         return pick(
             seed=self.seed,
             action=action,

@@ -56,6 +56,7 @@ class Gateway:
             fault_rate=config.fault_rate,
             ambiguous_rate=config.ambiguous_rate,
             kinds=config.faults,
+            timeout_first_create=config.timeout_first_create,
         )
 
     def check(self, request: Incoming, *, arrived: float, name: str | None) -> Passed | Refused:

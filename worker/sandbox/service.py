@@ -3,15 +3,20 @@
 Behind the gateway, so every request here is authenticated and admitted. Where the API is
 silent the choices are those of docs/api.md (*Where the API is silent*): tags replaced whole
 by Update; Create of a deleted Name makes it available again with the new project and tags;
-pages in creation order. List may look at the past (`list_lag_s`: eventual consistency) and
-the account may change while it is paged (`list_churn`), so that a client is tested against
-both.
+pages in creation order unless told otherwise (`list_order`: newest first, or a new random
+order on every call). List may look at the past (`list_lag_s`: eventual consistency) and the
+account may change while it is paged: a group after each of the first pages (`list_churn`),
+or another party creating a group every S seconds and deleting its oldest S/2 later
+(`churn_every_s`, applied lazily as requests arrive), so that a client is tested against
+all of these.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import re
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -59,20 +64,31 @@ class Service:
         forbid: str | None = None,
         list_lag_s: float = 0.0,
         list_churn: int = 0,
+        list_order: str = "created",
+        churn_every_s: float = 0.0,
+        seed: int = 0,
     ) -> None:
         self._clock = clock
+        self._order = list_order
+        self._shuffle = random.Random(seed)
+        self._every = churn_every_s
+        self._churn_next = clock() + churn_every_s  # when the next churn create is due
+        # The other party's groups not yet deleted, oldest first, with when each goes.
+        self._churn_live: deque[tuple[str, float]] = deque()
         self._forbid = re.compile(forbid) if forbid else None
         self._lag = list_lag_s
         self._churn_left = list_churn
         self._churn_seq = 0
         # Insertion order is creation order: pages are stable unless the account changes.
         self._groups: dict[str, _Group] = {}
-        self._views: dict[frozenset[int], list[tuple[str, _Version]]] = {}  # see _view
+        self._views: dict[tuple[frozenset[int], str], list[tuple[str, _Version]]] = {}
 
     def carry_out(self, action: str, body: bytes) -> dict[str, Any] | None:
         """Do `action` with this body; its `Result`, or None for actions without one.
         Raises ApiError, in which case nothing has changed."""
         payload = decode(body)
+        if self._every > 0:
+            self._other_party(self._clock())
         if action == api.CREATE:
             self._create(payload)
             return None
@@ -191,6 +207,8 @@ class Service:
         if not statuses or not set(statuses) <= {AVAILABLE, DELETED}:
             raise ApiError(400, "InvalidParam", "StatusList must hold 0 (available) and/or 1")
         shown = self._view(frozenset(statuses))
+        if self._order == "shuffled":
+            shown = self._shuffle.sample(shown, len(shown))
         items = [
             {
                 "Name": name,
@@ -203,16 +221,20 @@ class Service:
         return {"List": items, "Total": len(shown)}
 
     def _view(self, wanted: frozenset[int]) -> list[tuple[str, _Version]]:
-        """The groups List selects, in creation order. Without lag the view only changes on
-        a write, so it is kept until the next one: paging 100 000 groups stays linear."""
-        if self._lag == 0 and (cached := self._views.get(wanted)) is not None:
+        """The groups List selects, in creation order (newest first with that order). Without
+        lag the view only changes on a write, so it is kept until the next one: paging
+        100 000 groups stays linear."""
+        key = (wanted, self._order)
+        if self._lag == 0 and (cached := self._views.get(key)) is not None:
             return cached
         horizon = self._clock() - self._lag
         shown = [
             (g.name, v) for g in self._groups.values() if (v := _as_of(g, horizon)).status in wanted
         ]
+        if self._order == "newest":
+            shown.reverse()
         if self._lag == 0:
-            self._views[wanted] = shown
+            self._views[key] = shown
         return shown
 
     # -- helpers ----------------------------------------------------------------------------
@@ -228,10 +250,16 @@ class Service:
         return group
 
     def _change(
-        self, group: _Group, *, project: str, tags: list[dict[str, str]], status: int
+        self,
+        group: _Group,
+        *,
+        project: str,
+        tags: list[dict[str, str]],
+        status: int,
+        at: float | None = None,
     ) -> None:
         self._views.clear()
-        now = self._clock()
+        now = self._clock() if at is None else at
         if self._lag > 0:
             group.before.append(group.now)
             # Keep only what List can still see: the newest version older than the horizon.
@@ -245,13 +273,37 @@ class Service:
         if self._churn_left <= 0:
             return
         self._churn_left -= 1
+        name = self._new_churn_name()
+        self._groups[name] = _Group(name=name, now=_Version(_LONG_AGO, "", [], None))
+        self._change(self._groups[name], project=api.DEFAULT_PROJECT, tags=[], status=AVAILABLE)
+
+    def _other_party(self, now: float) -> None:
+        """Another party's writes due by `now` (--churn-every S): a create every S seconds,
+        and S/2 after each, the delete of the oldest group it made."""
+        while True:
+            create_at = self._churn_next
+            delete_at = self._churn_live[0][1] if self._churn_live else math.inf
+            at = min(create_at, delete_at)
+            if at > now:
+                return
+            if delete_at <= create_at:
+                gone = self._groups[self._churn_live.popleft()[0]]
+                self._change(
+                    gone, project=gone.now.project, tags=gone.now.tags, status=DELETED, at=at
+                )
+                continue
+            name = self._new_churn_name()
+            group = self._groups[name] = _Group(name=name, now=_Version(_LONG_AGO, "", [], None))
+            self._change(group, project="otherteam", tags=[], status=AVAILABLE, at=at)
+            self._churn_live.append((name, at + self._every / 2))
+            self._churn_next = at + self._every
+
+    def _new_churn_name(self) -> str:
         while True:
             self._churn_seq += 1
             name = f"Churn{self._churn_seq:04d}"
             if name not in self._groups:
-                break
-        self._groups[name] = _Group(name=name, now=_Version(_LONG_AGO, "", [], None))
-        self._change(self._groups[name], project=api.DEFAULT_PROJECT, tags=[], status=AVAILABLE)
+                return name
 
     def _refuse_forbidden(self, name: str, project: str | None) -> None:
         if self._forbid is not None and (

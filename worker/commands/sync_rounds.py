@@ -1,0 +1,343 @@
+"""`worker sync`'s rounds: write the difference, list again, write what is still different.
+
+    list -> plan -> writes (creates, updates) -> [list again if older than FRESH_S]
+         -> deletes -> list -> compare -> ... at most rounds.MAX_ROUNDS rounds
+
+A sync with nothing to do ends after its one listing. Otherwise it ends with exit 0 only
+when a listing made after its last write shows every manifest group as the manifest says
+and no extra inside the prune scope (writes answered 2xx that a lagging listing does not
+show yet count as done: rounds.Convergence says when they stop counting), else with
+StillDifferent (exit 3) naming what is. Every round's writes go through the one runner and
+its ledger: one header per invocation, one result per write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import assert_never
+
+import orjson
+import structlog
+
+from worker import api, manifest, reconcile, rounds
+from worker.account import Listed, Listing
+from worker.errors import StillDifferent
+from worker.records import Action, Outcome, Record, Result
+from worker.runner import Journal, Runner, Tally, Work, stamp
+
+log = structlog.get_logger("worker")
+
+
+async def list_once(runner: Runner) -> tuple[Listing, float]:
+    """One listing under the run's budget, and when it began (monotonic)."""
+    began = runner.clock()
+    listing = Listing()
+    while (body := listing.next_request()) is not None:
+        result = await runner.read(api.LIST, orjson.dumps(body))
+        if (moved := listing.add_result(result)) is not None:
+            log.info("sync.listing_moved", how=moved, requests=listing.requests)
+    log.info(
+        "sync.listed",
+        groups=len(listing.groups),
+        requests=listing.requests,
+        whole=listing.whole,
+        moves=len(listing.moves),
+    )
+    return listing, began
+
+
+class Witness:
+    """The runner's journal: the ledger, and each write's result told to the rounds
+    (synchronously, in the same call that records it)."""
+
+    def __init__(self, book: Journal, on_result: Callable[[Result], None]) -> None:
+        self._book = book
+        self._on_result = on_result
+
+    def append(self, record: Record) -> None:
+        self._book.append(record)
+        if isinstance(record, Result):
+            self._on_result(record)
+
+    def sync(self) -> None:
+        self._book.sync()
+
+
+@dataclass(slots=True, kw_only=True)
+class Rounds:
+    """One sync invocation's rounds over one runner."""
+
+    runner: Runner
+    scan: manifest.Scan
+    prune: bool
+    scope: reconcile.Scope
+    max_delete: int
+    pause: Callable[[float], Awaitable[None]]
+    fresh_s: float = rounds.FRESH_S
+    conv: rounds.Convergence = field(init=False)
+    listed_at: float = 0.0
+    deleted: int = 0  # deletes sent over all rounds, against --max-delete
+    _planned: dict[str, tuple[Listed | None, Listed | None]] = field(default_factory=dict)
+
+    def start(self, listing: Listing, listed_at: float) -> None:
+        self.conv = rounds.Convergence(listing.groups, whole=listing.whole)
+        self.listed_at = listed_at
+        book = self.runner.ledger
+        assert book is not None
+        self.runner.ledger = Witness(book, self._on_result)
+
+    def _on_result(self, result: Result) -> None:
+        name = result.name
+        if name is None or result.action is None:
+            if name is not None:
+                self.conv.settled.add(name)  # an invalid line
+            return
+        match result.outcome:
+            case Outcome.CREATED | Outcome.UPDATED | Outcome.DELETED:
+                before, after = self._planned.get(name, (None, None))
+                self.conv.wrote(name, before, after)
+            case Outcome.EXISTS:
+                self.conv.answered_exists(name)
+            case Outcome.REJECTED | Outcome.CONFLICT | Outcome.INVALID:
+                self.conv.settled.add(name)
+            case Outcome.VANISHED | Outcome.DEFERRED:
+                pass  # the next listing decides
+            case _:
+                assert_never(result.outcome)
+
+    async def run(self, first: reconcile.SyncPlan) -> Tally:
+        """Round after round until a listing shows the manifest, or StillDifferent."""
+        plan, pending = first, list[str]()
+        for round_no in range(1, rounds.MAX_ROUNDS + 2):
+            if round_no > 1:
+                plan = self._plan()
+                pending = self._pending_names()
+                if not pending and not plan.deletes and not self.conv.exists:
+                    return self.runner.tally
+                if round_no > rounds.MAX_ROUNDS:
+                    raise self._still_different(pending, plan)
+            if round_no == 1 or pending or plan.deletes:
+                await self.runner.apply(self._upserts(first=round_no == 1))
+                if not self.runner.controls.draining:
+                    await self._deletes(plan)
+                if self.runner.controls.draining:
+                    return self.runner.tally
+            if round_no == 1 and self.runner.sent_writes == 0 and not self.conv.exists:
+                return self.runner.tally  # nothing to do: one listing
+            if round_no > 1:
+                await self.pause(rounds.ROUND_PAUSE_S)
+                if self.runner.controls.draining:
+                    return self.runner.tally
+            await self._observe()
+            log.info("sync.round", round=round_no, **repr_counts(self.conv))
+        raise AssertionError("unreachable: the last round raises or returns")
+
+    def _plan(self) -> reconcile.SyncPlan:
+        """Deletes from the account as known now. Every manifest line takes part, so no
+        Name the manifest gives (settled or not) is ever an extra."""
+        account = self.conv.effective()
+        allowed = max(0, self.max_delete - self.deleted)
+        the_plan = reconcile.plan_sync(
+            manifest.read(self.scan),
+            account,
+            prune=self.prune,
+            scope=self.scope,
+            max_delete=1 << 62,
+        )
+        if len(the_plan.deletes) > allowed:
+            log.warning("sync.max_delete_reached", allowed=allowed, more=len(the_plan.deletes))
+            the_plan = dataclasses.replace(the_plan, deletes=the_plan.deletes[:allowed])
+        return the_plan
+
+    def _unsettled(self) -> Iterator[manifest.Group | manifest.Invalid]:
+        for item in manifest.read(self.scan):
+            if isinstance(item, manifest.Group) and (
+                item.name in self.conv.settled or item.name in self.conv.exists
+            ):
+                continue  # reported already, or there and waiting for a listing to show it
+            yield item
+
+    async def _observe(self) -> None:
+        listing, began = await list_once(self.runner)
+        relevant = self._relevant(listing.groups)
+        self.conv.observe(listing.groups, whole=listing.whole, relevant=relevant)
+        self.listed_at = began
+        if self.conv.foreign:
+            log.warning(
+                "sync.foreign_changes",
+                names=rounds.still_different(self.conv.foreign, len(self.conv.foreign)),
+                hint="another party changes these groups too; written states are "
+                "trusted only once a listing shows them",
+            )
+
+    def _relevant(self, new: Mapping[str, Listed]) -> set[str]:
+        """Manifest Names either listing holds, and extras inside the prune scope."""
+        old = self.conv.view
+        names = {
+            item.name
+            for item in manifest.read(self.scan)
+            if item.name is not None and (item.name in old or item.name in new)
+        }
+        if self.prune:
+            for listed in (*old.values(), *new.values()):
+                if self.scope.contains(listed):
+                    names.add(listed.name)
+        return names
+
+    def _upserts(self, *, first: bool) -> Iterator[Work | Result]:
+        """Creates and updates against the account as known now; in the first round also
+        conflicts and invalid lines as results (later rounds report only new conflicts)."""
+        account = self.conv.effective()
+        for item in manifest.read(self.scan):
+            if isinstance(item, manifest.Invalid):
+                if first:
+                    yield _unsent(
+                        self.runner,
+                        item.name,
+                        item.line,
+                        Outcome.INVALID,
+                        "InvalidManifestLine",
+                        str(item.problem),
+                    )
+                continue
+            if item.name in self.conv.settled or item.name in self.conv.exists:
+                continue
+            change = reconcile.classify_group(item, account)
+            match change:
+                case reconcile.Create():
+                    self._planned[item.name] = (None, _wanted(item, None))
+                    yield _work(Action.CREATE, item, item.body)
+                case reconcile.Update():
+                    self._planned[item.name] = (change.listed, _wanted(item, change.listed))
+                    yield _work(Action.UPDATE, item, reconcile.update_body(item))
+                case reconcile.Conflict():
+                    yield _unsent(
+                        self.runner,
+                        item.name,
+                        item.line,
+                        Outcome.CONFLICT,
+                        "ProjectConflict",
+                        f"the account's group is in project {change.listed.project!r}, "
+                        f"the manifest says {change.manifest_project!r}; a project "
+                        "cannot be changed after creation",
+                        fp=item.fingerprint,
+                    )
+                case reconcile.InSync():
+                    if first:
+                        self.runner.tally.skipped["in_sync"] += 1
+                case _:
+                    assert_never(change)
+
+    async def _deletes(self, plan: reconcile.SyncPlan) -> None:
+        """The plan's deletes, each sent only while the listing that showed it is at most
+        `fresh_s` old: a listing older than that is made again first."""
+        if not plan.deletes:
+            return
+        if not rounds.fresh(self.listed_at, self.runner.clock(), self.fresh_s):
+            log.info(
+                "sync.relist_before_deletes", age_s=round(self.runner.clock() - self.listed_at, 1)
+            )
+            await self._observe()
+            plan = self._plan()
+        await self.runner.apply(self._delete_items(plan.deletes))
+
+    def _delete_items(self, deletes: tuple[Listed, ...]) -> Iterator[Work]:
+        for listed in deletes:
+            if not rounds.fresh(self.listed_at, self.runner.clock(), self.fresh_s):
+                log.info("sync.deletes_postponed", reason="the listing grew older than fresh_s")
+                return  # the next round lists again and deletes from that listing
+            self._planned[listed.name] = (listed, None)
+            self.deleted += 1
+            yield Work(
+                action=Action.DELETE,
+                name=listed.name,
+                line=0,
+                fingerprint=None,
+                body=reconcile.delete_body(listed.name),
+            )
+
+    def _still_different(self, pending: list[str], plan: reconcile.SyncPlan) -> StillDifferent:
+        names = [*sorted(pending), *sorted(self.conv.exists)]
+        names += [listed.name for listed in plan.deletes]
+        total = len(names)
+        return StillDifferent(
+            f"after {rounds.MAX_ROUNDS} rounds the account still differs from the manifest "
+            f"in {total} groups: {rounds.still_different(names, total)}"
+            + (
+                f"; another party changed {len(self.conv.foreign)} of them meanwhile"
+                if self.conv.foreign
+                else ""
+            )
+            + "; run sync again"
+        )
+
+    def _pending_names(self) -> list[str]:
+        account = self.conv.effective()
+        return [
+            item.name
+            for item in self._unsettled()
+            if isinstance(item, manifest.Group)
+            and isinstance(
+                reconcile.classify_group(item, account), reconcile.Create | reconcile.Update
+            )
+        ]
+
+
+def repr_counts(conv: rounds.Convergence) -> dict[str, int]:
+    return {
+        "credits": len(conv.credits),
+        "confirmed": conv.confirmed,
+        "exists_unlisted": len(conv.exists),
+        "foreign": len(conv.foreign),
+        "listings": conv.listings,
+    }
+
+
+def fresh_s_from_env() -> float:
+    """WORKER_TEST_FRESH_S: a test hook that shortens the 60 s a listing may serve deletes
+    (a test of it would otherwise write for a minute first)."""
+    hook = os.environ.get("WORKER_TEST_FRESH_S")
+    return float(hook) if hook else rounds.FRESH_S
+
+
+def _wanted(group: manifest.Group, listed: Listed | None) -> Listed:
+    payload = reconcile.group_payload(group)
+    project = listed.project if listed is not None else str(payload["ProjectName"])
+    tags = tuple((t["Key"], t["Value"], t["Category"]) for t in payload.get("Tags", ()))
+    return Listed(name=group.name, project=project, tags=tags)
+
+
+def _work(action: Action, item: manifest.Group, body: bytes) -> Work:
+    return Work(
+        action=action, name=item.name, line=item.line, fingerprint=item.fingerprint, body=body
+    )
+
+
+def _unsent(
+    runner: Runner,
+    name: str | None,
+    line: int,
+    outcome: Outcome,
+    code: str,
+    message: str,
+    fp: str | None = None,
+) -> Result:
+    now = stamp(runner.wall())
+    return Result(
+        run_id=runner.run_id,
+        action=None,
+        name=name,
+        outcome=outcome,
+        status=None,
+        code=code,
+        message=message,
+        request_id="",
+        sends=0,
+        fingerprint=fp,  # a conflict's: `report` tells whether the line changed since
+        line=line,
+        started=now,
+        finished=now,
+    )

@@ -1,0 +1,136 @@
+"""Convergence step (sync): what a sync knows about the account across its rounds. Pure.
+
+A sync lists, writes the difference, then lists again and compares: what is still different
+is carried out in another round, at most MAX_ROUNDS rounds, with ROUND_PAUSE_S before each
+listing after the second (a lagging listing catches up meanwhile). `Convergence` holds what
+the listings and the writes of one invocation say:
+
+    view       the account as the listings showed it: replaced by a listing that did not
+               move (`whole`), else updated by it (a moved listing proves presence, never
+               absence)
+    credits    writes answered 2xx in this invocation that no listing has shown yet: they
+               count as done (the listing may lag) until a listing shows the written state
+               (used up: the listing is the truth from then on)
+    exists     creates answered `Exist` that no listing has shown: never sent again; a
+               listing that shows one compares it (update or conflict next round)
+    foreign    changes nobody in this invocation made, seen between two listings, to a
+               manifest Name or an extra inside the prune scope. Once one is seen, every
+               credit still unshown is dropped: another party writes here too, so a Name
+               the listing does not show may have been undone, not lag behind. Two syncs
+               fighting over one scope thus see each other and end in exit 3, unless one
+               of them ends on a listing that shows its manifest.
+
+What remains open (documented): a listing that does not show a credited write cannot tell
+lag from another party undoing it when nothing else in the scope moved (a create deleted by
+someone else before any listing showed it).
+
+The clock is passed in: `fresh(listed_at, now)` says whether a listing may still be the
+source of a delete (FRESH_S).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from worker.account import Listed
+
+MAX_ROUNDS: Final = 4  # write rounds per invocation: the plan and three corrections
+ROUND_PAUSE_S: Final = 2.0  # before each listing after the second: a lagging listing catches up
+FRESH_S: Final = 60.0  # a delete is sent only for an extra listed at most this long ago
+SHOWN_MAX: Final = 5  # Names an exit-3 message lists before "and N more"
+
+
+def fresh(listed_at: float, now: float, fresh_s: float = FRESH_S) -> bool:
+    """May a listing begun at `listed_at` (monotonic seconds) still be the source of a delete?"""
+    return now - listed_at <= fresh_s
+
+
+def same(a: Listed | None, b: Listed | None) -> bool:
+    """Two sightings of a Name show the same state (absent, or project and tag set)."""
+    if a is None or b is None:
+        return a is b
+    return a.project == b.project and a.tag_set == b.tag_set
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    before: Listed | None  # the state the write was planned from
+    after: Listed | None  # the state written (None: deleted)
+
+
+class Convergence:
+    """The account as one sync invocation knows it, across its listings and writes."""
+
+    def __init__(self, groups: Mapping[str, Listed], *, whole: bool) -> None:
+        self.view: dict[str, Listed] = dict(groups)
+        self.whole = whole  # the view's last listing did not move
+        self.credits: dict[str, Credit] = {}
+        self.exists: set[str] = set()
+        self.settled: set[str] = set()  # rejected or in conflict here: not sent again
+        self.foreign: list[str] = []
+        self.confirmed = 0  # credits a listing has shown
+        self.listings = 1
+
+    def __repr__(self) -> str:
+        return (
+            f"<Convergence view={len(self.view)} credits={len(self.credits)} "
+            f"exists={len(self.exists)} foreign={len(self.foreign)} listings={self.listings}>"
+        )
+
+    def wrote(self, name: str, before: Listed | None, after: Listed | None) -> None:
+        """A write about `name` was answered 2xx (created, updated, deleted)."""
+        self.credits[name] = Credit(before, after)
+
+    def answered_exists(self, name: str) -> None:
+        """A create was answered `Exist`: the group is there, its state not yet seen."""
+        self.exists.add(name)
+
+    def observe(
+        self, groups: Mapping[str, Listed], *, whole: bool, relevant: Iterable[str]
+    ) -> None:
+        """Take a listing made after the last write. `relevant`: the Names whose foreign
+        changes matter (manifest Names the account holds, and extras in the prune scope)."""
+        self.listings += 1
+        for name in relevant:
+            if name in self.credits or name in self.exists:
+                continue
+            old, new = self.view.get(name), groups.get(name)
+            seen_both = old is not None and new is not None
+            if (seen_both or (self.whole and whole)) and not same(old, new):
+                self.foreign.append(name)
+        for name, credit in list(self.credits.items()):
+            shown = groups.get(name)
+            if shown is None and not whole:
+                continue  # a moved listing proves no absence: still pending
+            if same(shown, credit.after):
+                del self.credits[name]
+                self.confirmed += 1
+            elif not same(shown, credit.before):
+                del self.credits[name]  # a third state: someone else wrote it
+                self.foreign.append(name)
+        self.exists -= groups.keys()
+        if whole:
+            self.view = dict(groups)
+        else:
+            self.view.update(groups)
+        self.whole = whole
+        if self.foreign:
+            self.credits.clear()  # another party writes here: only listings count now
+
+    def effective(self) -> dict[str, Listed]:
+        """The view with the writes no listing shows yet counted as done."""
+        account = dict(self.view) if self.credits else self.view
+        for name, credit in self.credits.items():
+            if credit.after is None:
+                account.pop(name, None)
+            else:
+                account[name] = credit.after
+        return account
+
+
+def still_different(names: list[str], total: int) -> str:
+    """`A, B, C and 4 more` for an exit-3 message."""
+    shown = ", ".join(names[:SHOWN_MAX])
+    return shown if total <= SHOWN_MAX else f"{shown} and {total - SHOWN_MAX} more"
