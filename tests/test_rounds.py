@@ -119,3 +119,26 @@ def test_no_delete_is_handed_out_from_a_listing_older_than_fresh_s() -> None:
     clock.t += 1.5  # 60.5 s since the listing began
     assert list(items) == []
     assert the_rounds.deleted == 2
+
+
+def test_a_group_only_an_older_moved_listing_showed_is_unconfirmed() -> None:
+    """After a write, a manifest group counts as in place only once a listing made after
+    the write shows it (or a write of ours vouches for it): the view's older word is not
+    enough for exit 0."""
+    conv = rounds.Convergence(account(g("A"), g("B")), whole=True)
+    assert not conv.unconfirmed("A")
+    conv.wrote("C", None, g("C"))
+    conv.observe(account(g("B"), g("N")), whole=False, relevant=["A", "B"])
+    assert "A" in conv.effective()  # a moved listing proves no absence...
+    assert conv.unconfirmed("A")  # ...nor presence since the write
+    assert not conv.unconfirmed("B") and not conv.unconfirmed("C")
+    conv.observe(account(g("A")), whole=False, relevant=["A"])
+    assert not conv.unconfirmed("A")  # shown by a listing after the last write
+
+
+def test_deletes_come_from_the_latest_listing_only() -> None:
+    """An extra the view keeps from an older, moved listing is not in `last`: the rounds
+    never plan a delete from it."""
+    conv = rounds.Convergence(account(g("X")), whole=True)
+    conv.observe(account(g("Y")), whole=False, relevant=["X", "Y"])
+    assert set(conv.effective()) == {"X", "Y"} and set(conv.last) == {"Y"}

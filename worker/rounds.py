@@ -8,6 +8,10 @@ the listings and the writes of one invocation say:
     view       the account as the listings showed it: replaced by a listing that did not
                move (`whole`), else updated by it (a moved listing proves presence, never
                absence)
+    last       the latest listing alone: the only source of deletes (a Name the view keeps
+               from an older, moved listing may be long gone or re-created elsewhere)
+    shown      the Names a listing has shown since the last write: a manifest group counts
+               as in place only when shown there (or credited), never from the view alone
     credits    writes answered 2xx in this invocation that no listing has shown yet: they
                count as done (the listing may lag) until a listing shows the written state
                (used up: the listing is the truth from then on)
@@ -65,6 +69,9 @@ class Convergence:
 
     def __init__(self, groups: Mapping[str, Listed], *, whole: bool) -> None:
         self.view: dict[str, Listed] = dict(groups)
+        self.last: Mapping[str, Listed] = groups
+        self.shown: set[str] = set(groups)
+        self._written = False  # a write was answered since the last listing
         self.whole = whole  # the view's last listing did not move
         self.credits: dict[str, Credit] = {}
         self.exists: set[str] = set()
@@ -82,6 +89,7 @@ class Convergence:
     def wrote(self, name: str, before: Listed | None, after: Listed | None) -> None:
         """A write about `name` was answered 2xx (created, updated, deleted)."""
         self.credits[name] = Credit(before, after)
+        self._written = True
 
     def answered_exists(self, name: str) -> None:
         """A create was answered `Exist`: the group is there, its state not yet seen."""
@@ -111,6 +119,12 @@ class Convergence:
                 del self.credits[name]  # a third state: someone else wrote it
                 self.foreign.append(name)
         self.exists -= groups.keys()
+        self.last = groups
+        if self._written:
+            self.shown = set(groups)
+            self._written = False
+        else:
+            self.shown.update(groups)
         if whole:
             self.view = dict(groups)
         else:
@@ -118,6 +132,11 @@ class Convergence:
         self.whole = whole
         if self.foreign:
             self.credits.clear()  # another party writes here: only listings count now
+
+    def unconfirmed(self, name: str) -> bool:
+        """No listing since the last write showed `name`, and no write of ours vouches
+        for it: its place in the view is hearsay from an older listing."""
+        return name not in self.shown and name not in self.credits
 
     def effective(self) -> dict[str, Listed]:
         """The view with the writes no listing shows yet counted as done."""

@@ -147,6 +147,12 @@ class Rounds:
             scope=self.scope,
             max_delete=1 << 62,
         )
+        # Deletes only from the latest listing: the view may keep an extra that an older,
+        # moved listing showed and that is gone (or re-created elsewhere) since.
+        seen = self.conv.last
+        deletes = tuple(d for d in the_plan.deletes if d.name in seen)
+        if len(deletes) != len(the_plan.deletes):
+            the_plan = dataclasses.replace(the_plan, deletes=deletes)
         if len(the_plan.deletes) > allowed:
             log.warning("sync.max_delete_reached", allowed=allowed, more=len(the_plan.deletes))
             the_plan = dataclasses.replace(the_plan, deletes=the_plan.deletes[:allowed])
@@ -275,13 +281,18 @@ class Rounds:
         )
 
     def _pending_names(self) -> list[str]:
+        """Manifest groups not shown as the manifest says: to write, or (in place only
+        by an older listing's word) to be shown by the next listing."""
         account = self.conv.effective()
         return [
             item.name
             for item in self._unsettled()
             if isinstance(item, manifest.Group)
-            and isinstance(
-                reconcile.classify_group(item, account), reconcile.Create | reconcile.Update
+            and (
+                self.conv.unconfirmed(item.name)
+                or isinstance(
+                    reconcile.classify_group(item, account), reconcile.Create | reconcile.Update
+                )
             )
         ]
 
