@@ -15,10 +15,15 @@ last line. Opening repairs exactly that and nothing else:
   adopted. A torn last line is cut only after every line before it has parsed, and a lone
   first line only if it starts with the exact bytes our header starts with.
 * Every line read is bounded (MAX_RECORD_BYTES); a longer one is damage, not data.
-* A run holds `flock` on `<ledger>.lock`, a file beside the ledger that is never deleted
-  (deleting lock files races). The lock stays with the path, so renaming the ledger away does
-  not let a second run in; the kernel drops it when the process dies, so `kill -9` leaves no
-  stale lock. `report` probes the same file to tell a running run from a crashed one.
+* A run holds two `flock`s: one on the ledger file itself (on its open descriptor), so no
+  other path to it (a hard link, the name it was renamed to) lets a second run in; and one
+  on `<ledger>.lock`, a file beside the path that is never deleted (deleting lock files
+  races), so a ledger renamed away does not let a second run start a new one at its old
+  path, and a worker of an older version (which takes only that one) is kept out too. The
+  kernel drops both when the process dies, so `kill -9` leaves no stale lock. `report`
+  probes both to tell a running run from a crashed one.
+* The index is derived: one that does not match its ledger is rebuilt, never a reason to
+  refuse the ledger (`_load`).
 """
 
 from __future__ import annotations
@@ -202,12 +207,19 @@ def _load(
     lock_held: bool,
     expect_names: int,
     check: Callable[[RunHeader], None] | None,
+    trust_index: bool = True,
 ) -> tuple[State, int | None, int, int]:
     """The State of the ledger open on `fd`, through its index: (state, offset of a torn
     tail or None, end offset of the last whole line, lines read). With `lock_held` the
     shared index is brought up to date (extended, or rebuilt) and left marked dirty until
-    `Ledger.close`; without, it is used only when current, else a private one is built."""
-    state, start, lineno = _open_index(path, fd, lock_held=lock_held, expect_names=expect_names)
+    `Ledger.close`; without, it is used only when current, else a private one is built.
+
+    What looks like damage when read on from where the index ends may be the index's (it
+    claims a prefix it does not describe: two writers once shared the file): the ledger
+    is then read again whole, and only damage found so is the ledger's."""
+    state, start, lineno = _open_index(
+        path, fd, lock_held=lock_held, expect_names=expect_names, trust_index=trust_index
+    )
     try:
         if check is not None:
             for header in state.runs:
@@ -224,6 +236,19 @@ def _load(
                 if check is not None and isinstance(record, RunHeader):
                     check(record)
                 state.fold(record, offset)
+    except LedgerError:
+        state.close()
+        if start == 0:
+            raise
+        index.unavailable(index.index_path(path), "it does not match the ledger", "a rebuild")
+        return _load(
+            path,
+            fd,
+            lock_held=lock_held,
+            expect_names=expect_names,
+            check=check,
+            trust_index=False,
+        )
     except BaseException:
         state.close()
         raise
@@ -231,14 +256,14 @@ def _load(
 
 
 def _open_index(
-    path: Path, fd: int, *, lock_held: bool, expect_names: int
+    path: Path, fd: int, *, lock_held: bool, expect_names: int, trust_index: bool = True
 ) -> tuple[State, int, int]:
     """(state so far, ledger offset and line number to read on from). Never fails for the
     index's sake: an index file that cannot be read is rebuilt, one that cannot be written
     gives way to a private file, then to memory (index module docstring)."""
     here = str(Path(os.path.realpath(path)).parent)
     ipath = index.index_path(path)
-    loaded = _current_index(path, fd, ipath, here, lock_held=lock_held)
+    loaded = _current_index(path, fd, ipath, here, lock_held=lock_held) if trust_index else None
     if loaded is not None:
         return loaded
     names = max(expect_names, os.fstat(fd).st_size // 600)  # a done Name: ~600 B of ledger
@@ -257,7 +282,7 @@ def _current_index(
     except OSError:
         return None  # none yet, or not ours to use: a new one is made (and says why)
     try:
-        slots, used, at, trailer = index.read_index(ifd, fd, checkpoint_ok=lock_held)
+        slots, used, at, trailer, salt = index.read_index(ifd, fd, checkpoint_ok=lock_held)
         size = os.fstat(fd).st_size
         if not lock_held and (at.offset != size or at.size != size):
             raise index.Stale("the ledger has grown since (a run is going on, or was killed)")
@@ -284,6 +309,7 @@ def _current_index(
             writable=lock_held,
             tmp_dir=here,
             path=ipath,
+            salt=salt,
         )
     except OSError:  # it cannot be mapped: build another (the table closed both fds)
         return None
@@ -391,22 +417,33 @@ def _open_index_file(path: Path, *, write: bool) -> int:
 
 def probe_lock(path: Path) -> bool | None:
     """Whether a process holds the ledger's lock now (a run is going on): True, False, or
-    None when it cannot be told. Takes the lock for an instant and drops it at once; a run
-    starting in that instant waits it out (LOCK_WAIT_S). Never creates the lock file."""
+    None when it cannot be told. Probes both locks a run holds (the ledger file's and the
+    lock file's, module docstring): either held means running. Takes each for an instant
+    and drops it at once; a run starting in that instant waits it out (LOCK_WAIT_S). Never
+    creates a file."""
+    beside = _probe(lock_path(path), os.O_NOFOLLOW)
+    if beside is True:
+        return True
+    itself = _probe(path, 0)
+    if itself is True:
+        return True
+    return None if None in (beside, itself) else False
+
+
+def _probe(path: Path, flags: int) -> bool | None:
+    """Whether someone holds `flock` on the regular file at `path` (shared is enough to
+    tell: it conflicts with a run's exclusive lock, not with another probe's)."""
     try:
-        fd = os.open(
-            lock_path(path),
-            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY,
-        )
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | flags)
     except FileNotFoundError:
-        return False  # no run has ever locked it
+        return False  # no run has ever locked it (or there is no ledger)
     except OSError:
         return None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
         except OSError:
@@ -456,6 +493,7 @@ class Ledger:
             if isinstance(first, RunHeader):
                 _check_target(path, first, target)
             lock_fd = _lock(path)
+            _lock_file(path, fd)
             _check_same_file(path, fd)
             state, torn_at, end, lines = _load(
                 path,
@@ -472,12 +510,12 @@ class Ledger:
                 os.fsync(fd)
                 state.torn_tail = True
         except OSError as exc:
-            _close_quietly(fd, lock_fd)
+            _release(fd, lock_fd)
             raise LedgerError(
                 f"{path}: cannot read or repair the ledger: {exc.strerror}; nothing was changed"
             ) from None
         except BaseException:
-            _close_quietly(fd, lock_fd)
+            _release(fd, lock_fd)
             raise
         book = cls(path, fd, lock_fd, state, torn_writes_s=torn_writes_s)
         book._end, book._lines = end, lines
@@ -520,6 +558,9 @@ class Ledger:
                 while view:
                     written = os.write(self._fd, view)
                     view = view[written:]
+            # Where the record really ended (O_APPEND writes at the file's end): the index
+            # must never say a record starts where none does.
+            end = os.lseek(self._fd, 0, os.SEEK_CUR)
         except OSError as exc:
             self._broken = f"{self.path}: cannot write the ledger: {exc.strerror}"
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -529,7 +570,7 @@ class Ledger:
                 )
             raise LedgerWriteError(self._broken) from None
         self._dirty = True
-        offset, self._end, self._lines = self._end, self._end + len(data), self._lines + 1
+        offset, self._end, self._lines = end - len(data), end, self._lines + 1
         try:
             self.state.fold(record, offset)
         except OSError as exc:  # the index could not grow (a full disk): stop sending
@@ -597,7 +638,7 @@ class Ledger:
         finally:
             # `state` stays readable after close (its index is unmapped when it is let go,
             # or by state.close()).
-            _close_quietly(fd, self._lock_fd)
+            _release(fd, self._lock_fd)
 
 
 # -- opening safely -----------------------------------------------------------------------
@@ -698,6 +739,35 @@ def _lock(path: Path) -> int:
         raise
 
 
+def _lock_file(path: Path, fd: int) -> None:
+    """`flock` the ledger's own open file (the inode, whatever path leads to it), waiting
+    out a `report` probe (LOCK_WAIT_S). Released by `_release`."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise LedgerLocked(
+                    f"another run is using {path}: it holds the lock on the ledger file "
+                    "itself, opened by another path to the same file (a hard link, or the "
+                    "name it had before a rename)"
+                ) from None
+            time.sleep(0.02)
+        except OSError as exc:
+            raise LedgerError(f"{path}: cannot lock the ledger: {exc.strerror}") from None
+
+
+def _release(fd: int, lock_fd: int) -> None:
+    """Unlock the ledger's file, then close it and the lock file. Unlocked explicitly: the
+    index keeps a duplicate of `fd` (same open file, same lock) after the ledger closes."""
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    _close_quietly(fd, lock_fd)
+
+
 def _check_same_file(path: Path, fd: int) -> None:
     """After locking: the path must still name the file we opened, or we would hold the
     path's lock while writing a file that was moved away."""
@@ -785,7 +855,8 @@ class _Reader:
             if obj is None:
                 raise LedgerError(
                     f"{self.path}:{lineno}: damaged ledger record: the line is not JSON; "
-                    "move the ledger aside (or fix that line) and run again"
+                    "fix that line and run again (keep the ledger: it is the history of "
+                    "what was sent)"
                 )
             yield offset, f"{name}:{lineno}", obj
             offset += len(raw)
