@@ -15,13 +15,9 @@ last line. Opening repairs exactly that and nothing else:
   adopted. A torn last line is cut only after every line before it has parsed, and a lone
   first line only if it starts with the exact bytes our header starts with.
 * Every line read is bounded (MAX_RECORD_BYTES); a longer one is damage, not data.
-* A run holds two `flock`s: one on the ledger file itself (on its open descriptor), so no
-  other path to it (a hard link, the name it was renamed to) lets a second run in; and one
-  on `<ledger>.lock`, a file beside the path that is never deleted (deleting lock files
-  races), so a ledger renamed away does not let a second run start a new one at its old
-  path, and a worker of an older version (which takes only that one) is kept out too. The
-  kernel drops both when the process dies, so `kill -9` leaves no stale lock. `report`
-  probes both to tell a running run from a crashed one.
+* A run locks the ledger file itself and `<ledger>.lock` beside it (ledger_lock.py): no
+  path to the file (a hard link, a rename) lets a second run in; `kill -9` leaves no stale
+  lock; `report` probes both to tell a running run from a crashed one.
 * The index is derived: one that does not match its ledger is rebuilt, never a reason to
   refuse the ledger (`_load`).
 """
@@ -30,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import stat
 import sys
@@ -45,8 +40,9 @@ from typing import IO, Any, Final, Self
 import orjson
 
 from worker import index
-from worker.errors import LedgerError, LedgerLocked, LedgerTargetMismatch, LedgerWriteError
+from worker.errors import LedgerError, LedgerTargetMismatch, LedgerWriteError
 from worker.index import Latest, Table
+from worker.ledger_lock import lock_beside, lock_file, lock_path, probe_lock, release
 from worker.records import (
     Footer,
     Intent,
@@ -60,7 +56,7 @@ from worker.records import (
     parse,
 )
 
-__all__ = ["Latest", "Ledger", "State", "read_state", "records_of"]
+__all__ = ["Latest", "Ledger", "State", "lock_path", "probe_lock", "read_state", "records_of"]
 
 FSYNC_EVERY_S: Final = 1.0
 # How often a run records in its index how far the ledger is folded in (index.checkpoint):
@@ -69,9 +65,6 @@ CHECKPOINT_S: Final = 10.0
 # The largest record we write is a result holding a 1 MiB manifest body and a bounded
 # message; four times that leaves room and still bounds what one line can make us hold.
 MAX_RECORD_BYTES: Final = 4 << 20
-# How long `open` retries a held lock before saying "locked": long enough to ride out a
-# `report` probing the lock (microseconds), far shorter than any run that really holds it.
-LOCK_WAIT_S: Final = 0.5
 # orjson writes dataclass fields in order, so every header we write starts with these bytes.
 # Only a lone unterminated first line that starts so is a torn header of ours.
 _HEADER_PREFIX: Final = b'{"type":"run","run_id":"'
@@ -81,13 +74,6 @@ def default_path(manifest: Path) -> Path:
     """groups.jsonl -> groups.ledger.jsonl, beside the manifest."""
     stem = manifest.name[: -len(".jsonl")] if manifest.name.endswith(".jsonl") else manifest.name
     return manifest.with_name(f"{stem}.ledger.jsonl")
-
-
-def lock_path(ledger: Path) -> Path:
-    """`<ledger>.lock` beside the file the path finally names (symbolic links resolved), so
-    every path to one ledger shares one lock."""
-    real = Path(os.path.realpath(ledger))
-    return real.with_name(real.name + ".lock")
 
 
 @dataclass(slots=True)
@@ -415,45 +401,6 @@ def _open_index_file(path: Path, *, write: bool) -> int:
     return fd
 
 
-def probe_lock(path: Path) -> bool | None:
-    """Whether a process holds the ledger's lock now (a run is going on): True, False, or
-    None when it cannot be told. Probes both locks a run holds (the ledger file's and the
-    lock file's, module docstring): either held means running. Takes each for an instant
-    and drops it at once; a run starting in that instant waits it out (LOCK_WAIT_S). Never
-    creates a file."""
-    beside = _probe(lock_path(path), os.O_NOFOLLOW)
-    if beside is True:
-        return True
-    itself = _probe(path, 0)
-    if itself is True:
-        return True
-    return None if None in (beside, itself) else False
-
-
-def _probe(path: Path, flags: int) -> bool | None:
-    """Whether someone holds `flock` on the regular file at `path` (shared is enough to
-    tell: it conflicts with a run's exclusive lock, not with another probe's)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | flags)
-    except FileNotFoundError:
-        return False  # no run has ever locked it (or there is no ledger)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
 class Ledger:
     """An open, locked ledger that a run appends to. Use as `with Ledger.open(...) as book:`."""
 
@@ -492,8 +439,8 @@ class Ledger:
                 first = next(iter(_Reader(path, f)), None)
             if isinstance(first, RunHeader):
                 _check_target(path, first, target)
-            lock_fd = _lock(path)
-            _lock_file(path, fd)
+            lock_fd = lock_beside(path)
+            lock_file(path, fd)
             _check_same_file(path, fd)
             state, torn_at, end, lines = _load(
                 path,
@@ -510,12 +457,12 @@ class Ledger:
                 os.fsync(fd)
                 state.torn_tail = True
         except OSError as exc:
-            _release(fd, lock_fd)
+            release(fd, lock_fd)
             raise LedgerError(
                 f"{path}: cannot read or repair the ledger: {exc.strerror}; nothing was changed"
             ) from None
         except BaseException:
-            _release(fd, lock_fd)
+            release(fd, lock_fd)
             raise
         book = cls(path, fd, lock_fd, state, torn_writes_s=torn_writes_s)
         book._end, book._lines = end, lines
@@ -638,7 +585,7 @@ class Ledger:
         finally:
             # `state` stays readable after close (its index is unmapped when it is let go,
             # or by state.close()).
-            _release(fd, self._lock_fd)
+            release(fd, self._lock_fd)
 
 
 # -- opening safely -----------------------------------------------------------------------
@@ -705,67 +652,6 @@ def _require_regular(path: Path, mode: int) -> None:
         else "not a regular file"
     )
     raise LedgerError(f"{path}: is {kind}; a ledger must be a regular file (nothing was changed)")
-
-
-def _lock(path: Path) -> int:
-    lock = lock_path(path)
-    try:
-        fd = os.open(
-            lock,
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
-            0o644,
-        )
-    except OSError as exc:
-        raise LedgerError(
-            f"{path}: cannot create its lock file {lock}: {exc.strerror}; nothing was changed"
-        ) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise LedgerError(f"{lock}: the ledger's lock file is not a regular file")
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise LedgerLocked(f"another run is using {path} (lock {lock})") from None
-                time.sleep(0.02)
-    except OSError as exc:
-        os.close(fd)
-        raise LedgerError(f"{lock}: cannot lock it: {exc.strerror}") from None
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _lock_file(path: Path, fd: int) -> None:
-    """`flock` the ledger's own open file (the inode, whatever path leads to it), waiting
-    out a `report` probe (LOCK_WAIT_S). Released by `_release`."""
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise LedgerLocked(
-                    f"another run is using {path}: it holds the lock on the ledger file "
-                    "itself, opened by another path to the same file (a hard link, or the "
-                    "name it had before a rename)"
-                ) from None
-            time.sleep(0.02)
-        except OSError as exc:
-            raise LedgerError(f"{path}: cannot lock the ledger: {exc.strerror}") from None
-
-
-def _release(fd: int, lock_fd: int) -> None:
-    """Unlock the ledger's file, then close it and the lock file. Unlocked explicitly: the
-    index keeps a duplicate of `fd` (same open file, same lock) after the ledger closes."""
-    if fd >= 0:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    _close_quietly(fd, lock_fd)
 
 
 def _check_same_file(path: Path, fd: int) -> None:
