@@ -4,7 +4,6 @@ and the plan built on it."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import signal
 import socket
@@ -635,29 +634,17 @@ def test_plan_decisions(
     assert (decision.do, decision.why) == expected
 
 
-def _index_claiming(path: Path, offset: int) -> None:
-    """Make the clean index beside `path` claim the ledger prefix [0, offset), its check of
-    the bytes before `offset` right (as a second writer that appended unseen left it)."""
-    ipath = index.index_path(path)
-    raw = bytearray(ipath.read_bytes())
-    fields = list(index._HEAD.unpack_from(raw))
-    fields[7] = offset
-    data = path.read_bytes()
-    fields[13] = hashlib.sha256(data[max(0, offset - index.TAIL_CHECK_BYTES) : offset]).digest()
-    raw[: index._HEAD.size] = index._HEAD.pack(*fields)
-    ipath.write_bytes(bytes(raw))
-
-
 def test_an_index_that_does_not_match_its_ledger_is_rebuilt_never_refused(
     tmp_path: Path,
 ) -> None:
-    """An index whose covered prefix ends inside a ledger line is rebuilt: the ledger opens
-    with every Name's word, for a run and for a reader."""
+    """An index sealed by a run that miscounted the ledger's end (as when a second writer
+    appended unseen) claims a prefix ending inside a line: it is rebuilt, and the ledger
+    opens with every Name's word, for a reader and for a run."""
     path = tmp_path / "l.jsonl"
     with Ledger.open(path, target=TARGET) as book:
         for record in (header(), intent("A"), result("A", Outcome.CREATED), intent("B")):
             book.append(record)
-    _index_claiming(path, path.stat().st_size - 20)
+        book._end -= 20
     state = read_state(path)
     assert state.latest["A"].outcome is Outcome.CREATED and state.latest["B"].in_doubt
     state.close()
@@ -730,3 +717,21 @@ def test_closing_the_ledger_drops_the_file_lock_while_its_state_lives_on(
     Ledger.open(tmp_path / "link.jsonl", target=TARGET).close()
     assert len(kept.latest) == 0
     kept.close()
+
+
+def test_an_index_whose_trailer_was_edited_is_rebuilt(tmp_path: Path) -> None:
+    """The trailer (run headers, footers, codes) is sealed with the header: one edited in
+    place, same length, is not believed; the ledger's own words are read instead."""
+    path = tmp_path / "l.jsonl"
+    with Ledger.open(path, target=TARGET) as book:
+        book.append(header())
+        book.append(footer())
+    ipath = index.index_path(path)
+    raw = ipath.read_bytes()
+    assert raw.count(b'"items":3') == 1
+    ipath.write_bytes(raw.replace(b'"items":3', b'"items":4'))
+    state = read_state(path)
+    assert state.header is not None and state.header.items == 3
+    state.close()
+    with Ledger.open(path, target=TARGET) as book:
+        assert book.state.runs[0].items == 3
