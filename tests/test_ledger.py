@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from worker import plan
+from worker import index, plan
 from worker.errors import (
     Exit,
     LedgerError,
@@ -632,3 +632,106 @@ def test_plan_decisions(
     """Skip what is done or unchanged-rejected; resend deferred, in-doubt, fixed and new."""
     decision = plan.decide(item, known)
     assert (decision.do, decision.why) == expected
+
+
+def test_an_index_that_does_not_match_its_ledger_is_rebuilt_never_refused(
+    tmp_path: Path,
+) -> None:
+    """An index sealed by a run that miscounted the ledger's end (as when a second writer
+    appended unseen) claims a prefix ending inside a line: it is rebuilt, and the ledger
+    opens with every Name's word, for a reader and for a run."""
+    path = tmp_path / "l.jsonl"
+    with Ledger.open(path, target=TARGET) as book:
+        for record in (header(), intent("A"), result("A", Outcome.CREATED), intent("B")):
+            book.append(record)
+        book._end -= 20
+    state = read_state(path)
+    assert state.latest["A"].outcome is Outcome.CREATED and state.latest["B"].in_doubt
+    state.close()
+    with Ledger.open(path, target=TARGET) as book:
+        assert book.state.latest["A"].outcome is Outcome.CREATED
+        assert book.state.latest["B"].in_doubt
+
+
+def test_damage_in_the_ledger_itself_never_advises_throwing_it_away(tmp_path: Path) -> None:
+    """A line that is not JSON is the ledger's own damage: the message names the line and
+    says to fix it and keep the ledger, not to move it aside."""
+    path = tmp_path / "l.jsonl"
+    write(path, header(), intent("A"), tail=b"not json\n" + line(intent("B")))
+    with pytest.raises(LedgerError) as caught:
+        Ledger.open(path, target=TARGET)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:3: damaged ledger record")
+    assert "keep the ledger" in message and "aside" not in message
+
+
+def _flip(path: Path, name: str, outcome: Outcome) -> None:
+    ipath = index.index_path(path)
+    raw = bytearray(ipath.read_bytes())
+    at = raw.find(index.name_key(name), index.HEADER_BYTES)
+    assert at >= 0 and (at - index.HEADER_BYTES) % index.SLOT_BYTES == 0
+    raw[at + 64] = (None, *Outcome).index(outcome)
+    ipath.write_bytes(bytes(raw))
+
+
+def test_a_reader_never_trusts_a_slot_that_fails_its_check(tmp_path: Path) -> None:
+    """A slot edited deferred -> created reads as deferred for a reader (report, dry run),
+    through a private rebuild that leaves the shared index as it found it; a run holding
+    the lock rebuilds the shared one, and the next reader finds it clean and right."""
+    path = tmp_path / "l.jsonl"
+    with Ledger.open(path, target=TARGET) as book:
+        for record in (header(), intent("A"), result("A", Outcome.DEFERRED), footer()):
+            book.append(record)
+        book.append(intent("B"))
+    _flip(path, "A", Outcome.CREATED)
+    edited = index.index_path(path).read_bytes()
+    state = read_state(path)
+    assert state.latest["A"].outcome is Outcome.DEFERRED
+    assert [e.outcome for e in state.latest.values()].count(Outcome.DEFERRED) == 1
+    state.close()
+    assert index.index_path(path).read_bytes() == edited
+    with Ledger.open(path, target=TARGET) as book:
+        assert book.state.latest["A"].outcome is Outcome.DEFERRED
+        assert len(book.state.latest) == 2
+    assert index.index_path(path).read_bytes()[8:12] == b"\1\0\0\0"  # clean again
+    again = read_state(path)
+    assert again.latest["A"].outcome is Outcome.DEFERRED and again.latest["B"].in_doubt
+    again.close()
+
+
+def test_closing_the_ledger_drops_the_file_lock_while_its_state_lives_on(
+    tmp_path: Path,
+) -> None:
+    """The state's index keeps a duplicate of the ledger's descriptor after close: the lock
+    on the file is dropped all the same, so the next open (any path to it) gets in."""
+    path = tmp_path / "l.jsonl"
+    book = Ledger.open(path, target=TARGET)
+    book.append(header())
+    kept = book.state
+    os.link(path, tmp_path / "link.jsonl")
+    with pytest.raises(LedgerLocked, match="hard link"):
+        Ledger.open(tmp_path / "link.jsonl", target=TARGET)
+    assert probe_lock(tmp_path / "link.jsonl") is True
+    book.close()
+    assert probe_lock(tmp_path / "link.jsonl") is False
+    Ledger.open(tmp_path / "link.jsonl", target=TARGET).close()
+    assert len(kept.latest) == 0
+    kept.close()
+
+
+def test_an_index_whose_trailer_was_edited_is_rebuilt(tmp_path: Path) -> None:
+    """The trailer (run headers, footers, codes) is sealed with the header: one edited in
+    place, same length, is not believed; the ledger's own words are read instead."""
+    path = tmp_path / "l.jsonl"
+    with Ledger.open(path, target=TARGET) as book:
+        book.append(header())
+        book.append(footer())
+    ipath = index.index_path(path)
+    raw = ipath.read_bytes()
+    assert raw.count(b'"items":3') == 1
+    ipath.write_bytes(raw.replace(b'"items":3', b'"items":4'))
+    state = read_state(path)
+    assert state.header is not None and state.header.items == 3
+    state.close()
+    with Ledger.open(path, target=TARGET) as book:
+        assert book.state.runs[0].items == 3

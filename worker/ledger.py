@@ -15,17 +15,17 @@ last line. Opening repairs exactly that and nothing else:
   adopted. A torn last line is cut only after every line before it has parsed, and a lone
   first line only if it starts with the exact bytes our header starts with.
 * Every line read is bounded (MAX_RECORD_BYTES); a longer one is damage, not data.
-* A run holds `flock` on `<ledger>.lock`, a file beside the ledger that is never deleted
-  (deleting lock files races). The lock stays with the path, so renaming the ledger away does
-  not let a second run in; the kernel drops it when the process dies, so `kill -9` leaves no
-  stale lock. `report` probes the same file to tell a running run from a crashed one.
+* A run locks the ledger file itself and `<ledger>.lock` beside it (ledger_lock.py): no
+  path to the file (a hard link, a rename) lets a second run in; `kill -9` leaves no stale
+  lock; `report` probes both to tell a running run from a crashed one.
+* The index is derived: one that does not match its ledger is rebuilt, never a reason to
+  refuse the ledger (`_load`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import stat
 import sys
@@ -40,8 +40,9 @@ from typing import IO, Any, Final, Self
 import orjson
 
 from worker import index
-from worker.errors import LedgerError, LedgerLocked, LedgerTargetMismatch, LedgerWriteError
+from worker.errors import LedgerError, LedgerTargetMismatch, LedgerWriteError
 from worker.index import Latest, Table
+from worker.ledger_lock import lock_beside, lock_file, lock_path, probe_lock, release
 from worker.records import (
     Footer,
     Intent,
@@ -55,7 +56,7 @@ from worker.records import (
     parse,
 )
 
-__all__ = ["Latest", "Ledger", "State", "read_state", "records_of"]
+__all__ = ["Latest", "Ledger", "State", "lock_path", "probe_lock", "read_state", "records_of"]
 
 FSYNC_EVERY_S: Final = 1.0
 # How often a run records in its index how far the ledger is folded in (index.checkpoint):
@@ -64,9 +65,6 @@ CHECKPOINT_S: Final = 10.0
 # The largest record we write is a result holding a 1 MiB manifest body and a bounded
 # message; four times that leaves room and still bounds what one line can make us hold.
 MAX_RECORD_BYTES: Final = 4 << 20
-# How long `open` retries a held lock before saying "locked": long enough to ride out a
-# `report` probing the lock (microseconds), far shorter than any run that really holds it.
-LOCK_WAIT_S: Final = 0.5
 # orjson writes dataclass fields in order, so every header we write starts with these bytes.
 # Only a lone unterminated first line that starts so is a torn header of ours.
 _HEADER_PREFIX: Final = b'{"type":"run","run_id":"'
@@ -76,13 +74,6 @@ def default_path(manifest: Path) -> Path:
     """groups.jsonl -> groups.ledger.jsonl, beside the manifest."""
     stem = manifest.name[: -len(".jsonl")] if manifest.name.endswith(".jsonl") else manifest.name
     return manifest.with_name(f"{stem}.ledger.jsonl")
-
-
-def lock_path(ledger: Path) -> Path:
-    """`<ledger>.lock` beside the file the path finally names (symbolic links resolved), so
-    every path to one ledger shares one lock."""
-    real = Path(os.path.realpath(ledger))
-    return real.with_name(real.name + ".lock")
 
 
 @dataclass(slots=True)
@@ -202,12 +193,19 @@ def _load(
     lock_held: bool,
     expect_names: int,
     check: Callable[[RunHeader], None] | None,
+    trust_index: bool = True,
 ) -> tuple[State, int | None, int, int]:
     """The State of the ledger open on `fd`, through its index: (state, offset of a torn
     tail or None, end offset of the last whole line, lines read). With `lock_held` the
     shared index is brought up to date (extended, or rebuilt) and left marked dirty until
-    `Ledger.close`; without, it is used only when current, else a private one is built."""
-    state, start, lineno = _open_index(path, fd, lock_held=lock_held, expect_names=expect_names)
+    `Ledger.close`; without, it is used only when current, else a private one is built.
+
+    What looks like damage when read on from where the index ends may be the index's (it
+    claims a prefix it does not describe: two writers once shared the file): the ledger
+    is then read again whole, and only damage found so is the ledger's."""
+    state, start, lineno = _open_index(
+        path, fd, lock_held=lock_held, expect_names=expect_names, trust_index=trust_index
+    )
     try:
         if check is not None:
             for header in state.runs:
@@ -224,6 +222,19 @@ def _load(
                 if check is not None and isinstance(record, RunHeader):
                     check(record)
                 state.fold(record, offset)
+    except LedgerError:
+        state.close()
+        if start == 0:
+            raise
+        index.unavailable(index.index_path(path), "it does not match the ledger", "a rebuild")
+        return _load(
+            path,
+            fd,
+            lock_held=lock_held,
+            expect_names=expect_names,
+            check=check,
+            trust_index=False,
+        )
     except BaseException:
         state.close()
         raise
@@ -231,14 +242,14 @@ def _load(
 
 
 def _open_index(
-    path: Path, fd: int, *, lock_held: bool, expect_names: int
+    path: Path, fd: int, *, lock_held: bool, expect_names: int, trust_index: bool = True
 ) -> tuple[State, int, int]:
     """(state so far, ledger offset and line number to read on from). Never fails for the
     index's sake: an index file that cannot be read is rebuilt, one that cannot be written
     gives way to a private file, then to memory (index module docstring)."""
     here = str(Path(os.path.realpath(path)).parent)
     ipath = index.index_path(path)
-    loaded = _current_index(path, fd, ipath, here, lock_held=lock_held)
+    loaded = _current_index(path, fd, ipath, here, lock_held=lock_held) if trust_index else None
     if loaded is not None:
         return loaded
     names = max(expect_names, os.fstat(fd).st_size // 600)  # a done Name: ~600 B of ledger
@@ -257,7 +268,7 @@ def _current_index(
     except OSError:
         return None  # none yet, or not ours to use: a new one is made (and says why)
     try:
-        slots, used, at, trailer = index.read_index(ifd, fd, checkpoint_ok=lock_held)
+        slots, used, at, trailer, salt = index.read_index(ifd, fd, checkpoint_ok=lock_held)
         size = os.fstat(fd).st_size
         if not lock_held and (at.offset != size or at.size != size):
             raise index.Stale("the ledger has grown since (a run is going on, or was killed)")
@@ -284,6 +295,7 @@ def _current_index(
             writable=lock_held,
             tmp_dir=here,
             path=ipath,
+            salt=salt,
         )
     except OSError:  # it cannot be mapped: build another (the table closed both fds)
         return None
@@ -389,34 +401,6 @@ def _open_index_file(path: Path, *, write: bool) -> int:
     return fd
 
 
-def probe_lock(path: Path) -> bool | None:
-    """Whether a process holds the ledger's lock now (a run is going on): True, False, or
-    None when it cannot be told. Takes the lock for an instant and drops it at once; a run
-    starting in that instant waits it out (LOCK_WAIT_S). Never creates the lock file."""
-    try:
-        fd = os.open(
-            lock_path(path),
-            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY,
-        )
-    except FileNotFoundError:
-        return False  # no run has ever locked it
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
 class Ledger:
     """An open, locked ledger that a run appends to. Use as `with Ledger.open(...) as book:`."""
 
@@ -455,7 +439,8 @@ class Ledger:
                 first = next(iter(_Reader(path, f)), None)
             if isinstance(first, RunHeader):
                 _check_target(path, first, target)
-            lock_fd = _lock(path)
+            lock_fd = lock_beside(path)
+            lock_file(path, fd)
             _check_same_file(path, fd)
             state, torn_at, end, lines = _load(
                 path,
@@ -472,12 +457,12 @@ class Ledger:
                 os.fsync(fd)
                 state.torn_tail = True
         except OSError as exc:
-            _close_quietly(fd, lock_fd)
+            release(fd, lock_fd)
             raise LedgerError(
                 f"{path}: cannot read or repair the ledger: {exc.strerror}; nothing was changed"
             ) from None
         except BaseException:
-            _close_quietly(fd, lock_fd)
+            release(fd, lock_fd)
             raise
         book = cls(path, fd, lock_fd, state, torn_writes_s=torn_writes_s)
         book._end, book._lines = end, lines
@@ -520,6 +505,9 @@ class Ledger:
                 while view:
                     written = os.write(self._fd, view)
                     view = view[written:]
+            # Where the record really ended (O_APPEND writes at the file's end): the index
+            # must never say a record starts where none does.
+            end = os.lseek(self._fd, 0, os.SEEK_CUR)
         except OSError as exc:
             self._broken = f"{self.path}: cannot write the ledger: {exc.strerror}"
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -529,7 +517,7 @@ class Ledger:
                 )
             raise LedgerWriteError(self._broken) from None
         self._dirty = True
-        offset, self._end, self._lines = self._end, self._end + len(data), self._lines + 1
+        offset, self._end, self._lines = end - len(data), end, self._lines + 1
         try:
             self.state.fold(record, offset)
         except OSError as exc:  # the index could not grow (a full disk): stop sending
@@ -597,7 +585,7 @@ class Ledger:
         finally:
             # `state` stays readable after close (its index is unmapped when it is let go,
             # or by state.close()).
-            _close_quietly(fd, self._lock_fd)
+            release(fd, self._lock_fd)
 
 
 # -- opening safely -----------------------------------------------------------------------
@@ -664,38 +652,6 @@ def _require_regular(path: Path, mode: int) -> None:
         else "not a regular file"
     )
     raise LedgerError(f"{path}: is {kind}; a ledger must be a regular file (nothing was changed)")
-
-
-def _lock(path: Path) -> int:
-    lock = lock_path(path)
-    try:
-        fd = os.open(
-            lock,
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
-            0o644,
-        )
-    except OSError as exc:
-        raise LedgerError(
-            f"{path}: cannot create its lock file {lock}: {exc.strerror}; nothing was changed"
-        ) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise LedgerError(f"{lock}: the ledger's lock file is not a regular file")
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise LedgerLocked(f"another run is using {path} (lock {lock})") from None
-                time.sleep(0.02)
-    except OSError as exc:
-        os.close(fd)
-        raise LedgerError(f"{lock}: cannot lock it: {exc.strerror}") from None
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _check_same_file(path: Path, fd: int) -> None:
@@ -785,7 +741,8 @@ class _Reader:
             if obj is None:
                 raise LedgerError(
                     f"{self.path}:{lineno}: damaged ledger record: the line is not JSON; "
-                    "move the ledger aside (or fix that line) and run again"
+                    "fix that line and run again (keep the ledger: it is the history of "
+                    "what was sent)"
                 )
             yield offset, f"{name}:{lineno}", obj
             offset += len(raw)

@@ -1,6 +1,11 @@
 """Plan step for `run`: given a manifest line and what the ledger says, what to do. Pure.
 
-(`sync` plans from the account instead: see reconcile.py.)
+One meaning of the ledger for every command: a Name is done for `run` only when the
+ledger's latest word says the account holds it (`created`, `exists`, `updated`). A word
+written by `sync` that says the account does not hold it (`deleted`, `vanished`, or
+`conflict`: held in another project) sends it again, like `deferred`; `rejected` waits for
+a changed line or --retry-rejected, whoever wrote it. (`sync` plans from the account
+itself, so no ledger word changes what it does: see reconcile.py.)
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ import enum
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from worker.ledger import Latest
 from worker.manifest import Group, Invalid
@@ -28,6 +34,10 @@ REASONS = {
     "in_doubt": "sent by an earlier run that did not record an answer: sending again "
     "(an 'already exists' answer confirms it)",
     "fixed": "rejected or invalid before and the line has changed since",
+    "deleted": "deleted by an earlier sync (--prune): sending again",
+    "vanished": "gone when an earlier sync updated it: sending again",
+    "conflict": "in another project when an earlier sync looked: sending again "
+    "(an 'already exists' answer confirms it is there)",
     "done": "already created",
     "done_changed": "already created; the line has changed since, but create does not "
     "update a group",
@@ -35,6 +45,17 @@ REASONS = {
     "rejected_unchanged": "rejected before and the line is unchanged: fix it, or pass "
     "--retry-rejected once the cause is fixed",
     "invalid": "invalid manifest line",
+}
+
+
+# The words that say the account holds the group (as the line says, when the fingerprint is
+# the line's). Not records.DONE: `deleted` finishes a delete, but the group is gone.
+HELD: Final = frozenset({Outcome.CREATED, Outcome.EXISTS, Outcome.UPDATED})
+# Words that say the account does not hold it here, each with its reason to send again.
+GONE: Final = {
+    Outcome.DELETED: "deleted",
+    Outcome.VANISHED: "vanished",
+    Outcome.CONFLICT: "conflict",
 }
 
 
@@ -56,8 +77,10 @@ def decide(
         return Decision(Do.SEND, "in_doubt")
     outcome = prev.outcome
     changed = prev.fingerprint != item.fingerprint
-    if prev.done:
+    if outcome in HELD:
         return Decision(Do.SKIP, "done_changed" if changed else "done")
+    if outcome in GONE:
+        return Decision(Do.SEND, GONE[outcome])
     if outcome == Outcome.REJECTED and not changed:
         if retry_rejected:
             return Decision(Do.SEND, "retry_rejected")
@@ -84,7 +107,16 @@ class Plan:
         ]
 
 
-SENDS = ("new", "deferred", "in_doubt", "fixed", "retry_rejected")
+SENDS = (
+    "new",
+    "deferred",
+    "in_doubt",
+    "deleted",
+    "vanished",
+    "conflict",
+    "fixed",
+    "retry_rejected",
+)
 
 
 def count(
