@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from worker import runner
 from worker.errors import UsageError
 from worker.settings import (
     LIMITS,
@@ -18,7 +19,6 @@ from worker.settings import (
     Settings,
     check_endpoint,
     check_limiter,
-    default_concurrency,
     is_loopback,
     redact_url,
     secret_in_url,
@@ -95,8 +95,9 @@ def test_range_text_is_what_the_help_says() -> None:
 def test_concurrency_none_means_the_default_and_zero_is_an_error() -> None:
     """None asks for the default; 0 no longer silently means it."""
     assert settings().concurrency is None
-    assert settings().in_flight == default_concurrency(10) == 25
-    assert default_concurrency(10_000) == 1000  # never past the documented cap
+    # The header records what the runner uses: adaptive up to its cap, not a made-up 25.
+    assert settings().public()["concurrency"] == f"adaptive, cap {runner.DEFAULT_CAP}"
+    assert settings(concurrency=7).public()["concurrency"] == 7
     with pytest.raises(UsageError, match="--concurrency"):
         settings(concurrency=0)
 
