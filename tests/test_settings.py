@@ -42,6 +42,7 @@ FLAGS: dict[str, tuple[Any, list[Any], list[Any]]] = {
     "grace": (lambda v: settings(grace_s=v), [0, 0.0, 3600], [-1, 3601]),
     "limiter-timeout": (lambda v: settings(limiter_timeout_s=v), [1, 86_400], [0, 86_401]),
     "max-delete": (lambda v: LIMITS["max-delete"].check(v), [0, 50, 1_000_000], [-1, 1_000_001]),
+    "metrics-port": (lambda v: LIMITS["metrics-port"].check(v), [0, 9108, 65535], [-1, 65536]),
 }
 NOT_FINITE = [float("nan"), float("inf"), float("-inf"), -0.0]
 

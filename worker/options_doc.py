@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.options import OPTIONS, shown
+from worker import options
 
 
 def markdown() -> str:
@@ -20,10 +20,10 @@ def markdown() -> str:
         "| flag | variable | kind | range | default | commands | what it does |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for o in OPTIONS:
+    for o in options.OPTIONS:
         if o.hidden:
             continue
-        default = o.default_text or shown(o.default_value()) or "-"
+        default = o.default_text or options.shown(o.default_value()) or "-"
         out.append(
             f"| `--{o.flag}` | `{o.env}` | {o.kind} | {o.limit or '-'} | {default} | "
             f"{', '.join(o.commands)} | {o.help} |"
