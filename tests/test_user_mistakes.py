@@ -42,7 +42,7 @@ CASES = {
         (), ("WORKER_MANIFEST", "nnnn", "longer"), env={"WORKER_MANIFEST": "{W}/" + LONG}
     ),
     "manifest job key": Case(
-        (), ("job.toml:1: manifest", "nnnn", "longer"), job=f'manifest = "{{W}}/{LONG}"'
+        (), ("job.toml:2: manifest", "nnnn", "longer"), job=f'manifest = "{{W}}/{LONG}"'
     ),
     "job file": Case(("--job", "{W}/" + LONG), ("nnnn", "too long")),
     "ledger": Case(("{M}", "--ledger", "{W}/d/" + LONG + "/l"), ("--ledger", "nnnn", "longer")),
