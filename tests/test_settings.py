@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from worker import runner
 from worker.errors import UsageError
 from worker.settings import (
     LIMITS,
@@ -18,7 +19,6 @@ from worker.settings import (
     Settings,
     check_endpoint,
     check_limiter,
-    default_concurrency,
     is_loopback,
     redact_url,
     secret_in_url,
@@ -42,6 +42,7 @@ FLAGS: dict[str, tuple[Any, list[Any], list[Any]]] = {
     "grace": (lambda v: settings(grace_s=v), [0, 0.0, 3600], [-1, 3601]),
     "limiter-timeout": (lambda v: settings(limiter_timeout_s=v), [1, 86_400], [0, 86_401]),
     "max-delete": (lambda v: LIMITS["max-delete"].check(v), [0, 50, 1_000_000], [-1, 1_000_001]),
+    "metrics-port": (lambda v: LIMITS["metrics-port"].check(v), [0, 9108, 65535], [-1, 65536]),
 }
 NOT_FINITE = [float("nan"), float("inf"), float("-inf"), -0.0]
 
@@ -95,8 +96,9 @@ def test_range_text_is_what_the_help_says() -> None:
 def test_concurrency_none_means_the_default_and_zero_is_an_error() -> None:
     """None asks for the default; 0 no longer silently means it."""
     assert settings().concurrency is None
-    assert settings().in_flight == default_concurrency(10) == 25
-    assert default_concurrency(10_000) == 1000  # never past the documented cap
+    # The header records what the runner uses: adaptive up to its cap, not a made-up 25.
+    assert settings().public()["concurrency"] == f"adaptive, cap {runner.DEFAULT_CAP}"
+    assert settings(concurrency=7).public()["concurrency"] == 7
     with pytest.raises(UsageError, match="--concurrency"):
         settings(concurrency=0)
 

@@ -42,7 +42,7 @@ CASES = {
         (), ("WORKER_MANIFEST", "nnnn", "longer"), env={"WORKER_MANIFEST": "{W}/" + LONG}
     ),
     "manifest job key": Case(
-        (), ("job.toml: manifest", "nnnn", "longer"), job=f'manifest = "{{W}}/{LONG}"'
+        (), ("job.toml:2: manifest", "nnnn", "longer"), job=f'manifest = "{{W}}/{LONG}"'
     ),
     "job file": Case(("--job", "{W}/" + LONG), ("nnnn", "too long")),
     "ledger": Case(("{M}", "--ledger", "{W}/d/" + LONG + "/l"), ("--ledger", "nnnn", "longer")),
@@ -78,7 +78,7 @@ CASES = {
         absent=("hunter2",),
     ),
     "limiter job key": Case(
-        ("{M}",), ("job.toml: limiter", "port"), job='limiter = "redis://127.0.0.1:0/3"'
+        ("{M}",), ("job.toml:2: limiter", "port"), job='limiter = "redis://127.0.0.1:0/3"'
     ),
     "endpoint fragment": Case(
         ("{M}", "--endpoint", "http://127.0.0.1:1#sig=hunter2"),

@@ -7,6 +7,7 @@ import sys
 from typing import NoReturn
 
 from worker import signals
+from worker.errors import Exit
 
 # Before the imports below (aiohttp, structlog, orjson take a while): a SIGTERM from here on
 # ends the process with exit 4 and a message, not silently with 143.
@@ -19,8 +20,8 @@ def entry() -> NoReturn:
 
         code = run_cli()
     except signals.Interrupted:  # during the imports, before run_cli's own handling
-        print("interrupted before anything was sent; nothing was changed", file=sys.stderr)
-        code = 4
+        print(signals.INTERRUPTED_EARLY, file=sys.stderr)
+        code = Exit.INTERRUPTED
     # The exit code is decided: a signal now would only garble it.
     for sig in signals.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

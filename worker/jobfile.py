@@ -20,7 +20,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -76,6 +76,12 @@ class Job:
     command: str
     values: dict[str, object]
     path: Path
+    lines: dict[str, int] = field(default_factory=dict)  # where each key is written (0: unknown)
+
+    def origin(self, key: str) -> str:
+        """`job.toml:3: rate`: where a value came from, for a message."""
+        line = self.lines.get(key, 0)
+        return f"{self.path}:{line}: {key}" if line else f"{self.path}: {key}"
 
 
 def env_var(name: str) -> str:
@@ -136,7 +142,8 @@ def load(path: Path, schema: Mapping[str, OptionSpec], *, command: str) -> Job:
         if spec is None:
             raise UsageError(f"{where}: {key}: unknown key{_suggest(key, schema)}")
         values[key] = _typed(value, spec.kind, base=path.parent, key=key, where=where)
-    return Job(command=command, values=values, path=path)
+    at = {key: _line_of(lines, key) for key in values}
+    return Job(command=command, values=values, path=path, lines=at)
 
 
 def _read_text(path: Path) -> str:

@@ -57,13 +57,14 @@ from worker.ledger import FSYNC_EVERY_S
 from worker.pacing import Pacer
 from worker.records import DONE, Action, Intent, Outcome, Record, Result, StopReason
 from worker.retry import Finish, Stop, Wait, next_step
+from worker.settings import DEFAULT_CAP as DEFAULT_CAP_SETTING
 from worker.settings import Settings
 from worker.signing import Credentials, sign
 from worker.transport import Failure, Reachability, Sender
 
 log = structlog.get_logger("worker")
 
-DEFAULT_CAP = 512  # requests in flight at most, unless --concurrency says otherwise
+DEFAULT_CAP = DEFAULT_CAP_SETTING  # in flight at most, unless --concurrency says otherwise
 MIN_IN_FLIGHT = 2
 START_LATENCY_S = 0.5  # the latency assumed before the first answer
 _ACTION_NAMES = {Action.CREATE: api.CREATE, Action.UPDATE: api.UPDATE, Action.DELETE: api.DELETE}

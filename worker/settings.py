@@ -23,8 +23,9 @@ from worker.errors import UsageError
 # Pace a little under the limit. The server stamps arrivals, not our sends: a few ms of
 # jitter between the two must not push an 11th request into someone's sliding second.
 DEFAULT_HEADROOM = 0.03
-# Latency the default concurrency is sized for: in-flight = rate x latency (Little's law).
-DESIGN_LATENCY_S = 2.0
+# Without --concurrency the runner adapts the requests in flight to the latency it measures,
+# up to this cap (runner.machine_cap also keeps it under the open-file limit).
+DEFAULT_CAP: Final = 512
 
 N = TypeVar("N", int, float)
 MIN_RATE_FLAG: Final = 0.2  # the lowest --rate: see LIMITS
@@ -48,32 +49,34 @@ class Limit:
             return f"{low}..{high}"
         return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
 
-    def check(self, value: N) -> N:
-        """`value` when it is a finite number in range, else a UsageError naming the flag.
+    def check(self, value: N, named: str = "") -> N:
+        """`value` when it is a finite number in range, else a UsageError naming where the
+        value came from (`named`: `--rate`, `WORKER_RATE`, `job.toml:3: rate`; else the flag).
 
         Refused: bool (a TOML `true` is not a number), NaN, infinities, -0.0 (a sign a
         setting cannot have), floats where a whole number is needed, huge ints out of range.
         """
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self._error(value, "a number")
+            raise self._error(value, "a number", named)
         if self.whole and not isinstance(value, int):
-            raise self._error(value, "a whole number")
+            raise self._error(value, "a whole number", named)
         # Compare before any float(): an int with 400 digits has no float, but compares fine.
         if isinstance(value, float) and not math.isfinite(value):
-            raise self._error(value, "a finite number")
+            raise self._error(value, "a finite number", named)
         if isinstance(value, float) and value == 0 and math.copysign(1.0, value) < 0:
-            raise self._error(value, "a number without a minus sign")
+            raise self._error(value, "a number without a minus sign", named)
         below = value <= self.low if self.low_open else value < self.low
         above = value >= self.high if self.high_open else value > self.high
         if below or above:
-            raise self._error(value, "in range")
+            raise self._error(value, "", named)
         return value
 
-    def _error(self, value: object, what: str) -> UsageError:
+    def _error(self, value: object, what: str, named: str) -> UsageError:
         shown = repr(value)
         if len(shown) > 24:  # 99999999999999999999999 is still readable; 400 digits are not
             shown = shown[:20] + "..."
-        return UsageError(f"--{self.flag} must be {what} in {self}, not {shown}")
+        kind = f"{what} " if what else ""  # "must be in [0.2, 10000]", not "in range in ..."
+        return UsageError(f"{named or '--' + self.flag} must be {kind}in {self}, not {shown}")
 
 
 # Keys are the option names as on the command line (and in job files) without "--".
@@ -92,6 +95,7 @@ LIMITS: Final[dict[str, Limit]] = {
         Limit(flag="grace", low=0, high=3600),
         Limit(flag="limiter-timeout", low=0, high=86_400, low_open=True),
         Limit(flag="max-delete", low=0, high=1_000_000, whole=True),
+        Limit(flag="metrics-port", low=0, high=65535, whole=True),  # 0: any free port
     )
 }
 
@@ -138,13 +142,6 @@ class Pacing:
         return self.rate * (1 - self.headroom)
 
 
-def default_concurrency(rate: float) -> int:
-    """Enough requests in flight to keep `rate` going at DESIGN_LATENCY_S per answer, within
-    the documented cap of --concurrency."""
-    cap = int(LIMITS["concurrency"].high)
-    return min(cap, max(4, math.ceil(rate * DESIGN_LATENCY_S * 1.25)))
-
-
 _REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
@@ -181,10 +178,6 @@ class Settings:
         LIMITS["grace"].check(self.grace_s)
         LIMITS["limiter-timeout"].check(self.limiter_timeout_s)
 
-    @property
-    def in_flight(self) -> int:
-        return self.concurrency or default_concurrency(self.pacing.rate)
-
     def public(self) -> dict[str, object]:
         """What the ledger header records: everything that shapes a run, no secrets."""
         return {
@@ -192,7 +185,8 @@ class Settings:
             "region": self.region,
             "rate": self.pacing.rate,
             "headroom": self.pacing.headroom,
-            "concurrency": self.in_flight,
+            # What the runner really uses: an explicit cap, or the adaptive one.
+            "concurrency": self.concurrency or f"adaptive, cap {DEFAULT_CAP}",
             "max_attempts": self.retry.max_attempts,
             "item_deadline_s": self.retry.item_deadline_s,
             "timeout_s": self.timeout_s,

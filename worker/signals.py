@@ -1,17 +1,30 @@
-"""The process's signals before an event loop runs: SIGINT/SIGTERM become `Interrupted`.
+"""The process's signals: SIGINT/SIGTERM become `Interrupted` before an event loop runs, and
+a graceful stop while one does.
 
-Installed as the first thing the process does (worker/__main__.py, before the heavy imports),
-so a signal during start-up, the manifest scan or the ledger's opening is an orderly exit 4,
-never the default disposition's silent 143. While a run's event loop is up, the CLI's own
-handlers (loop.add_signal_handler) take over, and these come back when the loop ends.
+`install_early` is the first thing the process does (worker/__main__.py, before the heavy
+imports), so a signal during start-up, the manifest scan or the ledger's opening is an orderly
+exit 4, never the default disposition's silent 143. While a run's event loop is up,
+`loop_under_signals`'s handlers (loop.add_signal_handler) take over, and these come back when
+the loop ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import sys
+from collections.abc import Coroutine
 from types import FrameType
+from typing import TYPE_CHECKING, Any, Final
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+from worker.errors import Exit
+
+if TYPE_CHECKING:
+    from worker.compose import Loop
+    from worker.runner import Controls
+
+SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+INTERRUPTED_EARLY: Final = "interrupted before anything was sent; nothing was changed"
 
 
 class Interrupted(BaseException):
@@ -26,3 +39,62 @@ def _raise(signum: int, frame: FrameType | None) -> None:
 def install_early() -> None:
     for sig in SIGNALS:
         signal.signal(sig, _raise)
+
+
+Main = Coroutine[Any, Any, Exit]
+
+
+def loop_under_signals(grace_s: float) -> Loop:
+    """The `Loop` for compose: run a coroutine with SIGINT/SIGTERM handled in the loop.
+
+    The first signal drains the run (no new requests; those on the wire may finish for
+    `grace_s`), then cancels it; a second signal cancels it at once. A signal that arrives
+    before any write request went out cancels at once: there is nothing to wait for."""
+
+    def run(main: Main, controls: Controls) -> Exit:
+        code = asyncio.run(_guarded(main, controls, grace_s))
+        if code is Exit.INTERRUPTED:
+            print("stopped; run the same command again to resume", file=sys.stderr)
+        return code
+
+    return run
+
+
+async def _guarded(main: Main, controls: Controls, grace_s: float) -> Exit:
+    import structlog  # here, not above: install_early must come before the heavy imports
+
+    from worker.records import StopReason
+
+    log = structlog.get_logger("worker")
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal seen
+        seen += 1
+        name = signal.Signals(signum).name
+        controls.drain(StopReason.SIGNAL)
+        if seen == 1 and controls.writes_started:
+            log.warning(
+                "run.stopping",
+                signal=name,
+                grace_s=grace_s,
+                hint="requests on the wire may finish; signal again to stop at once",
+            )
+            loop.call_later(grace_s, task.cancel)
+        else:
+            log.warning("run.stopping_now", signal=name)
+            task.cancel()
+
+    for sig in SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        return Exit.INTERRUPTED
+    finally:
+        for sig in SIGNALS:
+            loop.remove_signal_handler(sig)
+        install_early()  # asyncio restored the defaults: ours again

@@ -1,0 +1,115 @@
+"""Where a run's files go, checked before anything is opened: the manifest, the ledger and
+the files its owners keep beside it, the sandbox's account, the metrics file; and the URLs.
+
+Each message names where the value came from (options.Merged.origin). Loaded only by the
+commands that send (it imports compose, which imports the runner).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker import compose, index, ledger, manifest
+from worker.errors import UsageError
+from worker.options import CommandLine, Merged, value
+from worker.settings import check_endpoint, check_limiter
+from worker.userpaths import Named, check_path, check_paths
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    manifest: Path
+    ledger: Path
+    account: Path | None  # the embedded sandbox's account file
+
+
+def place(line: CommandLine, merged: Merged) -> Where:
+    """The manifest, the ledger (and its lock, index and spool) and the sandbox account."""
+    command, values = line.command, merged.values
+    given = values.get("manifest")
+    if command != "export" and given is None:
+        raise UsageError(f"{command}: give a MANIFEST (or a job file naming one)")
+    manifest_path = Path(str(given)) if given is not None else Path("export.jsonl")
+    if given is not None:
+        check_path(manifest_path, merged.origin("manifest"))
+    ledger_value = values.get("ledger")
+    if ledger_value is None and command != "export" and _not_a_file(manifest_path):
+        raise UsageError(
+            f"{manifest_path} is not a regular file (a pipe?): give --ledger, "
+            "since no default ledger can go beside it"
+        )
+    named: Named = merged.origin("ledger")
+    if ledger_value is None:
+        ledger_path = compose.default_ledger(manifest_path, sandbox=line.sandbox)
+        named = f"the default ledger (beside {merged.origin('manifest')})"
+    else:
+        ledger_path = Path(str(ledger_value))
+    if command != "export":
+        check_paths((p, named) for p in (ledger_path, *_beside(ledger_path)))
+    account = None
+    if line.sandbox:
+        account = line.sandbox_account or (
+            Path("sandbox-account.json")
+            if command == "export"
+            else compose.sandbox_account_for(ledger_path)
+        )
+        check_path(account, "--sandbox-account")
+    return Where(manifest_path, ledger_path, account)
+
+
+def _not_a_file(path: Path) -> bool:
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
+def _beside(ledger_path: Path) -> tuple[Path, ...]:
+    """The files the ledger's owners keep beside it: lock, index, remembered validation."""
+    return (
+        ledger.lock_path(ledger_path),
+        index.index_path(ledger_path),
+        manifest.remembered_path(ledger_path),
+    )
+
+
+def check_urls(settings: Mapping[str, object], merged: Merged) -> None:
+    """Checked here first so that the message names where a bad URL came from; Settings
+    checks again (it is also built by tests and benchmarks), naming the flag."""
+    if "endpoint" in settings:
+        check_endpoint(str(settings["endpoint"]), merged.origin("endpoint"))
+    if "limiter_url" in settings:
+        check_limiter(str(settings["limiter_url"]), merged.origin("limiter"))
+
+
+def command_options(line: CommandLine, merged: Merged, where: Where) -> compose.Options:
+    """compose.Options: the account, the credentials profile, the metrics' destinations."""
+    port = merged.values.get("metrics-port")  # its range was checked in options.merge
+    assert port is None or isinstance(port, int)
+    metrics_file = merged.values.get("metrics-file")
+    if metrics_file is not None:
+        from worker.metrics import check_textfile
+
+        path = Path(str(metrics_file))
+        check_path(path, merged.origin("metrics-file"))
+        account = [where.account] if where.account is not None else []
+        check_textfile(
+            path, not_these=[where.ledger, *_beside(where.ledger), where.manifest, *account]
+        )
+    profile = merged.values.get("profile")
+    return compose.Options(
+        sandbox_account=where.account,
+        profile=str(profile) if profile is not None else None,
+        retry_rejected=bool(merged.values.get("retry-rejected")),
+        json=line.json,
+        job_name=_stem(line.job or where.manifest),
+        metrics_file=Path(str(metrics_file)) if metrics_file is not None else None,
+        metrics_port=port,
+        metrics_host=str(value(merged, "metrics-host")),
+    )
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".jsonl", ".toml"):
+        name = name.removesuffix(suffix)
+    return name
