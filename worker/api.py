@@ -23,6 +23,11 @@ UPDATE: Final = "UpdatePullToPushGroup"
 DELETE: Final = "DeletePullToPushGroup"
 GROUP_ACTIONS: Final = frozenset({CREATE, LIST, UPDATE, DELETE})
 
+# Error codes whose meaning a reader of the ledger needs too (classify.py has the rest):
+# HTTP 429 with this code means "already created", not "slow down".
+EXISTS: Final = "RequestLimitExceeded.Exist"
+NOT_FOUND: Final = "ResourceNotFound"  # update/delete of a Name the account does not hold
+
 NAME_MAX: Final = 20
 # "Chinese characters, A-Z, a-z, 0-9". The Live API's Chinese class is exactly U+4E00-U+9FA5
 # (the GB-era CJK Unified Ideographs): it refuses Extension A (U+3400-U+4DBF) and the later

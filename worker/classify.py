@@ -66,6 +66,7 @@ from typing import Any
 
 import orjson
 
+from worker import api
 from worker.settings import RetryPolicy
 from worker.transport import Failure, Response
 
@@ -74,8 +75,8 @@ MESSAGE_MAX = 300
 REQUEST_ID_MAX = 128
 DEFAULT_RETRY_AFTER_MAX_S = RetryPolicy().retry_after_max_s
 
-EXISTS = "RequestLimitExceeded.Exist"
-NOT_FOUND = "ResourceNotFound"
+EXISTS = api.EXISTS
+NOT_FOUND = api.NOT_FOUND
 RETRYABLE_CODES = frozenset(
     {
         "CommonErr",
