@@ -1,2 +1,2 @@
-"""Benchmarks (`python -m bench.<name>`: they print figures, they are not tests) and the
-harness they share with the tests."""
+"""Benchmarks (`python -m bench.<name>`: they print figures, they are not tests). The sandbox
+process harness they share with the tests is worker.sandbox.process."""

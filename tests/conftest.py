@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from bench import harness
-from bench.harness import SandboxProc, max_in_window
+from worker.sandbox import process
+from worker.sandbox.process import SandboxProc, max_in_window
 
 __all__ = ["SandboxProc", "max_in_window"]
 
@@ -21,7 +21,7 @@ AK, SK = "AKTESTE2E", "SKtestE2Esecret"
 
 
 def start_sandbox(tmp: Path, *args: str, keys: dict[str, str] | None = None) -> SandboxProc:
-    return harness.start_sandbox(tmp, *args, keys=keys or {AK: SK})
+    return process.start_sandbox(tmp, *args, keys=keys or {AK: SK})
 
 
 @pytest.fixture

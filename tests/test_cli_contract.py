@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -215,22 +216,69 @@ def _big_manifest(path: Path, n: int) -> Path:
     return path
 
 
+def _open_writer(fifo: Path, proc: subprocess.Popen[str], within_s: float = 30) -> int:
+    """The write end of `fifo`, once `proc` has opened it for reading (the event: the
+    manifest is being read). O_NONBLOCK makes the open fail (ENXIO) until a reader exists."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the manifest was never opened: {proc.poll()}") from None
+            time.sleep(0.01)
+            continue
+        os.set_blocking(fd, True)
+        return fd
+
+
 def test_sigterm_during_the_manifest_scan_exits_4(tmp_path: Path) -> None:
     """SIGTERM while a large manifest is being validated: exit 4 with a message, not 143."""
-    manifest = _big_manifest(tmp_path / "m.jsonl", 600_000)
+    fifo = tmp_path / "m.jsonl"
+    os.mkfifo(fifo)
     proc = subprocess.Popen(
-        worker_cmd("run", str(manifest), "--endpoint", "http://127.0.0.1:9"),
+        worker_cmd(
+            "run",
+            str(fifo),
+            "--ledger",
+            str(tmp_path / "m.ledger.jsonl"),
+            "--endpoint",
+            "http://127.0.0.1:9",
+        ),
         env=cli_env(tmp_path),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    fd = _open_writer(fifo, proc)
+    try:
+        # A blocking write returns once the scan has taken all but a pipe's worth of it: the
+        # scan is under way, and waits for more while the write end stays open.
+        line = '{"Name":"%s","ProjectName":"default"}\n'
+        os.write(fd, "".join(line % f"G{i:08d}" for i in range(50_000)).encode())
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        os.close(fd)
     assert proc.returncode == 4, err[-2000:]
     assert "nothing was changed" in err and "Traceback" not in err
+
+
+def _read_until(stream: IO[str], needle: str, within_s: float) -> str:
+    """What `stream` says until it has said `needle` (the event waited for); fails if the
+    stream ends or `within_s` passes first. Reads the file descriptor itself, so nothing
+    waits in Python's buffer for a later communicate() to miss."""
+    seen = b""
+    deadline = time.monotonic() + within_s
+    while needle.encode() not in seen:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([stream], [], [], max(0.0, left))
+        chunk = os.read(stream.fileno(), 65536) if ready else b""
+        if not chunk:  # silent until the deadline, or the process closed its stderr
+            raise AssertionError(f"no {needle!r}; stderr so far: {seen[-2000:]!r}")
+        seen += chunk
+    return seen.decode()
 
 
 def test_sigterm_while_the_limiter_is_unreachable_exits_4_at_once(
@@ -256,10 +304,12 @@ def test_sigterm_while_the_limiter_is_unreachable_exits_4_at_once(
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.5)
+    assert proc.stderr is not None
+    seen = _read_until(proc.stderr, "limiter.unreachable", within_s=30)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
+    _, rest = proc.communicate(timeout=30)
+    err = seen + rest
     assert proc.returncode == 4, err[-2000:]
     assert time.monotonic() - started < 10
     assert sandbox.arrivals() == []

@@ -1,5 +1,5 @@
 """The deploy recipes, checked statically: official schemas and linters, and the exit-code
-policy (README table) as each scheduler would read it."""
+policy (docs/contract.md, Exit codes) as each scheduler would read it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent  # the validators are test extras, installed in the venv
 
-# The README's exit-code policy table, as sets a scheduler can apply.
+# The exit-code policy table of docs/contract.md, as sets a scheduler can apply.
 SUCCESS = {0}
 RETRY_SOON = {3, 4, 5}  # endpoint/limiter away or deferred; interrupted; ledger held
 NEVER_RETRY = {1, 2, 6, 7, 70}  # a human must fix the manifest, job, credentials, clock, bug

@@ -1,7 +1,7 @@
 """Each deploy recipe run the way its scheduler would run it: the recipe's arguments, job file,
 environment, working directory, non-root user and state directory set up as the recipe sets
 it up, against the sandbox; the exit code is the one expected, and the recipe's own policy
-(read from the recipe) treats it as the README's table says.
+(read from the recipe) treats it as docs/contract.md's table says.
 
 What differs from production, and why: the paths are moved under one temporary root (the
 recipe's absolute paths are rewritten, nothing else); WORKER_ENDPOINT points at the sandbox
@@ -158,7 +158,7 @@ def test_systemd_unit_run_as_its_user_in_its_state_directory(
         "%S": state_root,
         "/var/lib": state_root,
     }
-    # Set-up steps (README, systemd): /etc/live-groups holds the job, the manifest and the
+    # Set-up steps (docs/nightly-sync.md, systemd): /etc/live-groups holds the job, the manifest and the
     # credentials (root, 0600); the textfile directory is writable for live-groups.
     etc = own(moves["/etc/live-groups"], 0, 0, 0o755)
     (etc / "nightly-sync.toml").write_text(

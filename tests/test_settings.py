@@ -83,7 +83,7 @@ def test_whole_number_flags_refuse_floats_and_booleans() -> None:
 
 
 def test_range_text_is_what_the_help_says() -> None:
-    """The ranges print the way the README documents them."""
+    """The ranges print the way docs/configuration.md documents them."""
     assert [str(LIMITS[f]) for f in ("rate", "concurrency", "timeout", "grace", "headroom")] == [
         "[0.2, 10000]",
         "1..1000",

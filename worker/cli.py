@@ -71,13 +71,14 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """run, sync and export: resolve the options, then the command under signal handling."""
+    from worker import resolve
     from worker.commands import export, run, sync
     from worker.runner import Controls
 
     if getattr(args, "output", None):
         check_path(Path(args.output), "-o")
     line = options.CommandLine.of(args, args.name)
-    got = options.resolve(line, os.environ)
+    got = resolve.resolve(line, os.environ)
     loop, controls = loop_under_signals(got.settings.grace_s), Controls()
     if got.sync is not None:
         return sync.sync(got.settings, got.options, got.sync, controls, loop, sys.stdout)

@@ -35,7 +35,7 @@ from typing import ClassVar
 
 
 class Exit(enum.IntEnum):
-    """The exit-code contract (README: *Exit codes*)."""
+    """The exit-code contract (docs/contract.md: *Exit codes*)."""
 
     OK = 0  # the account matches the manifest (every item done)
     REJECTED = 1  # some item rejected, invalid or in conflict: fix the manifest

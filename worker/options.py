@@ -17,20 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import Final, Literal
 
 from worker import cli_text, jobfile
-from worker.errors import UsageError
 from worker.jobfile import Kind
 from worker.settings import DEFAULT_CAP, LIMITS, Limit, Pacing, RetryPolicy, Settings
-
-if TYPE_CHECKING:  # the commands (and aiohttp behind them) load only for the commands that send
-    from worker.commands.sync import SyncOptions
-    from worker.compose import Options
 
 SENDING: Final = cli_text.SENDING
 Owner = Literal["settings", "pacing", "retry", "options", "sync"]
@@ -339,15 +333,6 @@ class CommandLine:
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Resolved:
-    """Everything a command needs from its options, typed."""
-
-    settings: Settings
-    options: Options
-    sync: SyncOptions | None  # sync's own options; None for run and export
-
-
 @dataclass(frozen=True, slots=True)
 class Merged:
     """Each option's value and where it came from (`--rate`, `job.toml:3: rate`, WORKER_RATE)."""
@@ -381,57 +366,6 @@ def merge(line: CommandLine, environ: Mapping[str, str]) -> Merged:
     return merged
 
 
-def resolve(line: CommandLine, environ: Mapping[str, str]) -> Resolved:
-    """Settings and the command's options, from the command line, its job file and the
-    environment; a UsageError names the option and where its value came from."""
-    from worker import option_files as paths  # loads compose: only for the sending commands
-
-    if line.command == "sync" and line.json and not (line.dry_run or line.check):
-        raise UsageError("--json prints a plan: give it with --dry-run or --check")
-    merged = merge(line, environ)
-    where = paths.place(line, merged)
-    owned: dict[str, dict[str, object]] = {"settings": {}, "pacing": {}, "retry": {}}
-    for o in rows(line.command):
-        if o.flag in merged.values and o.owner in owned and o.flag != "ledger":
-            owned[o.owner][o.field] = merged.values[o.flag]
-    paths.check_urls(owned["settings"], merged)
-    settings = Settings(
-        manifest=where.manifest,
-        ledger=where.ledger,
-        pacing=Pacing(**owned["pacing"]),  # type: ignore[arg-type]
-        retry=RetryPolicy(**owned["retry"]),  # type: ignore[arg-type]
-        dry_run=line.dry_run,
-        **owned["settings"],  # type: ignore[arg-type]
-    )
-    return Resolved(
-        settings=settings,
-        options=paths.command_options(line, merged, where),
-        sync=_sync_options(line, merged) if line.command == "sync" else None,
-    )
-
-
 def value(merged: Merged, flag: str) -> object:
     """The merged value of `flag`, else its default."""
     return merged.values[flag] if flag in merged.values else BY_FLAG[flag].default_value()
-
-
-def _sync_options(line: CommandLine, merged: Merged) -> SyncOptions:
-    from worker.commands.sync import SyncOptions
-
-    projects = value(merged, "scope-project") or ()
-    match = value(merged, "scope-match")
-    max_delete = value(merged, "max-delete")
-    assert isinstance(projects, list | tuple) and isinstance(max_delete, int)
-    return SyncOptions.build(
-        prune=bool(value(merged, "prune")),
-        projects=[str(p) for p in projects],
-        match=str(match) if match is not None else None,
-        max_delete=max_delete,
-        check=line.check,
-    )
-
-
-if __name__ == "__main__":  # docs/configuration.md
-    from worker.options_doc import markdown
-
-    sys.stdout.write(markdown())

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -22,7 +22,7 @@ from aiohttp import web
 
 from worker import api
 from worker.sandbox import store
-from worker.sandbox.config import FAULT_STATUS, Running, SandboxConfig, new_keys
+from worker.sandbox.config import FAULT_STATUS, SandboxConfig, new_keys
 from worker.sandbox.envelope import ApiError, Envelopes
 from worker.sandbox.faults import Fault
 from worker.sandbox.gateway import Gateway, Incoming, Passed
@@ -183,6 +183,17 @@ def _about(action: str, body: bytes) -> dict[str, Any]:
         "name": name if isinstance(name, str) and not listing else None,
         "page": page if listing and isinstance(page, int) and not isinstance(page, bool) else None,
     }
+
+
+# Here, beside the server it reports on: config.py stays free of server code (and of this
+# module), so the command line can import it cheaply and no import circle forms.
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A sandbox that is listening: where it is and what it knows."""
+
+    url: str
+    keys: dict[str, str] = field(repr=False)
+    app: SandboxApp = field(repr=False)
 
 
 @asynccontextmanager

@@ -9,13 +9,10 @@ import math
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from worker import api
 from worker.errors import UsageError
-
-if TYPE_CHECKING:
-    from worker.sandbox.app import SandboxApp
 
 # Faults a request may be answered with instead of being carried out (nothing changes).
 FAULTS: Final = (
@@ -90,12 +87,3 @@ class SandboxConfig:
 def new_keys() -> dict[str, str]:
     """A throwaway access key pair for a sandbox nobody configured."""
     return {"AKSANDBOX" + secrets.token_hex(6).upper(): secrets.token_urlsafe(24)}
-
-
-@dataclass(frozen=True, slots=True)
-class Running:
-    """A sandbox that is listening: where it is and what it knows."""
-
-    url: str
-    keys: dict[str, str] = field(repr=False)
-    app: SandboxApp = field(repr=False)

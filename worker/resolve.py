@@ -1,5 +1,7 @@
-"""Where a run's files go, checked before anything is opened: the manifest, the ledger and
-the files its owners keep beside it, the sandbox's account, the metrics file; and the URLs.
+"""Options -> Settings: the merged option values (options.merge) resolved into the typed
+values a command runs on, with where a run's files go checked before anything is opened (the
+manifest, the ledger and the files its owners keep beside it, the sandbox's account, the
+metrics file) and the URLs.
 
 Each message names where the value came from (options.Merged.origin). Loaded only by the
 commands that send (it imports compose, which imports the runner).
@@ -12,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker import compose, index, ledger, manifest
+from worker.commands.sync import SyncOptions
+from worker.compose import Options
 from worker.errors import UsageError
-from worker.options import CommandLine, Merged, value
-from worker.settings import check_endpoint, check_limiter
+from worker.options import CommandLine, Merged, merge, rows, value
+from worker.settings import Pacing, RetryPolicy, Settings, check_endpoint, check_limiter
 from worker.userpaths import Named, check_path, check_paths
 
 
@@ -113,3 +117,53 @@ def _stem(path: Path) -> str:
     for suffix in (".jsonl", ".toml"):
         name = name.removesuffix(suffix)
     return name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resolved:
+    """Everything a command needs from its options, typed."""
+
+    settings: Settings
+    options: Options
+    sync: SyncOptions | None  # sync's own options; None for run and export
+
+
+def resolve(line: CommandLine, environ: Mapping[str, str]) -> Resolved:
+    """Settings and the command's options, from the command line, its job file and the
+    environment; a UsageError names the option and where its value came from."""
+    if line.command == "sync" and line.json and not (line.dry_run or line.check):
+        raise UsageError("--json prints a plan: give it with --dry-run or --check")
+    merged = merge(line, environ)
+    where = place(line, merged)
+    owned: dict[str, dict[str, object]] = {"settings": {}, "pacing": {}, "retry": {}}
+    for o in rows(line.command):
+        if o.flag in merged.values and o.owner in owned and o.flag != "ledger":
+            owned[o.owner][o.field] = merged.values[o.flag]
+    check_urls(owned["settings"], merged)
+    settings = Settings(
+        manifest=where.manifest,
+        ledger=where.ledger,
+        pacing=Pacing(**owned["pacing"]),  # type: ignore[arg-type]
+        retry=RetryPolicy(**owned["retry"]),  # type: ignore[arg-type]
+        dry_run=line.dry_run,
+        **owned["settings"],  # type: ignore[arg-type]
+    )
+    return Resolved(
+        settings=settings,
+        options=command_options(line, merged, where),
+        sync=_sync_options(line, merged) if line.command == "sync" else None,
+    )
+
+
+def _sync_options(line: CommandLine, merged: Merged) -> SyncOptions:
+    projects = value(merged, "scope-project") or ()
+    match = value(merged, "scope-match")
+    max_delete = value(merged, "max-delete")
+    assert isinstance(projects, list | tuple) and isinstance(max_delete, int)
+    return SyncOptions.build(
+        prune=bool(value(merged, "prune")),
+        projects=[str(p) for p in projects],
+        match=str(match) if match is not None else None,
+        max_delete=max_delete,
+        check=line.check,
+    )
