@@ -7,9 +7,9 @@ from typing import Any
 
 from worker import manifest
 from worker.account import Listed, Listing
-from worker.export import export_lines
 from worker.manifest import Group
-from worker.reconcile import in_sync, plan_sync
+from worker.plan.export import export_lines
+from worker.plan.reconcile import in_sync, plan_sync
 
 
 def test_export_lines_sorted_canonical_and_filtered() -> None:

@@ -20,10 +20,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.test_ledger import footer
-from worker import index, plan
+from worker import index
 from worker.index import Table
 from worker.ledger import Ledger, State, read_state, records_of
 from worker.manifest import Group
+from worker.plan import run_plan
 from worker.records import Action, Footer, Intent, Item, Outcome, Result, RunHeader, Target
 
 TARGET = Target(endpoint="http://127.0.0.1:1", region="cn-north-1", access_key="AK")
@@ -131,7 +132,7 @@ def manifest_items(n: int) -> list[Group]:
 
 
 def decisions(state: State, items: list[Group]) -> list[tuple[str, str]]:
-    return [(item.name, plan.decide(item, state.latest).why) for item in items]
+    return [(item.name, run_plan.decide(item, state.latest).why) for item in items]
 
 
 def same_state(got: State, want: State) -> None:
