@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from worker import manifest
 from worker.account import Listed, Listing
-from worker.manifest import Group
+from worker.manifest import source as manifest
+from worker.manifest.source import Group
 from worker.plan.export import export_lines
 from worker.plan.reconcile import in_sync, plan_sync
 

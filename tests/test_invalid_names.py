@@ -11,8 +11,8 @@ import pytest
 from tests.conftest import cli_env, run_worker, write_manifest
 from worker.account import Listed
 from worker.errors import PlanRefused, Problem
-from worker.line_names import names_of
-from worker.manifest import Invalid, read, recall, remember, scan
+from worker.manifest.line_names import names_of
+from worker.manifest.source import Invalid, read, recall, remember, scan
 from worker.plan import reconcile
 
 

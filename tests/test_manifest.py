@@ -25,7 +25,7 @@ import pytest
 
 from worker import api
 from worker.errors import Exit, LedgerWriteError, ManifestError, SpoolError
-from worker.manifest import MAX_SKIPPED_LINE_BYTES, Group, Invalid, Scan, read, scan
+from worker.manifest.source import MAX_SKIPPED_LINE_BYTES, Group, Invalid, Scan, read, scan
 from worker.sandbox import SandboxConfig, serve
 from worker.signing import Credentials, sign
 

@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from tests.conftest import SandboxProc, cli_env, ledger_records, names, run_worker, write_manifest
-from worker import manifest as manifest_step
-from worker.manifest import Group, Invalid, Scan, recall, remember, remembered_path, scan
+from worker.manifest import source as manifest_step
+from worker.manifest.source import Group, Invalid, Scan, recall, remember, remembered_path, scan
 
 MIXED = (
     '{"Name": "Good1", "Tags": [{"Key": "k", "Value": "v", "Category": "Custom"}]}\n'

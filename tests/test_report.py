@@ -13,9 +13,10 @@ import orjson
 
 from tests.conftest import names, write_manifest
 from tests.test_ledger import footer, header, intent, line, result
-from worker import manifest, report
+from worker import report
 from worker.ledger import State
-from worker.manifest import Group
+from worker.manifest import source as manifest
+from worker.manifest.source import Group
 from worker.records import Action, Outcome, Record, Result, StopReason
 
 

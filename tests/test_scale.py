@@ -23,7 +23,7 @@ from tests.test_ledger import footer
 from worker import index
 from worker.index import Table
 from worker.ledger import Ledger, State, read_state, records_of
-from worker.manifest import Group
+from worker.manifest.source import Group
 from worker.plan import run_plan
 from worker.records import Action, Footer, Intent, Item, Outcome, Result, RunHeader, Target
 
@@ -417,7 +417,7 @@ def test_names_that_share_a_home_slot_stay_apart(
 def test_colliding_hashes_never_make_a_false_duplicate(tmp_path: Path, tiny_hash: Any) -> None:
     """With a hash under which many Names collide, only a Name really given twice is a
     duplicate, and its problem names both lines; every other line stays a group."""
-    from worker import manifest
+    from worker.manifest import source as manifest
 
     lines = [
         '{"Name": "A1"}',
@@ -456,7 +456,7 @@ def test_colliding_hashes_never_make_a_false_duplicate(tmp_path: Path, tiny_hash
 
 def test_the_duplicate_check_is_the_same_with_the_real_hash(tmp_path: Path) -> None:
     """The default hash gives the same verdicts as a colliding one."""
-    from worker import manifest
+    from worker.manifest import source as manifest
 
     lines = [f'{{"Name": "N{i % 700}"}}' for i in range(1000)]
     path = tmp_path / "m.jsonl"

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from worker import credentials, manifest
+from worker import credentials
 from worker.errors import (
     Exit,
     LedgerError,
@@ -31,6 +31,7 @@ from worker.errors import (
     WorkerError,
 )
 from worker.ledger import Ledger
+from worker.manifest import source as manifest
 from worker.metrics import Metrics
 from worker.pacing import LocalPacer, Pacer
 from worker.progress import Progress

@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker import compose, index, ledger, manifest
+from worker import compose, index, ledger
 from worker.errors import UsageError
+from worker.manifest import source as manifest
 from worker.options import CommandLine, Merged, value
 from worker.settings import check_endpoint, check_limiter
 from worker.userpaths import Named, check_path, check_paths

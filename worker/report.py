@@ -45,11 +45,11 @@ from typing import Any, Final, TextIO
 
 import orjson
 
-from worker import manifest as manifest_step
 from worker import sync_audit
 from worker.errors import Exit, ManifestError, UsageError
 from worker.ledger import Latest, State, probe_lock, read_state, records_of
-from worker.manifest import Group, Invalid
+from worker.manifest import source as manifest_step
+from worker.manifest.source import Group, Invalid
 from worker.records import (
     DONE,
     Footer,

@@ -14,10 +14,11 @@ from typing import IO
 
 import structlog
 
-from worker import __version__, compose, ledger, manifest
+from worker import __version__, compose, ledger
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
 from worker.ledger import Ledger
+from worker.manifest import source as manifest
 from worker.plan import run_plan
 from worker.progress import Progress
 from worker.records import Action, Outcome, Result, RunHeader, Target

@@ -17,12 +17,13 @@ from typing import IO
 import orjson
 import structlog
 
-from worker import __version__, compose, manifest
+from worker import __version__, compose
 from worker.account import Listed
 from worker.commands.sync_rounds import Rounds, fresh_s_from_env, list_once
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
 from worker.ledger import Ledger
+from worker.manifest import source as manifest
 from worker.plan import reconcile
 from worker.progress import Progress
 from worker.records import RunHeader, Target

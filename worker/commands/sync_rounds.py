@@ -22,9 +22,10 @@ from typing import assert_never
 import orjson
 import structlog
 
-from worker import api, manifest
+from worker import api
 from worker.account import Listed, Listing
 from worker.errors import StillDifferent
+from worker.manifest import source as manifest
 from worker.plan import reconcile, rounds
 from worker.records import Action, Outcome, Record, Result
 from worker.runner import Journal, Runner, Tally, Work, stamp

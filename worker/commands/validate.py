@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import IO
 
-from worker import manifest
 from worker.errors import Exit, ManifestError
+from worker.manifest import source as manifest
 from worker.userpaths import check_path
 
 

@@ -45,8 +45,9 @@ from typing import IO, Any, Final, Self
 
 import orjson
 
-from worker import __version__, api, line_names
+from worker import __version__, api
 from worker.errors import ManifestError, Problem, SpoolError
+from worker.manifest import line_names
 
 MAX_LINE_BYTES = 1 << 20  # a group body is tiny; a longer line is a mistake, not data
 # An over-long line is skipped to its end so the lines after it keep their numbers; past this
