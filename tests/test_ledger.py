@@ -35,7 +35,7 @@ from worker.ledger import (
     probe_lock,
     read_state,
 )
-from worker.manifest.source import Group, Invalid
+from worker.manifest.values import Group, Invalid
 from worker.plan import run_plan
 from worker.records import (
     Action,

@@ -7,7 +7,7 @@ import pytest
 
 from worker import report
 from worker.index import Latest
-from worker.manifest.source import Group
+from worker.manifest.values import Group
 from worker.plan import run_plan
 from worker.records import Action, Outcome
 

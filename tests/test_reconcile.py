@@ -13,7 +13,7 @@ import pytest
 
 from worker.account import Listed, Tag
 from worker.errors import Exit, PlanRefused, Problem, UsageError
-from worker.manifest.source import Group, Invalid
+from worker.manifest.values import Group, Invalid
 from worker.plan.reconcile import (
     NO_PRUNE,
     OUT_OF_SCOPE,

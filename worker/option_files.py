@@ -13,7 +13,7 @@ from pathlib import Path
 
 from worker import compose, index, ledger
 from worker.errors import UsageError
-from worker.manifest import source as manifest
+from worker.manifest.remembered import remembered_path
 from worker.options import CommandLine, Merged, value
 from worker.settings import check_endpoint, check_limiter
 from worker.userpaths import Named, check_path, check_paths
@@ -69,7 +69,7 @@ def _beside(ledger_path: Path) -> tuple[Path, ...]:
     return (
         ledger.lock_path(ledger_path),
         index.index_path(ledger_path),
-        manifest.remembered_path(ledger_path),
+        remembered_path(ledger_path),
     )
 
 

@@ -18,7 +18,8 @@ from worker import __version__, compose, ledger
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
 from worker.ledger import Ledger
-from worker.manifest import source as manifest
+from worker.manifest import spool
+from worker.manifest.values import Invalid, Scan
 from worker.plan import run_plan
 from worker.progress import Progress
 from worker.records import Action, Outcome, Result, RunHeader, Target
@@ -39,7 +40,7 @@ def run(settings: Settings, options: Options, controls: Controls, loop: Loop, ou
             try:
                 with compose.before_writes():
                     counted = run_plan.count(
-                        manifest.read(scan), state.latest, retry_rejected=options.retry_rejected
+                        spool.read(scan), state.latest, retry_rejected=options.retry_rejected
                     )
             finally:
                 state.close()  # the index's mapping
@@ -62,7 +63,7 @@ def run(settings: Settings, options: Options, controls: Controls, loop: Loop, ou
 async def _run(
     settings: Settings,
     options: Options,
-    scan: manifest.Scan,
+    scan: Scan,
     book: Ledger,
     creds: Credentials | None,
     target: Target,
@@ -97,7 +98,7 @@ async def _run(
 async def _run_in(
     runner: Runner,
     settings: Settings,
-    scan: manifest.Scan,
+    scan: Scan,
     book: Ledger,
     target: Target,
     source: str,
@@ -143,15 +144,15 @@ async def _run_in(
 
 
 def _run_source(
-    scan: manifest.Scan, book: Ledger, runner: Runner, retry_rejected: bool
+    scan: Scan, book: Ledger, runner: Runner, retry_rejected: bool
 ) -> Iterator[Work | Result]:
     """The manifest as work items: what the plan sends, the invalid lines as results."""
-    for item in manifest.read(scan):
+    for item in spool.read(scan):
         decision = run_plan.decide(item, book.state.latest, retry_rejected=retry_rejected)
         runner.tally.planned[decision.why] += 1
         if decision.do is run_plan.Do.SKIP:
             runner.tally.skipped[decision.why] += 1
-        elif isinstance(item, manifest.Invalid):
+        elif isinstance(item, Invalid):
             now = stamp(runner.wall())
             yield Result(
                 run_id=runner.run_id,
