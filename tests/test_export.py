@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from worker import manifest
 from worker.account import Listed, Listing
-from worker.export import export_lines
-from worker.manifest import Group
-from worker.reconcile import in_sync, plan_sync
+from worker.manifest import source, spool
+from worker.manifest.values import Group
+from worker.plan.export import export_lines
+from worker.plan.reconcile import in_sync, plan_sync
 
 
 def test_export_lines_sorted_canonical_and_filtered() -> None:
@@ -83,9 +83,9 @@ def test_export_round_trips_through_validate_and_sync(tmp_path: Path) -> None:
     account = listed_account()
     path = tmp_path / "export.jsonl"
     path.write_bytes(b"".join(export_lines(account.values(), None)))
-    with manifest.scan(path) as scanned:
+    with source.scan(path) as scanned:
         assert scanned.problem_count == 0 and scanned.groups == len(account)
-        groups = [g for g in manifest.read(scanned) if isinstance(g, Group)]
+        groups = [g for g in spool.read(scanned) if isinstance(g, Group)]
     assert [g.name for g in groups] == sorted(account)
     for g in groups:
         listed = account[g.name]

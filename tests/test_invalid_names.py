@@ -9,11 +9,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import cli_env, run_worker, write_manifest
-from worker import reconcile
 from worker.account import Listed
 from worker.errors import PlanRefused, Problem
-from worker.line_names import names_of
-from worker.manifest import Invalid, read, recall, remember, scan
+from worker.manifest.line_names import names_of
+from worker.manifest.remembered import recall, remember
+from worker.manifest.source import scan
+from worker.manifest.spool import read
+from worker.manifest.values import Invalid
+from worker.plan import reconcile
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from worker import index, plan
+from worker import index
 from worker.errors import (
     Exit,
     LedgerError,
@@ -35,7 +35,8 @@ from worker.ledger import (
     probe_lock,
     read_state,
 )
-from worker.manifest import Group, Invalid
+from worker.manifest.values import Group, Invalid
+from worker.plan import run_plan
 from worker.records import (
     Action,
     Footer,
@@ -611,26 +612,30 @@ def latest(**records: Intent | Result) -> dict[str, Latest]:
 @pytest.mark.parametrize(
     ("known", "item", "expected"),
     [
-        ({}, group("A"), (plan.Do.SEND, "new")),
-        (latest(A=intent("A")), group("A"), (plan.Do.SEND, "in_doubt")),
-        (latest(A=result("A", Outcome.CREATED)), group("A"), (plan.Do.SKIP, "done")),
-        (latest(A=result("A", Outcome.EXISTS)), group("A", F2), (plan.Do.SKIP, "done_changed")),
-        (latest(A=result("A", Outcome.REJECTED)), group("A"), (plan.Do.SKIP, "rejected_unchanged")),
-        (latest(A=result("A", Outcome.REJECTED)), group("A", F2), (plan.Do.SEND, "fixed")),
-        (latest(A=result("A", Outcome.INVALID, None)), group("A"), (plan.Do.SEND, "fixed")),
-        (latest(A=result("A", Outcome.DEFERRED)), group("A"), (plan.Do.SEND, "deferred")),
+        ({}, group("A"), (run_plan.Do.SEND, "new")),
+        (latest(A=intent("A")), group("A"), (run_plan.Do.SEND, "in_doubt")),
+        (latest(A=result("A", Outcome.CREATED)), group("A"), (run_plan.Do.SKIP, "done")),
+        (latest(A=result("A", Outcome.EXISTS)), group("A", F2), (run_plan.Do.SKIP, "done_changed")),
+        (
+            latest(A=result("A", Outcome.REJECTED)),
+            group("A"),
+            (run_plan.Do.SKIP, "rejected_unchanged"),
+        ),
+        (latest(A=result("A", Outcome.REJECTED)), group("A", F2), (run_plan.Do.SEND, "fixed")),
+        (latest(A=result("A", Outcome.INVALID, None)), group("A"), (run_plan.Do.SEND, "fixed")),
+        (latest(A=result("A", Outcome.DEFERRED)), group("A"), (run_plan.Do.SEND, "deferred")),
         (
             {},
             Invalid(line=3, name=None, problem=Problem("m", 3, "Name", "x")),
-            (plan.Do.RECORD_INVALID, "invalid"),
+            (run_plan.Do.RECORD_INVALID, "invalid"),
         ),
     ],
 )
 def test_plan_decisions(
-    known: dict[str, Latest], item: Group | Invalid, expected: tuple[plan.Do, str]
+    known: dict[str, Latest], item: Group | Invalid, expected: tuple[run_plan.Do, str]
 ) -> None:
     """Skip what is done or unchanged-rejected; resend deferred, in-doubt, fixed and new."""
-    decision = plan.decide(item, known)
+    decision = run_plan.decide(item, known)
     assert (decision.do, decision.why) == expected
 
 

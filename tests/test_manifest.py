@@ -25,7 +25,9 @@ import pytest
 
 from worker import api
 from worker.errors import Exit, LedgerWriteError, ManifestError, SpoolError
-from worker.manifest import MAX_SKIPPED_LINE_BYTES, Group, Invalid, Scan, read, scan
+from worker.manifest.source import scan
+from worker.manifest.spool import read
+from worker.manifest.values import MAX_SKIPPED_LINE_BYTES, Group, Invalid, Scan
 from worker.sandbox import SandboxConfig, serve
 from worker.signing import Credentials, sign
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from worker import plan, report
+from worker import report
 from worker.index import Latest
-from worker.manifest import Group
+from worker.manifest.values import Group
+from worker.plan import run_plan
 from worker.records import Action, Outcome
 
 F1, F2 = "1" * 64, "2" * 64
@@ -106,9 +107,9 @@ def test_run_reads_every_word_every_command_writes(
     unchanged_key, changed_key = RUN_READS[outcome]
     # A word without a fingerprint (a delete, a conflict) can never match the line.
     want = changed_key if changed or fp is None else unchanged_key
-    got = plan.decide(item, {"A": word(action, outcome, fp)})
-    assert (got.do, got.why) == (plan.Do.SKIP if want in SKIPS else plan.Do.SEND, want)
-    assert (want in plan.SENDS) is (got.do is plan.Do.SEND)
+    got = run_plan.decide(item, {"A": word(action, outcome, fp)})
+    assert (got.do, got.why) == (run_plan.Do.SKIP if want in SKIPS else run_plan.Do.SEND, want)
+    assert (want in run_plan.SENDS) is (got.do is run_plan.Do.SEND)
 
 
 @pytest.mark.parametrize(("writer", "action", "outcome"), PAIRS)
@@ -119,9 +120,9 @@ def test_retry_rejected_changes_only_an_unchanged_rejected_line(
     fp = recorded_fp(action, outcome)
     item = Group(name="A", line=1, body=b"{}", fingerprint=F1)
     known = {"A": word(action, outcome, fp)}
-    plain, retried = plan.decide(item, known), plan.decide(item, known, retry_rejected=True)
+    plain, retried = run_plan.decide(item, known), run_plan.decide(item, known, retry_rejected=True)
     if outcome is Outcome.REJECTED and fp == F1:
-        assert (retried.do, retried.why) == (plan.Do.SEND, "retry_rejected")
+        assert (retried.do, retried.why) == (run_plan.Do.SEND, "retry_rejected")
     else:
         assert retried == plain
 
@@ -144,5 +145,5 @@ def test_report_reads_every_word_as_run_does(
 def test_every_reason_is_a_send_or_a_skip_and_has_words() -> None:
     """Each reason `decide` can give is explained, and is counted as sent or skipped."""
     given = {k for pair in RUN_READS.values() for k in pair} | {"new", "retry_rejected"}
-    assert given | {"invalid"} == set(plan.REASONS)
-    assert set(plan.SENDS) == given - SKIPS
+    assert given | {"invalid"} == set(run_plan.REASONS)
+    assert set(run_plan.SENDS) == given - SKIPS

@@ -13,8 +13,8 @@ import pytest
 
 from worker.account import Listed, Tag
 from worker.errors import Exit, PlanRefused, Problem, UsageError
-from worker.manifest import Group, Invalid
-from worker.reconcile import (
+from worker.manifest.values import Group, Invalid
+from worker.plan.reconcile import (
     NO_PRUNE,
     OUT_OF_SCOPE,
     Conflict,

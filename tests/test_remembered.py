@@ -1,10 +1,12 @@
-"""A validation remembered (manifest.remember / recall): a run keeps its validated spool
+"""A validation remembered (remembered.remember / recall): a run keeps its validated spool
 beside the ledger, and the next scan of the very same bytes reads it instead of validating
 again. Derived, checked, never trusted over the manifest: other bytes, damage, another
 version, a file that is not ours, or a pipe all mean a fresh validation."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import stat
 import tempfile
@@ -14,8 +16,10 @@ import orjson
 import pytest
 
 from tests.conftest import SandboxProc, cli_env, ledger_records, names, run_worker, write_manifest
-from worker import manifest as manifest_step
-from worker.manifest import Group, Invalid, Scan, recall, remember, remembered_path, scan
+from worker.manifest import remembered, spool
+from worker.manifest.remembered import recall, remember, remembered_path
+from worker.manifest.source import scan
+from worker.manifest.values import Group, Invalid, Scan
 
 MIXED = (
     '{"Name": "Good1", "Tags": [{"Key": "k", "Value": "v", "Category": "Custom"}]}\n'
@@ -29,7 +33,7 @@ MIXED = (
 
 def items_of(result: Scan) -> list[tuple[object, ...]]:
     out: list[tuple[object, ...]] = []
-    for item in manifest_step.read(result):
+    for item in spool.read(result):
         if isinstance(item, Group):
             out.append(("G", item.name, item.line, item.body, item.fingerprint))
         else:
@@ -136,12 +140,73 @@ def test_other_validation_rules_validate_afresh(
     upgrade that changes a rule (and keeps 0.2.0) must not reuse a verdict of the old rule."""
     source, kept, fresh = scanned_and_remembered(tmp_path)
     fresh.close()
-    monkeypatch.setattr(manifest_step, "_rules", lambda: "another rule set")
+    monkeypatch.setattr(remembered, "_rules", lambda: "another rule set")
     assert recall(source, kept) is None
-    monkeypatch.setattr(manifest_step, "_rules", lambda: None)  # code that cannot be read
+    monkeypatch.setattr(remembered, "_rules", lambda: None)  # code that cannot be read
     assert recall(source, kept) is None
     with scan(source) as again:
         assert remember(again, kept) == "the validation code cannot be read"
+
+
+def _worker_imports(module: Path) -> set[str]:
+    """The worker modules `module` imports (at any depth of its code)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("worker"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(
+                    sub
+                    if importlib.util.find_spec(node.module) and _is_module(sub)
+                    else node.module
+                )
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("worker"))
+    return found
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def test_the_rules_cover_every_module_the_manifest_step_imports() -> None:
+    """Every module the manifest package's code calls on is in the remembered rules, so a
+    rule moved to another module (the API's rules to worker/api/...) is still digested:
+    only the exception tree (worker.errors) and the version (digested on its own) are not."""
+    rules = {path.resolve() for path in remembered.rule_files()}
+    package = Path(remembered.__file__).parent
+    assert {p.resolve() for p in package.glob("*.py")} <= rules
+    imported = set().union(*(_worker_imports(p) for p in package.glob("*.py")))
+    for name in sorted(imported - {"worker", "worker.errors"}):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None, name
+        assert Path(spec.origin).resolve() in rules, name
+
+
+def test_a_change_to_any_rule_file_changes_the_rules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rules digest every byte of every rule file: changing any one of them (even
+    the last byte) makes another digest, so a spool of the old code is not recalled."""
+    copies = []
+    for i, path in enumerate(remembered.rule_files()):
+        copy = tmp_path / f"{i}" / path.name
+        copy.parent.mkdir()
+        copy.write_bytes(path.read_bytes())
+        copies.append(copy)
+    monkeypatch.setattr(remembered, "rule_files", lambda: copies)
+    digest = remembered._rules.__wrapped__
+    before = digest()
+    assert before is not None and digest() == before
+    for copy in copies:
+        text = copy.read_bytes()
+        copy.write_bytes(text + b"#")
+        assert digest() != before, copy.name
+        copy.write_bytes(text)
+    assert digest() == before
 
 
 def test_the_spool_costs_its_records_and_a_short_header(tmp_path: Path) -> None:

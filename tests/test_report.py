@@ -13,15 +13,16 @@ import orjson
 
 from tests.conftest import names, write_manifest
 from tests.test_ledger import footer, header, intent, line, result
-from worker import manifest, report
+from worker import report
 from worker.ledger import State
-from worker.manifest import Group
+from worker.manifest import source, spool
+from worker.manifest.values import Group
 from worker.records import Action, Outcome, Record, Result, StopReason
 
 
 def groups_of(path: Path) -> dict[str, Group]:
-    with manifest.scan(path) as scan:
-        return {g.name: g for g in manifest.read(scan) if isinstance(g, Group)}
+    with source.scan(path) as scan:
+        return {g.name: g for g in spool.read(scan) if isinstance(g, Group)}
 
 
 def ledger_for(
@@ -223,7 +224,7 @@ def test_failed_lists_every_line_not_done_as_a_manifest(tmp_path: Path) -> None:
     listed = [json.loads(x) for x in out.splitlines()]
     assert [x["Name"] for x in listed] == [x.name for x in g[1:]]
     again = write_manifest(tmp_path / "again.jsonl", listed)
-    with manifest.scan(again) as scan:
+    with source.scan(again) as scan:
         assert scan.problem_count == 0
     assert f"{path}:2: {g[1].name}: rejected (InvalidParam)" in err
     assert f"{path}:3: {g[2].name}: in doubt" in err

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker import rounds
 from worker.account import Listed
 from worker.commands.sync_rounds import Rounds
-from worker.reconcile import Scope
+from worker.plan import rounds
+from worker.plan.reconcile import Scope
 
 
 def g(name: str, project: str = "p", *tags: tuple[str, str, str]) -> Listed:

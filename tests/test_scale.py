@@ -20,10 +20,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.test_ledger import footer
-from worker import index, plan
+from worker import index
 from worker.index import Table
 from worker.ledger import Ledger, State, read_state, records_of
-from worker.manifest import Group
+from worker.manifest.values import Group
+from worker.plan import run_plan
 from worker.records import Action, Footer, Intent, Item, Outcome, Result, RunHeader, Target
 
 TARGET = Target(endpoint="http://127.0.0.1:1", region="cn-north-1", access_key="AK")
@@ -131,7 +132,7 @@ def manifest_items(n: int) -> list[Group]:
 
 
 def decisions(state: State, items: list[Group]) -> list[tuple[str, str]]:
-    return [(item.name, plan.decide(item, state.latest).why) for item in items]
+    return [(item.name, run_plan.decide(item, state.latest).why) for item in items]
 
 
 def same_state(got: State, want: State) -> None:
@@ -416,7 +417,7 @@ def test_names_that_share_a_home_slot_stay_apart(
 def test_colliding_hashes_never_make_a_false_duplicate(tmp_path: Path, tiny_hash: Any) -> None:
     """With a hash under which many Names collide, only a Name really given twice is a
     duplicate, and its problem names both lines; every other line stays a group."""
-    from worker import manifest
+    from worker.manifest import source, spool
 
     lines = [
         '{"Name": "A1"}',
@@ -431,9 +432,9 @@ def test_colliding_hashes_never_make_a_false_duplicate(tmp_path: Path, tiny_hash
     ]
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with manifest.scan(path, name_hash=tiny_hash) as scanned:
+    with source.scan(path, name_hash=tiny_hash) as scanned:
         got = [str(p) for p in scanned.problems]
-        items = list(manifest.read(scanned))
+        items = list(spool.read(scanned))
         assert (scanned.groups, scanned.invalid, scanned.problem_count) == (4, 4, 4)
     assert [g for g in got if "already given" in g] == [
         f"{path}:5: Name: 'A1' is already given on line 1",
@@ -455,18 +456,18 @@ def test_colliding_hashes_never_make_a_false_duplicate(tmp_path: Path, tiny_hash
 
 def test_the_duplicate_check_is_the_same_with_the_real_hash(tmp_path: Path) -> None:
     """The default hash gives the same verdicts as a colliding one."""
-    from worker import manifest
+    from worker.manifest import source, spool
 
     lines = [f'{{"Name": "N{i % 700}"}}' for i in range(1000)]
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     verdicts = []
     for name_hash in (hash, lambda name: hash(name) % 5):
-        with manifest.scan(path, name_hash=name_hash) as scanned:
+        with source.scan(path, name_hash=name_hash) as scanned:
             verdicts.append(
                 [
                     (i.line, type(i).__name__, str(getattr(i, "problem", "")))
-                    for i in manifest.read(scanned)
+                    for i in spool.read(scanned)
                 ]
             )
     assert verdicts[0] == verdicts[1]

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from worker import credentials, manifest
+from worker import credentials
 from worker.errors import (
     Exit,
     LedgerError,
@@ -31,6 +31,9 @@ from worker.errors import (
     WorkerError,
 )
 from worker.ledger import Ledger
+from worker.manifest import source
+from worker.manifest.remembered import recall, remember, remembered_path
+from worker.manifest.values import Scan
 from worker.metrics import Metrics
 from worker.pacing import LocalPacer, Pacer
 from worker.progress import Progress
@@ -278,11 +281,11 @@ def open_ledger(path: Path, target: Target, *, expect_names: int = 0) -> Ledger:
     return Ledger.open(path, target=target, torn_writes_s=torn, expect_names=expect_names)
 
 
-def scan_manifest(settings: Settings) -> manifest.Scan:
+def scan_manifest(settings: Settings) -> Scan:
     """The manifest, validated: remembered from an earlier run against this ledger when its
-    bytes are the same (manifest.recall), else scanned now (spool beside the ledger)."""
-    remembered = manifest.remembered_path(settings.ledger)
-    recalled = manifest.recall(settings.manifest, remembered)
+    bytes are the same (recall), else scanned now (spool beside the ledger)."""
+    remembered = remembered_path(settings.ledger)
+    recalled = recall(settings.manifest, remembered)
     if recalled is not None:
         log.info("manifest.unchanged", manifest=str(settings.manifest), sha256=recalled.sha256)
         return recalled
@@ -290,14 +293,14 @@ def scan_manifest(settings: Settings) -> manifest.Scan:
     # a ledger in a folder it cannot write, and then uses the temporary directory.
     folder = settings.ledger.parent
     writable = os.access(folder, os.W_OK | os.X_OK)
-    return manifest.scan(settings.manifest, spool_dir=folder if writable else None)
+    return source.scan(settings.manifest, spool_dir=folder if writable else None)
 
 
-def remember_manifest(scan: manifest.Scan, settings: Settings) -> None:
+def remember_manifest(scan: Scan, settings: Settings) -> None:
     """Keep the validated spool for the next run (best effort; called with the ledger's
     lock held, so two runs never write it at once)."""
-    kept = manifest.remembered_path(settings.ledger)
-    if (why := manifest.remember(scan, kept)) is not None:
+    kept = remembered_path(settings.ledger)
+    if (why := remember(scan, kept)) is not None:
         # Not an error: the next run validates the manifest again, that is all.
         log.info("manifest.not_remembered", spool=str(kept), reason=why)
 

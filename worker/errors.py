@@ -112,7 +112,7 @@ class LedgerWriteError(LedgerError):
 
 
 class SpoolError(LedgerWriteError):
-    """The private copy of the manifest (`manifest.scan`'s spool, beside the ledger) could
+    """The private copy of the manifest (`source.scan`'s spool, beside the ledger) could
     not be read while the run was going on. Like a failed ledger write it stops the run
     (exit 7, or 2 while nothing was sent: the run's journal tells which), and the same
     command resumes; the runner already stops on a LedgerWriteError wherever it is raised."""

@@ -203,7 +203,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         to="sync.max_delete",
         help="refuse a sync that would delete more than N groups",
         commands=("sync",),
-        default_of="worker.reconcile:DEFAULT_MAX_DELETE",
+        default_of="worker.plan.reconcile:DEFAULT_MAX_DELETE",
     ),
     Option(
         flag="metrics-file",

@@ -45,11 +45,12 @@ from typing import Any, Final, TextIO
 
 import orjson
 
-from worker import manifest as manifest_step
 from worker import sync_audit
 from worker.errors import Exit, ManifestError, UsageError
 from worker.ledger import Latest, State, probe_lock, read_state, records_of
-from worker.manifest import Group, Invalid
+from worker.manifest import source, spool
+from worker.manifest.remembered import digest, recall, remembered_path
+from worker.manifest.values import Group, Invalid, Scan
 from worker.records import (
     DONE,
     Footer,
@@ -102,12 +103,12 @@ class Gathered:
     ledger: Path
     state: State
     locked: bool | None  # a process holds the ledger's lock now (None: cannot tell)
-    scan: manifest_step.Scan | None  # the manifest counted against, if any
+    scan: Scan | None  # the manifest counted against, if any
     note: str  # which manifest and why, or why none
     audit: Audit | None = None  # only for a ledger holding a sync
 
     def items(self) -> Iterator[Group | Invalid] | None:
-        return manifest_step.read(self.scan) if self.scan is not None else None
+        return spool.read(self.scan) if self.scan is not None else None
 
     def close(self) -> None:
         if self.scan is not None:
@@ -148,15 +149,15 @@ def gather(ledger: Path, *, manifest: Path | None = None, state: State | None = 
 def _choose(ledger: Path, state: State, locked: bool | None, manifest: Path | None) -> Gathered:
     """The manifest to count against, and why."""
     header = state.header
-    remembered = manifest_step.remembered_path(ledger)
+    remembered = remembered_path(ledger)
 
-    def counted(scan: manifest_step.Scan | None, note: str) -> Gathered:
+    def counted(scan: Scan | None, note: str) -> Gathered:
         return Gathered(ledger=ledger, state=state, locked=locked, scan=scan, note=note)
 
     if manifest is not None:
         # The user named it: its problems are errors. A run's validation of the very same
-        # bytes, kept beside the ledger, is as good as a new one (manifest.recall).
-        scan = manifest_step.recall(manifest, remembered) or manifest_step.scan(manifest)
+        # bytes, kept beside the ledger, is as good as a new one (remembered.recall).
+        scan = recall(manifest, remembered) or source.scan(manifest)
         note = f"counted against {manifest} (--manifest)"
         if header is not None and scan.sha256 != header.manifest_sha256:
             note += "; it is not the manifest the last run used"
@@ -177,13 +178,13 @@ def _choose(ledger: Path, state: State, locked: bool | None, manifest: Path | No
     changed = f"the last run's manifest {path} has changed since; {every}"
     # Hashed before it is validated: a manifest that changed since is not counted against,
     # so validating it (seconds for millions of lines) would be wasted.
-    sha256 = manifest_step.digest(path)
+    sha256 = digest(path)
     if sha256 is not None and sha256 != header.manifest_sha256:
         return counted(None, changed)
-    last: manifest_step.Scan | None = None
+    last: Scan | None = None
     if sha256 is not None:
         with contextlib.suppress(ManifestError):
-            last = manifest_step.recall(path, remembered) or manifest_step.scan(path)
+            last = recall(path, remembered) or source.scan(path)
     if last is None:
         return counted(None, f"the last run's manifest {path} cannot be read; {every}")
     if last.sha256 != header.manifest_sha256:  # changed between the hash and the scan

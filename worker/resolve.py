@@ -13,10 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker import compose, index, ledger, manifest
+from worker import compose, index, ledger
 from worker.commands.sync import SyncOptions
 from worker.compose import Options
 from worker.errors import UsageError
+from worker.manifest.remembered import remembered_path
 from worker.options import CommandLine, Merged, merge, rows, value
 from worker.settings import Pacing, RetryPolicy, Settings, check_endpoint, check_limiter
 from worker.userpaths import Named, check_path, check_paths
@@ -72,7 +73,7 @@ def _beside(ledger_path: Path) -> tuple[Path, ...]:
     return (
         ledger.lock_path(ledger_path),
         index.index_path(ledger_path),
-        manifest.remembered_path(ledger_path),
+        remembered_path(ledger_path),
     )
 
 

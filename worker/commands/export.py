@@ -16,7 +16,7 @@ from worker import compose
 from worker.commands.sync import list_account
 from worker.compose import Loop, Options
 from worker.errors import Exit, UsageError
-from worker.export import export_lines
+from worker.plan.export import export_lines
 from worker.records import Target
 from worker.runner import Controls
 from worker.settings import Settings

@@ -1,7 +1,7 @@
 """`worker run`: create every manifest group the ledger does not record as done.
 
 The manifest (read once into its spool) is streamed past the ledger's latest word per Name
-(plan.decide): what is new, deferred, in doubt or fixed becomes a create; invalid lines become
+(run_plan.decide): what is new, deferred, in doubt or fixed becomes a create; invalid lines become
 results; the rest is skipped and counted as it goes by.
 """
 
@@ -14,10 +14,13 @@ from typing import IO
 
 import structlog
 
-from worker import __version__, compose, ledger, manifest, plan
+from worker import __version__, compose, ledger
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
 from worker.ledger import Ledger
+from worker.manifest import spool
+from worker.manifest.values import Invalid, Scan
+from worker.plan import run_plan
 from worker.progress import Progress
 from worker.records import Action, Outcome, Result, RunHeader, Target
 from worker.runner import Controls, Runner, Work, stamp
@@ -36,8 +39,8 @@ def run(settings: Settings, options: Options, controls: Controls, loop: Loop, ou
             state = ledger.read_state(settings.ledger)
             try:
                 with compose.before_writes():
-                    counted = plan.count(
-                        manifest.read(scan), state.latest, retry_rejected=options.retry_rejected
+                    counted = run_plan.count(
+                        spool.read(scan), state.latest, retry_rejected=options.retry_rejected
                     )
             finally:
                 state.close()  # the index's mapping
@@ -60,7 +63,7 @@ def run(settings: Settings, options: Options, controls: Controls, loop: Loop, ou
 async def _run(
     settings: Settings,
     options: Options,
-    scan: manifest.Scan,
+    scan: Scan,
     book: Ledger,
     creds: Credentials | None,
     target: Target,
@@ -95,7 +98,7 @@ async def _run(
 async def _run_in(
     runner: Runner,
     settings: Settings,
-    scan: manifest.Scan,
+    scan: Scan,
     book: Ledger,
     target: Target,
     source: str,
@@ -133,23 +136,23 @@ async def _run_in(
         for why, n in runner.tally.planned.items():
             if why != "new":
                 log.info(
-                    "run.resend" if why in plan.SENDS else "run.skip",
+                    "run.resend" if why in run_plan.SENDS else "run.skip",
                     reason=why,
                     count=n,
-                    why=plan.REASONS[why],
+                    why=run_plan.REASONS[why],
                 )
 
 
 def _run_source(
-    scan: manifest.Scan, book: Ledger, runner: Runner, retry_rejected: bool
+    scan: Scan, book: Ledger, runner: Runner, retry_rejected: bool
 ) -> Iterator[Work | Result]:
     """The manifest as work items: what the plan sends, the invalid lines as results."""
-    for item in manifest.read(scan):
-        decision = plan.decide(item, book.state.latest, retry_rejected=retry_rejected)
+    for item in spool.read(scan):
+        decision = run_plan.decide(item, book.state.latest, retry_rejected=retry_rejected)
         runner.tally.planned[decision.why] += 1
-        if decision.do is plan.Do.SKIP:
+        if decision.do is run_plan.Do.SKIP:
             runner.tally.skipped[decision.why] += 1
-        elif isinstance(item, manifest.Invalid):
+        elif isinstance(item, Invalid):
             now = stamp(runner.wall())
             yield Result(
                 run_id=runner.run_id,

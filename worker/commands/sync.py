@@ -17,12 +17,15 @@ from typing import IO
 import orjson
 import structlog
 
-from worker import __version__, compose, manifest, reconcile
+from worker import __version__, compose
 from worker.account import Listed
 from worker.commands.sync_rounds import Rounds, fresh_s_from_env, list_once
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
 from worker.ledger import Ledger
+from worker.manifest import spool
+from worker.manifest.values import Scan
+from worker.plan import reconcile
 from worker.progress import Progress
 from worker.records import RunHeader, Target
 from worker.runner import Controls, Runner, stamp
@@ -98,7 +101,7 @@ async def _sync_plan_only(
     settings: Settings,
     options: Options,
     sync_options: SyncOptions,
-    scan: manifest.Scan,
+    scan: Scan,
     creds: Credentials | None,
     target: Target,
     controls: Controls,
@@ -115,7 +118,7 @@ async def _sync_plan_only(
         # Plan without the --max-delete fence, so the plan a real sync would refuse can be
         # looked at; the refusal is said below and in the exit code.
         the_plan = _plan(sync_options, scan, groups, max_delete=int(LIMITS["max-delete"].high))
-        changes = reconcile.iter_changes(the_plan, manifest.read(scan), groups)
+        changes = reconcile.iter_changes(the_plan, spool.read(scan), groups)
         if options.json:
             out.write(orjson.dumps(reconcile.render_json(the_plan, changes)).decode() + "\n")
         else:
@@ -138,13 +141,13 @@ async def _sync_plan_only(
 
 def _plan(
     sync_options: SyncOptions,
-    scan: manifest.Scan,
+    scan: Scan,
     groups: Mapping[str, Listed],
     *,
     max_delete: int | None = None,
 ) -> reconcile.SyncPlan:
     the_plan = reconcile.plan_sync(
-        manifest.read(scan),
+        spool.read(scan),
         groups,
         prune=sync_options.prune,
         scope=sync_options.scope,
@@ -158,7 +161,7 @@ async def _sync(
     settings: Settings,
     options: Options,
     sync_options: SyncOptions,
-    scan: manifest.Scan,
+    scan: Scan,
     book: Ledger,
     creds: Credentials | None,
     target: Target,
@@ -182,7 +185,7 @@ async def _sync_in(
     runner: Runner,
     settings: Settings,
     sync_options: SyncOptions,
-    scan: manifest.Scan,
+    scan: Scan,
     book: Ledger,
     target: Target,
     published: Published,

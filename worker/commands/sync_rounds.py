@@ -22,9 +22,12 @@ from typing import assert_never
 import orjson
 import structlog
 
-from worker import api, manifest, reconcile, rounds
+from worker import api
 from worker.account import Listed, Listing
 from worker.errors import StillDifferent
+from worker.manifest import spool
+from worker.manifest.values import Group, Invalid, Scan
+from worker.plan import reconcile, rounds
 from worker.records import Action, Outcome, Record, Result
 from worker.runner import Journal, Runner, Tally, Work, stamp
 
@@ -71,7 +74,7 @@ class Rounds:
     """One sync invocation's rounds over one runner."""
 
     runner: Runner
-    scan: manifest.Scan
+    scan: Scan
     prune: bool
     scope: reconcile.Scope
     max_delete: int
@@ -141,7 +144,7 @@ class Rounds:
         account = self.conv.effective()
         allowed = max(0, self.max_delete - self.deleted)
         the_plan = reconcile.plan_sync(
-            manifest.read(self.scan),
+            spool.read(self.scan),
             account,
             prune=self.prune,
             scope=self.scope,
@@ -158,9 +161,9 @@ class Rounds:
             the_plan = dataclasses.replace(the_plan, deletes=the_plan.deletes[:allowed])
         return the_plan
 
-    def _unsettled(self) -> Iterator[manifest.Group | manifest.Invalid]:
-        for item in manifest.read(self.scan):
-            if isinstance(item, manifest.Group) and (
+    def _unsettled(self) -> Iterator[Group | Invalid]:
+        for item in spool.read(self.scan):
+            if isinstance(item, Group) and (
                 item.name in self.conv.settled or item.name in self.conv.exists
             ):
                 continue  # reported already, or there and waiting for a listing to show it
@@ -184,7 +187,7 @@ class Rounds:
         old = self.conv.view
         names = {
             item.name
-            for item in manifest.read(self.scan)
+            for item in spool.read(self.scan)
             if item.name is not None and (item.name in old or item.name in new)
         }
         if self.prune:
@@ -197,8 +200,8 @@ class Rounds:
         """Creates and updates against the account as known now; in the first round also
         conflicts and invalid lines as results (later rounds report only new conflicts)."""
         account = self.conv.effective()
-        for item in manifest.read(self.scan):
-            if isinstance(item, manifest.Invalid):
+        for item in spool.read(self.scan):
+            if isinstance(item, Invalid):
                 if first:
                     yield _unsent(
                         self.runner,
@@ -287,7 +290,7 @@ class Rounds:
         return [
             item.name
             for item in self._unsettled()
-            if isinstance(item, manifest.Group)
+            if isinstance(item, Group)
             and (
                 self.conv.unconfirmed(item.name)
                 or isinstance(
@@ -314,14 +317,14 @@ def fresh_s_from_env() -> float:
     return float(hook) if hook else rounds.FRESH_S
 
 
-def _wanted(group: manifest.Group, listed: Listed | None) -> Listed:
+def _wanted(group: Group, listed: Listed | None) -> Listed:
     payload = reconcile.group_payload(group)
     project = listed.project if listed is not None else str(payload["ProjectName"])
     tags = tuple((t["Key"], t["Value"], t["Category"]) for t in payload.get("Tags", ()))
     return Listed(name=group.name, project=project, tags=tags)
 
 
-def _work(action: Action, item: manifest.Group, body: bytes) -> Work:
+def _work(action: Action, item: Group, body: bytes) -> Work:
     return Work(
         action=action, name=item.name, line=item.line, fingerprint=item.fingerprint, body=body
     )

@@ -27,7 +27,7 @@ import orjson
 
 from worker.account import Listed, Tag
 from worker.errors import PlanRefused, UsageError
-from worker.manifest import Group, Invalid
+from worker.manifest.values import Group, Invalid
 
 DEFAULT_MAX_DELETE: Final = 50
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from worker.ledger import Latest
-from worker.manifest import Group, Invalid
+from worker.manifest.values import Group, Invalid
 from worker.records import Outcome
 
 

@@ -7,7 +7,7 @@ parser the first), an escape (`"Na\\u006de"` is the key Name), a Name beside bad
 Name that breaks the Name rules but is still a string. Each of those is a Name the user may
 have meant, so each is protected from the prune.
 
-The line is parsed as manifest._parse parses it: orjson first (a line it refuses is not JSON
+The line is parsed as validate.parse_line parses it: orjson first (a line it refuses is not JSON
 to us, so no Name can be read: the prune is refused), then the standard library with
 `object_pairs_hook`, which shows every key of the top-level object, repeats included. Only
 the top-level object's "Name" keys count: a Tag holding a "Name" key names no group.
