@@ -18,7 +18,7 @@ from worker.classify import (
     Verdict,
 )
 from worker.records import Action, Outcome
-from worker.retry import Finish, Stop, Wait, next_step
+from worker.runner.retry import Finish, Stop, Wait, next_step
 from worker.settings import RetryPolicy
 
 A = Answer(200, "", "", "rid")

@@ -18,7 +18,7 @@ import pytest
 
 from worker.errors import EndpointUnreachable, LedgerWriteError, RunAborted
 from worker.records import Action, Intent, Outcome, Record, Result, StopReason
-from worker.runner import Controls, Runner, Work
+from worker.runner.dispatch import Controls, Runner, Work
 from worker.settings import Pacing, RetryPolicy, Settings
 from worker.signing import Credentials
 from worker.transport import Failure, Response

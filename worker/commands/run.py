@@ -20,7 +20,7 @@ from worker.errors import Exit, ManifestError
 from worker.ledger import Ledger
 from worker.progress import Progress
 from worker.records import Action, Outcome, Result, RunHeader, Target
-from worker.runner import Controls, Runner, Work, stamp
+from worker.runner.dispatch import Controls, Runner, Work, stamp
 from worker.settings import Settings
 from worker.signing import Credentials
 

@@ -26,7 +26,7 @@ from worker import api, manifest, reconcile, rounds
 from worker.account import Listed, Listing
 from worker.errors import StillDifferent
 from worker.records import Action, Outcome, Record, Result
-from worker.runner import Journal, Runner, Tally, Work, stamp
+from worker.runner.dispatch import Journal, Runner, Tally, Work, stamp
 
 log = structlog.get_logger("worker")
 

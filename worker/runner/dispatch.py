@@ -56,7 +56,7 @@ from worker.errors import (
 from worker.ledger import FSYNC_EVERY_S
 from worker.pacing import Pacer
 from worker.records import DONE, Action, Intent, Outcome, Record, Result, StopReason
-from worker.retry import Finish, Stop, Wait, next_step
+from worker.runner.retry import Finish, Stop, Wait, next_step
 from worker.settings import DEFAULT_CAP as DEFAULT_CAP_SETTING
 from worker.settings import Settings
 from worker.signing import Credentials, sign
