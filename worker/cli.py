@@ -72,7 +72,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     """run, sync and export: resolve the options, then the command under signal handling."""
     from worker.commands import export, run, sync
-    from worker.runner.dispatch import Controls
+    from worker.runner.controls import Controls
 
     if getattr(args, "output", None):
         check_path(Path(args.output), "-o")

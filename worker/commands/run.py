@@ -20,7 +20,10 @@ from worker.errors import Exit, ManifestError
 from worker.ledger import Ledger
 from worker.progress import Progress
 from worker.records import Action, Outcome, Result, RunHeader, Target
-from worker.runner.dispatch import Controls, Runner, Work, stamp
+from worker.runner.controls import Controls
+from worker.runner.dispatch import Runner
+from worker.runner.stamps import stamp
+from worker.runner.work import Work
 from worker.settings import Settings
 from worker.signing import Credentials
 

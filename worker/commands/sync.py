@@ -25,7 +25,9 @@ from worker.errors import Exit, ManifestError
 from worker.ledger import Ledger
 from worker.progress import Progress
 from worker.records import RunHeader, Target
-from worker.runner.dispatch import Controls, Runner, stamp
+from worker.runner.controls import Controls
+from worker.runner.dispatch import Runner
+from worker.runner.stamps import stamp
 from worker.settings import LIMITS, Settings
 from worker.signing import Credentials
 

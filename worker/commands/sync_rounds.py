@@ -26,7 +26,10 @@ from worker import api, manifest, reconcile, rounds
 from worker.account import Listed, Listing
 from worker.errors import StillDifferent
 from worker.records import Action, Outcome, Record, Result
-from worker.runner.dispatch import Journal, Runner, Tally, Work, stamp
+from worker.runner.dispatch import Journal, Runner
+from worker.runner.stamps import stamp
+from worker.runner.tally import Tally
+from worker.runner.work import Work
 
 log = structlog.get_logger("worker")
 
