@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import cli_env, ledger_records, names, run_worker, write_manifest
-from worker import cli, jobfile, options, options_doc, runner
+from worker import cli, jobfile, options, options_doc, settings
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -54,7 +54,7 @@ def test_defaults_come_from_the_settings_dataclasses() -> None:
     assert options.BY_FLAG["max-attempts"].default_value() == RetryPolicy().max_attempts
     timeout = {f.name: f.default for f in dataclasses.fields(Settings)}["timeout_s"]
     assert options.BY_FLAG["timeout"].default_value() == timeout
-    assert f"at most {runner.DEFAULT_CAP}" in options.BY_FLAG["concurrency"].described()
+    assert f"at most {settings.DEFAULT_CAP}" in options.BY_FLAG["concurrency"].described()
 
 
 def test_the_committed_configuration_doc_is_current() -> None:
@@ -163,4 +163,4 @@ def test_the_ledger_header_records_the_concurrency_the_runner_uses(
         assert out.returncode == 0, out.stderr
         records = ledger_records(tmp_path / f"{stem}.ledger.jsonl")
         seen += [r["settings"]["concurrency"] for r in records if "settings" in r]
-    assert seen == [f"adaptive, cap {runner.DEFAULT_CAP}", 3]
+    assert seen == [f"adaptive, cap {settings.DEFAULT_CAP}", 3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -18,7 +19,7 @@ from worker.classify import (
     Verdict,
 )
 from worker.records import Action, Outcome
-from worker.retry import Finish, Stop, Wait, next_step
+from worker.runner.retry import Answered, Finish, Stop, Wait, next_step
 from worker.settings import RetryPolicy
 
 A = Answer(200, "", "", "rid")
@@ -30,7 +31,7 @@ C, U, D = Action.CREATE, Action.UPDATE, Action.DELETE
 
 def step(
     verdict: Verdict,
-    action: Action = C,
+    action: Action | None = C,
     attempts: int = 0,
     now: float = 0.0,
     deadline: float = 100.0,
@@ -111,3 +112,34 @@ def test_a_non_finite_delay_defers_instead_of_waiting_forever() -> None:
     """An infinite or NaN delay (from anywhere) defers the item rather than sleeping."""
     assert step(Throttled(E, float("inf"))) == Finish(Outcome.DEFERRED, E)
     assert step(Throttled(E, float("nan"))) == Finish(Outcome.DEFERRED, E)
+
+
+def test_a_read_ends_answered_with_its_result() -> None:
+    """A List answered OK with a Result object: Answered, carrying that object."""
+    page = {"List": [], "Total": 0}
+    assert step(Succeeded(A, page), None) == Answered(A, page)
+
+
+@pytest.mark.parametrize("verdict", [Succeeded(A), Exists(A), NotFound(A), Rejected(A)])
+def test_any_other_final_answer_to_a_read_is_a_refusal(verdict: Verdict) -> None:
+    """An OK without a Result, 'exists', 'not found', a refusal: no retry changes them, so a
+    read finishes REJECTED (the runner stops with RunAborted), never waits."""
+    assert step(verdict, None) == Finish(Outcome.REJECTED, A)
+
+
+@pytest.mark.parametrize(
+    ("verdict", "attempts", "now"),
+    [
+        (Retry(E, None), 0, 0.0),
+        (Retry(E, None), 2, 0.0),  # out of attempts
+        (Retry(E, 50.0), 0, 60.0),  # past the deadline
+        (Throttled(E, 3.0), 9, 0.0),
+        (Throttled(E, math.inf), 0, 0.0),
+        (Abort(E, "fix the keys"), 0, 0.0),
+    ],
+)
+def test_reads_retry_and_stop_exactly_as_writes_do(
+    verdict: Verdict, attempts: int, now: float
+) -> None:
+    """One retry policy: for retries, throttles and aborts a read's step equals a create's."""
+    assert step(verdict, None, attempts, now) == step(verdict, C, attempts, now)

@@ -16,9 +16,12 @@ from typing import Any
 import orjson
 import pytest
 
-from worker.errors import EndpointUnreachable, LedgerWriteError, RunAborted
+from worker.errors import EndpointUnreachable, LedgerWriteError, ListingFailed, RunAborted
 from worker.records import Action, Intent, Outcome, Record, Result, StopReason
-from worker.runner import Controls, Runner, Work
+from worker.runner.controls import Controls
+from worker.runner.dispatch import Runner
+from worker.runner.stamps import seconds_between, stamp
+from worker.runner.work import Work
 from worker.settings import Pacing, RetryPolicy, Settings
 from worker.signing import Credentials
 from worker.transport import Failure, Response
@@ -440,3 +443,46 @@ def test_a_refused_read_stops_the_run_instead_of_retrying_later() -> None:
     with pytest.raises(RunAborted) as caught:
         asyncio.run(runner.read("ListPullToPushGroup", b'{"PageNum":1}'))
     assert caught.value.exit_code == 7 and runner.tally.requests == 1
+
+
+def test_a_read_out_of_attempts_fails_the_listing_after_max_attempts_sends() -> None:
+    """A List answered 503 every time, max_attempts 3: ListingFailed (exit 3) after exactly
+    three requests, two of them retries; nothing was changed."""
+    sender = Script({"": [envelope("ServiceUnavailableTemp", 503)] * 10})
+    runner = make(sender, max_attempts=3)
+    with pytest.raises(ListingFailed) as caught:
+        asyncio.run(runner.read("ListPullToPushGroup", b'{"PageNum":1}'))
+    assert caught.value.exit_code == 3 and "nothing was changed" in str(caught.value)
+    assert runner.tally.requests == 3 and runner.tally.retries == 2
+
+
+def test_a_throttled_read_uses_no_attempt() -> None:
+    """Five FlowLimitExceeded then a page, max_attempts 2: the read returns the page; the
+    throttles slowed the pacer and used up no attempt, as for writes."""
+    page = {"List": [], "Total": 0}
+    answers: list[Response | Failure] = [envelope("FlowLimitExceeded", 429)] * 5
+    sender = Script({"": [*answers, envelope(result=page)]})
+    runner = make(sender, max_attempts=2)
+    assert asyncio.run(runner.read("ListPullToPushGroup", b'{"PageNum":1}')) == page
+    assert runner.tally.throttles == 5 and runner.tally.retries == 0
+
+
+def test_a_read_answered_ok_without_a_result_is_refused() -> None:
+    """An OK envelope without a Result object cannot be used as a page: RunAborted (exit 7)
+    after one request, as before the read went through retry.next_step."""
+    runner = make(Script({"": [OK]}))
+    with pytest.raises(RunAborted) as caught:
+        asyncio.run(runner.read("ListPullToPushGroup", b'{"PageNum":1}'))
+    assert caught.value.exit_code == 7 and runner.tally.requests == 1
+    assert "HTTP200" in str(caught.value)
+
+
+def test_stamps_read_back_as_the_seconds_between_them() -> None:
+    """seconds_between inverts stamp to the millisecond; a value that is no stamp is None."""
+    from datetime import UTC, datetime, timedelta
+
+    t = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+    later = t + timedelta(seconds=1, milliseconds=250)
+    assert stamp(t) == "2024-05-01T12:00:00.000Z"
+    assert seconds_between(stamp(t), stamp(later)) == 1.25
+    assert seconds_between("", stamp(later)) is None

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from worker import runner
 from worker.errors import UsageError
 from worker.settings import (
+    DEFAULT_CAP,
     LIMITS,
     UNPARSABLE_URL,
     Pacing,
@@ -97,7 +97,7 @@ def test_concurrency_none_means_the_default_and_zero_is_an_error() -> None:
     """None asks for the default; 0 no longer silently means it."""
     assert settings().concurrency is None
     # The header records what the runner uses: adaptive up to its cap, not a made-up 25.
-    assert settings().public()["concurrency"] == f"adaptive, cap {runner.DEFAULT_CAP}"
+    assert settings().public()["concurrency"] == f"adaptive, cap {DEFAULT_CAP}"
     assert settings(concurrency=7).public()["concurrency"] == 7
     with pytest.raises(UsageError, match="--concurrency"):
         settings(concurrency=0)

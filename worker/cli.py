@@ -73,7 +73,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     """run, sync and export: resolve the options, then the command under signal handling."""
     from worker import resolve
     from worker.commands import export, run, sync
-    from worker.runner import Controls
+    from worker.runner.controls import Controls
 
     if getattr(args, "output", None):
         check_path(Path(args.output), "-o")

@@ -38,7 +38,11 @@ from worker.metrics import Metrics
 from worker.pacing import LocalPacer, Pacer
 from worker.progress import Progress
 from worker.records import Footer, Outcome, RunHeader, StopReason, Target
-from worker.runner import Controls, Runner, Tally, machine_cap, stamp, utcnow
+from worker.runner.concurrency import machine_cap
+from worker.runner.controls import Controls
+from worker.runner.dispatch import Runner
+from worker.runner.stamps import stamp, utcnow
+from worker.runner.tally import Tally
 from worker.settings import Settings, redact_url
 from worker.signing import Credentials
 from worker.transport import MAX_BODY_BYTES, Reachability, Transport

@@ -13,7 +13,7 @@ from typing import IO, Any
 import structlog
 from tqdm import tqdm
 
-from worker.runner import Tally
+from worker.runner.tally import Tally
 
 log = structlog.get_logger("worker")
 LINE_EVERY_S = 5.0

@@ -24,7 +24,7 @@ from worker.errors import UsageError
 # jitter between the two must not push an 11th request into someone's sliding second.
 DEFAULT_HEADROOM = 0.03
 # Without --concurrency the runner adapts the requests in flight to the latency it measures,
-# up to this cap (runner.machine_cap also keeps it under the open-file limit).
+# up to this cap (runner/concurrency.machine_cap also keeps it under the open-file limit).
 DEFAULT_CAP: Final = 512
 
 N = TypeVar("N", int, float)

@@ -21,7 +21,7 @@ from worker.errors import Exit
 
 if TYPE_CHECKING:
     from worker.compose import Loop
-    from worker.runner import Controls
+    from worker.runner.controls import Controls
 
 SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 INTERRUPTED_EARLY: Final = "interrupted before anything was sent; nothing was changed"

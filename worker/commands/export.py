@@ -18,7 +18,7 @@ from worker.compose import Loop, Options
 from worker.errors import Exit, UsageError
 from worker.plan.export import export_lines
 from worker.records import Target
-from worker.runner import Controls
+from worker.runner.controls import Controls
 from worker.settings import Settings
 from worker.signing import Credentials
 

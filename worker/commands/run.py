@@ -23,7 +23,10 @@ from worker.manifest.values import Invalid, Scan
 from worker.plan import run_plan
 from worker.progress import Progress
 from worker.records import Action, Outcome, Result, RunHeader, Target
-from worker.runner import Controls, Runner, Work, stamp
+from worker.runner.controls import Controls
+from worker.runner.dispatch import Runner
+from worker.runner.stamps import stamp
+from worker.runner.work import Work
 from worker.settings import Settings
 from worker.signing import Credentials
 

@@ -28,7 +28,9 @@ from worker.manifest.values import Scan
 from worker.plan import reconcile
 from worker.progress import Progress
 from worker.records import RunHeader, Target
-from worker.runner import Controls, Runner, stamp
+from worker.runner.controls import Controls
+from worker.runner.dispatch import Runner
+from worker.runner.stamps import stamp
 from worker.settings import LIMITS, Settings
 from worker.signing import Credentials
 

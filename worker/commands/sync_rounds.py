@@ -29,7 +29,10 @@ from worker.manifest import spool
 from worker.manifest.values import Group, Invalid, Scan
 from worker.plan import reconcile, rounds
 from worker.records import Action, Outcome, Record, Result
-from worker.runner import Journal, Runner, Tally, Work, stamp
+from worker.runner.dispatch import Journal, Runner
+from worker.runner.stamps import stamp
+from worker.runner.tally import Tally
+from worker.runner.work import Work
 
 log = structlog.get_logger("worker")
 

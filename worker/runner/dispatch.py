@@ -9,10 +9,7 @@ waits for room in flight and for the pacer, then starts one task per request on 
 So pacing is one wait, not thousands of parked senders; memory holds only what is in flight
 and waiting to be retried, however long the source is.
 
-The in-flight limit follows latency (Little's law: in flight = rate x latency): it is sized
-from a moving average of answer times, and from the age of the oldest request still out
-(a request out for 3 s says the latency is at least 3 s before its answer does), never above
-the cap (`--concurrency`, else DEFAULT_CAP and what the open-file limit allows).
+The in-flight limit follows latency (Little's law; see worker.runner.concurrency).
 
 Stopping has two stages (as arq and Kubernetes do it). `drain()` cancels the dispatcher,
 which is only ever waiting (for room, for the pacer, for a retry to fall due): items it held
@@ -28,23 +25,17 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import logging
-import math
 import random
-import resource
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-import orjson
 import structlog
 
 from worker import api
-from worker.classify import Abort, Answer, Retry, Succeeded, Throttled, Verdict, backoff_s, classify
+from worker.classify import Answer, Retry, Throttled, Verdict, classify
 from worker.errors import (
     EndpointUnreachable,
     LedgerWriteError,
@@ -55,27 +46,20 @@ from worker.errors import (
 )
 from worker.ledger import FSYNC_EVERY_S
 from worker.pacing import Pacer
-from worker.records import DONE, Action, Intent, Outcome, Record, Result, StopReason
-from worker.retry import Finish, Stop, Wait, next_step
-from worker.settings import DEFAULT_CAP as DEFAULT_CAP_SETTING
+from worker.records import Action, Outcome, Record, Result, StopReason
+from worker.runner.concurrency import Concurrency, machine_cap
+from worker.runner.controls import Controls, interruptible
+from worker.runner.retry import Answered, Finish, Stop, Wait, next_step
+from worker.runner.stamps import stamp, utcnow
+from worker.runner.tally import Tally
+from worker.runner.work import Work, intent_of, log_result, result_of
 from worker.settings import Settings
 from worker.signing import Credentials, sign
 from worker.transport import Failure, Reachability, Sender
 
 log = structlog.get_logger("worker")
 
-DEFAULT_CAP = DEFAULT_CAP_SETTING  # in flight at most, unless --concurrency says otherwise
-MIN_IN_FLIGHT = 2
-START_LATENCY_S = 0.5  # the latency assumed before the first answer
 _ACTION_NAMES = {Action.CREATE: api.CREATE, Action.UPDATE: api.UPDATE, Action.DELETE: api.DELETE}
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def stamp(now: datetime) -> str:
-    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Journal(Protocol):
@@ -93,140 +77,6 @@ class Metrics(Protocol):
     def throttle(self) -> None: ...
     def retry(self) -> None: ...
     def in_flight(self, delta: int) -> None: ...
-
-
-@dataclass(slots=True)
-class Work:
-    """One item to write: what to send, and how its attempts went so far."""
-
-    action: Action
-    name: str
-    line: int
-    fingerprint: str | None
-    body: bytes  # the exact bytes signed and sent
-    sends: int = 0
-    attempts: int = 0  # failed sends that count against max_attempts (throttles do not)
-    started: str = ""
-    deadline: float = 0.0
-    last: Answer | None = None
-
-
-@dataclass(slots=True)
-class Tally:
-    """Live counts of one run: outcomes per action, skips, answer codes, requests."""
-
-    to_send: int = 0
-    outcomes: Counter[tuple[Action | None, Outcome]] = field(default_factory=Counter)
-    skipped: Counter[str] = field(default_factory=Counter)
-    planned: Counter[str] = field(default_factory=Counter)  # every plan decision, by reason
-    codes: Counter[str] = field(default_factory=Counter)
-    requests: int = 0
-    throttles: int = 0
-    retries: int = 0
-    started: float = field(default_factory=time.monotonic)
-    first_send: float | None = None
-    last_send: float | None = None
-
-    @property
-    def finished(self) -> int:
-        """Items with a result in this run (conflicts and invalid lines included)."""
-        return sum(self.outcomes.values())
-
-    @property
-    def rate(self) -> float:
-        """Requests per second between the first and the last send: what the pacer achieved
-        (a run's start-up and its last answer's latency are not part of it)."""
-        if self.first_send is None or self.last_send is None or self.requests < 2:
-            return 0.0
-        span = self.last_send - self.first_send
-        return (self.requests - 1) / span if span > 0 else 0.0
-
-    def count(self, outcome: Outcome) -> int:
-        return sum(n for (_, o), n in self.outcomes.items() if o is outcome)
-
-    def by_key(self) -> dict[str, int]:
-        """ "action/outcome" -> count, as the footer and the metrics name them."""
-        return {
-            f"{a or 'none'}/{o}": n
-            for (a, o), n in sorted(
-                self.outcomes.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))
-            )
-        }
-
-
-@dataclass(slots=True)
-class Controls:
-    """How a run is stopped gently. The CLI's signal handler and the runner both drain it."""
-
-    reason: StopReason | None = None
-    writes_started: bool = False  # a write request went out: a signal now drains gently
-    _on_drain: list[Callable[[], None]] = field(default_factory=list)
-
-    @property
-    def draining(self) -> bool:
-        return self.reason is not None
-
-    def drain(self, reason: StopReason = StopReason.SIGNAL) -> None:
-        if self.reason is not None:
-            return
-        self.reason = reason
-        for callback in self._on_drain:
-            callback()
-
-    def on_drain(self, callback: Callable[[], None]) -> None:
-        self._on_drain.append(callback)
-        if self.reason is not None:
-            callback()
-
-    def forget(self, callback: Callable[[], None]) -> None:
-        self._on_drain.remove(callback)
-
-
-class Concurrency:
-    """The in-flight limit: rate x latency (Little's law) with room to spare, capped."""
-
-    _ROOM = 1.5  # in flight = rate x latency x _ROOM (+1): latency varies from one to the next
-
-    def __init__(self, *, rate: float, cap: int, alpha: float = 0.2) -> None:
-        self._rate = rate
-        self.cap = cap
-        self._alpha = alpha
-        self.latency_s = START_LATENCY_S
-
-    def __repr__(self) -> str:
-        return f"<Concurrency limit={self.limit} latency={self.latency_s:.3f}s cap={self.cap}>"
-
-    @property
-    def limit(self) -> int:
-        want = math.ceil(self._rate * self.latency_s * self._ROOM) + 1
-        return max(MIN_IN_FLIGHT, min(self.cap, want))
-
-    def observe(self, latency_s: float) -> None:
-        # Rise at once (a slow server must not starve the rate), fall slowly.
-        if latency_s > self.latency_s:
-            self.latency_s = latency_s
-        else:
-            self.latency_s += self._alpha * (latency_s - self.latency_s)
-
-    def waiting(self, age_s: float) -> None:
-        """A request has been out `age_s` seconds without an answer: the latency is at least
-        that. Without this, the first answers of a slow server (2-4 s) would come only after
-        START_LATENCY_S worth of requests had starved the rate for seconds."""
-        self.latency_s = max(self.latency_s, age_s)
-
-    def latency_for(self, in_flight: int) -> float | None:
-        """The latency above which the limit exceeds `in_flight` (None: the cap is reached,
-        no latency makes room)."""
-        if in_flight >= self.cap:
-            return None
-        return max(0.0, in_flight - 1) / (self._rate * self._ROOM)
-
-
-def machine_cap(explicit: int | None) -> int:
-    """--concurrency, else DEFAULT_CAP; never more than the open-file limit leaves room for."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    room = max(MIN_IN_FLIGHT, (soft if soft != resource.RLIM_INFINITY else 1 << 20) - 64)
-    return min(explicit or DEFAULT_CAP, room)
 
 
 class Runner:
@@ -330,41 +180,46 @@ class Runner:
         return verdict
 
     async def read(self, action: str, body: bytes) -> dict[str, Any]:
-        """A read (List): paced, retried like any request, never recorded in the ledger.
-        Returns the answer's `Result`; raises ListingFailed when it cannot be had."""
-        policy = self.settings.retry
-        deadline = self.clock() + policy.item_deadline_s
+        """A read (List): paced, retried by `retry.next_step` like any request, never
+        recorded in the ledger. Returns the answer's `Result`; raises ListingFailed when it
+        cannot be had, RunAborted when the API refuses it."""
+        deadline = self.clock() + self.settings.retry.item_deadline_s
         attempts = 0
         while True:
             await self._paced()
             verdict = await self._send(action, body)
             if self.failure is not None:
                 raise self.failure
-            match verdict:
-                case Succeeded() if isinstance(verdict.result, dict):
-                    return verdict.result
-                case Abort():
-                    raise RunAborted(verdict.answer.code, verdict.answer.message, verdict.hint)
-                case Throttled():
-                    delay = verdict.retry_after_s or 0.0
-                case Retry():
-                    attempts += 1
-                    if attempts >= policy.max_attempts:
-                        raise ListingFailed(self._gave_up(action, verdict.answer))
-                    delay = backoff_s(attempts, policy, self.rng, verdict.retry_after_s)
-                    self.tally.retries += 1
-                case _:
+            step = next_step(
+                verdict,
+                action=None,
+                attempts=attempts,
+                policy=self.settings.retry,
+                rng=self.rng,
+                now=self.clock(),
+                deadline=deadline,
+            )
+            match step:
+                case Answered():
+                    return step.result
+                case Stop():
+                    raise RunAborted(step.answer.code, step.answer.message, step.hint)
+                case Finish() if step.outcome is Outcome.DEFERRED:
+                    raise ListingFailed(self._gave_up(action, step.answer))
+                case Finish():
                     # Refused (InvalidParam, ResourceNotFound, …): no retry or later run
                     # changes that answer; a human must look (exit 7), nothing was written.
-                    answer = verdict.answer
+                    answer = step.answer
                     raise RunAborted(
                         answer.code or f"HTTP{answer.status}",
                         answer.message,
                         f"the API refused the {action} request; nothing was changed",
                     )
-            if self.clock() + delay > deadline:
-                raise ListingFailed(self._gave_up(action, verdict.answer))
-            await self._interruptible(self.sleep(delay))
+                case Wait():
+                    if step.counts:
+                        attempts += 1
+                        self.tally.retries += 1
+                    await interruptible(self.controls, self.sleep(step.delay_s))
 
     def _gave_up(self, action: str, answer: Answer) -> str:
         return (
@@ -373,28 +228,7 @@ class Runner:
         )
 
     async def _paced(self) -> None:
-        await self._interruptible(self.pacer.acquire())
-
-    async def _interruptible(self, aw: Awaitable[None]) -> None:
-        """Await `aw` unless the run drains first (reads and set-up, not the hot path)."""
-        if self.controls.draining:
-            if asyncio.iscoroutine(aw):
-                aw.close()
-            raise asyncio.CancelledError
-        task = asyncio.ensure_future(aw)
-        me = asyncio.current_task()
-        assert me is not None
-
-        def cancel() -> None:
-            me.cancel()
-
-        self.controls.on_drain(cancel)
-        try:
-            await task
-        finally:
-            self.controls.forget(cancel)
-            if not task.done():
-                task.cancel()
+        await interruptible(self.controls, self.pacer.acquire())
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -521,22 +355,12 @@ class Runner:
         self._wake.set()
 
     async def _attempt(self, work: Work) -> None:
+        """One send of `work`: its intent, the request, and what the verdict makes of it."""
         work.sends += 1
         self.controls.writes_started = True
         now = self.wall()  # one reading for the intent and the signature: microseconds apart
         if self.ledger is not None:
-            self.ledger.append(
-                Intent(
-                    run_id=self.run_id,
-                    action=work.action,
-                    name=work.name,
-                    line=work.line,
-                    fingerprint=work.fingerprint,
-                    attempt=work.sends,
-                    at=stamp(now),
-                    body=orjson.loads(work.body),
-                )
-            )
+            self.ledger.append(intent_of(work, run_id=self.run_id, at=stamp(now)))
         self.sent_writes += 1
         if self.metrics is not None:
             self.metrics.in_flight(1)
@@ -546,6 +370,11 @@ class Runner:
             if self.metrics is not None:
                 self.metrics.in_flight(-1)
         work.last = verdict.answer
+        self._after(work, verdict)
+
+    def _after(self, work: Work, verdict: Verdict) -> None:
+        """Finish `work`, stop the run, or put it on the retry heap. Synchronous: a
+        cancellation cannot land between the decision and its record."""
         mono = self.clock()
         step = next_step(
             verdict,
@@ -589,25 +418,8 @@ class Runner:
 
     def _finish(self, work: Work, outcome: Outcome, answer: Answer | None) -> None:
         """Record the outcome. Synchronous on purpose: no await may split decide and write."""
-        self._record(
-            Result(
-                run_id=self.run_id,
-                action=work.action,
-                name=work.name,
-                outcome=outcome,
-                status=answer.status if answer else None,
-                code=answer.code if answer else "Interrupted",
-                message=answer.message if answer else "stopped before an answer",
-                request_id=answer.request_id if answer else "",
-                sends=work.sends,
-                fingerprint=work.fingerprint,
-                line=work.line,
-                started=work.started,
-                finished=stamp(self.wall()),
-                # For items not done: `report --failed` rebuilds the line from it.
-                body=None if outcome in DONE else orjson.loads(work.body),
-            )
-        )
+        finished = stamp(self.wall())
+        self._record(result_of(work, outcome, answer, run_id=self.run_id, finished=finished))
 
     def _record(self, result: Result) -> None:
         if self.ledger is not None:
@@ -615,27 +427,7 @@ class Runner:
         self.tally.outcomes[(result.action, result.outcome)] += 1
         if self.metrics is not None:
             self.metrics.item(str(result.action or "none"), str(result.outcome))
-        done = result.outcome in DONE
-        if not self._log.is_enabled_for(logging.INFO if done else logging.WARNING):
-            return  # -q: build no event nobody will see
-        event = self._log.info if done else self._log.warning
-        extra = (
-            {"code": result.code, "message": result.message}
-            if result.outcome not in (Outcome.CREATED, Outcome.UPDATED, Outcome.DELETED)
-            and result.code
-            else {}
-        )
-        event(
-            f"group.{result.outcome}",
-            action=str(result.action or "none"),
-            name=result.name,
-            line=result.line,
-            sends=result.sends,
-            status=result.status,
-            request_id=result.request_id or None,
-            duration_s=_duration(result),
-            **extra,
-        )
+        log_result(self._log, result)
 
     async def _tick(self) -> None:
         while True:
@@ -644,12 +436,3 @@ class Runner:
                 await asyncio.to_thread(self.ledger.sync)
             if self.on_tick is not None:
                 self.on_tick(self.tally)
-
-
-def _duration(result: Result) -> float | None:
-    try:
-        a = datetime.fromisoformat(result.started.replace("Z", "+00:00"))
-        b = datetime.fromisoformat(result.finished.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return round((b - a).total_seconds(), 3)
