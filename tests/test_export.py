@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from worker import manifest
-from worker.account import Listed, Listing
+from worker.api.account import Listed, Listing
 from worker.export import export_lines
 from worker.manifest import Group
 from worker.reconcile import in_sync, plan_sync

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import cli_env, run_worker, write_manifest
 from worker import reconcile
-from worker.account import Listed
+from worker.api.account import Listed
 from worker.errors import PlanRefused, Problem
 from worker.line_names import names_of
 from worker.manifest import Invalid, read, recall, remember, scan

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 
 from tests.conftest import max_in_window
-from worker.pacing import SLACK_S, LocalPacer
+from worker.pacing.local import SLACK_S, LocalPacer
 from worker.settings import Pacing
 
 

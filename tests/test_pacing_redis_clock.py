@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.pacing_redis import MARK_S, Mark, best_mark
+from worker.pacing.shared import MARK_S, Mark, best_mark
 
 
 def test_a_mark_places_a_redis_instant_between_its_bounds() -> None:

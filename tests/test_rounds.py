@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from worker import rounds
-from worker.account import Listed
+from worker.api.account import Listed
 from worker.commands.sync_rounds import Rounds
 from worker.reconcile import Scope
 

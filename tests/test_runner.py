@@ -16,12 +16,12 @@ from typing import Any
 import orjson
 import pytest
 
+from worker.api.signing import Credentials
+from worker.api.transport import Failure, Response
 from worker.errors import EndpointUnreachable, LedgerWriteError, RunAborted
 from worker.records import Action, Intent, Outcome, Record, Result, StopReason
 from worker.runner import Controls, Runner, Work
 from worker.settings import Pacing, RetryPolicy, Settings
-from worker.signing import Credentials
-from worker.transport import Failure, Response
 
 
 def envelope(code: str = "", status: int = 200, result: Any = None) -> Response:

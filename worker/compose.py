@@ -21,7 +21,10 @@ from typing import Any, Protocol
 
 import structlog
 
-from worker import credentials, manifest
+from worker import manifest
+from worker.api import credentials
+from worker.api.signing import Credentials
+from worker.api.transport import MAX_BODY_BYTES, Reachability, Transport
 from worker.errors import (
     Exit,
     LedgerError,
@@ -32,13 +35,11 @@ from worker.errors import (
 )
 from worker.ledger import Ledger
 from worker.metrics import Metrics
-from worker.pacing import LocalPacer, Pacer
+from worker.pacing.local import LocalPacer, Pacer
 from worker.progress import Progress
 from worker.records import Footer, Outcome, RunHeader, StopReason, Target
 from worker.runner import Controls, Runner, Tally, machine_cap, stamp, utcnow
 from worker.settings import Settings, redact_url
-from worker.signing import Credentials
-from worker.transport import MAX_BODY_BYTES, Reachability, Transport
 
 log = structlog.get_logger("worker")
 
@@ -208,7 +209,7 @@ async def _pacer(settings: Settings, creds: Credentials) -> AsyncIterator[Pacer]
     if not settings.limiter_url:
         yield LocalPacer(settings.pacing)
         return
-    from worker.pacing_redis import RedisPacer  # only runs with --limiter pay for redis-py
+    from worker.pacing.shared import RedisPacer  # only runs with --limiter pay for redis-py
 
     async with RedisPacer(
         settings.limiter_url,

@@ -45,7 +45,8 @@ from typing import IO, Any, Final, Self
 
 import orjson
 
-from worker import __version__, api, line_names
+from worker import __version__, line_names
+from worker.api import spec
 from worker.errors import ManifestError, Problem, SpoolError
 
 MAX_LINE_BYTES = 1 << 20  # a group body is tiny; a longer line is a mistake, not data
@@ -211,7 +212,7 @@ def _scan(
             if seen.add(h):
                 suspects.add(h)
             groups += 1
-            # A Name holds no TAB (api.name_problem) and canonical JSON no newline. The
+            # A Name holds no TAB (spec.name_problem) and canonical JSON no newline. The
             # fingerprint is kept so that no later pass hashes the body again.
             spooled.write(
                 b"G"
@@ -543,31 +544,33 @@ def _parse(path: Path, lineno: int, raw: bytes) -> Group | list[Problem] | None:
     except orjson.JSONDecodeError as exc:
         return problem("line", f"is not valid JSON ({exc.msg} at column {exc.colno})")
     if not isinstance(obj, dict):
-        return problem("line", f"must be a JSON object, not {api.json_type(obj)}")
+        return problem("line", f"must be a JSON object, not {spec.json_type(obj)}")
     if (twice := _repeated_key(text, obj)) is not None:
         # JSON parsers disagree on which one counts (orjson keeps the last): ambiguous, so
         # refused rather than guessed.
         return problem(twice, "is given twice in one object; give it once")
     problems = [
-        Problem(where, lineno, api.label(k), "unknown field (allowed: Name, ProjectName, Tags)")
-        for k in sorted(set(obj) - api.CREATE_FIELDS)
+        Problem(where, lineno, spec.label(k), "unknown field (allowed: Name, ProjectName, Tags)")
+        for k in sorted(set(obj) - spec.CREATE_FIELDS)
     ]
     name = obj.get("Name")
     if "Name" not in obj:
         problems.append(Problem(where, lineno, "Name", "is required"))
-    elif (reason := api.name_problem(name)) is not None:
+    elif (reason := spec.name_problem(name)) is not None:
         problems.append(Problem(where, lineno, "Name", reason))
-    project = obj.get("ProjectName", api.DEFAULT_PROJECT)
+    project = obj.get("ProjectName", spec.DEFAULT_PROJECT)
     if not isinstance(project, str):
         problems.append(
-            Problem(where, lineno, "ProjectName", f"must be a string, not {api.json_type(project)}")
+            Problem(
+                where, lineno, "ProjectName", f"must be a string, not {spec.json_type(project)}"
+            )
         )
     elif not project:
         problems.append(
             Problem(where, lineno, "ProjectName", "must not be empty (leave it out for 'default')")
         )
     tags = obj.get("Tags", [])
-    problems.extend(Problem(where, lineno, f, r) for f, r in api.tags_problems(tags))
+    problems.extend(Problem(where, lineno, f, r) for f, r in spec.tags_problems(tags))
     if problems:
         return problems
     assert isinstance(name, str)
@@ -611,8 +614,8 @@ def _repeated_key(text: str, obj: dict[str, Any]) -> str | None:
     if where is not decoded and isinstance(tags, list):
         for i, tag in enumerate(tags):
             if tag is where:
-                return f"Tags[{i}].{api.label(key)}"
-    return api.label(key)
+                return f"Tags[{i}].{spec.label(key)}"
+    return spec.label(key)
 
 
 def _group(name: str, project: str, tags: list[dict[str, str]], lineno: int) -> Group:
@@ -649,7 +652,7 @@ def _name_of(raw: bytes) -> str | None:
 # (`recall`). The spool is derived and never trusted blindly: it must be a regular file of
 # ours (owner, no symbolic link), its header must parse, and one sha256 over its header's
 # fields and its records must match (so a torn or edited copy is validated afresh). The
-# rules are the code that validates (api.py and this module), hashed: an upgrade, even one
+# rules are the code that validates (api/spec.py and this module), hashed: an upgrade, even one
 # that keeps the version number, validates afresh. Deleting the spool is always safe. It
 # never stops a run: a spool that cannot be kept or read is simply not used, and it is not
 # kept when it would leave the disk with less free space than its own size (or 64 MiB): the
@@ -667,7 +670,7 @@ def _rules() -> str | None:
     nothing is remembered or recalled)."""
     digest = hashlib.sha256(__version__.encode())
     try:
-        for module in (api.__file__, line_names.__file__, __file__):
+        for module in (spec.__file__, line_names.__file__, __file__):
             with open(module, "rb") as f:
                 digest.update(f.read())
     except (OSError, TypeError):

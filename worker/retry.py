@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import assert_never
 
-from worker.classify import (
+from worker.api.classify import (
     Abort,
     Answer,
     Exists,

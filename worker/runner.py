@@ -43,8 +43,19 @@ from urllib.parse import urlsplit
 import orjson
 import structlog
 
-from worker import api
-from worker.classify import Abort, Answer, Retry, Succeeded, Throttled, Verdict, backoff_s, classify
+from worker.api import spec
+from worker.api.classify import (
+    Abort,
+    Answer,
+    Retry,
+    Succeeded,
+    Throttled,
+    Verdict,
+    backoff_s,
+    classify,
+)
+from worker.api.signing import Credentials, sign
+from worker.api.transport import Failure, Reachability, Sender
 from worker.errors import (
     EndpointUnreachable,
     LedgerWriteError,
@@ -54,20 +65,18 @@ from worker.errors import (
     WorkerError,
 )
 from worker.ledger import FSYNC_EVERY_S
-from worker.pacing import Pacer
+from worker.pacing.local import Pacer
 from worker.records import DONE, Action, Intent, Outcome, Record, Result, StopReason
 from worker.retry import Finish, Stop, Wait, next_step
 from worker.settings import DEFAULT_CAP as DEFAULT_CAP_SETTING
 from worker.settings import Settings
-from worker.signing import Credentials, sign
-from worker.transport import Failure, Reachability, Sender
 
 log = structlog.get_logger("worker")
 
 DEFAULT_CAP = DEFAULT_CAP_SETTING  # in flight at most, unless --concurrency says otherwise
 MIN_IN_FLIGHT = 2
 START_LATENCY_S = 0.5  # the latency assumed before the first answer
-_ACTION_NAMES = {Action.CREATE: api.CREATE, Action.UPDATE: api.UPDATE, Action.DELETE: api.DELETE}
+_ACTION_NAMES = {Action.CREATE: spec.CREATE, Action.UPDATE: spec.UPDATE, Action.DELETE: spec.DELETE}
 
 
 def utcnow() -> datetime:
@@ -285,7 +294,7 @@ class Runner:
     async def _send(self, action: str, body: bytes, now: datetime | None = None) -> Verdict:
         """Sign (after pacing admitted it: an X-Date that waited goes stale), send, classify.
         `now`: the wall time already read for this attempt's intent, if any."""
-        query = {"Action": action, "Version": api.VERSION}
+        query = {"Action": action, "Version": spec.VERSION}
         headers = sign(
             method="POST",
             host=self._host,

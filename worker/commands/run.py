@@ -15,6 +15,7 @@ from typing import IO
 import structlog
 
 from worker import __version__, compose, ledger, manifest, plan
+from worker.api.signing import Credentials
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
 from worker.ledger import Ledger
@@ -22,7 +23,6 @@ from worker.progress import Progress
 from worker.records import Action, Outcome, Result, RunHeader, Target
 from worker.runner import Controls, Runner, Work, stamp
 from worker.settings import Settings
-from worker.signing import Credentials
 
 log = structlog.get_logger("worker")
 

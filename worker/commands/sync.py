@@ -18,7 +18,8 @@ import orjson
 import structlog
 
 from worker import __version__, compose, manifest, reconcile
-from worker.account import Listed
+from worker.api.account import Listed
+from worker.api.signing import Credentials
 from worker.commands.sync_rounds import Rounds, fresh_s_from_env, list_once
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
@@ -27,7 +28,6 @@ from worker.progress import Progress
 from worker.records import RunHeader, Target
 from worker.runner import Controls, Runner, stamp
 from worker.settings import LIMITS, Settings
-from worker.signing import Credentials
 
 log = structlog.get_logger("worker")
 

@@ -58,7 +58,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
 from worker.errors import LimiterRefused, LimiterUnavailable
-from worker.pacing import MIN_RATE, SLACK_S
+from worker.pacing.local import MIN_RATE, SLACK_S
 from worker.settings import Pacing, redact_url
 
 log = structlog.get_logger("worker")

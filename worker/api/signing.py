@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Final
 from urllib.parse import quote
 
-from worker.api import SERVICE
+from worker.api.spec import SERVICE
 
 ALGORITHM = "HMAC-SHA256"
 

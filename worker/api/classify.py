@@ -66,17 +66,17 @@ from typing import Any
 
 import orjson
 
-from worker import api
+from worker.api import spec
+from worker.api.transport import Failure, Response
 from worker.settings import RetryPolicy
-from worker.transport import Failure, Response
 
 CODE_MAX = 64
 MESSAGE_MAX = 300
 REQUEST_ID_MAX = 128
 DEFAULT_RETRY_AFTER_MAX_S = RetryPolicy().retry_after_max_s
 
-EXISTS = api.EXISTS
-NOT_FOUND = api.NOT_FOUND
+EXISTS = spec.EXISTS
+NOT_FOUND = spec.NOT_FOUND
 RETRYABLE_CODES = frozenset(
     {
         "CommonErr",
