@@ -46,7 +46,8 @@ from bench.harness import SandboxProc, max_in_window, start_sandbox
 from worker.api import spec
 from worker.api.signing import Credentials, sign
 from worker.api.transport import Response, Transport
-from worker.pacing.local import LocalPacer, Pacer
+from worker.pacing.budget import Pacer
+from worker.pacing.local import LocalPacer
 from worker.settings import Pacing
 
 AK, SK = "AKBENCH", "SKbenchsecret"

@@ -35,7 +35,8 @@ from tests.conftest import (
     worker_cmd,
     write_manifest,
 )
-from worker.pacing.shared import RedisPacer, budget_key
+from worker.pacing.redis_scripts import budget_key
+from worker.pacing.shared import RedisPacer
 from worker.settings import Pacing
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -390,7 +391,7 @@ def _late_send_moves_schedule(redis_url: str, callers: int) -> tuple[int, int]:
     """(how far TAT moved past the slots booked, what the late reports should move it)."""
     import redis.asyncio as aioredis
 
-    from worker.pacing.local import SLACK_S
+    from worker.pacing.budget import SLACK_S
 
     late = 0.050
     pacing = Pacing(rate=20)  # 3 slots fit in the horizon: no caller polls

@@ -35,7 +35,8 @@ from worker.errors import (
 )
 from worker.ledger import Ledger
 from worker.metrics import Metrics
-from worker.pacing.local import LocalPacer, Pacer
+from worker.pacing.budget import Pacer
+from worker.pacing.local import LocalPacer
 from worker.progress import Progress
 from worker.records import Footer, Outcome, RunHeader, StopReason, Target
 from worker.runner import Controls, Runner, Tally, machine_cap, stamp, utcnow

@@ -65,7 +65,7 @@ from worker.errors import (
     WorkerError,
 )
 from worker.ledger import FSYNC_EVERY_S
-from worker.pacing.local import Pacer
+from worker.pacing.budget import Pacer
 from worker.records import DONE, Action, Intent, Outcome, Record, Result, StopReason
 from worker.retry import Finish, Stop, Wait, next_step
 from worker.settings import DEFAULT_CAP as DEFAULT_CAP_SETTING
