@@ -84,7 +84,7 @@ LIMITS: Final[dict[str, Limit]] = {
     limit.flag: limit
     for limit in (
         # Floor: at 0.2/s a request leaves every 5 s, so a run shows progress well inside any
-        # deadline; it is also the cool-down's floor (pacing.MIN_RATE), which a slower target
+        # deadline; it is also the cool-down's floor (pacing.budget.MIN_RATE), which a slower target
         # would sit under. 1e-300 was accepted and then waited 1e300 s for its first request.
         Limit(flag="rate", low=MIN_RATE_FLAG, high=10_000),
         Limit(flag="headroom", low=0, high=0.5, high_open=True),
