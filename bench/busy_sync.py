@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.harness import start_sandbox
-from worker import api
+from worker.api import spec
 
 AK, SK = "AKBENCHBUSY", "SKbenchbusysecret"
 
@@ -74,8 +74,8 @@ def measure(tmp: Path, label: str, src: Path | None, others: int, churn: float) 
         sb.stop()
     tail = done.stderr.strip().splitlines()[-1][:160] if done.returncode else ""
     return (
-        f"{label:7} exit {done.returncode}  List {actions[api.LIST]:4}  "
-        f"Create {actions[api.CREATE]:3}  wall {wall:6.1f} s  manifest groups there "
+        f"{label:7} exit {done.returncode}  List {actions[spec.LIST]:4}  "
+        f"Create {actions[spec.CREATE]:3}  wall {wall:6.1f} s  manifest groups there "
         f"{there}/100" + (f"\n        last line: {tail}" if tail else "")
     )
 

@@ -51,12 +51,12 @@ async def _floor_loop(url: str, n: int, in_flight: int) -> float:
     """CPU seconds of signing and posting n bodies, in_flight at a time."""
     import aiohttp
 
-    from worker import api
-    from worker.signing import Credentials, sign
+    from worker.api import spec
+    from worker.api.signing import Credentials, sign
 
     creds = Credentials(access_key=AK, secret_key=SK)
     host = url.split("//", 1)[1]
-    query = {"Action": api.CREATE, "Version": api.VERSION}
+    query = {"Action": spec.CREATE, "Version": spec.VERSION}
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
@@ -73,7 +73,7 @@ async def _floor_loop(url: str, n: int, in_flight: int) -> float:
                 content_type="application/json",
                 body=body,
                 credentials=creds,
-                region=api.DEFAULT_REGION,
+                region=spec.DEFAULT_REGION,
                 now=_now(),
             )
             async with session.post(url + "/", params=query, headers=headers, data=body) as resp:

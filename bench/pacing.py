@@ -43,11 +43,12 @@ import orjson
 from aiolimiter import AsyncLimiter
 
 from bench.harness import SandboxProc, max_in_window, start_sandbox
-from worker import api
-from worker.pacing import LocalPacer, Pacer
+from worker.api import spec
+from worker.api.signing import Credentials, sign
+from worker.api.transport import Response, Transport
+from worker.pacing.budget import Pacer
+from worker.pacing.local import LocalPacer
 from worker.settings import Pacing
-from worker.signing import Credentials, sign
-from worker.transport import Response, Transport
 
 AK, SK = "AKBENCH", "SKbenchsecret"
 
@@ -119,7 +120,7 @@ class AiolimiterPacer:
 async def run_paced(sb: SandboxProc, groups: int, pacer: Pacer, concurrency: int) -> None:
     """Send every group through `pacer`, retrying FlowLimitExceeded after telling the pacer."""
     creds = Credentials(access_key=AK, secret_key=SK)
-    query = {"Action": api.CREATE, "Version": api.VERSION}
+    query = {"Action": spec.CREATE, "Version": spec.VERSION}
     host = urlsplit(sb.url).netloc
     names = iter(range(groups))
     async with Transport(sb.url, timeout_s=15, max_connections=concurrency) as transport:
@@ -153,7 +154,7 @@ async def run_paced(sb: SandboxProc, groups: int, pacer: Pacer, concurrency: int
 
 async def run_naive(sb: SandboxProc, groups: int, limiter: AsyncLimiter, concurrency: int) -> None:
     creds = Credentials(access_key=AK, secret_key=SK)
-    query = {"Action": api.CREATE, "Version": api.VERSION}
+    query = {"Action": spec.CREATE, "Version": spec.VERSION}
     host = urlsplit(sb.url).netloc
     names = iter(range(groups))
     async with Transport(sb.url, timeout_s=15, max_connections=concurrency) as transport:

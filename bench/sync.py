@@ -45,12 +45,12 @@ from pathlib import Path
 from types import FrameType
 
 from bench.harness import SandboxProc, start_sandbox
-from worker import api
+from worker.api import spec
 from worker.settings import Pacing
 
 AK, SK = "AKBENCHSYNC", "SKbenchsyncsecret"
 SHORT = {
-    api.LIST: "List",
+    spec.LIST: "List",
     "CreatePullToPushGroup": "Create",
     "UpdatePullToPushGroup": "Update",
     "DeletePullToPushGroup": "Delete",

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from worker.account import (
+from worker.api.account import (
     MAX_PAGES,
     PAGE_SIZE,
     Interner,

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from worker.classify import (
+from worker.api.classify import (
     ABORT_CODES,
     CODE_MAX,
     MESSAGE_MAX,
@@ -28,8 +28,8 @@ from worker.classify import (
     clean_text,
     parse_retry_after,
 )
+from worker.api.transport import Failure, Response
 from worker.settings import RetryPolicy
-from worker.transport import Failure, Response
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

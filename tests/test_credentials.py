@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from worker.credentials import MAX_FILE_BYTES, Loaded, load
+from worker.api.credentials import MAX_FILE_BYTES, Loaded, load
+from worker.api.signing import Credentials
 from worker.errors import CredentialsError
-from worker.signing import Credentials
 
 SECRET = "SkS3cr3tValue"
 

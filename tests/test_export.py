@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from worker.account import Listed, Listing
+from worker.api.account import Listed, Listing
 from worker.manifest import source, spool
 from worker.manifest.values import Group
 from worker.plan.export import export_lines

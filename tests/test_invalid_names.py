@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import cli_env, run_worker, write_manifest
-from worker.account import Listed
+from worker.api.account import Listed
 from worker.errors import PlanRefused, Problem
 from worker.manifest.line_names import names_of
 from worker.manifest.remembered import recall, remember

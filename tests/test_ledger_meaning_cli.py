@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import AK, cli_env, run_worker, write_manifest
 from tests.test_ledger import header, intent, line, result
 from tests.test_report import groups_of
-from worker import api
+from worker.api import spec
 from worker.records import Action, Outcome, Target
 
 pytestmark = pytest.mark.slow  # real processes
@@ -72,7 +72,7 @@ def test_every_reader_takes_a_syncs_words_for_what_they_say(
     held = write_manifest(tmp_path / "held.jsonl", [group("Upd"), group("Cre"), group("Rej")])
     sb = sandbox_factory("--rate", "50", "--preload", str(held))
     fps = {n: g.fingerprint for n, g in groups_of(manifest).items()}
-    target = Target(endpoint=sb.url, region=api.DEFAULT_REGION, access_key=AK)
+    target = Target(endpoint=sb.url, region=spec.DEFAULT_REGION, access_key=AK)
 
     def said(name: str, action: Action | None, outcome: Outcome, *, fp: bool = True) -> Any:
         got = result(name, outcome, fps[name] if fp else None)

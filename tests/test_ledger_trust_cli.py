@@ -16,7 +16,8 @@ import pytest
 from tests.conftest import AK, cli_env, names, run_worker, worker_cmd, write_manifest
 from tests.test_ledger import footer, header, intent, line, result
 from tests.test_report import groups_of
-from worker import api, index
+from worker import index
+from worker.api import spec
 from worker.errors import Exit
 from worker.ledger import probe_lock
 from worker.records import Outcome, Target
@@ -106,7 +107,7 @@ def _ledger_with(tmp: Path, sb: Any, manifest: Path, outcome: Outcome, folder: s
     index and leaves it clean)."""
     where = tmp / folder
     where.mkdir()
-    target = Target(endpoint=sb.url, region=api.DEFAULT_REGION, access_key=AK)
+    target = Target(endpoint=sb.url, region=spec.DEFAULT_REGION, access_key=AK)
     x = groups_of(manifest)["X"]
     ledger = where / "l.jsonl"
     ledger.write_bytes(

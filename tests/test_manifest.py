@@ -23,13 +23,13 @@ import aiohttp
 import orjson
 import pytest
 
-from worker import api
+from worker.api import spec
+from worker.api.signing import Credentials, sign
 from worker.errors import Exit, LedgerWriteError, ManifestError, SpoolError
 from worker.manifest.source import scan
 from worker.manifest.spool import read
 from worker.manifest.values import MAX_SKIPPED_LINE_BYTES, Group, Invalid, Scan
 from worker.sandbox import SandboxConfig, serve
-from worker.signing import Credentials, sign
 
 CORPUS = Path(__file__).parent / "hostile_manifests"
 
@@ -144,7 +144,7 @@ def test_each_problem_is_named(tmp_path: Path, line: str, expected: str) -> None
 def test_chinese_characters_are_exactly_u4e00_to_u9fa5(char: str, allowed: bool) -> None:
     """Names follow the Live API's class \\u4e00-\\u9fa5 exactly; a refusal names the character
     and its code point."""
-    reason = api.name_problem(f"群组{char}")
+    reason = spec.name_problem(f"群组{char}")
     if allowed:
         assert reason is None
     else:
@@ -416,13 +416,13 @@ NAMES_AT_THE_EDGES = [
 
 
 def test_sandbox_refuses_exactly_what_the_validator_refuses() -> None:
-    """Over HTTP, the in-process sandbox creates a Name iff api.name_problem accepts it, and
+    """Over HTTP, the in-process sandbox creates a Name iff spec.name_problem accepts it, and
     refuses the rest with InvalidParam: the two rules cannot drift apart."""
     creds = Credentials(access_key="AKNAMES", secret_key="SKnames")
 
     async def create(session: aiohttp.ClientSession, url: str, name: str) -> tuple[int, str]:
         body = orjson.dumps({"Name": name, "ProjectName": "default"})
-        query = {"Action": api.CREATE, "Version": api.VERSION}
+        query = {"Action": spec.CREATE, "Version": spec.VERSION}
         headers = sign(
             method="POST",
             host=urlsplit(url).netloc,
@@ -431,7 +431,7 @@ def test_sandbox_refuses_exactly_what_the_validator_refuses() -> None:
             content_type="application/json",
             body=body,
             credentials=creds,
-            region=api.DEFAULT_REGION,
+            region=spec.DEFAULT_REGION,
             now=datetime.now(UTC),
         )
         async with session.post(
@@ -446,7 +446,7 @@ def test_sandbox_refuses_exactly_what_the_validator_refuses() -> None:
             return [(n, await create(session, sb.url, n)) for n in NAMES_AT_THE_EDGES]
 
     for name, answer in asyncio.run(main()):
-        expected = (200, "") if api.name_problem(name) is None else (400, "InvalidParam")
+        expected = (200, "") if spec.name_problem(name) is None else (400, "InvalidParam")
         assert answer == expected, (name, answer)
 
 

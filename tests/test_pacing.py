@@ -6,7 +6,8 @@ import asyncio
 import itertools
 
 from tests.conftest import max_in_window
-from worker.pacing import SLACK_S, LocalPacer
+from worker.pacing.budget import SLACK_S
+from worker.pacing.local import LocalPacer
 from worker.settings import Pacing
 
 

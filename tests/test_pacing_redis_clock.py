@@ -1,8 +1,8 @@
-"""Reading Redis's clock in local time (worker.pacing_redis.Mark, best_mark): pure, no Redis."""
+"""Reading Redis's clock in local time (worker.pacing.redis_clock): pure, no Redis."""
 
 from __future__ import annotations
 
-from worker.pacing_redis import MARK_S, Mark, best_mark
+from worker.pacing.redis_clock import MARK_S, Mark, best_mark
 
 
 def test_a_mark_places_a_redis_instant_between_its_bounds() -> None:

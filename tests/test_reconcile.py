@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from worker.account import Listed, Tag
+from worker.api.account import Listed, Tag
 from worker.errors import Exit, PlanRefused, Problem, UsageError
 from worker.manifest.values import Group, Invalid
 from worker.plan.reconcile import (

@@ -35,7 +35,8 @@ from tests.conftest import (
     worker_cmd,
     write_manifest,
 )
-from worker.pacing_redis import RedisPacer, budget_key
+from worker.pacing.redis_scripts import budget_key
+from worker.pacing.shared import RedisPacer
 from worker.settings import Pacing
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -390,7 +391,7 @@ def _late_send_moves_schedule(redis_url: str, callers: int) -> tuple[int, int]:
     """(how far TAT moved past the slots booked, what the late reports should move it)."""
     import redis.asyncio as aioredis
 
-    from worker.pacing import SLACK_S
+    from worker.pacing.budget import SLACK_S
 
     late = 0.050
     pacing = Pacing(rate=20)  # 3 slots fit in the horizon: no caller polls
@@ -443,7 +444,7 @@ def test_a_run_of_late_sends_moves_the_schedule_once(redis_url: str) -> None:
 
 def test_stall_past_late_limit_lets_the_slot_go(redis_url: str) -> None:
     """A caller woken LATE_S past its slot does not send into others' slots: it books anew."""
-    from worker.pacing_redis import LATE_S
+    from worker.pacing.shared import LATE_S
 
     async def main() -> dict[str, float]:
         clock = LateClock()

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from worker.classify import (
+from worker.api.classify import (
     Abort,
     Answer,
     Exists,

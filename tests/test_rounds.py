@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.account import Listed
+from worker.api.account import Listed
 from worker.commands.sync_rounds import Rounds
 from worker.plan import rounds
 from worker.plan.reconcile import Scope

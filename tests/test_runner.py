@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 import pytest
 
+from worker.api.signing import Credentials
+from worker.api.transport import Failure, Response
 from worker.errors import EndpointUnreachable, LedgerWriteError, ListingFailed, RunAborted
 from worker.records import Action, Intent, Outcome, Record, Result, StopReason
 from worker.runner.controls import Controls
@@ -23,8 +25,6 @@ from worker.runner.dispatch import Runner
 from worker.runner.stamps import seconds_between, stamp
 from worker.runner.work import Work
 from worker.settings import Pacing, RetryPolicy, Settings
-from worker.signing import Credentials
-from worker.transport import Failure, Response
 
 
 def envelope(code: str = "", status: int = 200, result: Any = None) -> Response:

@@ -22,7 +22,8 @@ import aiohttp
 import orjson
 import pytest
 
-from worker import api
+from worker.api import spec
+from worker.api.signing import Credentials, sign
 from worker.errors import UsageError
 from worker.sandbox import Running, SandboxConfig, serve
 from worker.sandbox.app import SandboxApp
@@ -30,7 +31,6 @@ from worker.sandbox.envelope import ApiError
 from worker.sandbox.service import Service
 from worker.sandbox.store import Stored
 from worker.sandbox.window import SlidingWindow
-from worker.signing import Credentials, sign
 
 T = TypeVar("T")
 KEYS = {"AKSB": "SKsandbox"}
@@ -60,7 +60,7 @@ async def call(
     *,
     creds: Credentials = GOOD,
     now: datetime | None = None,
-    version: str = api.VERSION,
+    version: str = spec.VERSION,
     region: str = "cn-north-1",
     edit: Callable[[dict[str, str]], None] | None = None,
     raw: bytes | None = None,
@@ -132,7 +132,7 @@ async def _groups(sb: Running) -> dict[str, dict[str, Any]]:
 
 
 async def _list(sb: Running, **body: Any) -> dict[str, Any]:
-    return result_of(await call(sb, api.LIST, {"PageNum": 1, "PageSize": 1000, **body}))
+    return result_of(await call(sb, spec.LIST, {"PageNum": 1, "PageSize": 1000, **body}))
 
 
 class FakeClock:
@@ -151,27 +151,29 @@ def test_create_list_update_delete() -> None:
 
     async def t(sb: Running) -> None:
         body = {"Name": "华北群组1", "ProjectName": "default", "Tags": [TAG]}
-        resp = await call(sb, api.CREATE, body)
+        resp = await call(sb, spec.CREATE, body)
         assert code_of(resp) == (200, "")
         assert isinstance(resp, Reply)
         meta = orjson.loads(resp.body)["ResponseMetadata"]
-        assert meta["Action"] == api.CREATE and meta["RequestId"] and meta["Region"] == "cn-north-1"
+        assert (
+            meta["Action"] == spec.CREATE and meta["RequestId"] and meta["Region"] == "cn-north-1"
+        )
         assert "Result" not in orjson.loads(resp.body)
-        assert code_of(await call(sb, api.CREATE, body)) == (429, "RequestLimitExceeded.Exist")
+        assert code_of(await call(sb, spec.CREATE, body)) == (429, "RequestLimitExceeded.Exist")
         result = await _list(sb)
         assert result == {
             "Total": 1,
             "List": [{"Name": "华北群组1", "ProjectName": "default", "Status": 0, "Tags": [TAG]}],
         }
         new_tags = [{"Key": "a", "Value": "b", "Category": "System"}]
-        assert code_of(await call(sb, api.UPDATE, {"Name": "华北群组1", "Tags": new_tags})) == (
+        assert code_of(await call(sb, spec.UPDATE, {"Name": "华北群组1", "Tags": new_tags})) == (
             200,
             "",
         )
-        assert code_of(await call(sb, api.DELETE, {"Name": "华北群组1"})) == (200, "")
+        assert code_of(await call(sb, spec.DELETE, {"Name": "华北群组1"})) == (200, "")
         deleted = await _list(sb, StatusList=[1])
         assert deleted["List"][0]["Status"] == 1 and deleted["List"][0]["Tags"] == new_tags
-        assert code_of(await call(sb, api.DELETE, {"Name": "nope"})) == (404, "ResourceNotFound")
+        assert code_of(await call(sb, spec.DELETE, {"Name": "nope"})) == (404, "ResourceNotFound")
 
     with_sandbox(t, rate=100)
 
@@ -181,7 +183,7 @@ def test_unknown_action_or_version() -> None:
 
     async def t(sb: Running) -> None:
         assert code_of(await call(sb, "CreateSomething", {})) == (404, "InvalidActionOrVersion")
-        assert code_of(await call(sb, api.CREATE, {"Name": "a"}, version="2020-01-01")) == (
+        assert code_of(await call(sb, spec.CREATE, {"Name": "a"}, version="2020-01-01")) == (
             404,
             "InvalidActionOrVersion",
         )
@@ -198,19 +200,21 @@ def test_authentication_errors() -> None:
         def drop_auth(h: dict[str, str]) -> None:
             del h["Authorization"]
 
-        assert code_of(await call(sb, api.CREATE, body, edit=drop_auth)) == (
+        assert code_of(await call(sb, spec.CREATE, body, edit=drop_auth)) == (
             401,
             "MissingAuthenticationToken",
         )
         assert code_of(
-            await call(sb, api.CREATE, body, creds=Credentials(access_key="AKNOPE", secret_key="x"))
+            await call(
+                sb, spec.CREATE, body, creds=Credentials(access_key="AKNOPE", secret_key="x")
+            )
         ) == (401, "InvalidAccessKey")
         assert code_of(
             await call(
-                sb, api.CREATE, body, creds=Credentials(access_key="AKSB", secret_key="wrong")
+                sb, spec.CREATE, body, creds=Credentials(access_key="AKSB", secret_key="wrong")
             )
         ) == (401, "SignatureDoesNotMatch")
-        assert code_of(await call(sb, api.CREATE, body, region="cn-beijing")) == (
+        assert code_of(await call(sb, spec.CREATE, body, region="cn-beijing")) == (
             401,
             "SignatureDoesNotMatch",
         )
@@ -218,7 +222,7 @@ def test_authentication_errors() -> None:
         def wrong_hash(h: dict[str, str]) -> None:
             h["X-Content-Sha256"] = "0" * 64
 
-        assert code_of(await call(sb, api.CREATE, body, edit=wrong_hash)) == (
+        assert code_of(await call(sb, spec.CREATE, body, edit=wrong_hash)) == (
             401,
             "SignatureDoesNotMatch",
         )
@@ -226,16 +230,16 @@ def test_authentication_errors() -> None:
         def unsigned_token(h: dict[str, str]) -> None:
             h["X-Security-Token"] = "smuggled"
 
-        assert code_of(await call(sb, api.CREATE, body, edit=unsigned_token)) == (
+        assert code_of(await call(sb, spec.CREATE, body, edit=unsigned_token)) == (
             401,
             "SignatureDoesNotMatch",
         )
         stale = datetime.now(UTC) - timedelta(minutes=16)
-        assert code_of(await call(sb, api.CREATE, body, now=stale)) == (400, "InvalidTimestamp")
+        assert code_of(await call(sb, spec.CREATE, body, now=stale)) == (400, "InvalidTimestamp")
         near = datetime.now(UTC) - timedelta(minutes=14)
-        assert code_of(await call(sb, api.CREATE, body, now=near)) == (200, "")
+        assert code_of(await call(sb, spec.CREATE, body, now=near)) == (200, "")
         sts = Credentials(access_key="AKSB", secret_key="SKsandbox", session_token="STS-token")
-        assert code_of(await call(sb, api.CREATE, {"Name": "A2"}, creds=sts)) == (200, "")
+        assert code_of(await call(sb, spec.CREATE, {"Name": "A2"}, creds=sts)) == (200, "")
         assert list(await _groups(sb)) == ["A1", "A2"]
 
     with_sandbox(t, rate=100)
@@ -264,8 +268,8 @@ def test_body_validation() -> None:
             ),
         ]
         for body, code in cases:
-            assert code_of(await call(sb, api.CREATE, body)) == (400, code), body
-        assert code_of(await call(sb, api.CREATE, None, raw=b"{not json")) == (
+            assert code_of(await call(sb, spec.CREATE, body)) == (400, code), body
+        assert code_of(await call(sb, spec.CREATE, None, raw=b"{not json")) == (
             400,
             "InvalidParam.BindError",
         )
@@ -311,7 +315,9 @@ def test_burst_is_throttled_and_changes_nothing() -> None:
     """Over the window: 429 FlowLimitExceeded, and the refused creates change nothing."""
 
     async def t(sb: Running) -> None:
-        results = await asyncio.gather(*(call(sb, api.CREATE, {"Name": f"B{i}"}) for i in range(6)))
+        results = await asyncio.gather(
+            *(call(sb, spec.CREATE, {"Name": f"B{i}"}) for i in range(6))
+        )
         codes = sorted(code_of(r)[1] for r in results)
         assert codes == ["", "", "", "FlowLimitExceeded", "FlowLimitExceeded", "FlowLimitExceeded"]
         assert len((await _state(sb))["groups"]) == 3
@@ -323,15 +329,15 @@ def test_rate_window_is_shared_by_all_four_actions() -> None:
     """Create, List, Update and Delete draw on one window per access key."""
 
     async def t(sb: Running) -> None:
-        assert code_of(await call(sb, api.CREATE, {"Name": "W1"})) == (200, "")
-        assert code_of(await call(sb, api.LIST, {"PageNum": 1, "PageSize": 10})) == (200, "")
-        assert code_of(await call(sb, api.UPDATE, {"Name": "W1", "Tags": []})) == (200, "")
-        assert code_of(await call(sb, api.DELETE, {"Name": "W1"})) == (200, "")
+        assert code_of(await call(sb, spec.CREATE, {"Name": "W1"})) == (200, "")
+        assert code_of(await call(sb, spec.LIST, {"PageNum": 1, "PageSize": 10})) == (200, "")
+        assert code_of(await call(sb, spec.UPDATE, {"Name": "W1", "Tags": []})) == (200, "")
+        assert code_of(await call(sb, spec.DELETE, {"Name": "W1"})) == (200, "")
         for action, body in [
-            (api.LIST, {"PageNum": 1, "PageSize": 10}),
-            (api.CREATE, {"Name": "W2"}),
-            (api.DELETE, {"Name": "W1"}),
-            (api.UPDATE, {"Name": "W1", "Tags": []}),
+            (spec.LIST, {"PageNum": 1, "PageSize": 10}),
+            (spec.CREATE, {"Name": "W2"}),
+            (spec.DELETE, {"Name": "W1"}),
+            (spec.UPDATE, {"Name": "W1", "Tags": []}),
         ]:
             assert code_of(await call(sb, action, body)) == (429, "FlowLimitExceeded"), action
         assert (await _groups(sb))["W1"]["deleted"] == 1
@@ -363,13 +369,13 @@ def test_list_paging_bounds_and_types() -> None:
             ({"PageNum": 1, "PageSize": 10, "StatusList": [False]}, "InvalidParam.BindError"),
         ]
         for body, code in cases:
-            assert code_of(await call(sb, api.LIST, body)) == (400, code), body
+            assert code_of(await call(sb, spec.LIST, body)) == (400, code), body
         for body in (
             {"PageNum": 1000, "PageSize": 1000},
             {"PageNum": 1, "PageSize": 1},
             {"PageNum": 1, "PageSize": 1, "StatusList": [0, 1]},
         ):
-            assert code_of(await call(sb, api.LIST, body)) == (200, ""), body
+            assert code_of(await call(sb, spec.LIST, body)) == (200, ""), body
 
     with_sandbox(t, rate=1000)
 
@@ -380,9 +386,10 @@ def test_list_pages_in_creation_order_with_total_per_status(tmp_path: Path) -> N
 
     async def t(sb: Running) -> None:
         for i in range(5):
-            assert code_of(await call(sb, api.CREATE, {"Name": f"P{i}"})) == (200, "")
+            assert code_of(await call(sb, spec.CREATE, {"Name": f"P{i}"})) == (200, "")
         pages = [
-            result_of(await call(sb, api.LIST, {"PageNum": n, "PageSize": 2})) for n in (1, 2, 3, 4)
+            result_of(await call(sb, spec.LIST, {"PageNum": n, "PageSize": 2}))
+            for n in (1, 2, 3, 4)
         ]
         assert [[g["Name"] for g in p["List"]] for p in pages] == [
             ["P0", "P1"],
@@ -391,7 +398,7 @@ def test_list_pages_in_creation_order_with_total_per_status(tmp_path: Path) -> N
             [],
         ]
         assert {p["Total"] for p in pages} == {5}
-        assert code_of(await call(sb, api.DELETE, {"Name": "P1"})) == (200, "")
+        assert code_of(await call(sb, spec.DELETE, {"Name": "P1"})) == (200, "")
         available = await _list(sb)
         assert available["Total"] == 4 and "P1" not in [g["Name"] for g in available["List"]]
         gone = await _list(sb, StatusList=[1])
@@ -416,26 +423,26 @@ def test_update_replaces_tags_whole_and_needs_an_available_group() -> None:
 
     async def t(sb: Running) -> None:
         two = [TAG, {"Key": "k2", "Value": "v2", "Category": "System"}]
-        assert code_of(await call(sb, api.CREATE, {"Name": "U1", "Tags": two})) == (200, "")
-        assert code_of(await call(sb, api.UPDATE, {"Name": "U1", "Tags": [TAG]})) == (200, "")
+        assert code_of(await call(sb, spec.CREATE, {"Name": "U1", "Tags": two})) == (200, "")
+        assert code_of(await call(sb, spec.UPDATE, {"Name": "U1", "Tags": [TAG]})) == (200, "")
         assert (await _list(sb))["List"][0]["Tags"] == [TAG]
-        assert code_of(await call(sb, api.UPDATE, {"Name": "U1", "Tags": []})) == (200, "")
+        assert code_of(await call(sb, spec.UPDATE, {"Name": "U1", "Tags": []})) == (200, "")
         assert (await _list(sb))["List"][0]["Tags"] == []
-        assert code_of(await call(sb, api.UPDATE, {"Name": "U1"})) == (400, "InvalidParam")
-        assert code_of(await call(sb, api.UPDATE, {"Name": "U1", "Tags": [{"Key": "k"}]})) == (
+        assert code_of(await call(sb, spec.UPDATE, {"Name": "U1"})) == (400, "InvalidParam")
+        assert code_of(await call(sb, spec.UPDATE, {"Name": "U1", "Tags": [{"Key": "k"}]})) == (
             400,
             "InvalidParam",
         )
-        assert code_of(await call(sb, api.UPDATE, {"Name": "Absent", "Tags": []})) == (
+        assert code_of(await call(sb, spec.UPDATE, {"Name": "Absent", "Tags": []})) == (
             404,
             "ResourceNotFound",
         )
-        assert code_of(await call(sb, api.UPDATE, {"Name": "bad-name", "Tags": []})) == (
+        assert code_of(await call(sb, spec.UPDATE, {"Name": "bad-name", "Tags": []})) == (
             400,
             "InvalidParam",
         )
-        assert code_of(await call(sb, api.DELETE, {"Name": "U1"})) == (200, "")
-        assert code_of(await call(sb, api.UPDATE, {"Name": "U1", "Tags": [TAG]})) == (
+        assert code_of(await call(sb, spec.DELETE, {"Name": "U1"})) == (200, "")
+        assert code_of(await call(sb, spec.UPDATE, {"Name": "U1", "Tags": [TAG]})) == (
             404,
             "ResourceNotFound",
         )
@@ -449,11 +456,11 @@ def test_delete_twice_is_resource_not_found_and_counted_once() -> None:
     """Delete sets Status 1; a second delete, or one of a Name never created, is 404."""
 
     async def t(sb: Running) -> None:
-        assert code_of(await call(sb, api.CREATE, {"Name": "D1"})) == (200, "")
-        assert code_of(await call(sb, api.DELETE, {"Name": "D1"})) == (200, "")
-        assert code_of(await call(sb, api.DELETE, {"Name": "D1"})) == (404, "ResourceNotFound")
-        assert code_of(await call(sb, api.DELETE, {"Name": "D2"})) == (404, "ResourceNotFound")
-        assert code_of(await call(sb, api.DELETE, {})) == (400, "InvalidParam")
+        assert code_of(await call(sb, spec.CREATE, {"Name": "D1"})) == (200, "")
+        assert code_of(await call(sb, spec.DELETE, {"Name": "D1"})) == (200, "")
+        assert code_of(await call(sb, spec.DELETE, {"Name": "D1"})) == (404, "ResourceNotFound")
+        assert code_of(await call(sb, spec.DELETE, {"Name": "D2"})) == (404, "ResourceNotFound")
+        assert code_of(await call(sb, spec.DELETE, {})) == (400, "InvalidParam")
         group = (await _groups(sb))["D1"]
         assert (group["Status"], group["deleted"], group["created"]) == (1, 1, 1)
         assert "D2" not in await _groups(sb)
@@ -466,10 +473,10 @@ def test_create_of_a_deleted_name_makes_it_available_again() -> None:
     and tags, and the create is counted."""
 
     async def t(sb: Running) -> None:
-        assert code_of(await call(sb, api.CREATE, {"Name": "R1", "Tags": [TAG]})) == (200, "")
-        assert code_of(await call(sb, api.DELETE, {"Name": "R1"})) == (200, "")
+        assert code_of(await call(sb, spec.CREATE, {"Name": "R1", "Tags": [TAG]})) == (200, "")
+        assert code_of(await call(sb, spec.DELETE, {"Name": "R1"})) == (200, "")
         again = {"Name": "R1", "ProjectName": "p2", "Tags": []}
-        assert code_of(await call(sb, api.CREATE, again)) == (200, "")
+        assert code_of(await call(sb, spec.CREATE, again)) == (200, "")
         assert (await _list(sb))["List"] == [
             {"Name": "R1", "ProjectName": "p2", "Status": 0, "Tags": []}
         ]
@@ -484,16 +491,22 @@ def test_forbid_covers_every_write() -> None:
     """--forbid: creates, updates and deletes about a matching Name or project get 403."""
 
     async def t(sb: Running) -> None:
-        assert code_of(await call(sb, api.CREATE, {"Name": "Secret1"})) == (403, "RequestForbidden")
-        assert code_of(
-            await call(sb, api.CREATE, {"Name": "Open1", "ProjectName": "secretproj"})
-        ) == (403, "RequestForbidden")
-        assert code_of(await call(sb, api.CREATE, {"Name": "Open2"})) == (200, "")
-        assert code_of(await call(sb, api.UPDATE, {"Name": "Secret2", "Tags": []})) == (
+        assert code_of(await call(sb, spec.CREATE, {"Name": "Secret1"})) == (
             403,
             "RequestForbidden",
         )
-        assert code_of(await call(sb, api.DELETE, {"Name": "Secret2"})) == (403, "RequestForbidden")
+        assert code_of(
+            await call(sb, spec.CREATE, {"Name": "Open1", "ProjectName": "secretproj"})
+        ) == (403, "RequestForbidden")
+        assert code_of(await call(sb, spec.CREATE, {"Name": "Open2"})) == (200, "")
+        assert code_of(await call(sb, spec.UPDATE, {"Name": "Secret2", "Tags": []})) == (
+            403,
+            "RequestForbidden",
+        )
+        assert code_of(await call(sb, spec.DELETE, {"Name": "Secret2"})) == (
+            403,
+            "RequestForbidden",
+        )
 
     with_sandbox(t, forbid="(?i)secret")
 
@@ -514,9 +527,9 @@ def test_list_lag_shows_the_account_as_it_was(tmp_path: Path) -> None:
     )
 
     async def t(sb: Running) -> None:
-        assert code_of(await call(sb, api.CREATE, {"Name": "New1"})) == (200, "")
-        assert code_of(await call(sb, api.DELETE, {"Name": "Old2"})) == (200, "")
-        assert code_of(await call(sb, api.UPDATE, {"Name": "Old1", "Tags": []})) == (200, "")
+        assert code_of(await call(sb, spec.CREATE, {"Name": "New1"})) == (200, "")
+        assert code_of(await call(sb, spec.DELETE, {"Name": "Old2"})) == (200, "")
+        assert code_of(await call(sb, spec.UPDATE, {"Name": "Old1", "Tags": []})) == (200, "")
         view = await _list(sb)
         assert view["Total"] == 3
         assert [(g["Name"], g["Tags"]) for g in view["List"]] == [
@@ -542,16 +555,16 @@ def test_list_lag_catches_up_with_an_injected_clock() -> None:
         body: dict[str, Any] = {"PageNum": 1, "PageSize": 100}
         if statuses is not None:
             body["StatusList"] = statuses
-        result = service.carry_out(api.LIST, orjson.dumps(body))
+        result = service.carry_out(spec.LIST, orjson.dumps(body))
         assert result is not None
         assert result["Total"] == len(result["List"])
         return [(g["Name"], g["Tags"]) for g in result["List"]]
 
-    service.carry_out(api.CREATE, orjson.dumps({"Name": "G1", "Tags": [TAG]}))
+    service.carry_out(spec.CREATE, orjson.dumps({"Name": "G1", "Tags": [TAG]}))
     clock.t = 102.0
-    service.carry_out(api.UPDATE, orjson.dumps({"Name": "G1", "Tags": []}))
+    service.carry_out(spec.UPDATE, orjson.dumps({"Name": "G1", "Tags": []}))
     clock.t = 104.0
-    service.carry_out(api.DELETE, orjson.dumps({"Name": "G1"}))
+    service.carry_out(spec.DELETE, orjson.dumps({"Name": "G1"}))
     assert listed() == []
     clock.t = 105.0  # the create is 5 s old
     assert listed() == [("G1", [TAG])]
@@ -599,7 +612,7 @@ def test_preload_groups_exist_with_created_zero(tmp_path: Path) -> None:
             {"Name": "预载1", "ProjectName": "p1", "Status": 0, "Tags": [TAG]},
             {"Name": "Pre2", "ProjectName": "default", "Status": 0, "Tags": []},
         ]
-        assert code_of(await call(sb, api.CREATE, {"Name": "Pre2"})) == (
+        assert code_of(await call(sb, spec.CREATE, {"Name": "Pre2"})) == (
             429,
             "RequestLimitExceeded.Exist",
         )
@@ -651,10 +664,10 @@ def test_state_file_round_trip_keeps_groups_counts_and_keys(tmp_path: Path) -> N
                 access_key=next(iter(sb.keys)), secret_key=next(iter(sb.keys.values()))
             )
             assert code_of(
-                await call(sb, api.CREATE, {"Name": "S1", "Tags": [TAG]}, creds=creds)
+                await call(sb, spec.CREATE, {"Name": "S1", "Tags": [TAG]}, creds=creds)
             ) == (200, "")
-            assert code_of(await call(sb, api.CREATE, {"Name": "S2"}, creds=creds)) == (200, "")
-            assert code_of(await call(sb, api.DELETE, {"Name": "S2"}, creds=creds)) == (200, "")
+            assert code_of(await call(sb, spec.CREATE, {"Name": "S2"}, creds=creds)) == (200, "")
+            assert code_of(await call(sb, spec.DELETE, {"Name": "S2"}, creds=creds)) == (200, "")
 
     async def second() -> None:
         async with serve(SandboxConfig(state_file=path)) as sb:
@@ -662,7 +675,7 @@ def test_state_file_round_trip_keeps_groups_counts_and_keys(tmp_path: Path) -> N
             creds = Credentials(
                 access_key=next(iter(sb.keys)), secret_key=next(iter(sb.keys.values()))
             )
-            assert code_of(await call(sb, api.CREATE, {"Name": "S1"}, creds=creds)) == (
+            assert code_of(await call(sb, spec.CREATE, {"Name": "S1"}, creds=creds)) == (
                 429,
                 "RequestLimitExceeded.Exist",
             )
@@ -727,7 +740,7 @@ def test_faults_are_deterministic_for_a_seed() -> None:
 
         async def t(sb: Running) -> None:
             for i in range(40):
-                out.append(kind_of(await call(sb, api.CREATE, {"Name": f"F{i}"}, timeout=2.0)))
+                out.append(kind_of(await call(sb, spec.CREATE, {"Name": f"F{i}"}, timeout=2.0)))
 
         with_sandbox(
             t,
@@ -754,7 +767,7 @@ def test_fault_answers_carry_their_status_and_change_nothing() -> None:
 
     async def t(sb: Running) -> None:
         for i in range(60):
-            status, code = code_of(await call(sb, api.CREATE, {"Name": f"C{i}"}))
+            status, code = code_of(await call(sb, spec.CREATE, {"Name": f"C{i}"}))
             seen[code] = status
         state = await _state(sb)
         assert len(state["groups"]) == 60 - sum(v for k, v in state["codes"].items() if k != "OK")
@@ -787,8 +800,8 @@ def test_ambiguous_creates_are_carried_out() -> None:
     async def t(sb: Running) -> None:
         kinds = []
         for i in range(12):
-            kinds.append(kind_of(await call(sb, api.CREATE, {"Name": f"Amb{i}"})))
-            again = await call(sb, api.CREATE, {"Name": f"Amb{i}"})
+            kinds.append(kind_of(await call(sb, spec.CREATE, {"Name": f"Amb{i}"})))
+            again = await call(sb, spec.CREATE, {"Name": f"Amb{i}"})
             assert code_of(again) == (429, "RequestLimitExceeded.Exist")
         assert set(kinds) == {"InternalServiceTimeout", "disconnected"}
         state = await _state(sb)
@@ -801,7 +814,7 @@ def test_hang_until_client_times_out() -> None:
     """A `hang` fault never answers: the client sees its own timeout."""
 
     async def t(sb: Running) -> None:
-        assert await call(sb, api.CREATE, {"Name": "H1"}, timeout=0.3) == "timeout"
+        assert await call(sb, spec.CREATE, {"Name": "H1"}, timeout=0.3) == "timeout"
 
     with_sandbox(t, fault_rate=1.0, faults=("hang",), hang_s=5)
 
@@ -811,7 +824,7 @@ def test_latency_is_applied() -> None:
 
     async def t(sb: Running) -> None:
         start = time.monotonic()
-        assert code_of(await call(sb, api.CREATE, {"Name": "L1"})) == (200, "")
+        assert code_of(await call(sb, spec.CREATE, {"Name": "L1"})) == (200, "")
         assert time.monotonic() - start >= 0.2
 
     with_sandbox(t, latency_ms=(200, 250))
@@ -826,15 +839,18 @@ def test_arrival_log_and_state_cover_all_four_actions(tmp_path: Path) -> None:
     log = tmp_path / "arrivals.jsonl"
 
     async def t(sb: Running) -> None:
-        await call(sb, api.CREATE, {"Name": "Log1"})
-        await call(sb, api.CREATE, {"Name": "Log1"})
+        await call(sb, spec.CREATE, {"Name": "Log1"})
+        await call(sb, spec.CREATE, {"Name": "Log1"})
         await call(
-            sb, api.CREATE, {"Name": "Log2"}, creds=Credentials(access_key="AKSB", secret_key="bad")
+            sb,
+            spec.CREATE,
+            {"Name": "Log2"},
+            creds=Credentials(access_key="AKSB", secret_key="bad"),
         )
-        await call(sb, api.LIST, {"PageNum": 3, "PageSize": 10, "Name": "ignored"})
-        await call(sb, api.UPDATE, {"Name": "Log1", "Tags": []})
-        await call(sb, api.DELETE, {"Name": "Log1"})
-        await call(sb, api.DELETE, {"Name": "Log1"})
+        await call(sb, spec.LIST, {"PageNum": 3, "PageSize": 10, "Name": "ignored"})
+        await call(sb, spec.UPDATE, {"Name": "Log1", "Tags": []})
+        await call(sb, spec.DELETE, {"Name": "Log1"})
+        await call(sb, spec.DELETE, {"Name": "Log1"})
         state = await _state(sb)
         assert state["codes"] == {
             "OK": 4,
@@ -847,13 +863,13 @@ def test_arrival_log_and_state_cover_all_four_actions(tmp_path: Path) -> None:
     with_sandbox(t, log=log, rate=1000)
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(r["action"], r["name"], r["page"], r["status"], r["code"]) for r in rows] == [
-        (api.CREATE, "Log1", None, 200, ""),
-        (api.CREATE, "Log1", None, 429, "RequestLimitExceeded.Exist"),
-        (api.CREATE, "Log2", None, 401, "SignatureDoesNotMatch"),
-        (api.LIST, None, 3, 200, ""),
-        (api.UPDATE, "Log1", None, 200, ""),
-        (api.DELETE, "Log1", None, 200, ""),
-        (api.DELETE, "Log1", None, 404, "ResourceNotFound"),
+        (spec.CREATE, "Log1", None, 200, ""),
+        (spec.CREATE, "Log1", None, 429, "RequestLimitExceeded.Exist"),
+        (spec.CREATE, "Log2", None, 401, "SignatureDoesNotMatch"),
+        (spec.LIST, None, 3, 200, ""),
+        (spec.UPDATE, "Log1", None, 200, ""),
+        (spec.DELETE, "Log1", None, 200, ""),
+        (spec.DELETE, "Log1", None, 404, "ResourceNotFound"),
     ]
     assert all(r["ak"] in ("AKSB", "") and r["t"] > 0 for r in rows)
 
@@ -877,7 +893,7 @@ def test_service_answers_are_api_errors() -> None:
     """The service alone (no socket): errors are ApiError values with status and code."""
     service = Service(clock=FakeClock())
     with pytest.raises(ApiError) as caught:
-        service.carry_out(api.DELETE, b'{"Name": "Nope"}')
+        service.carry_out(spec.DELETE, b'{"Name": "Nope"}')
     assert (caught.value.status, caught.value.code) == (404, "ResourceNotFound")
 
 
@@ -911,7 +927,7 @@ def test_sandbox_process_prints_credentials_and_stops_cleanly(sig: int) -> None:
     resp = arun(
         call(
             running,
-            api.CREATE,
+            spec.CREATE,
             {"Name": "Printed1"},
             creds=Credentials(access_key=ak, secret_key=sk),
         )
@@ -952,7 +968,7 @@ def test_sandbox_process_preloads_and_saves_its_state_on_sigterm(tmp_path: Path)
     listed = arun(
         call(
             running,
-            api.LIST,
+            spec.LIST,
             {"PageNum": 1, "PageSize": 10},
             creds=Credentials(access_key=ak, secret_key=sk),
         )
@@ -980,7 +996,7 @@ def test_sandbox_process_preloads_and_saves_its_state_on_sigterm(tmp_path: Path)
 
 def _names(service: Service, page: int = 1, size: int = 100) -> list[str]:
     result = service.carry_out(
-        api.LIST, orjson.dumps({"PageNum": page, "PageSize": size, "StatusList": [0]})
+        spec.LIST, orjson.dumps({"PageNum": page, "PageSize": size, "StatusList": [0]})
     )
     assert result is not None
     return [g["Name"] for g in result["List"]]
@@ -988,7 +1004,7 @@ def _names(service: Service, page: int = 1, size: int = 100) -> list[str]:
 
 def _created(service: Service, n: int) -> None:
     for i in range(n):
-        service.carry_out(api.CREATE, orjson.dumps({"Name": f"G{i}"}))
+        service.carry_out(spec.CREATE, orjson.dumps({"Name": f"G{i}"}))
 
 
 def test_list_order_newest_first() -> None:

@@ -12,7 +12,7 @@ from volcengine.auth.SignerV4 import SignerV4
 from volcengine.auth.SignParam import SignParam
 from volcengine.Credentials import Credentials as SdkCredentials
 
-from worker.signing import (
+from worker.api.signing import (
     Credentials,
     Refused,
     Verified,

@@ -17,8 +17,8 @@ from typing import Any, ParamSpec
 
 import pytest
 
-from worker.classify import Abort, Retry, classify
-from worker.transport import (
+from worker.api.classify import Abort, Retry, classify
+from worker.api.transport import (
     MAX_BODY_BYTES,
     Failure,
     Reachability,

@@ -21,7 +21,9 @@ from typing import Any, Protocol
 
 import structlog
 
-from worker import credentials
+from worker.api import credentials
+from worker.api.signing import Credentials
+from worker.api.transport import MAX_BODY_BYTES, Reachability, Transport
 from worker.errors import (
     Exit,
     LedgerError,
@@ -35,7 +37,8 @@ from worker.manifest import source
 from worker.manifest.remembered import recall, remember, remembered_path
 from worker.manifest.values import Scan
 from worker.metrics import Metrics
-from worker.pacing import LocalPacer, Pacer
+from worker.pacing.budget import Pacer
+from worker.pacing.local import LocalPacer
 from worker.progress import Progress
 from worker.records import Footer, Outcome, RunHeader, StopReason, Target
 from worker.runner.concurrency import machine_cap
@@ -44,8 +47,6 @@ from worker.runner.dispatch import Runner
 from worker.runner.stamps import stamp, utcnow
 from worker.runner.tally import Tally
 from worker.settings import Settings, redact_url
-from worker.signing import Credentials
-from worker.transport import MAX_BODY_BYTES, Reachability, Transport
 
 log = structlog.get_logger("worker")
 
@@ -215,7 +216,7 @@ async def _pacer(settings: Settings, creds: Credentials) -> AsyncIterator[Pacer]
     if not settings.limiter_url:
         yield LocalPacer(settings.pacing)
         return
-    from worker.pacing_redis import RedisPacer  # only runs with --limiter pay for redis-py
+    from worker.pacing.shared import RedisPacer  # only runs with --limiter pay for redis-py
 
     async with RedisPacer(
         settings.limiter_url,

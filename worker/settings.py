@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
-from worker import api
+from worker.api import spec
 from worker.errors import UsageError
 
 # Pace a little under the limit. The server stamps arrivals, not our sends: a few ms of
@@ -84,7 +84,7 @@ LIMITS: Final[dict[str, Limit]] = {
     limit.flag: limit
     for limit in (
         # Floor: at 0.2/s a request leaves every 5 s, so a run shows progress well inside any
-        # deadline; it is also the cool-down's floor (pacing.MIN_RATE), which a slower target
+        # deadline; it is also the cool-down's floor (pacing.budget.MIN_RATE), which a slower target
         # would sit under. 1e-300 was accepted and then waited 1e300 s for its first request.
         Limit(flag="rate", low=MIN_RATE_FLAG, high=10_000),
         Limit(flag="headroom", low=0, high=0.5, high_open=True),
@@ -125,7 +125,7 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Pacing:
-    rate: float = float(api.DOCUMENTED_RATE)  # the account's limit, requests per second
+    rate: float = float(spec.DOCUMENTED_RATE)  # the account's limit, requests per second
     headroom: float = DEFAULT_HEADROOM
     cooldown_s: float = 1.0  # pause for everyone after a FlowLimitExceeded
     recover_s: float = 10.0  # after the pause, time to climb from the lowered rate to the target
@@ -149,8 +149,8 @@ _REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 class Settings:
     manifest: Path
     ledger: Path
-    endpoint: str = api.DEFAULT_ENDPOINT
-    region: str = api.DEFAULT_REGION
+    endpoint: str = spec.DEFAULT_ENDPOINT
+    region: str = spec.DEFAULT_REGION
     pacing: Pacing = field(default_factory=Pacing)
     concurrency: int | None = None  # None: the default (adaptive); else an explicit cap
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -282,7 +282,7 @@ def secret_in_url(url: str) -> str | None:
     ]
     for name in params:
         if is_secret_name(name):
-            return f"its {api.label(unquote_plus(name))} parameter"
+            return f"its {spec.label(unquote_plus(name))} parameter"
     return None
 
 
@@ -417,12 +417,12 @@ def _check_limiter_query(
         kind = _LIMITER_PARAMS.get(name)
         if kind is None:
             known = ", ".join(_LIMITER_PARAMS)
-            raise refuse(f"unknown parameter {api.shown(name)} (known: {known})")
+            raise refuse(f"unknown parameter {spec.shown(name)} (known: {known})")
         if name in seen:
             raise refuse(f"{name} is given twice")
         seen.add(name)
         if not _param_ok(kind, value):
-            shown = "''" if is_secret_name(name) and not value else api.shown(value)
+            shown = "''" if is_secret_name(name) and not value else spec.shown(value)
             raise refuse(f"{name} must be {kind}, not {shown}")
         if name == "db" and path_db is not None and int(value) != int(path_db):
             raise refuse(f"?db={value} and the path's /{path_db} name different databases")

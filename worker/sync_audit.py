@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
 
-from worker.api import NOT_FOUND
+from worker.api.spec import NOT_FOUND
 from worker.errors import Exit
 from worker.ledger import Latest, State
 from worker.records import NEEDS_FIX, Action, Intent, Outcome, Record, Result

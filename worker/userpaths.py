@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from worker import api
+from worker.api import spec
 from worker.errors import UsageError
 
 _WHY = {
@@ -76,4 +76,4 @@ def shown_path(path: Path) -> str:
     text = str(path)
     if text.isprintable() and len(text) <= 120:
         return text
-    return api.shown(text, 80) + f" ({len(text)} characters)"
+    return spec.shown(text, 80) + f" ({len(text)} characters)"

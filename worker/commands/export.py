@@ -13,6 +13,7 @@ import orjson
 import structlog
 
 from worker import compose
+from worker.api.signing import Credentials
 from worker.commands.sync import list_account
 from worker.compose import Loop, Options
 from worker.errors import Exit, UsageError
@@ -20,7 +21,6 @@ from worker.plan.export import export_lines
 from worker.records import Target
 from worker.runner.controls import Controls
 from worker.settings import Settings
-from worker.signing import Credentials
 
 log = structlog.get_logger("worker")
 

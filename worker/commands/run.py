@@ -15,6 +15,7 @@ from typing import IO
 import structlog
 
 from worker import __version__, compose, ledger
+from worker.api.signing import Credentials
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
 from worker.ledger import Ledger
@@ -28,7 +29,6 @@ from worker.runner.dispatch import Runner
 from worker.runner.stamps import stamp
 from worker.runner.work import Work
 from worker.settings import Settings
-from worker.signing import Credentials
 
 log = structlog.get_logger("worker")
 

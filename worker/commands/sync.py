@@ -18,7 +18,8 @@ import orjson
 import structlog
 
 from worker import __version__, compose
-from worker.account import Listed
+from worker.api.account import Listed
+from worker.api.signing import Credentials
 from worker.commands.sync_rounds import Rounds, fresh_s_from_env, list_once
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
@@ -32,7 +33,6 @@ from worker.runner.controls import Controls
 from worker.runner.dispatch import Runner
 from worker.runner.stamps import stamp
 from worker.settings import LIMITS, Settings
-from worker.signing import Credentials
 
 log = structlog.get_logger("worker")
 

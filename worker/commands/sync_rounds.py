@@ -22,8 +22,8 @@ from typing import assert_never
 import orjson
 import structlog
 
-from worker import api
-from worker.account import Listed, Listing
+from worker.api import spec
+from worker.api.account import Listed, Listing
 from worker.errors import StillDifferent
 from worker.manifest import spool
 from worker.manifest.values import Group, Invalid, Scan
@@ -42,7 +42,7 @@ async def list_once(runner: Runner) -> tuple[Listing, float]:
     began = runner.clock()
     listing = Listing()
     while (body := listing.next_request()) is not None:
-        result = await runner.read(api.LIST, orjson.dumps(body))
+        result = await runner.read(spec.LIST, orjson.dumps(body))
         if (moved := listing.add_result(result)) is not None:
             log.info("sync.listing_moved", how=moved, requests=listing.requests)
     log.info(

@@ -30,7 +30,8 @@ from typing import IO, Any, Final
 
 import orjson
 
-from worker import __version__, api
+from worker import __version__
+from worker.api import spec
 from worker.errors import Problem
 from worker.manifest.values import MAX_MANIFEST_BYTES, Scan, strerror
 
@@ -45,9 +46,9 @@ def rule_files() -> list[Path]:
     every module of the manifest package, in a fixed order. OSError when it cannot be
     found (a zipped install): then nothing is remembered or recalled."""
     package = sorted(Path(__file__).parent.glob("*.py"))
-    if api.__file__ is None or not package:
+    if spec.__file__ is None or not package:
         raise OSError("the validation code is not in files")
-    return [Path(api.__file__), *package]
+    return [Path(spec.__file__), *package]
 
 
 @functools.cache

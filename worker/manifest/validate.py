@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from worker import api
+from worker.api import spec
 from worker.errors import Problem
 from worker.manifest.values import MAX_LINE_BYTES, Group
 
@@ -41,31 +41,33 @@ def parse_line(path: Path, lineno: int, raw: bytes) -> Group | list[Problem] | N
     except orjson.JSONDecodeError as exc:
         return problem("line", f"is not valid JSON ({exc.msg} at column {exc.colno})")
     if not isinstance(obj, dict):
-        return problem("line", f"must be a JSON object, not {api.json_type(obj)}")
+        return problem("line", f"must be a JSON object, not {spec.json_type(obj)}")
     if (twice := _repeated_key(text, obj)) is not None:
         # JSON parsers disagree on which one counts (orjson keeps the last): ambiguous, so
         # refused rather than guessed.
         return problem(twice, "is given twice in one object; give it once")
     problems = [
-        Problem(where, lineno, api.label(k), "unknown field (allowed: Name, ProjectName, Tags)")
-        for k in sorted(set(obj) - api.CREATE_FIELDS)
+        Problem(where, lineno, spec.label(k), "unknown field (allowed: Name, ProjectName, Tags)")
+        for k in sorted(set(obj) - spec.CREATE_FIELDS)
     ]
     name = obj.get("Name")
     if "Name" not in obj:
         problems.append(Problem(where, lineno, "Name", "is required"))
-    elif (reason := api.name_problem(name)) is not None:
+    elif (reason := spec.name_problem(name)) is not None:
         problems.append(Problem(where, lineno, "Name", reason))
-    project = obj.get("ProjectName", api.DEFAULT_PROJECT)
+    project = obj.get("ProjectName", spec.DEFAULT_PROJECT)
     if not isinstance(project, str):
         problems.append(
-            Problem(where, lineno, "ProjectName", f"must be a string, not {api.json_type(project)}")
+            Problem(
+                where, lineno, "ProjectName", f"must be a string, not {spec.json_type(project)}"
+            )
         )
     elif not project:
         problems.append(
             Problem(where, lineno, "ProjectName", "must not be empty (leave it out for 'default')")
         )
     tags = obj.get("Tags", [])
-    problems.extend(Problem(where, lineno, f, r) for f, r in api.tags_problems(tags))
+    problems.extend(Problem(where, lineno, f, r) for f, r in spec.tags_problems(tags))
     if problems:
         return problems
     assert isinstance(name, str)
@@ -109,8 +111,8 @@ def _repeated_key(text: str, obj: dict[str, Any]) -> str | None:
     if where is not decoded and isinstance(tags, list):
         for i, tag in enumerate(tags):
             if tag is where:
-                return f"Tags[{i}].{api.label(key)}"
-    return api.label(key)
+                return f"Tags[{i}].{spec.label(key)}"
+    return spec.label(key)
 
 
 def _group(name: str, project: str, tags: list[dict[str, str]], lineno: int) -> Group:

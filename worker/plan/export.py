@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from worker.account import Listed
+from worker.api.account import Listed
 
 
 def export_lines(groups: Iterable[Listed], projects: frozenset[str] | None = None) -> list[bytes]:

@@ -25,7 +25,7 @@ from typing import Any, Final, assert_never
 
 import orjson
 
-from worker.account import Listed, Tag
+from worker.api.account import Listed, Tag
 from worker.errors import PlanRefused, UsageError
 from worker.manifest.values import Group, Invalid
 

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from worker.account import Listed
+from worker.api.account import Listed
 
 MAX_ROUNDS: Final = 4  # write rounds per invocation: the plan and three corrections
 ROUND_PAUSE_S: Final = 2.0  # before each listing after the second: a lagging listing catches up

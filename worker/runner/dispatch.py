@@ -34,8 +34,10 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from worker import api
-from worker.classify import Answer, Retry, Throttled, Verdict, classify
+from worker.api import spec
+from worker.api.classify import Answer, Retry, Throttled, Verdict, classify
+from worker.api.signing import Credentials, sign
+from worker.api.transport import Failure, Reachability, Sender
 from worker.errors import (
     EndpointUnreachable,
     LedgerWriteError,
@@ -45,7 +47,7 @@ from worker.errors import (
     WorkerError,
 )
 from worker.ledger import FSYNC_EVERY_S
-from worker.pacing import Pacer
+from worker.pacing.budget import Pacer
 from worker.records import Action, Outcome, Record, Result, StopReason
 from worker.runner.concurrency import Concurrency, machine_cap
 from worker.runner.controls import Controls, interruptible
@@ -54,12 +56,10 @@ from worker.runner.stamps import stamp, utcnow
 from worker.runner.tally import Tally
 from worker.runner.work import Work, intent_of, log_result, result_of
 from worker.settings import Settings
-from worker.signing import Credentials, sign
-from worker.transport import Failure, Reachability, Sender
 
 log = structlog.get_logger("worker")
 
-_ACTION_NAMES = {Action.CREATE: api.CREATE, Action.UPDATE: api.UPDATE, Action.DELETE: api.DELETE}
+_ACTION_NAMES = {Action.CREATE: spec.CREATE, Action.UPDATE: spec.UPDATE, Action.DELETE: spec.DELETE}
 
 
 class Journal(Protocol):
@@ -135,7 +135,7 @@ class Runner:
     async def _send(self, action: str, body: bytes, now: datetime | None = None) -> Verdict:
         """Sign (after pacing admitted it: an X-Date that waited goes stale), send, classify.
         `now`: the wall time already read for this attempt's intent, if any."""
-        query = {"Action": action, "Version": api.VERSION}
+        query = {"Action": action, "Version": spec.VERSION}
         headers = sign(
             method="POST",
             host=self._host,

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, assert_never, overload
 
-from worker.classify import (
+from worker.api.classify import (
     Abort,
     Answer,
     Exists,

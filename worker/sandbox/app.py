@@ -20,7 +20,7 @@ from typing import IO, Any
 import orjson
 from aiohttp import web
 
-from worker import api
+from worker.api import spec
 from worker.sandbox import store
 from worker.sandbox.config import FAULT_STATUS, SandboxConfig, new_keys
 from worker.sandbox.envelope import ApiError, Envelopes
@@ -177,7 +177,7 @@ def _about(action: str, body: bytes) -> dict[str, Any]:
     if not isinstance(payload, dict):
         payload = {}
     name, page = payload.get("Name"), payload.get("PageNum")
-    listing = action == api.LIST
+    listing = action == spec.LIST
     return {
         "action": action,
         "name": name if isinstance(name, str) and not listing else None,

@@ -9,7 +9,7 @@ import asyncio
 import signal
 from pathlib import Path
 
-from worker import api
+from worker.api import spec
 from worker.errors import UsageError
 from worker.sandbox.config import FAULTS, LIST_ORDERS, SandboxConfig
 
@@ -20,7 +20,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--rate",
         type=int,
-        default=api.DOCUMENTED_RATE,
+        default=spec.DOCUMENTED_RATE,
         help="requests per sliding second per access key, all actions together",
     )
     s.add_argument("--keys", help="AK:SK[,AK:SK...] (default: a throwaway pair, printed)")

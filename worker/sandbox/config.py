@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from worker import api
+from worker.api import spec
 from worker.errors import UsageError
 
 # Faults a request may be answered with instead of being carried out (nothing changes).
@@ -43,7 +43,7 @@ AMBIGUOUS: Final = ("InternalServiceTimeout", "drop")
 class SandboxConfig:
     host: str = "127.0.0.1"
     port: int = 0
-    rate: int = api.DOCUMENTED_RATE  # requests per sliding window per access key
+    rate: int = spec.DOCUMENTED_RATE  # requests per sliding window per access key
     window_s: float = 1.0
     keys: dict[str, str] = field(default_factory=dict, repr=False)  # AK -> SK
     fault_rate: float = 0.0

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from worker import api
+from worker.api import spec
 
 
 class ApiError(Exception):
@@ -45,7 +45,7 @@ class Envelopes:
         return {
             "RequestId": f"{self._now():%Y%m%d%H%M%S}{next(self._ids):017X}",
             "Action": action,
-            "Version": api.VERSION,
-            "Service": api.SERVICE,
-            "Region": api.DEFAULT_REGION,
+            "Version": spec.VERSION,
+            "Service": spec.SERVICE,
+            "Region": spec.DEFAULT_REGION,
         }

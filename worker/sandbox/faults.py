@@ -7,7 +7,7 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass
 
-from worker import api
+from worker.api import spec
 from worker.sandbox.config import AMBIGUOUS
 
 
@@ -32,7 +32,7 @@ def pick(
     digest = hashlib.sha256(f"{seed}|{action}|{name}|{n}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     choice = int.from_bytes(digest[8:16], "big")
-    if action == api.CREATE and u < ambiguous_rate:
+    if action == spec.CREATE and u < ambiguous_rate:
         return Fault(AMBIGUOUS[choice % len(AMBIGUOUS)], ambiguous=True)
     if u < ambiguous_rate + fault_rate and kinds:
         return Fault(kinds[choice % len(kinds)], ambiguous=False)
@@ -61,7 +61,7 @@ class Faults:
             return None
         key = (action, name or "")
         self._seen[key] += 1
-        if self.timeout_first_create and action == api.CREATE and self._seen[key] == 1:
+        if self.timeout_first_create and action == spec.CREATE and self._seen[key] == 1:
             # The create is carried out and answered 504: its retry then hears `Exist`.
             return Fault("InternalServiceTimeout", ambiguous=True)
         return pick(

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from worker import api, signing
+from worker.api import signing, spec
 from worker.sandbox.config import SandboxConfig
 from worker.sandbox.envelope import ApiError
 from worker.sandbox.faults import Fault, Faults
@@ -64,7 +64,7 @@ class Gateway:
         is the window clock's reading when the request arrived; `name` the body's Name, if
         any (faults are drawn per action and Name)."""
         action = request.query.get("Action", "")
-        if action not in api.GROUP_ACTIONS or request.query.get("Version") != api.VERSION:
+        if action not in spec.GROUP_ACTIONS or request.query.get("Version") != spec.VERSION:
             return Refused(
                 "",
                 ApiError(404, "InvalidActionOrVersion", "the action or version is not supported"),
@@ -78,7 +78,7 @@ class Gateway:
             secret_for=self.config.keys.get,
             now=self._now(),
             max_skew_s=self.config.max_skew_s,
-            region=api.DEFAULT_REGION,
+            region=spec.DEFAULT_REGION,
         )
         if isinstance(verdict, signing.Refused):
             status = _REFUSAL_STATUS.get(verdict.code, 401)

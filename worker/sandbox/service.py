@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import orjson
 
-from worker import api
+from worker.api import spec
 from worker.sandbox.envelope import ApiError
 from worker.sandbox.store import Stored
 
@@ -89,17 +89,17 @@ class Service:
         payload = decode(body)
         if self._every > 0:
             self._other_party(self._clock())
-        if action == api.CREATE:
+        if action == spec.CREATE:
             self._create(payload)
             return None
-        if action == api.LIST:
+        if action == spec.LIST:
             result = self._list(payload)
             self._churn()
             return result
-        if action == api.UPDATE:
+        if action == spec.UPDATE:
             self._update(payload)
             return None
-        if action == api.DELETE:
+        if action == spec.DELETE:
             self._delete(payload)
             return None
         raise ApiError(404, "InvalidActionOrVersion", "the action or version is not supported")
@@ -159,10 +159,10 @@ class Service:
 
     def _create(self, payload: dict[str, Any]) -> None:
         name = check_name(payload.get("Name"))
-        project = payload.get("ProjectName", api.DEFAULT_PROJECT)
+        project = payload.get("ProjectName", spec.DEFAULT_PROJECT)
         if not isinstance(project, str):
             raise ApiError(400, "InvalidParam.BindError", "ProjectName must be a string")
-        project = project or api.DEFAULT_PROJECT
+        project = project or spec.DEFAULT_PROJECT
         tags = check_tags(payload.get("Tags", []))
         self._refuse_forbidden(name, project)
         group = self._groups.get(name)
@@ -275,7 +275,7 @@ class Service:
         self._churn_left -= 1
         name = self._new_churn_name()
         self._groups[name] = _Group(name=name, now=_Version(_LONG_AGO, "", [], None))
-        self._change(self._groups[name], project=api.DEFAULT_PROJECT, tags=[], status=AVAILABLE)
+        self._change(self._groups[name], project=spec.DEFAULT_PROJECT, tags=[], status=AVAILABLE)
 
     def _other_party(self, now: float) -> None:
         """Another party's writes due by `now` (--churn-every S): a create every S seconds,
@@ -350,18 +350,18 @@ def check_name(name: object) -> str:
         raise ApiError(400, "InvalidParam", "Name is required")
     if not isinstance(name, str):
         raise ApiError(400, "InvalidParam.BindError", "Name must be a string")
-    if (problem := api.name_problem(name)) is not None:
+    if (problem := spec.name_problem(name)) is not None:
         raise ApiError(400, "InvalidParam", f"Name {problem}")
     return name
 
 
 def check_tags(tags: object) -> list[dict[str, str]]:
     if not isinstance(tags, list) or not all(
-        isinstance(t, dict) and all(isinstance(t.get(k, ""), str) for k in api.TAG_FIELDS)
+        isinstance(t, dict) and all(isinstance(t.get(k, ""), str) for k in spec.TAG_FIELDS)
         for t in tags
     ):
         raise ApiError(400, "InvalidParam.BindError", "Tags must be a list of string objects")
-    for field_name, reason in api.tags_problems(tags):
+    for field_name, reason in spec.tags_problems(tags):
         if not reason.startswith("unknown field"):  # the real binding ignores extra fields
             raise ApiError(400, "InvalidParam", f"{field_name} {reason}")
     return [{"Key": t["Key"], "Value": t["Value"], "Category": t["Category"]} for t in tags]

@@ -13,7 +13,7 @@ from typing import Any, BinaryIO, Final
 
 import orjson
 
-from worker import api
+from worker.api import spec
 from worker.errors import UsageError
 
 FORMAT: Final = "worker-sandbox-state"
@@ -169,18 +169,18 @@ def _preload_line(path: Path, lineno: int, raw: bytes) -> Stored:
     except orjson.JSONDecodeError:
         raise bad("line", "not valid JSON") from None
     if not isinstance(body, dict):
-        raise bad("line", f"must be a JSON object, not {api.json_type(body)}")
-    if unknown := sorted(set(body) - api.CREATE_FIELDS):
+        raise bad("line", f"must be a JSON object, not {spec.json_type(body)}")
+    if unknown := sorted(set(body) - spec.CREATE_FIELDS):
         raise bad(unknown[0], "unknown field (allowed: Name, ProjectName, Tags)")
     if "Name" not in body:
         raise bad("Name", "is required")
-    if (problem := api.name_problem(body["Name"])) is not None:
+    if (problem := spec.name_problem(body["Name"])) is not None:
         raise bad("Name", problem)
-    project = body.get("ProjectName", api.DEFAULT_PROJECT)
+    project = body.get("ProjectName", spec.DEFAULT_PROJECT)
     if not isinstance(project, str) or not project:
         raise bad("ProjectName", "must be a non-empty string")
     tags = body.get("Tags", [])
-    if problems := api.tags_problems(tags):
+    if problems := spec.tags_problems(tags):
         raise bad(*problems[0])
     return Stored(
         name=body["Name"],
@@ -192,11 +192,11 @@ def _preload_line(path: Path, lineno: int, raw: bytes) -> Stored:
 def _state_group_problem(g: object) -> str | None:
     if not isinstance(g, dict):
         return "not an object"
-    if api.name_problem(g.get("Name")) is not None:
+    if spec.name_problem(g.get("Name")) is not None:
         return "a bad Name"
     if not isinstance(g.get("ProjectName"), str) or not g["ProjectName"]:
         return "a bad ProjectName"
-    if api.tags_problems(g.get("Tags")):
+    if spec.tags_problems(g.get("Tags")):
         return "bad Tags"
     if g.get("Status") not in (0, 1) or isinstance(g.get("Status"), bool):
         return "a Status other than 0 or 1"

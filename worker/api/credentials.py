@@ -38,9 +38,9 @@ from typing import Any, Final
 
 import orjson
 
-from worker import api
+from worker.api import spec
+from worker.api.signing import Credentials
 from worker.errors import CredentialsError
-from worker.signing import Credentials
 
 MAX_FILE_BYTES: Final = 1 << 20  # a credentials file is a few hundred bytes
 VE_CONFIG: Final = Path(".volcengine") / "config.json"
@@ -101,7 +101,7 @@ def load(env: Mapping[str, str], home: Path, profile: str | None = None) -> Load
 
 def _profile(env: Mapping[str, str], home: Path, name: str) -> Loaded:
     if not name or not name.isprintable() or len(name) > 128:
-        raise CredentialsError(f"--profile {api.shown(name)}: not a profile name")
+        raise CredentialsError(f"--profile {spec.shown(name)}: not a profile name")
     ve, ini = home / VE_CONFIG, home / VOLC_INI
     looked: list[str] = []
     if (text := _read(ve)) is not None:
@@ -119,14 +119,14 @@ def _profile(env: Mapping[str, str], home: Path, name: str) -> Loaded:
         looked.append(f"{ini} (sections: {_names(_ini(ini, text).sections())})")
     else:
         looked.append(f"{ini} (absent)")
-    raise CredentialsError(f"profile {api.label(name)} not found; looked in {'; '.join(looked)}")
+    raise CredentialsError(f"profile {spec.label(name)} not found; looked in {'; '.join(looked)}")
 
 
 def _names(items: object) -> str:
     names = (
         sorted(k for k in items if isinstance(k, str)) if isinstance(items, (dict, list)) else []
     )
-    return ", ".join(api.label(n) for n in names[:20]) or "none"
+    return ", ".join(spec.label(n) for n in names[:20]) or "none"
 
 
 # -- environment --------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def _from_ini(path: Path, text: str, section: str) -> Loaded | None:
     if not parser.has_section(section):
         return None
     values = parser[section]
-    source = f"{path} [{api.label(section)}]"
+    source = f"{path} [{spec.label(section)}]"
     ak, sk = values.get("access_key_id", ""), values.get("secret_access_key", "")
     if not (ak and sk):
         raise CredentialsError(f"{source}: needs access_key_id and secret_access_key")
@@ -201,9 +201,9 @@ def _ini_error(exc: configparser.Error) -> str:
     if isinstance(exc, configparser.MissingSectionHeaderError):
         return f"line {exc.lineno}: a key before any [section]"
     if isinstance(exc, configparser.DuplicateOptionError):
-        return f"line {exc.lineno}: {api.label(exc.option)} is given twice in its section"
+        return f"line {exc.lineno}: {spec.label(exc.option)} is given twice in its section"
     if isinstance(exc, configparser.DuplicateSectionError):
-        return f"line {exc.lineno}: section [{api.label(exc.section)}] is given twice"
+        return f"line {exc.lineno}: section [{spec.label(exc.section)}] is given twice"
     if isinstance(exc, configparser.ParsingError):
         lines = ", ".join(str(n) for n, _ in exc.errors[:10])
         return f"line {lines}: not `key = value`"
@@ -233,13 +233,13 @@ def _ve_config(path: Path, text: str) -> dict[str, Any]:
 def _from_ve(path: Path, config: dict[str, Any], name: str, env: Mapping[str, str]) -> Loaded:
     profiles = config.get("profiles")
     profile = profiles.get(name) if isinstance(profiles, dict) else None
-    source = f"ve profile {api.label(name)} ({path})"
+    source = f"ve profile {spec.label(name)} ({path})"
     if not isinstance(profile, dict):
         raise CredentialsError(f"{source}: no such profile, or it is not a JSON object")
     mode = profile.get("mode") or ""
     if mode not in _VE_STATIC_MODES:
         raise CredentialsError(
-            f"{source}: mode {api.shown(mode)} needs an STS exchange the worker does not "
+            f"{source}: mode {spec.shown(mode)} needs an STS exchange the worker does not "
             "do; use an `ak` profile, or export the temporary keys as VOLCENGINE_*"
         )
     ak, sk = profile.get("access-key") or "", profile.get("secret-key") or ""
@@ -302,7 +302,7 @@ def _value(source: str, name: str, value: object, *, required: bool = True) -> s
 
 def _region(source: str, name: str, value: object) -> str:
     if not isinstance(value, str) or not _REGION.fullmatch(value):
-        raise CredentialsError(f"{source}: {name} {api.shown(value)} is not a region name")
+        raise CredentialsError(f"{source}: {name} {spec.shown(value)} is not a region name")
     return value
 
 

@@ -23,7 +23,7 @@ UPDATE: Final = "UpdatePullToPushGroup"
 DELETE: Final = "DeletePullToPushGroup"
 GROUP_ACTIONS: Final = frozenset({CREATE, LIST, UPDATE, DELETE})
 
-# Error codes whose meaning a reader of the ledger needs too (classify.py has the rest):
+# Error codes whose meaning a reader of the ledger needs too (api/classify.py has the rest):
 # HTTP 429 with this code means "already created", not "slow down".
 EXISTS: Final = "RequestLimitExceeded.Exist"
 NOT_FOUND: Final = "ResourceNotFound"  # update/delete of a Name the account does not hold

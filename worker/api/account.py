@@ -12,7 +12,7 @@ The I/O is `commands.sync.list_account`'s, through the runner:
 
     listing = Listing()
     while (body := listing.next_request()) is not None:
-        result = await runner.read(api.LIST, orjson.dumps(body))  # paced, retried
+        result = await runner.read(spec.LIST, orjson.dumps(body))  # paced, retried
         listing.add_result(result)          # parse_page + add; says how the account moved
     account = listing.groups                # every group seen, each Name once
 """
@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from worker import api
+from worker.api import spec
 from worker.errors import ListingFailed
 
 PAGE_SIZE: Final = 1000  # the API's maximum: one request lists a thousand groups
@@ -97,7 +97,9 @@ def parse_page(
     (a Listing passes its own) keeps one copy of values repeated across pages.
     """
     if not isinstance(result, dict):
-        raise ListingError(f"List answered a Result that is {api.json_type(result)}, not an object")
+        raise ListingError(
+            f"List answered a Result that is {spec.json_type(result)}, not an object"
+        )
     if "Total" not in result:
         raise ListingError("List answered without Result.Total")
     total = result["Total"]
@@ -111,7 +113,9 @@ def parse_page(
     if raw_items is None:
         raw_items = []
     if not isinstance(raw_items, list):
-        raise ListingError(f"List answered Result.List as {api.json_type(raw_items)}, not an array")
+        raise ListingError(
+            f"List answered Result.List as {spec.json_type(raw_items)}, not an array"
+        )
     if len(raw_items) > page_size:
         raise ListingError(
             f"List answered {len(raw_items)} groups on one page; PageSize was {page_size}"
@@ -123,9 +127,9 @@ def parse_page(
 def _item(i: int, raw: object, share: Interner) -> Listed:
     where = f"Result.List[{i}]"
     if not isinstance(raw, dict):
-        raise ListingError(f"{where} is {api.json_type(raw)}, not an object")
+        raise ListingError(f"{where} is {spec.json_type(raw)}, not an object")
     name = raw.get("Name")
-    if (reason := api.name_problem(name)) is not None:
+    if (reason := spec.name_problem(name)) is not None:
         raise ListingError(f"{where}.Name {reason}")
     assert isinstance(name, str)
     where = f"{where} ({name})"
@@ -146,7 +150,7 @@ def _item(i: int, raw: object, share: Interner) -> Listed:
     if raw_tags is None:
         return Listed(name=name, project=project)
     if not isinstance(raw_tags, list):
-        raise ListingError(f"{where}.Tags must be an array, not {api.json_type(raw_tags)}")
+        raise ListingError(f"{where}.Tags must be an array, not {spec.json_type(raw_tags)}")
     return Listed(
         name=name,
         project=project,
@@ -156,13 +160,13 @@ def _item(i: int, raw: object, share: Interner) -> Listed:
 
 def _tag(where: str, raw: object, share: Interner) -> Tag:
     if not isinstance(raw, dict):
-        raise ListingError(f"{where} is {api.json_type(raw)}, not an object")
+        raise ListingError(f"{where} is {spec.json_type(raw)}, not an object")
     key, value, category = raw.get("Key"), raw.get("Value"), raw.get("Category")
     if not isinstance(key, str):
         raise ListingError(f"{where}.Key must be a string, not {_show(key)}")
     if not isinstance(value, str):
         raise ListingError(f"{where}.Value must be a string, not {_show(value)}")
-    if category not in api.TAG_CATEGORIES:
+    if category not in spec.TAG_CATEGORIES:
         raise ListingError(f"{where}.Category must be 'System' or 'Custom', not {_show(category)}")
     assert isinstance(category, str)
     return share((share(key), share(value), share(category)))
@@ -174,7 +178,7 @@ def _is_int(value: object) -> bool:
 
 def _show(value: object) -> str:
     """A decoded JSON value for a message: short, one line (the server's text is untrusted)."""
-    text = repr(value) if isinstance(value, (str, int, float)) else api.json_type(value)
+    text = repr(value) if isinstance(value, (str, int, float)) else spec.json_type(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -66,17 +66,17 @@ from typing import Any
 
 import orjson
 
-from worker import api
+from worker.api import spec
+from worker.api.transport import Failure, Response
 from worker.settings import RetryPolicy
-from worker.transport import Failure, Response
 
 CODE_MAX = 64
 MESSAGE_MAX = 300
 REQUEST_ID_MAX = 128
 DEFAULT_RETRY_AFTER_MAX_S = RetryPolicy().retry_after_max_s
 
-EXISTS = api.EXISTS
-NOT_FOUND = api.NOT_FOUND
+EXISTS = spec.EXISTS
+NOT_FOUND = spec.NOT_FOUND
 RETRYABLE_CODES = frozenset(
     {
         "CommonErr",
@@ -222,11 +222,17 @@ def classify(
         return _without_envelope(status, answer, retry_after)
     code, message, request_id, payload = envelope
     answer = Answer(status, code, message, request_id)
-    code = answer.code  # decide on what is recorded
-    if not code:
+    if not answer.code:  # decided on what is recorded (cleaned), not on what arrived
         if 200 <= status < 300:
             return Succeeded(answer, payload)
         return _without_envelope(status, _with_code(answer, f"HTTP{status}"), retry_after)
+    return _by_code(answer, status, retry_after, region)
+
+
+def _by_code(answer: Answer, status: int, retry_after: float | None, region: str | None) -> Verdict:
+    """The envelope carries an error code: the code decides (the tables above), and the
+    status only for a code we do not know."""
+    code = answer.code
     if "FlowLimitExceeded" in code:
         return Throttled(answer, retry_after)
     if code == EXISTS:

@@ -136,73 +136,58 @@ class Transport:
         """POST exactly these bytes with exactly these (already signed) headers, once."""
         assert self._session is not None, "use `async with Transport(...)`"
         answered = False  # a status line arrived: whatever fails later, the endpoint is there
+        try:
+            async with self._session.post(
+                self._url(query),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+            ) as resp:
+                answered = True
+                return await self._read(resp)
+        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError and ssl.SSLError are OSErrors
+            return self._failure(exc, answered=answered)
+
+    def _url(self, query: Mapping[str, str]) -> URL:
+        """The endpoint with this query, built once per query and kept (up to _MAX_URLS)."""
         key = tuple(query.items())
         url = self._urls.get(key)
         if url is None:
             url = URL(self._endpoint).extend_query(key)
             if len(self._urls) < _MAX_URLS:
                 self._urls[key] = url
-        try:
-            async with self._session.post(
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-            ) as resp:
-                answered = True
-                data = bytearray()
-                truncated = False
-                async for chunk in resp.content.iter_chunked(64 * 1024):
-                    data += chunk
-                    if len(data) > self._max_body_bytes:
-                        truncated = True
-                        break
-                location = _header(resp.headers.get("Location"))
-                return Response(
-                    status=resp.status,
-                    body=bytes(data[: self._max_body_bytes]),
-                    retry_after=_header(resp.headers.get("Retry-After")),
-                    truncated=truncated,
-                    location=redact_location(location) if location else None,
-                )
-        except aiohttp.ClientConnectorCertificateError as exc:
-            cert = exc.certificate_error
-            why = getattr(cert, "verify_message", None) or type(cert).__name__
-            return Failure(
-                "certificate", f"the TLS certificate of {exc.host}:{exc.port} is not trusted: {why}"
-            )
-        except aiohttp.ClientSSLError as exc:
-            return Failure("tls", _tls_detail(exc, exc.host, exc.port))
-        except aiohttp.ClientConnectorDNSError as exc:
-            return Failure(
-                "dns",
-                f"the DNS name {exc.host!r} was not resolved "
-                f"({exc.strerror or 'no address'}): a typo in --endpoint?",
-            )
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, ConnectionResetError) and self._tls:
-                return Failure(
-                    "tls",
-                    f"{exc.host}:{exc.port} reset the connection during "
-                    "the TLS handshake (does it speak TLS on that port?)",
-                )
-            if isinstance(exc.os_error, ConnectionRefusedError):
-                return Failure(
-                    "refused",
-                    f"connection refused by {exc.host}:{exc.port}: nothing listens on that port",
-                )
-            return Failure(
-                "connect",
-                f"cannot connect to {exc.host}:{exc.port}: "
-                f"{exc.strerror or type(exc.os_error).__name__}",
-            )
-        except aiohttp.ConnectionTimeoutError:
+        return url
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> Response:
+        """The answer as a value: the body up to max_body_bytes, bounded and redacted headers."""
+        data = bytearray()
+        truncated = False
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            data += chunk
+            if len(data) > self._max_body_bytes:
+                truncated = True
+                break
+        location = _header(resp.headers.get("Location"))
+        return Response(
+            status=resp.status,
+            body=bytes(data[: self._max_body_bytes]),
+            retry_after=_header(resp.headers.get("Retry-After")),
+            truncated=truncated,
+            location=redact_location(location) if location else None,
+        )
+
+    def _failure(self, exc: aiohttp.ClientError | OSError, *, answered: bool) -> Failure:
+        """What aiohttp raised, as a Failure: most specific first (the module docstring says
+        why the order matters)."""
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return _connect_failure(exc, tls=self._tls)
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
             return Failure(
                 "timeout",
                 f"connecting timed out after {self._timeout.connect:g} s "
                 "(a firewall dropping packets, or the host is down)",
             )
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+        if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
             if answered:
                 return Failure(
                     "timeout",
@@ -210,30 +195,25 @@ class Transport:
                     no_answer=False,
                 )
             return Failure("timeout", f"no HTTP answer within {self._timeout_s:g} s")
-        except ssl.SSLError as exc:  # a TLS error after the handshake, outside the connector
+        if isinstance(exc, ssl.SSLError):  # a TLS error after the handshake, outside the connector
             return Failure("tls", _tls_detail(exc, None, None), no_answer=not answered)
-        except (
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-            aiohttp.ClientPayloadError,
-            OSError,
-        ) as exc:
+        # OSError includes aiohttp.ClientOSError (ClientConnectorError was taken above)
+        if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, OSError)):
             where = "while reading the answer" if answered else "before any answer"
             return Failure(
                 "disconnected",
                 f"connection lost {where}: {type(exc).__name__}",
                 no_answer=not answered,
             )
-        except aiohttp.ClientResponseError as exc:
+        if isinstance(exc, aiohttp.ClientResponseError):
             return Failure(
                 "protocol",
                 f"the endpoint did not answer valid HTTP: {_one_line(str(exc.message))}",
                 no_answer=not answered,
             )
-        except aiohttp.ClientError as exc:
-            return Failure(
-                "protocol", f"{type(exc).__name__}: {_one_line(str(exc))}", no_answer=not answered
-            )
+        return Failure(
+            "protocol", f"{type(exc).__name__}: {_one_line(str(exc))}", no_answer=not answered
+        )
 
 
 class Reachability:
@@ -271,6 +251,40 @@ class Reachability:
             self._first_at = now
         self._count += 1
         return self._count >= self.max_consecutive and now - self._first_at >= self.window_s
+
+
+def _connect_failure(exc: aiohttp.ClientConnectorError, *, tls: bool) -> Failure:
+    """A connection that was never made: certificate, TLS, DNS, then the socket's own error
+    (certificate, TLS and DNS errors are all ClientConnectorError subclasses: checked first)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cert = exc.certificate_error
+        why = getattr(cert, "verify_message", None) or type(cert).__name__
+        return Failure(
+            "certificate", f"the TLS certificate of {exc.host}:{exc.port} is not trusted: {why}"
+        )
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return Failure("tls", _tls_detail(exc, exc.host, exc.port))
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return Failure(
+            "dns",
+            f"the DNS name {exc.host!r} was not resolved "
+            f"({exc.strerror or 'no address'}): a typo in --endpoint?",
+        )
+    if isinstance(exc.os_error, ConnectionResetError) and tls:
+        return Failure(
+            "tls",
+            f"{exc.host}:{exc.port} reset the connection during "
+            "the TLS handshake (does it speak TLS on that port?)",
+        )
+    if isinstance(exc.os_error, ConnectionRefusedError):
+        return Failure(
+            "refused",
+            f"connection refused by {exc.host}:{exc.port}: nothing listens on that port",
+        )
+    return Failure(
+        "connect",
+        f"cannot connect to {exc.host}:{exc.port}: {exc.strerror or type(exc.os_error).__name__}",
+    )
 
 
 def _tls_detail(exc: BaseException, host: str | None, port: int | None) -> str:

@@ -37,25 +37,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
+from worker.pacing.budget import MIN_RATE, SLACK_S
 from worker.settings import Pacing
-
-SLACK_S = 0.004
-MIN_RATE = 0.2  # requests per second the cool-down never goes below
-
-
-class Pacer(Protocol):
-    """What the runner needs of a rate budget, local or shared."""
-
-    async def acquire(self) -> None:
-        """Return when one more request may be sent now."""
-
-    def throttled(self) -> None:
-        """The server answered FlowLimitExceeded: slow everybody down."""
 
 
 class LocalPacer:
+    """The budget of one process: admissions spaced evenly at the rate in force (a Pacer)."""
+
     def __init__(
         self,
         pacing: Pacing,

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Final
 from urllib.parse import quote
 
-from worker.api import SERVICE
+from worker.api.spec import SERVICE
 
 ALGORITHM = "HMAC-SHA256"
 
@@ -119,9 +119,15 @@ def sign(
         signed=signed,
         body_sha256=body_sha256,
     )
-    scope = f"{xdate[:8]}/{region}/{service}/request"
-    key = signing_key(credentials.secret_key, xdate[:8], region, service)
-    signature = hmac.new(key, string_to_sign(xdate, scope, canonical).encode(), hashlib.sha256)
+    scope = _scope(xdate[:8], region, service)
+    signature = _signature(
+        credentials.secret_key,
+        xdate=xdate,
+        date=xdate[:8],
+        region=region,
+        service=service,
+        canonical=canonical,
+    )
     out = {
         "Host": headers["host"],
         "Content-Type": content_type,
@@ -129,7 +135,7 @@ def sign(
         "X-Content-Sha256": body_sha256,
         "Authorization": (
             f"{ALGORITHM} Credential={credentials.access_key}/{scope}, "
-            f"SignedHeaders={';'.join(signed)}, Signature={signature.hexdigest()}"
+            f"SignedHeaders={';'.join(signed)}, Signature={signature}"
         ),
     }
     if credentials.session_token:
@@ -190,47 +196,91 @@ def verify(
     if secret is None:
         return Refused("InvalidAccessKey", f"the access key {ak} does not exist", ak)
     xdate = headers.get("x-date", "")
-    try:
-        stamp = datetime.strptime(xdate, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        return Refused("InvalidTimestamp", "X-Date is missing or malformed", ak)
-    skew = abs((now - stamp).total_seconds())
-    if skew > max_skew_s:
-        return Refused("InvalidTimestamp", f"X-Date is {skew:.0f}s away from the server time", ak)
+    if (late := _timestamp_refusal(xdate, now, max_skew_s)) is not None:
+        return Refused("InvalidTimestamp", late, ak)
     signed = m["signed"].split(";")
-    if (
-        m["date"] != xdate[:8]
-        or m["region"] != region
-        or m["service"] != service
-        or signed != sorted(set(signed))
-        or not _MUST_SIGN.issubset(signed)
-        # A token sent but not signed could be swapped by anyone on the path.
-        or ("x-security-token" in headers and "x-security-token" not in signed)
-    ):
+    if not _scope_fits(m, xdate, signed, headers, region=region, service=service):
         return Refused("SignatureDoesNotMatch", "the credential scope or header list is wrong", ak)
     body_sha256 = hashlib.sha256(body).hexdigest()
     if headers.get("x-content-sha256") != body_sha256:
         return Refused("SignatureDoesNotMatch", "X-Content-Sha256 is not the body's hash", ak)
-    covered: dict[str, str] = {}
-    for name in signed:
-        if name not in headers:
-            return Refused("SignatureDoesNotMatch", f"signed header {name} is missing", ak)
-        value = headers[name].strip()
-        covered[name] = canonical_host(value) if name == "host" else value
+    if (missing := next((n for n in signed if n not in headers), None)) is not None:
+        return Refused("SignatureDoesNotMatch", f"signed header {missing} is missing", ak)
     canonical = canonical_request(
         method=method,
         path=path,
         query=query,
-        headers=covered,
+        headers=_covered(headers, signed),
         signed=signed,
         body_sha256=body_sha256,
     )
-    scope = f"{m['date']}/{m['region']}/{m['service']}/request"
-    key = signing_key(secret, m["date"], m["region"], m["service"])
-    want = hmac.new(key, string_to_sign(xdate, scope, canonical).encode(), hashlib.sha256)
-    if not hmac.compare_digest(want.hexdigest(), m["sig"]):
+    want = _signature(
+        secret,
+        xdate=xdate,
+        date=m["date"],
+        region=m["region"],
+        service=m["service"],
+        canonical=canonical,
+    )
+    if not hmac.compare_digest(want, m["sig"]):
         return Refused("SignatureDoesNotMatch", "the signature does not match", ak)
     return Verified(ak)
+
+
+def _timestamp_refusal(xdate: str, now: datetime, max_skew_s: float) -> str | None:
+    """Why `X-Date` is not acceptable at `now`, or None when it is."""
+    try:
+        stamp = datetime.strptime(xdate, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return "X-Date is missing or malformed"
+    skew = abs((now - stamp).total_seconds())
+    if skew > max_skew_s:
+        return f"X-Date is {skew:.0f}s away from the server time"
+    return None
+
+
+def _scope_fits(
+    m: re.Match[str],
+    xdate: str,
+    signed: list[str],
+    headers: Mapping[str, str],
+    *,
+    region: str,
+    service: str,
+) -> bool:
+    """The credential scope is this server's and today's (by X-Date), and the signed header
+    list is sorted, without repeats, and covers what must be covered."""
+    return (
+        m["date"] == xdate[:8]
+        and m["region"] == region
+        and m["service"] == service
+        and signed == sorted(set(signed))
+        and _MUST_SIGN.issubset(signed)
+        # A token sent but not signed could be swapped by anyone on the path.
+        and ("x-security-token" not in headers or "x-security-token" in signed)
+    )
+
+
+def _covered(headers: Mapping[str, str], signed: list[str]) -> dict[str, str]:
+    """The signed headers' values as the signer saw them (trimmed; Host without a default
+    port). Every name in `signed` is in `headers`."""
+    covered = {name: headers[name].strip() for name in signed}
+    covered["host"] = canonical_host(covered["host"])
+    return covered
+
+
+def _scope(date: str, region: str, service: str) -> str:
+    return f"{date}/{region}/{service}/request"
+
+
+def _signature(
+    secret: str, *, xdate: str, date: str, region: str, service: str, canonical: str
+) -> str:
+    """The hex HMAC of the string to sign, under the key derived for this date, region and
+    service: the one computation `sign` and `verify` must share."""
+    key = signing_key(secret, date, region, service)
+    to_sign = string_to_sign(xdate, _scope(date, region, service), canonical)
+    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
 
 
 def _hmac(key: bytes, msg: str) -> bytes:

@@ -38,16 +38,18 @@ pauses, the shared rate halves and climbs back (the same AIMD as the local pacer
 If Redis cannot be reached the pacer does not fall back to a private budget: it stops
 admitting, says so, polls until Redis answers, and gives up with LimiterUnavailable once it
 has been away longer than `timeout_s`.
+
+The Redis side (key names, the two Lua scripts) is redis_scripts.py; reading Redis's clock in
+local time is redis_clock.py; this module is the process side: booking, sleeping, reporting.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -58,7 +60,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
 from worker.errors import LimiterRefused, LimiterUnavailable
-from worker.pacing import MIN_RATE, SLACK_S
+from worker.pacing.budget import MIN_RATE, SLACK_S
+from worker.pacing.redis_clock import MARKS, Mark, best_mark
+from worker.pacing.redis_scripts import ACQUIRE, KEY_TTL_MS, THROTTLE, budget_key
 from worker.settings import Pacing, redact_url
 
 log = structlog.get_logger("worker")
@@ -78,120 +82,6 @@ LATE_S = 0.200
 # to the headroom, as timer slack is (reporting them cost ~3 % of the rate, measured).
 WATCH_S = 0.005
 STALL_S = 0.010
-KEY_TTL_MS = 120_000  # keys vanish on their own once nobody uses the budget
-# Readings of Redis's clock are trusted this long (local seconds): the two clocks may drift
-# apart, by ppm, and a wall clock may be slewed; a second of that is far below a slack.
-MARK_S = 1.0
-MARKS = 32  # the readings kept: at 20 calls/s, more than MARK_S's worth
-
-
-@dataclass(frozen=True, slots=True)
-class Mark:
-    """One reading of Redis's clock: Redis read `redis_us` at a local time between `asked`
-    (just before the call went out) and `answered` (just after its answer was read)."""
-
-    asked: float
-    answered: float
-    redis_us: int
-
-    @property
-    def width(self) -> float:
-        return self.answered - self.asked
-
-    def local(self, redis_us: int) -> tuple[float, float]:
-        """The local time of the Redis instant `redis_us`: the earliest and the latest it can be."""
-        since = (redis_us - self.redis_us) / 1e6
-        return self.asked + since, self.answered + since
-
-    def agrees(self, other: Mark) -> bool:
-        """Both can be right: the clocks did not step between them (nor drift a whole width)."""
-        earliest, latest = self.local(other.redis_us)
-        return earliest <= other.answered and other.asked <= latest
-
-
-def best_mark(marks: Sequence[Mark], now: float) -> Mark:
-    """The narrowest reading of the last MARK_S (on a tie the newest; the newest always
-    counts). A call held up by a busy machine reads Redis's clock as loosely as it was slow;
-    the quickest recent call pins it to within its own round trip."""
-    newest = marks[-1]
-    fresh = [m for m in marks if now - m.answered <= MARK_S] or [newest]
-    return min(reversed(fresh), key=lambda m: m.width)
-
-
-# KEYS: tat, throttle (hash: at, floor), seq. ARGV: target rate, horizon us, cooldown us,
-# recover us, ttl ms, slack us, book (1|0), then (used at us, seq) per late send reported.
-# Returns {wait_us, booked (1|0), slot us, seq, now us}; with book 0 it only takes the reports.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local target = tonumber(ARGV[1])
-local horizon, cooldown, recover = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local rate = target
-local earliest = now
-local th = redis.call('HMGET', KEYS[2], 'at', 'floor')
-if th[1] then
-  local at, floor = tonumber(th[1]), tonumber(th[2])
-  earliest = math.max(earliest, at + cooldown)
-  local share = math.min(1, math.max(0, (now - at - cooldown) / recover))
-  rate = floor + (target - floor) * share
-end
-local gap = math.floor(1000000 / rate)
-local slack = math.min(tonumber(ARGV[6]), gap / 4)
-local tat0 = tonumber(redis.call('GET', KEYS[1]) or '0')
-local tat = tat0
-local seq = tonumber(redis.call('GET', KEYS[3]) or '0')
--- A slot numbered s used at u: the n = seq - s slots booked since keep their places, the
--- next one keeps (n + 1) whole gaps from u (less the slack the local pacer forgives too).
--- A number above seq comes from before Redis lost its state: it says nothing now.
-for i = 8, #ARGV - 1, 2 do
-  local used, s = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
-  if s <= seq then
-    tat = math.max(tat, used - slack + (seq - s + 1) * gap)
-  end
-end
-local slot = math.max(tat, earliest)
-if ARGV[7] == '0' or slot - now > horizon then
-  if tat > tat0 then
-    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', ARGV[5])
-  end
-  return {slot - now - horizon, 0, 0, 0, now}
-end
-seq = seq + 1
--- %.0f: Lua 5.1's tostring keeps 14 digits, and microsecond stamps have 16
-redis.call('SET', KEYS[1], string.format('%.0f', slot + gap), 'PX', ARGV[5])
-redis.call('SET', KEYS[3], string.format('%.0f', seq), 'PX', ARGV[5])
-return {slot - now, 1, slot, seq, now}
-"""
-
-# KEYS: throttle. ARGV: target rate, cooldown us, recover us, min rate, ttl ms.
-_THROTTLE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local target, cooldown, recover = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local rate = target
-local th = redis.call('HMGET', KEYS[1], 'at', 'floor')
-if th[1] then
-  local at, floor = tonumber(th[1]), tonumber(th[2])
-  if now - at < cooldown then return 0 end
-  local share = math.min(1, math.max(0, (now - at - cooldown) / recover))
-  rate = floor + (target - floor) * share
-end
-local floor = math.max(tonumber(ARGV[4]), rate / 2)
-redis.call('HSET', KEYS[1], 'at', string.format('%.0f', now), 'floor', tostring(floor))
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return 1
-"""
-
-
-def budget_key(access_key: str, region: str) -> str:
-    """The Redis key prefix of one access key's budget in one region.
-
-    The budget is the server's (10 req/s per user), so the key names only what the server
-    counts by: not the endpoint's spelling, which split one key into several budgets
-    (`http://h:p`, `http://h:p/` and `http://localhost:p`: three workers, 16 throttles).
-    Hashed: keys show up in MONITOR and dashboards, an access key id should not."""
-    ident = hashlib.sha256(f"live|{region}|{access_key}".encode()).hexdigest()[:16]
-    return f"worker:pace:{ident}"
 
 
 class RedisPacer:
@@ -269,8 +159,8 @@ class RedisPacer:
             socket_connect_timeout=2.0,
             retry=Retry(NoBackoff(), 0),  # we decide how to wait for Redis, not the client
         )
-        self._acquire = self._client.register_script(_ACQUIRE)
-        self._throttle = self._client.register_script(_THROTTLE)
+        self._acquire = self._client.register_script(ACQUIRE)
+        self._throttle = self._client.register_script(THROTTLE)
         client = self._client
         try:
             await client.ping()
