@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from worker import index, plan
+from worker import plan
 from worker.errors import (
     Exit,
     LedgerError,
@@ -25,7 +25,8 @@ from worker.errors import (
     LedgerWriteError,
     Problem,
 )
-from worker.ledger import (
+from worker.ledger import index
+from worker.ledger.journal import (
     MAX_RECORD_BYTES,
     Latest,
     Ledger,
@@ -35,8 +36,7 @@ from worker.ledger import (
     probe_lock,
     read_state,
 )
-from worker.manifest import Group, Invalid
-from worker.records import (
+from worker.ledger.records import (
     Action,
     Footer,
     Intent,
@@ -47,6 +47,7 @@ from worker.records import (
     Target,
     parse,
 )
+from worker.manifest import Group, Invalid
 
 TARGET = Target(endpoint="http://127.0.0.1:8080", region="cn-north-1", access_key="AKTEST")
 OTHER = Target(endpoint="https://live.volcengineapi.com", region="cn-north-1", access_key="AKTEST")
@@ -479,7 +480,7 @@ WRITER = textwrap.dedent("""
     import resource, signal, sys
     from pathlib import Path
     from worker.errors import LedgerWriteError
-    from worker.ledger import Ledger
+    from worker.ledger.journal import Ledger
     from tests.test_ledger import TARGET, header, intent
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     book = Ledger.open(Path(sys.argv[1]), target=TARGET)
@@ -538,8 +539,8 @@ GROWER = textwrap.dedent("""
     import json, resource, signal, sys
     from pathlib import Path
     from structlog.testing import capture_logs
-    from worker import index
-    from worker.ledger import Ledger
+    from worker.ledger import index
+    from worker.ledger.journal import Ledger
     from tests.test_ledger import TARGET, header, intent
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     book = Ledger.open(Path(sys.argv[1]), target=TARGET)  # a new index: the smallest table

@@ -16,10 +16,11 @@ import pytest
 from tests.conftest import AK, cli_env, names, run_worker, worker_cmd, write_manifest
 from tests.test_ledger import footer, header, intent, line, result
 from tests.test_report import groups_of
-from worker import api, index
+from worker import api
 from worker.errors import Exit
-from worker.ledger import probe_lock
-from worker.records import Outcome, Target
+from worker.ledger import index
+from worker.ledger.journal import probe_lock
+from worker.ledger.records import Outcome, Target
 
 pytestmark = pytest.mark.slow  # real processes
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from worker import plan, report
-from worker.index import Latest
+from worker.ledger.index import Latest
+from worker.ledger.records import Action, Outcome
 from worker.manifest import Group
-from worker.records import Action, Outcome
 
 F1, F2 = "1" * 64, "2" * 64
 

@@ -14,9 +14,9 @@ import orjson
 from tests.conftest import names, write_manifest
 from tests.test_ledger import footer, header, intent, line, result
 from worker import manifest, report
-from worker.ledger import State
+from worker.ledger.journal import State
+from worker.ledger.records import Action, Outcome, Record, Result, StopReason
 from worker.manifest import Group
-from worker.records import Action, Outcome, Record, Result, StopReason
 
 
 def groups_of(path: Path) -> dict[str, Group]:

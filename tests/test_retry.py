@@ -17,7 +17,7 @@ from worker.classify import (
     Throttled,
     Verdict,
 )
-from worker.records import Action, Outcome
+from worker.ledger.records import Action, Outcome
 from worker.retry import Finish, Stop, Wait, next_step
 from worker.settings import RetryPolicy
 

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from worker.errors import EndpointUnreachable, LedgerWriteError, RunAborted
-from worker.records import Action, Intent, Outcome, Record, Result, StopReason
+from worker.ledger.records import Action, Intent, Outcome, Record, Result, StopReason
 from worker.runner import Controls, Runner, Work
 from worker.settings import Pacing, RetryPolicy, Settings
 from worker.signing import Credentials

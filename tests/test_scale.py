@@ -20,11 +20,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.test_ledger import footer
-from worker import index, plan
-from worker.index import Table
-from worker.ledger import Ledger, State, read_state, records_of
+from worker import plan
+from worker.ledger import index
+from worker.ledger.index import Table
+from worker.ledger.journal import Ledger, State, read_state, records_of
+from worker.ledger.records import Action, Footer, Intent, Item, Outcome, Result, RunHeader, Target
 from worker.manifest import Group
-from worker.records import Action, Footer, Intent, Item, Outcome, Result, RunHeader, Target
 
 TARGET = Target(endpoint="http://127.0.0.1:1", region="cn-north-1", access_key="AK")
 
@@ -261,9 +262,9 @@ def _killed_run(path: Path, body: str) -> None:
 import os
 from pathlib import Path
 from tests.test_scale import TARGET, header, intent, result
-from worker import ledger
-from worker.ledger import Ledger
-from worker.records import Outcome
+from worker.ledger import journal
+from worker.ledger.journal import Ledger
+from worker.ledger.records import Outcome
 book = Ledger.open(Path({str(path)!r}), target=TARGET)
 {body}
 os._exit(9)
@@ -311,7 +312,7 @@ book.append(intent("r2", "新名字", 99))
 
 
 _CHECKPOINT_THEN_MORE = """
-ledger.CHECKPOINT_S = 3600.0  # one checkpoint only: the one asked for below
+journal.CHECKPOINT_S = 3600.0  # one checkpoint only: the one asked for below
 book.append(header("r2"))
 for i in range(5):
     book.append(intent("r2", f"早{i}", 100 + i))
@@ -482,8 +483,8 @@ from pathlib import Path
 import structlog
 from structlog.testing import capture_logs
 from tests.test_scale import TARGET, header, in_memory, intent, result, same_state
-from worker.ledger import Ledger, read_state
-from worker.records import Outcome
+from worker.ledger.journal import Ledger, read_state
+from worker.ledger.records import Outcome
 path = Path(sys.argv[1])
 limit = int(sys.argv[2])
 if limit:

@@ -30,11 +30,11 @@ from worker.errors import (
     UsageError,
     WorkerError,
 )
-from worker.ledger import Ledger
+from worker.ledger.journal import Ledger
+from worker.ledger.records import Footer, Outcome, RunHeader, StopReason, Target
 from worker.metrics import Metrics
 from worker.pacing import LocalPacer, Pacer
 from worker.progress import Progress
-from worker.records import Footer, Outcome, RunHeader, StopReason, Target
 from worker.runner import Controls, Runner, Tally, machine_cap, stamp, utcnow
 from worker.settings import Settings, redact_url
 from worker.signing import Credentials

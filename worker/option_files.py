@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker import compose, index, ledger, manifest
+from worker import compose, manifest
 from worker.errors import UsageError
+from worker.ledger import index, lock
 from worker.options import CommandLine, Merged, value
 from worker.settings import check_endpoint, check_limiter
 from worker.userpaths import Named, check_path, check_paths
@@ -66,7 +67,7 @@ def _not_a_file(path: Path) -> bool:
 def _beside(ledger_path: Path) -> tuple[Path, ...]:
     """The files the ledger's owners keep beside it: lock, index, remembered validation."""
     return (
-        ledger.lock_path(ledger_path),
+        lock.lock_path(ledger_path),
         index.index_path(ledger_path),
         manifest.remembered_path(ledger_path),
     )

@@ -16,9 +16,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from worker.ledger import Latest
+from worker.ledger.journal import Latest
+from worker.ledger.records import Outcome
 from worker.manifest import Group, Invalid
-from worker.records import Outcome
 
 
 class Do(enum.Enum):

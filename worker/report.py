@@ -48,9 +48,8 @@ import orjson
 from worker import manifest as manifest_step
 from worker import sync_audit
 from worker.errors import Exit, ManifestError, UsageError
-from worker.ledger import Latest, State, probe_lock, read_state, records_of
-from worker.manifest import Group, Invalid
-from worker.records import (
+from worker.ledger.journal import Latest, State, probe_lock, read_state, records_of
+from worker.ledger.records import (
     DONE,
     Footer,
     Intent,
@@ -59,6 +58,7 @@ from worker.records import (
     RunHeader,
     StopReason,
 )
+from worker.manifest import Group, Invalid
 from worker.sync_audit import Audit, already_gone, audit_of, has_sync
 
 # Every status a manifest line (or, without a manifest, a Name) can have, in the order

@@ -26,7 +26,7 @@ from worker.classify import (
     Verdict,
     backoff_s,
 )
-from worker.records import Action, Outcome
+from worker.ledger.records import Action, Outcome
 from worker.settings import RetryPolicy
 
 _SUCCESS = {

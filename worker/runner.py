@@ -53,9 +53,9 @@ from worker.errors import (
     RunAborted,
     WorkerError,
 )
-from worker.ledger import FSYNC_EVERY_S
+from worker.ledger.journal import FSYNC_EVERY_S
+from worker.ledger.records import DONE, Action, Intent, Outcome, Record, Result, StopReason
 from worker.pacing import Pacer
-from worker.records import DONE, Action, Intent, Outcome, Record, Result, StopReason
 from worker.retry import Finish, Stop, Wait, next_step
 from worker.settings import DEFAULT_CAP as DEFAULT_CAP_SETTING
 from worker.settings import Settings

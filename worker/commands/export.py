@@ -17,7 +17,7 @@ from worker.commands.sync import list_account
 from worker.compose import Loop, Options
 from worker.errors import Exit, UsageError
 from worker.export import export_lines
-from worker.records import Target
+from worker.ledger.records import Target
 from worker.runner import Controls
 from worker.settings import Settings
 from worker.signing import Credentials

@@ -14,12 +14,12 @@ from typing import IO
 
 import structlog
 
-from worker import __version__, compose, ledger, manifest, plan
+from worker import __version__, compose, manifest, plan
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
-from worker.ledger import Ledger
+from worker.ledger.journal import Ledger, read_state
+from worker.ledger.records import Action, Outcome, Result, RunHeader, Target
 from worker.progress import Progress
-from worker.records import Action, Outcome, Result, RunHeader, Target
 from worker.runner import Controls, Runner, Work, stamp
 from worker.settings import Settings
 from worker.signing import Credentials
@@ -33,7 +33,7 @@ def run(settings: Settings, options: Options, controls: Controls, loop: Loop, ou
         if scan.problem_count and not settings.skip_invalid:
             raise ManifestError(scan.problems, scan.problem_count)
         if settings.dry_run:
-            state = ledger.read_state(settings.ledger)
+            state = read_state(settings.ledger)
             try:
                 with compose.before_writes():
                     counted = plan.count(

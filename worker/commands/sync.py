@@ -22,9 +22,9 @@ from worker.account import Listed
 from worker.commands.sync_rounds import Rounds, fresh_s_from_env, list_once
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
-from worker.ledger import Ledger
+from worker.ledger.journal import Ledger
+from worker.ledger.records import RunHeader, Target
 from worker.progress import Progress
-from worker.records import RunHeader, Target
 from worker.runner import Controls, Runner, stamp
 from worker.settings import LIMITS, Settings
 from worker.signing import Credentials

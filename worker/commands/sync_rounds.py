@@ -25,7 +25,7 @@ import structlog
 from worker import api, manifest, reconcile, rounds
 from worker.account import Listed, Listing
 from worker.errors import StillDifferent
-from worker.records import Action, Outcome, Record, Result
+from worker.ledger.records import Action, Outcome, Record, Result
 from worker.runner import Journal, Runner, Tally, Work, stamp
 
 log = structlog.get_logger("worker")

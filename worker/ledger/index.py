@@ -75,7 +75,7 @@ import orjson
 import structlog
 
 from worker.errors import LedgerError
-from worker.records import DONE, Action, Intent, Item, Outcome, Result, item_of, parse
+from worker.ledger.records import DONE, Action, Intent, Item, Outcome, Result, item_of, parse
 
 MAGIC: Final = b"WKIDX\x00\x00\x02"  # the last byte is the format version
 _HEAD = struct.Struct("<8sIIQQQQQQQQQ32s32s16s")  # see _Header.pack

@@ -39,11 +39,11 @@ from typing import IO, Any, Final, Self
 
 import orjson
 
-from worker import index
 from worker.errors import LedgerError, LedgerTargetMismatch, LedgerWriteError
-from worker.index import Latest, Table
-from worker.ledger_lock import lock_beside, lock_file, lock_path, probe_lock, release
-from worker.records import (
+from worker.ledger import index
+from worker.ledger.index import Latest, Table
+from worker.ledger.lock import lock_beside, lock_file, lock_path, probe_lock, release
+from worker.ledger.records import (
     Footer,
     Intent,
     Item,
