@@ -28,7 +28,6 @@ from worker.errors import (
 from worker.ledger import index
 from worker.ledger.journal import (
     MAX_RECORD_BYTES,
-    Latest,
     Ledger,
     State,
     default_path,
@@ -40,13 +39,14 @@ from worker.ledger.records import (
     Action,
     Footer,
     Intent,
+    Latest,
     Outcome,
     Result,
     RunHeader,
     StopReason,
     Target,
-    parse,
 )
+from worker.ledger.schema import parse
 from worker.manifest import Group, Invalid
 
 TARGET = Target(endpoint="http://127.0.0.1:8080", region="cn-north-1", access_key="AKTEST")

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from worker import plan, report
-from worker.ledger.index import Latest
-from worker.ledger.records import Action, Outcome
+from worker.ledger.records import Action, Latest, Outcome
 from worker.manifest import Group
 
 F1, F2 = "1" * 64, "2" * 64

@@ -16,8 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from worker.ledger.journal import Latest
-from worker.ledger.records import Outcome
+from worker.ledger.records import Latest, Outcome
 from worker.manifest import Group, Invalid
 
 

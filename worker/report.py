@@ -48,11 +48,12 @@ import orjson
 from worker import manifest as manifest_step
 from worker import sync_audit
 from worker.errors import Exit, ManifestError, UsageError
-from worker.ledger.journal import Latest, State, probe_lock, read_state, records_of
+from worker.ledger.journal import State, probe_lock, read_state, records_of
 from worker.ledger.records import (
     DONE,
     Footer,
     Intent,
+    Latest,
     Outcome,
     Result,
     RunHeader,

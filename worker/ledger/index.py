@@ -75,7 +75,8 @@ import orjson
 import structlog
 
 from worker.errors import LedgerError
-from worker.ledger.records import DONE, Action, Intent, Item, Outcome, Result, item_of, parse
+from worker.ledger.records import Action, Intent, Item, Latest, Outcome, Result
+from worker.ledger.schema import item_of, parse
 
 MAGIC: Final = b"WKIDX\x00\x00\x02"  # the last byte is the format version
 _HEAD = struct.Struct("<8sIIQQQQQQQQQ32s32s16s")  # see _Header.pack
@@ -149,36 +150,6 @@ def slots_for(names: int) -> int:
     while names > slots * MAX_LOAD:
         slots <<= 1
     return slots
-
-
-@dataclass(slots=True)
-class Latest:
-    """The ledger's latest word on one Name (what plan.decide and report read)."""
-
-    outcome: Outcome | None  # None: an intent with no result after it (in doubt)
-    action: Action | None
-    fp: bytes | None  # sha256 digest of the body sent; None for deletes and nameless lines
-    code: str  # the last answer's error code, "" for success or in doubt
-    line: int
-
-    @classmethod
-    def of(cls, record: Intent | Result) -> Latest:
-        item = Item.of(record)
-        fp = bytes.fromhex(item.fingerprint) if item.fingerprint is not None else None
-        return cls(outcome=item.outcome, action=item.action, fp=fp, code=item.code, line=item.line)
-
-    @property
-    def in_doubt(self) -> bool:
-        """Sent, and no answer recorded: the next run sends it again."""
-        return self.outcome is None
-
-    @property
-    def done(self) -> bool:
-        return self.outcome in DONE
-
-    @property
-    def fingerprint(self) -> str | None:
-        return self.fp.hex() if self.fp is not None else None
 
 
 class Table(Mapping[str, Latest]):

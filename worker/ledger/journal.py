@@ -41,20 +41,20 @@ import orjson
 
 from worker.errors import LedgerError, LedgerTargetMismatch, LedgerWriteError
 from worker.ledger import index
-from worker.ledger.index import Latest, Table
+from worker.ledger.index import Table
 from worker.ledger.lock import lock_beside, lock_file, lock_path, probe_lock, release
 from worker.ledger.records import (
     Footer,
     Intent,
     Item,
+    Latest,
     Outcome,
     Record,
     Result,
     RunHeader,
     Target,
-    item_of,
-    parse,
 )
+from worker.ledger.schema import item_of, parse
 
 __all__ = ["Latest", "Ledger", "State", "lock_path", "probe_lock", "read_state", "records_of"]
 
