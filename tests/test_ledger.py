@@ -26,15 +26,10 @@ from worker.errors import (
     Problem,
 )
 from worker.ledger import index
-from worker.ledger.journal import (
-    MAX_RECORD_BYTES,
-    Ledger,
-    State,
-    default_path,
-    lock_path,
-    probe_lock,
-    read_state,
-)
+from worker.ledger.file import MAX_RECORD_BYTES
+from worker.ledger.journal import Ledger, default_path
+from worker.ledger.load import read_state
+from worker.ledger.lock import lock_path, probe_lock
 from worker.ledger.records import (
     Action,
     Footer,
@@ -47,6 +42,7 @@ from worker.ledger.records import (
     Target,
 )
 from worker.ledger.schema import parse
+from worker.ledger.state import State
 from worker.manifest import Group, Invalid
 
 TARGET = Target(endpoint="http://127.0.0.1:8080", region="cn-north-1", access_key="AKTEST")

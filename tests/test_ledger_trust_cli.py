@@ -19,7 +19,7 @@ from tests.test_report import groups_of
 from worker import api
 from worker.errors import Exit
 from worker.ledger import index
-from worker.ledger.journal import probe_lock
+from worker.ledger.lock import probe_lock
 from worker.ledger.records import Outcome, Target
 
 pytestmark = pytest.mark.slow  # real processes

@@ -14,8 +14,8 @@ import orjson
 from tests.conftest import names, write_manifest
 from tests.test_ledger import footer, header, intent, line, result
 from worker import manifest, report
-from worker.ledger.journal import State
 from worker.ledger.records import Action, Outcome, Record, Result, StopReason
+from worker.ledger.state import State
 from worker.manifest import Group
 
 

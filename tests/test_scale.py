@@ -23,8 +23,10 @@ from tests.test_ledger import footer
 from worker import plan
 from worker.ledger import index
 from worker.ledger.index import Table
-from worker.ledger.journal import Ledger, State, read_state, records_of
+from worker.ledger.journal import Ledger
+from worker.ledger.load import read_state, records_of
 from worker.ledger.records import Action, Footer, Intent, Item, Outcome, Result, RunHeader, Target
+from worker.ledger.state import State
 from worker.manifest import Group
 
 TARGET = Target(endpoint="http://127.0.0.1:1", region="cn-north-1", access_key="AK")
@@ -483,7 +485,8 @@ from pathlib import Path
 import structlog
 from structlog.testing import capture_logs
 from tests.test_scale import TARGET, header, in_memory, intent, result, same_state
-from worker.ledger.journal import Ledger, read_state
+from worker.ledger.journal import Ledger
+from worker.ledger.load import read_state
 from worker.ledger.records import Outcome
 path = Path(sys.argv[1])
 limit = int(sys.argv[2])

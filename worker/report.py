@@ -48,7 +48,8 @@ import orjson
 from worker import manifest as manifest_step
 from worker import sync_audit
 from worker.errors import Exit, ManifestError, UsageError
-from worker.ledger.journal import State, probe_lock, read_state, records_of
+from worker.ledger.load import read_state, records_of
+from worker.ledger.lock import probe_lock
 from worker.ledger.records import (
     DONE,
     Footer,
@@ -59,6 +60,7 @@ from worker.ledger.records import (
     RunHeader,
     StopReason,
 )
+from worker.ledger.state import State
 from worker.manifest import Group, Invalid
 from worker.sync_audit import Audit, already_gone, audit_of, has_sync
 

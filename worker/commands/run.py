@@ -17,7 +17,8 @@ import structlog
 from worker import __version__, compose, manifest, plan
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
-from worker.ledger.journal import Ledger, read_state
+from worker.ledger.journal import Ledger
+from worker.ledger.load import read_state
 from worker.ledger.records import Action, Outcome, Result, RunHeader, Target
 from worker.progress import Progress
 from worker.runner import Controls, Runner, Work, stamp
