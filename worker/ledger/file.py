@@ -20,8 +20,9 @@ from typing import IO, Any, Final
 import orjson
 
 from worker.errors import LedgerError
-from worker.ledger.records import Record
-from worker.ledger.schema import parse
+from worker.ledger.layout import Stale
+from worker.ledger.records import Intent, Item, Record, Result
+from worker.ledger.schema import item_of, parse
 
 # The largest record we write is a result holding a 1 MiB manifest body and a bounded
 # message; four times that leaves room and still bounds what one line can make us hold.
@@ -187,3 +188,51 @@ class Reader:
             f"{self.path}: is not a worker ledger (its first line is not a "
             "run header); nothing was changed. Check --ledger"
         )
+
+
+def items_of(ledger_fd: int) -> Iterator[tuple[Item, int]]:
+    """(item, its offset) for every whole intent or result line of the ledger, in order.
+    The ledger was read whole when it was opened: a line that does not parse now is skipped
+    here (it is the ledger's reader that says what is damage)."""
+    offset, pending = 0, b""
+    while True:
+        chunk = os.pread(ledger_fd, _CHUNK, offset + len(pending))
+        if not chunk:
+            return
+        pending += chunk
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            raw = pending[start : end + 1]
+            try:
+                obj = orjson.loads(raw)
+                item = item_of(obj) if isinstance(obj, dict) else None
+                if item is None and isinstance(obj, dict) and obj.get("type") in _ITEMS:
+                    record = parse(obj, where="index rebuild")
+                    assert isinstance(record, (Intent, Result))
+                    item = Item.of(record)
+            except (orjson.JSONDecodeError, LedgerError):
+                item = None
+            if item is not None and item.name is not None:
+                yield item, offset + start
+            start = end + 1
+        offset, pending = offset + start, pending[start:]
+
+
+_ITEMS: Final = ("intent", "result")
+
+
+_CHUNK: Final = 1 << 20
+
+
+def name_at(ledger_fd: int, offset: int) -> str:
+    """The Name of the record at byte `offset` of the ledger (the table keeps only keys)."""
+    raw = os.pread(ledger_fd, 1 << 16, offset)
+    while b"\n" not in raw and len(raw) < (8 << 20):  # a record holding a big body
+        more = os.pread(ledger_fd, 1 << 20, offset + len(raw))
+        if not more:
+            break
+        raw += more
+    name = orjson.loads(raw.partition(b"\n")[0]).get("name")
+    if not isinstance(name, str):
+        raise Stale(f"the record at byte {offset} holds no Name")
+    return name

@@ -36,11 +36,11 @@ import orjson
 from worker.errors import LedgerError, LedgerTargetMismatch, LedgerWriteError
 from worker.ledger import index
 from worker.ledger.file import MAX_RECORD_BYTES, Reader, check_same_file, open_regular
-from worker.ledger.index import Table
 from worker.ledger.load import load_state
 from worker.ledger.lock import lock_beside, lock_file, release
 from worker.ledger.records import Record, RunHeader, Target
 from worker.ledger.state import State
+from worker.ledger.table import Table, unavailable
 
 FSYNC_EVERY_S: Final = 1.0
 # How often a run records in its index how far the ledger is folded in (index.checkpoint):
@@ -198,7 +198,7 @@ class Ledger:
             at = index.covered(self._fd, self._end, self._lines)
             index.checkpoint(table, at, self.state.trailer())
         except OSError as exc:  # left marked dirty: the next run rebuilds it
-            index.unavailable(table.path, exc, "a rebuild by the next run")
+            unavailable(table.path, exc, "a rebuild by the next run")
             self._next_checkpoint = float("inf")
 
     def sync(self) -> None:
@@ -231,7 +231,7 @@ class Ledger:
                         at = index.covered(fd, self._end, self._lines)
                         index.finish(table, at, self.state.trailer())
                     except OSError as exc:  # it stays marked dirty: the next open rebuilds it
-                        index.unavailable(table.path, exc, "a rebuild by the next run")
+                        unavailable(table.path, exc, "a rebuild by the next run")
         except OSError as exc:
             self._broken = f"{self.path}: cannot sync the ledger: {exc.strerror}"
             raise LedgerWriteError(self._broken) from None

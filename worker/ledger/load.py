@@ -5,6 +5,14 @@ The index is derived: one that does not match its ledger is rebuilt, never a rea
 refuse the ledger (`load_state`). Which table a load folds into: the shared index when it
 is current (or, for a run holding the lock, a checkpoint to read on from), else a new one
 (`_new_table`: the shared file for a run, else private, else memory).
+
+A cache never stops a run. When the index cannot be created, extended, mapped or marked
+(a full disk, a file size limit, a read-only folder, a quota, a failed mmap), the table
+falls back to an unlinked file in the temporary directory, and then to anonymous shared
+memory (sized by the manifest: fine at moderate sizes); `ledger.index_unavailable` is
+logged with the reason. A run that falls back removes the shared index (best effort);
+whatever it cannot remove is either untouched since it was last made clean (still true of
+the ledger prefix it covers) or marked dirty, so no later run trusts a half-written one.
 """
 
 from __future__ import annotations
@@ -21,10 +29,11 @@ from typing import Any
 from worker.errors import LedgerError
 from worker.ledger import index
 from worker.ledger.file import Reader, close_quietly, open_regular
-from worker.ledger.index import Table
+from worker.ledger.layout import Stale, slots_for
 from worker.ledger.records import Footer, Record, RunHeader
 from worker.ledger.schema import item_of, parse
 from worker.ledger.state import State
+from worker.ledger.table import Table, unavailable
 
 
 def read_state(path: Path) -> State:
@@ -99,7 +108,7 @@ def load_state(
         state.close()
         if start == 0:
             raise
-        index.unavailable(index.index_path(path), "it does not match the ledger", "a rebuild")
+        unavailable(index.index_path(path), "it does not match the ledger", "a rebuild")
         return load_state(
             path,
             fd,
@@ -119,14 +128,14 @@ def _open_index(
 ) -> tuple[State, int, int]:
     """(state so far, ledger offset and line number to read on from). Never fails for the
     index's sake: an index file that cannot be read is rebuilt, one that cannot be written
-    gives way to a private file, then to memory (index module docstring)."""
+    gives way to a private file, then to memory (module docstring)."""
     here = str(Path(os.path.realpath(path)).parent)
     ipath = index.index_path(path)
     loaded = _current_index(path, fd, ipath, here, lock_held=lock_held) if trust_index else None
     if loaded is not None:
         return loaded
     names = max(expect_names, os.fstat(fd).st_size // 600)  # a done Name: ~600 B of ledger
-    table = _new_table(fd, ipath, here, slots=index.slots_for(names), shared=lock_held)
+    table = _new_table(fd, ipath, here, slots=slots_for(names), shared=lock_held)
     return State(path=path, latest=table), 0, 0
 
 
@@ -144,7 +153,7 @@ def _current_index(
         slots, used, at, trailer, salt = index.read_index(ifd, fd, checkpoint_ok=lock_held)
         size = os.fstat(fd).st_size
         if not lock_held and (at.offset != size or at.size != size):
-            raise index.Stale("the ledger has grown since (a run is going on, or was killed)")
+            raise Stale("the ledger has grown since (a run is going on, or was killed)")
         state = State(path=path)
         where = f"{ipath} (trailer)"
         state.runs = [_trailer_record(o, where, RunHeader) for o in trailer["runs"]]
@@ -152,7 +161,7 @@ def _current_index(
         state.footers = {f.run_id: f for f in footers}
         state.invalid_lines = {int(line): name for line, name in trailer["invalid"]}
         ledger_fd = os.dup(fd)
-    except (index.Stale, LedgerError, ValueError, TypeError, OSError):
+    except (Stale, LedgerError, ValueError, TypeError, OSError):
         close_quietly(ifd)  # rebuilt: an index we cannot read is one we do not trust
         return None
     except BaseException:
@@ -176,7 +185,7 @@ def _current_index(
         try:
             index.mark_checkpoint(table)
         except OSError as exc:
-            index.unavailable(ipath, exc, "memory")
+            unavailable(ipath, exc, "memory")
             try:
                 table.to_memory()
             except BaseException:
@@ -218,9 +227,9 @@ def _new_table(fd: int, ipath: Path, here: str, *, slots: int, shared: bool) -> 
             continue
         if shared:
             folder = where or tempfile.gettempdir()
-            index.unavailable(ipath, why or "cannot be created", f"a private file in {folder}")
+            unavailable(ipath, why or "cannot be created", f"a private file in {folder}")
         return table
-    index.unavailable(ipath if shared else here, why or "no file", "memory")
+    unavailable(ipath if shared else here, why or "no file", "memory")
     return _table_in(None, fd, slots, here, None)
 
 
@@ -255,7 +264,7 @@ def _table_in(ifd: int | None, fd: int, slots: int, here: str, shared: Path | No
 def _trailer_record(obj: Any, where: str, kind: type[RunHeader] | type[Footer]) -> Any:
     record = parse(obj, where=where)
     if not isinstance(record, kind):
-        raise index.Stale("damaged trailer")
+        raise Stale("damaged trailer")
     return record
 
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import orjson
 
-from worker.ledger.index import Table
 from worker.ledger.records import (
     Footer,
     Intent,
@@ -23,6 +22,7 @@ from worker.ledger.records import (
     RunHeader,
     Target,
 )
+from worker.ledger.table import Table
 
 
 @dataclass(slots=True)
@@ -30,7 +30,7 @@ class State:
     """What a ledger says: the latest word per Name, the runs, and the last run's invalid
     lines (by manifest line: a duplicate Name's invalid line is a fact of its own).
 
-    `latest` is the on-disk index (index.Table) when read from a file; a plain dict when a
+    `latest` is the on-disk index (table.Table) when read from a file; a plain dict when a
     State is built by folding records in memory (tests, small tools)."""
 
     latest: MutableMapping[str, Latest] | Table = field(default_factory=dict)
