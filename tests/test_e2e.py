@@ -24,8 +24,8 @@ from tests.conftest import (
     worker_cmd,
     write_manifest,
 )
-from worker.ledger import Ledger
-from worker.records import Target
+from worker.ledger.journal import Ledger
+from worker.ledger.records import Target
 
 pytestmark = pytest.mark.slow  # real processes: `pytest -m 'not slow'` skips them
 

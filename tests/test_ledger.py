@@ -16,7 +16,6 @@ from typing import Any
 import orjson
 import pytest
 
-from worker import index
 from worker.errors import (
     Exit,
     LedgerError,
@@ -25,29 +24,26 @@ from worker.errors import (
     LedgerWriteError,
     Problem,
 )
-from worker.ledger import (
-    MAX_RECORD_BYTES,
-    Latest,
-    Ledger,
-    State,
-    default_path,
-    lock_path,
-    probe_lock,
-    read_state,
-)
-from worker.manifest.values import Group, Invalid
-from worker.plan import run_plan
-from worker.records import (
+from worker.ledger import index, layout
+from worker.ledger.file import MAX_RECORD_BYTES
+from worker.ledger.journal import Ledger, default_path
+from worker.ledger.load import read_state
+from worker.ledger.lock import lock_path, probe_lock
+from worker.ledger.records import (
     Action,
     Footer,
     Intent,
+    Latest,
     Outcome,
     Result,
     RunHeader,
     StopReason,
     Target,
-    parse,
 )
+from worker.ledger.schema import parse
+from worker.ledger.state import State
+from worker.manifest.values import Group, Invalid
+from worker.plan import run_plan
 
 TARGET = Target(endpoint="http://127.0.0.1:8080", region="cn-north-1", access_key="AKTEST")
 OTHER = Target(endpoint="https://live.volcengineapi.com", region="cn-north-1", access_key="AKTEST")
@@ -480,7 +476,7 @@ WRITER = textwrap.dedent("""
     import resource, signal, sys
     from pathlib import Path
     from worker.errors import LedgerWriteError
-    from worker.ledger import Ledger
+    from worker.ledger.journal import Ledger
     from tests.test_ledger import TARGET, header, intent
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     book = Ledger.open(Path(sys.argv[1]), target=TARGET)
@@ -539,14 +535,14 @@ GROWER = textwrap.dedent("""
     import json, resource, signal, sys
     from pathlib import Path
     from structlog.testing import capture_logs
-    from worker import index
-    from worker.ledger import Ledger
+    from worker.ledger import layout
+    from worker.ledger.journal import Ledger
     from tests.test_ledger import TARGET, header, intent
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     book = Ledger.open(Path(sys.argv[1]), target=TARGET)  # a new index: the smallest table
     book.append(header())
     # Room for the ledger (~0.5 MB), not for the doubled table the index grows into.
-    grown = index.HEADER_BYTES + 2 * index.MIN_SLOTS * index.SLOT_BYTES
+    grown = layout.HEADER_BYTES + 2 * layout.MIN_SLOTS * layout.SLOT_BYTES
     resource.setrlimit(resource.RLIMIT_FSIZE, (grown - 1, grown - 1))
     with capture_logs() as logs:
         for i in range(int(sys.argv[2])):
@@ -673,8 +669,8 @@ def test_damage_in_the_ledger_itself_never_advises_throwing_it_away(tmp_path: Pa
 def _flip(path: Path, name: str, outcome: Outcome) -> None:
     ipath = index.index_path(path)
     raw = bytearray(ipath.read_bytes())
-    at = raw.find(index.name_key(name), index.HEADER_BYTES)
-    assert at >= 0 and (at - index.HEADER_BYTES) % index.SLOT_BYTES == 0
+    at = raw.find(layout.name_key(name), layout.HEADER_BYTES)
+    assert at >= 0 and (at - layout.HEADER_BYTES) % layout.SLOT_BYTES == 0
     raw[at + 64] = (None, *Outcome).index(outcome)
     ipath.write_bytes(bytes(raw))
 

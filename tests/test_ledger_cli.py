@@ -14,8 +14,8 @@ import pytest
 from tests.conftest import cli_env, names, run_worker, write_manifest
 from tests.test_ledger import footer, hold_lock, intent, line, result
 from tests.test_report import done, groups_of, ledger_for
-from worker.ledger import lock_path
-from worker.records import Outcome, StopReason
+from worker.ledger.lock import lock_path
+from worker.ledger.records import Outcome, StopReason
 
 pytestmark = pytest.mark.slow  # real processes: `pytest -m 'not slow'` skips them
 

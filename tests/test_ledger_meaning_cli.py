@@ -15,7 +15,7 @@ from tests.conftest import AK, cli_env, run_worker, write_manifest
 from tests.test_ledger import header, intent, line, result
 from tests.test_report import groups_of
 from worker.api import spec
-from worker.records import Action, Outcome, Target
+from worker.ledger.records import Action, Outcome, Target
 
 pytestmark = pytest.mark.slow  # real processes
 

@@ -16,11 +16,11 @@ import pytest
 from tests.conftest import AK, cli_env, names, run_worker, worker_cmd, write_manifest
 from tests.test_ledger import footer, header, intent, line, result
 from tests.test_report import groups_of
-from worker import index
 from worker.api import spec
 from worker.errors import Exit
-from worker.ledger import probe_lock
-from worker.records import Outcome, Target
+from worker.ledger import index, layout
+from worker.ledger.lock import probe_lock
+from worker.ledger.records import Outcome, Target
 
 pytestmark = pytest.mark.slow  # real processes
 
@@ -133,9 +133,9 @@ def _ledger_with(tmp: Path, sb: Any, manifest: Path, outcome: Outcome, folder: s
 def _slot_of(ipath: Path, name: str) -> int:
     """The byte offset of `name`'s slot in the index file."""
     data = ipath.read_bytes()
-    key = index.name_key(name)
-    at = data.find(key, index.HEADER_BYTES)
-    while at >= 0 and (at - index.HEADER_BYTES) % index.SLOT_BYTES:
+    key = layout.name_key(name)
+    at = data.find(key, layout.HEADER_BYTES)
+    while at >= 0 and (at - layout.HEADER_BYTES) % layout.SLOT_BYTES:
         at = data.find(key, at + 1)
     assert at >= 0, name
     return at
@@ -164,9 +164,9 @@ def test_an_index_slot_that_fails_its_check_is_never_taken_as_done(
     else:
         donor = _ledger_with(tmp_path, sb, manifest, Outcome.CREATED, "b")
         dpath = index.index_path(donor)
-        slot = dpath.read_bytes()[(d := _slot_of(dpath, "X")) : d + index.SLOT_BYTES]
+        slot = dpath.read_bytes()[(d := _slot_of(dpath, "X")) : d + layout.SLOT_BYTES]
         assert slot[OUTCOME_AT] == outcomes.index(Outcome.CREATED)
-        data[at : at + index.SLOT_BYTES] = slot
+        data[at : at + layout.SLOT_BYTES] = slot
     ipath.write_bytes(bytes(data))
     assert "X" not in sb.groups()
     ran = run_worker(

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 
 from worker import report
-from worker.index import Latest
+from worker.ledger.records import Action, Latest, Outcome
 from worker.manifest.values import Group
 from worker.plan import run_plan
-from worker.records import Action, Outcome
 
 F1, F2 = "1" * 64, "2" * 64
 

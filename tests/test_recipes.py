@@ -42,7 +42,7 @@ from tests.test_deploy import (
     systemd_verdict,
     unit_entries,
 )
-from worker.ledger import lock_path
+from worker.ledger.lock import lock_path
 
 pytestmark = pytest.mark.slow
 

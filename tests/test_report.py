@@ -14,10 +14,10 @@ import orjson
 from tests.conftest import names, write_manifest
 from tests.test_ledger import footer, header, intent, line, result
 from worker import report
-from worker.ledger import State
+from worker.ledger.records import Action, Outcome, Record, Result, StopReason
+from worker.ledger.state import State
 from worker.manifest import source, spool
 from worker.manifest.values import Group
-from worker.records import Action, Outcome, Record, Result, StopReason
 
 
 def groups_of(path: Path) -> dict[str, Group]:

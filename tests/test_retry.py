@@ -18,7 +18,7 @@ from worker.api.classify import (
     Throttled,
     Verdict,
 )
-from worker.records import Action, Outcome
+from worker.ledger.records import Action, Outcome
 from worker.runner.retry import Answered, Finish, Stop, Wait, next_step
 from worker.settings import RetryPolicy
 

@@ -19,7 +19,7 @@ import pytest
 from worker.api.signing import Credentials
 from worker.api.transport import Failure, Response
 from worker.errors import EndpointUnreachable, LedgerWriteError, ListingFailed, RunAborted
-from worker.records import Action, Intent, Outcome, Record, Result, StopReason
+from worker.ledger.records import Action, Intent, Outcome, Record, Result, StopReason
 from worker.runner.controls import Controls
 from worker.runner.dispatch import Runner
 from worker.runner.stamps import seconds_between, stamp

@@ -1,4 +1,4 @@
-"""The ledger's on-disk index (worker/index.py): derived, rebuilt when it cannot be trusted,
+"""The ledger's on-disk index (worker/ledger/: index, table): derived, rebuilt when it cannot be trusted,
 and never changing what a run decides. Behaviour only: the figures are in bench/scale.py."""
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.test_ledger import footer
-from worker import index
-from worker.index import Table
-from worker.ledger import Ledger, State, read_state, records_of
+from worker.ledger import index, layout, table
+from worker.ledger.journal import Ledger
+from worker.ledger.load import read_state, records_of
+from worker.ledger.records import Action, Footer, Intent, Item, Outcome, Result, RunHeader, Target
+from worker.ledger.state import State
+from worker.ledger.table import Table
 from worker.manifest.values import Group
 from worker.plan import run_plan
-from worker.records import Action, Footer, Intent, Item, Outcome, Result, RunHeader, Target
 
 TARGET = Target(endpoint="http://127.0.0.1:1", region="cn-north-1", access_key="AK")
 
@@ -218,7 +220,7 @@ def test_a_damaged_index_is_rebuilt(tmp_path: Path, damage: str) -> None:
     same_state(read_state(path), want)
     with Ledger.open(path, target=TARGET) as book:
         same_state(book.state, want)
-    assert ipath.read_bytes()[:8] == index.MAGIC
+    assert ipath.read_bytes()[:8] == layout.MAGIC
 
 
 def test_an_index_from_another_ledger_is_not_trusted(tmp_path: Path) -> None:
@@ -262,9 +264,9 @@ def _killed_run(path: Path, body: str) -> None:
 import os
 from pathlib import Path
 from tests.test_scale import TARGET, header, intent, result
-from worker import ledger
-from worker.ledger import Ledger
-from worker.records import Outcome
+from worker.ledger import journal
+from worker.ledger.journal import Ledger
+from worker.ledger.records import Outcome
 book = Ledger.open(Path({str(path)!r}), target=TARGET)
 {body}
 os._exit(9)
@@ -290,7 +292,7 @@ def test_a_killed_run_leaves_a_checkpoint_the_next_run_extends(tmp_path: Path) -
     exactly a plain fold of every record, what the killed run wrote included."""
     path = tmp_path / "l.jsonl"
     write_run(path, history("r1", 12))
-    assert _index_state(path) == index.CLEAN
+    assert _index_state(path) == layout.CLEAN
     _killed_run(
         path,
         """
@@ -300,7 +302,7 @@ book.append(result("r2", "组00003", 4, Outcome.CREATED))
 book.append(intent("r2", "新名字", 99))
 """,
     )
-    assert _index_state(path) == index.CHECKPOINT
+    assert _index_state(path) == layout.CHECKPOINT
     want = in_memory(path)
     assert want.latest["组00003"].done and want.latest["新名字"].in_doubt
     same_state(read_state(path), want)
@@ -308,11 +310,11 @@ book.append(intent("r2", "新名字", 99))
     with Ledger.open(path, target=TARGET) as book:
         same_state(book.state, want)
         assert index.index_path(path).stat().st_ino == inode  # extended, not rebuilt
-    assert _index_state(path) == index.CLEAN
+    assert _index_state(path) == layout.CLEAN
 
 
 _CHECKPOINT_THEN_MORE = """
-ledger.CHECKPOINT_S = 3600.0  # one checkpoint only: the one asked for below
+journal.CHECKPOINT_S = 3600.0  # one checkpoint only: the one asked for below
 book.append(header("r2"))
 for i in range(5):
     book.append(intent("r2", f"早{i}", 100 + i))
@@ -331,7 +333,7 @@ def test_checkpoints_during_a_run_let_the_next_run_read_on(tmp_path: Path) -> No
     write_run(path, history("r1", 12))
     os.unlink(index.index_path(path))  # a rebuilt index: dirty until its first checkpoint
     _killed_run(path, _CHECKPOINT_THEN_MORE)
-    assert _index_state(path) == index.CHECKPOINT
+    assert _index_state(path) == layout.CHECKPOINT
     want = in_memory(path)
     assert want.latest["早0"].done and want.latest["晚4"].in_doubt
     inode = index.index_path(path).stat().st_ino
@@ -366,7 +368,7 @@ def test_a_table_grown_after_a_checkpoint_is_dirty_until_the_next(tmp_path: Path
     run killed before its next checkpoint leaves it dirty, and the next run rebuilds."""
     path = tmp_path / "l.jsonl"
     write_run(path, history("r1", 12))
-    n = int(index.MIN_SLOTS * index.MAX_LOAD) + 10
+    n = int(layout.MIN_SLOTS * layout.MAX_LOAD) + 10
     _killed_run(
         path,
         f"""
@@ -375,7 +377,7 @@ for i in range({n}):
     book.append(intent("r2", f"名{{i}}", i + 1))
 """,
     )
-    assert _index_state(path) == index.DIRTY
+    assert _index_state(path) == layout.DIRTY
     want = in_memory(path)
     same_state(read_state(path), want)
     with Ledger.open(path, target=TARGET) as book:
@@ -385,12 +387,12 @@ for i in range({n}):
 def test_the_table_grows_and_keeps_every_name(tmp_path: Path) -> None:
     """Past its load limit the table doubles into a new file and loses nothing."""
     path = tmp_path / "l.jsonl"
-    n = int(index.MIN_SLOTS * index.MAX_LOAD) + 50
+    n = int(layout.MIN_SLOTS * layout.MAX_LOAD) + 50
     records: list[RunHeader | Intent | Result | Footer] = [header("r1")]
     records += [intent("r1", f"名{i}", i + 1) for i in range(n)]
     write_run(path, records)
     got = read_state(path)
-    assert isinstance(got.latest, Table) and got.latest.slots == 2 * index.MIN_SLOTS
+    assert isinstance(got.latest, Table) and got.latest.slots == 2 * layout.MIN_SLOTS
     assert len(got.latest) == n and all(f"名{i}" in got.latest for i in range(n))
 
 
@@ -399,12 +401,12 @@ def test_names_that_share_a_home_slot_stay_apart(
 ) -> None:
     """With a hash that sends every Name to the same slot, probing still keeps each Name's
     own word (the full 128-bit key decides, never the slot)."""
-    real = index.name_key
+    real = layout.name_key
 
     def crowded(name: str) -> bytes:
         return real(name)[:8] + bytes(8)  # the slot comes from the last 8 bytes
 
-    monkeypatch.setattr(index, "name_key", crowded)
+    monkeypatch.setattr(table, "name_key", crowded)
     path = tmp_path / "l.jsonl"
     write_run(path, history("r1", 40))
     same_state(read_state(path), in_memory(path))
@@ -483,8 +485,9 @@ from pathlib import Path
 import structlog
 from structlog.testing import capture_logs
 from tests.test_scale import TARGET, header, in_memory, intent, result, same_state
-from worker.ledger import Ledger, read_state
-from worker.records import Outcome
+from worker.ledger.journal import Ledger
+from worker.ledger.load import read_state
+from worker.ledger.records import Outcome
 path = Path(sys.argv[1])
 limit = int(sys.argv[2])
 if limit:
@@ -601,7 +604,7 @@ def test_a_run_that_cannot_save_its_index_leaves_it_for_a_rebuild(tmp_path: Path
     reader and run rebuild it rather than trust it."""
     path = tmp_path / "l.jsonl"
     write_run(path, history("r1", 30))
-    limit = index.HEADER_BYTES + index.MIN_SLOTS * index.SLOT_BYTES  # no room for a trailer
+    limit = layout.HEADER_BYTES + layout.MIN_SLOTS * layout.SLOT_BYTES  # no room for a trailer
     got = _child(RUN_ON, path, limit=limit)
     assert got["where"] == "file"
     (event,) = _unavailable(got["logs"])
@@ -666,22 +669,22 @@ def test_a_table_that_cannot_grow_into_a_file_grows_in_memory(tmp_path: Path) ->
     os.unlink(name)
     table = Table(
         fd,
-        slots=index.MIN_SLOTS,
+        slots=layout.MIN_SLOTS,
         used=0,
         codes=[],
         ledger_fd=None,
         writable=True,
         tmp_dir=str(tmp_path / "gone"),  # mkstemp there fails: ENOENT
     )
-    n = int(index.MIN_SLOTS * index.MAX_LOAD) + 50
+    n = int(layout.MIN_SLOTS * layout.MAX_LOAD) + 50
     with capture_logs() as logs:
         for i in range(n):
             table.put(Item.of(intent("r1", f"名{i}", i + 1, version=i % 3)), 0)
-    assert table.in_memory and table.slots == 2 * index.MIN_SLOTS and len(table) == n
+    assert table.in_memory and table.slots == 2 * layout.MIN_SLOTS and len(table) == n
     assert all(table[f"名{i}"].fingerprint == fp(f"名{i}", i % 3) for i in range(n))
     (event,) = _unavailable(logs)
     assert event["instead"] == "memory" and event["reason"] == "No such file or directory"
-    assert repr(table) == f"<Table memory {n}/{2 * index.MIN_SLOTS}>"
+    assert repr(table) == f"<Table memory {n}/{2 * layout.MIN_SLOTS}>"
     table.close()
     assert repr(table) == "<Table private file closed>"
 
@@ -698,7 +701,7 @@ def test_a_table_that_cannot_be_built_closes_what_it_was_given(
     with pytest.raises(OSError):
         Table(
             fd,
-            slots=index.MIN_SLOTS,
+            slots=layout.MIN_SLOTS,
             used=0,
             codes=[],
             ledger_fd=ledger_fd,

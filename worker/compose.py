@@ -32,7 +32,8 @@ from worker.errors import (
     UsageError,
     WorkerError,
 )
-from worker.ledger import Ledger
+from worker.ledger.journal import Ledger
+from worker.ledger.records import Footer, Outcome, RunHeader, StopReason, Target
 from worker.manifest import source
 from worker.manifest.remembered import recall, remember, remembered_path
 from worker.manifest.values import Scan
@@ -40,7 +41,6 @@ from worker.metrics import Metrics
 from worker.pacing.budget import Pacer
 from worker.pacing.local import LocalPacer
 from worker.progress import Progress
-from worker.records import Footer, Outcome, RunHeader, StopReason, Target
 from worker.runner.concurrency import machine_cap
 from worker.runner.controls import Controls
 from worker.runner.dispatch import Runner

@@ -47,19 +47,22 @@ import orjson
 
 from worker import sync_audit
 from worker.errors import Exit, ManifestError, UsageError
-from worker.ledger import Latest, State, probe_lock, read_state, records_of
-from worker.manifest import source, spool
-from worker.manifest.remembered import digest, recall, remembered_path
-from worker.manifest.values import Group, Invalid, Scan
-from worker.records import (
+from worker.ledger.load import read_state, records_of
+from worker.ledger.lock import probe_lock
+from worker.ledger.records import (
     DONE,
     Footer,
     Intent,
+    Latest,
     Outcome,
     Result,
     RunHeader,
     StopReason,
 )
+from worker.ledger.state import State
+from worker.manifest import source, spool
+from worker.manifest.remembered import digest, recall, remembered_path
+from worker.manifest.values import Group, Invalid, Scan
 from worker.sync_audit import Audit, already_gone, audit_of, has_sync
 
 # Every status a manifest line (or, without a manifest, a Name) can have, in the order

@@ -13,10 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker import compose, index, ledger
+from worker import compose
 from worker.commands.sync import SyncOptions
 from worker.compose import Options
 from worker.errors import UsageError
+from worker.ledger import index, lock
 from worker.manifest.remembered import remembered_path
 from worker.options import CommandLine, Merged, merge, rows, value
 from worker.settings import Pacing, RetryPolicy, Settings, check_endpoint, check_limiter
@@ -71,7 +72,7 @@ def _not_a_file(path: Path) -> bool:
 def _beside(ledger_path: Path) -> tuple[Path, ...]:
     """The files the ledger's owners keep beside it: lock, index, remembered validation."""
     return (
-        ledger.lock_path(ledger_path),
+        lock.lock_path(ledger_path),
         index.index_path(ledger_path),
         remembered_path(ledger_path),
     )

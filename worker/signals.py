@@ -63,7 +63,7 @@ def loop_under_signals(grace_s: float) -> Loop:
 async def _guarded(main: Main, controls: Controls, grace_s: float) -> Exit:
     import structlog  # here, not above: install_early must come before the heavy imports
 
-    from worker.records import StopReason
+    from worker.ledger.records import StopReason
 
     log = structlog.get_logger("worker")
     loop = asyncio.get_running_loop()

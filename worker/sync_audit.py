@@ -16,8 +16,8 @@ from typing import Final
 
 from worker.api.spec import NOT_FOUND
 from worker.errors import Exit
-from worker.ledger import Latest, State
-from worker.records import NEEDS_FIX, Action, Intent, Outcome, Record, Result
+from worker.ledger.records import NEEDS_FIX, Action, Intent, Latest, Outcome, Record, Result
+from worker.ledger.state import State
 
 DELETED_LISTED: Final = 1000  # deleted Names listed in --json (the count covers them all)
 CONFLICTS_KEPT: Final = 10_000  # conflict messages the audit holds (beyond: a generic reason)

@@ -17,8 +17,8 @@ from worker.api.signing import Credentials
 from worker.commands.sync import list_account
 from worker.compose import Loop, Options
 from worker.errors import Exit, UsageError
+from worker.ledger.records import Target
 from worker.plan.export import export_lines
-from worker.records import Target
 from worker.runner.controls import Controls
 from worker.settings import Settings
 

@@ -14,16 +14,17 @@ from typing import IO
 
 import structlog
 
-from worker import __version__, compose, ledger
+from worker import __version__, compose
 from worker.api.signing import Credentials
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
-from worker.ledger import Ledger
+from worker.ledger.journal import Ledger
+from worker.ledger.load import read_state
+from worker.ledger.records import Action, Outcome, Result, RunHeader, Target
 from worker.manifest import spool
 from worker.manifest.values import Invalid, Scan
 from worker.plan import run_plan
 from worker.progress import Progress
-from worker.records import Action, Outcome, Result, RunHeader, Target
 from worker.runner.controls import Controls
 from worker.runner.dispatch import Runner
 from worker.runner.stamps import stamp
@@ -39,7 +40,7 @@ def run(settings: Settings, options: Options, controls: Controls, loop: Loop, ou
         if scan.problem_count and not settings.skip_invalid:
             raise ManifestError(scan.problems, scan.problem_count)
         if settings.dry_run:
-            state = ledger.read_state(settings.ledger)
+            state = read_state(settings.ledger)
             try:
                 with compose.before_writes():
                     counted = run_plan.count(

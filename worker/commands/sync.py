@@ -23,12 +23,12 @@ from worker.api.signing import Credentials
 from worker.commands.sync_rounds import Rounds, fresh_s_from_env, list_once
 from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
-from worker.ledger import Ledger
+from worker.ledger.journal import Ledger
+from worker.ledger.records import RunHeader, Target
 from worker.manifest import spool
 from worker.manifest.values import Scan
 from worker.plan import reconcile
 from worker.progress import Progress
-from worker.records import RunHeader, Target
 from worker.runner.controls import Controls
 from worker.runner.dispatch import Runner
 from worker.runner.stamps import stamp

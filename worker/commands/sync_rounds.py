@@ -25,10 +25,10 @@ import structlog
 from worker.api import spec
 from worker.api.account import Listed, Listing
 from worker.errors import StillDifferent
+from worker.ledger.records import Action, Outcome, Record, Result
 from worker.manifest import spool
 from worker.manifest.values import Group, Invalid, Scan
 from worker.plan import reconcile, rounds
-from worker.records import Action, Outcome, Record, Result
 from worker.runner.dispatch import Journal, Runner
 from worker.runner.stamps import stamp
 from worker.runner.tally import Tally

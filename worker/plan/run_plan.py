@@ -16,9 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from worker.ledger import Latest
+from worker.ledger.records import Latest, Outcome
 from worker.manifest.values import Group, Invalid
-from worker.records import Outcome
 
 
 class Do(enum.Enum):

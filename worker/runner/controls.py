@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from worker.records import StopReason
+from worker.ledger.records import StopReason
 
 
 @dataclass(slots=True)

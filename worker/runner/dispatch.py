@@ -46,9 +46,9 @@ from worker.errors import (
     RunAborted,
     WorkerError,
 )
-from worker.ledger import FSYNC_EVERY_S
+from worker.ledger.journal import FSYNC_EVERY_S
+from worker.ledger.records import Action, Outcome, Record, Result, StopReason
 from worker.pacing.budget import Pacer
-from worker.records import Action, Outcome, Record, Result, StopReason
 from worker.runner.concurrency import Concurrency, machine_cap
 from worker.runner.controls import Controls, interruptible
 from worker.runner.retry import Answered, Finish, Stop, Wait, next_step

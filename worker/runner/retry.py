@@ -28,7 +28,7 @@ from worker.api.classify import (
     Verdict,
     backoff_s,
 )
-from worker.records import Action, Outcome
+from worker.ledger.records import Action, Outcome
 from worker.settings import RetryPolicy
 
 _SUCCESS = {

@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from worker.records import Action, Outcome
+from worker.ledger.records import Action, Outcome
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from worker.api.classify import Answer
-from worker.records import DONE, Action, Intent, Outcome, Result
+from worker.ledger.records import DONE, Action, Intent, Outcome, Result
 from worker.runner.stamps import seconds_between
 
 

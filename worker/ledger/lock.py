@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Final
 
 from worker.errors import LedgerError, LedgerLocked
+from worker.ledger.file import close_quietly
 
 # How long `open` retries a held lock before saying "locked": long enough to ride out a
 # `report` probing the lock (microseconds), far shorter than any run that really holds it.
@@ -137,12 +138,3 @@ def _probe(path: Path, flags: int) -> bool | None:
         return False
     finally:
         os.close(fd)
-
-
-def close_quietly(*fds: int) -> None:
-    for fd in fds:
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
