@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from worker import plan, report
+from worker import plan
 from worker.index import Latest
 from worker.manifest import Group
 from worker.records import Action, Outcome
+from worker.report.status import status_given
 
 F1, F2 = "1" * 64, "2" * 64
 
@@ -137,7 +138,7 @@ def test_report_reads_every_word_as_run_does(
     item = Group(name="A", line=1, body=b"{}", fingerprint=F2 if changed else F1)
     unchanged, after_change = REPORT_READS[outcome]
     want = after_change if changed or (fp is None and outcome is not Outcome.DELETED) else unchanged
-    status, _ = report.status_given(item, word(action, outcome, fp), None)
+    status, _ = status_given(item, word(action, outcome, fp), None)
     assert status == want
 
 

@@ -97,7 +97,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from worker import report
+    from worker.commands import report
 
     check_path(Path(args.ledger), "LEDGER")
     if args.manifest:
