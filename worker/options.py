@@ -30,7 +30,7 @@ from worker.settings import DEFAULT_CAP, LIMITS, Limit, Pacing, RetryPolicy, Set
 
 if TYPE_CHECKING:  # the commands (and aiohttp behind them) load only for the commands that send
     from worker.commands.sync import SyncOptions
-    from worker.compose import Options
+    from worker.session import Options
 
 SENDING: Final = cli_text.SENDING
 Owner = Literal["settings", "pacing", "retry", "options", "sync"]
@@ -384,7 +384,7 @@ def merge(line: CommandLine, environ: Mapping[str, str]) -> Merged:
 def resolve(line: CommandLine, environ: Mapping[str, str]) -> Resolved:
     """Settings and the command's options, from the command line, its job file and the
     environment; a UsageError names the option and where its value came from."""
-    from worker import option_files as paths  # loads compose: only for the sending commands
+    from worker import option_files as paths  # loads the session: only for the sending commands
 
     if line.command == "sync" and line.json and not (line.dry_run or line.check):
         raise UsageError("--json prints a plan: give it with --dry-run or --check")
