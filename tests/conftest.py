@@ -47,6 +47,9 @@ def sandbox(sandbox_factory: Any) -> SandboxProc:
 def cli_env(home: Path, ak: str = AK, sk: str = SK, token: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOLC_", "WORKER_"))}
     env.update(HOME=str(home), VOLC_ACCESSKEY=ak, VOLC_SECRETKEY=sk, PYTHONUNBUFFERED="1")
+    # The test hooks (tests/hooks/sitecustomize.py): inert unless a test sets a TESTHOOK_ variable.
+    hooks = str(Path(__file__).parent / "hooks")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (hooks, env.get("PYTHONPATH")) if p)
     if token is not None:
         env["VOLC_SESSION_TOKEN"] = token
     return env

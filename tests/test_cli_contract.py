@@ -110,7 +110,7 @@ def test_an_unreachable_endpoint_ends_the_run_with_exit_3(tmp_path: Path) -> Non
     cause; items sent are deferred, none rejected, and nothing claims to be created."""
     port = free_port()
     manifest = write_manifest(tmp_path / "m.jsonl", names(200))
-    env = cli_env(tmp_path) | {"WORKER_TEST_UNREACHABLE_S": "1"}
+    env = cli_env(tmp_path) | {"TESTHOOK_UNREACHABLE_S": "1"}
     started = time.monotonic()
     out = run_worker(
         "run",

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from worker import report
 from worker.ledger.records import Action, Latest, Outcome
 from worker.manifest.values import Group
 from worker.plan import run_plan
+from worker.report.status import status_given
 
 F1, F2 = "1" * 64, "2" * 64
 
@@ -137,7 +137,7 @@ def test_report_reads_every_word_as_run_does(
     item = Group(name="A", line=1, body=b"{}", fingerprint=F2 if changed else F1)
     unchanged, after_change = REPORT_READS[outcome]
     want = after_change if changed or (fp is None and outcome is not Outcome.DELETED) else unchanged
-    status, _ = report.status_given(item, word(action, outcome, fp), None)
+    status, _ = status_given(item, word(action, outcome, fp), None)
     assert status == want
 
 

@@ -308,7 +308,7 @@ def test_skewed_host_clocks_share_the_budget(
         60,
         "--limiter",
         redis_url,
-        env_extra=[{"WORKER_TEST_CLOCK_OFFSET_S": "-7"}, {"WORKER_TEST_CLOCK_OFFSET_S": "7"}],
+        env_extra=[{"TESTHOOK_CLOCK_OFFSET_S": "-7"}, {"TESTHOOK_CLOCK_OFFSET_S": "7"}],
     )
     results = finish(procs)
     assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]

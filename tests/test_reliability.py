@@ -105,7 +105,7 @@ def test_kill_9_chaos(sandbox_factory: Any, tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "m.jsonl", names(300))
     ledger = tmp_path / "m.ledger.jsonl"
     env = cli_env(tmp_path)
-    env["WORKER_TEST_TORN_WRITES_S"] = "0.003"
+    env["TESTHOOK_TORN_WRITES_S"] = "0.003"
     args = ["run", str(manifest), "--endpoint", sb.url, "--rate", "20", "--timeout", "1"]
     kills = torn = 0
     while kills < 16:
@@ -177,7 +177,7 @@ def test_kill_9_chaos_pruning_sync(sandbox_factory: Any, tmp_path: Path) -> None
     manifest = write_manifest(tmp_path / "m.jsonl", wanted)
     ledger = tmp_path / "m.ledger.jsonl"
     env = cli_env(tmp_path)
-    env["WORKER_TEST_TORN_WRITES_S"] = "0.003"
+    env["TESTHOOK_TORN_WRITES_S"] = "0.003"
     args = [
         "sync",
         str(manifest),

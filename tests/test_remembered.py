@@ -374,7 +374,7 @@ def test_a_ledger_folder_that_cannot_be_written_gets_its_spool_elsewhere(
 ) -> None:
     """A dry run or a check may look at a ledger in a read-only folder: the manifest's
     private spool then goes to the temporary directory instead of failing the scan."""
-    from worker import compose
+    from worker.manifest import load
     from worker.settings import Settings
 
     source = tmp_path / "m.jsonl"
@@ -382,12 +382,12 @@ def test_a_ledger_folder_that_cannot_be_written_gets_its_spool_elsewhere(
     ledger = tmp_path / "ro" / "m.ledger.jsonl"
     ledger.parent.mkdir()
     settings = Settings(manifest=source, ledger=ledger)
-    with compose.scan_manifest(settings) as beside:
+    with load.scan_manifest(settings.manifest, settings.ledger) as beside:
         assert beside.spool_dir == str(ledger.parent)
     real_access = os.access
     monkeypatch.setattr(
         os, "access", lambda p, mode: False if Path(p) == ledger.parent else real_access(p, mode)
     )
-    with compose.scan_manifest(settings) as elsewhere:
+    with load.scan_manifest(settings.manifest, settings.ledger) as elsewhere:
         assert elsewhere.spool_dir == tempfile.gettempdir()
         assert elsewhere.groups == beside.groups

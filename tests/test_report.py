@@ -13,11 +13,12 @@ import orjson
 
 from tests.conftest import names, write_manifest
 from tests.test_ledger import footer, header, intent, line, result
-from worker import report
+from worker.commands import report
 from worker.ledger.records import Action, Outcome, Record, Result, StopReason
 from worker.ledger.state import State
 from worker.manifest import source, spool
 from worker.manifest.values import Group
+from worker.report import render, status, sync_audit
 
 
 def groups_of(path: Path) -> dict[str, Group]:
@@ -168,7 +169,7 @@ def test_how_each_run_ended(tmp_path: Path) -> None:
     state = State()
     for record in runs:
         state.fold(record)
-    got = report.summary_of(state, items=None, locked=True)
+    got = status.summary_of(state, items=None, locked=True)
     assert [r["state"] for r in got["runs"]] == [
         "finished",
         "interrupted",
@@ -178,7 +179,7 @@ def test_how_each_run_ended(tmp_path: Path) -> None:
     ]
     assert got["runs"][2]["stopped_by"] == "aborted"
     assert "refused the run" in got["runs"][2]["ended"]
-    assert report.summary_of(state, items=None, locked=False)["last_run"]["state"] == "crashed"
+    assert status.summary_of(state, items=None, locked=False)["last_run"]["state"] == "crashed"
 
 
 def test_each_run_shows_its_pacing(tmp_path: Path) -> None:
@@ -478,11 +479,11 @@ def test_deleted_names_are_bounded(tmp_path: Path) -> None:
     """More deletes than DELETED_LISTED: --json lists the first 1000 and counts them all;
     the text shows a few and says how many more."""
     path = write_manifest(tmp_path / "m.jsonl", names(1))
-    gone = [f"x{i:05d}" for i in range(report.DELETED_LISTED + 5)]
+    gone = [f"x{i:05d}" for i in range(sync_audit.DELETED_LISTED + 5)]
     ledger = ledger_for(tmp_path, path, *(deleted(n) for n in gone), footer("r1"), command="sync")
     got = summary(ledger)
     assert got["deletes"]["total"] == len(gone)
-    assert got["deletes"]["names"] == gone[: report.DELETED_LISTED]
+    assert got["deletes"]["names"] == gone[: sync_audit.DELETED_LISTED]
     assert got["actions"] == {"delete/deleted": len(gone)}
     text = run_main(ledger)[0].decode()
-    assert f"and {len(gone) - report.DELETED_SHOWN} more" in text
+    assert f"and {len(gone) - render.DELETED_SHOWN} more" in text

@@ -550,7 +550,7 @@ def test_deletes_are_sent_only_from_a_fresh_listing(sandbox_factory: Any, tmp_pa
     manifest = write_manifest(
         tmp_path / "m.jsonl", [group(f"New{i}", project="p") for i in range(8)]
     )
-    env = {**cli_env(tmp_path), "WORKER_TEST_FRESH_S": "0.5"}
+    env = {**cli_env(tmp_path), "TESTHOOK_FRESH_S": "0.5"}
     out = run_worker(
         "sync",
         str(manifest),

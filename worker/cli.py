@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 from worker import __version__, cli_text, logs, options
 from worker.errors import Exit, LedgerLocked, ManifestError, WorkerError
-from worker.signals import INTERRUPTED_EARLY, Interrupted, install_early, loop_under_signals
+from worker.signals import INTERRUPTED_EARLY, Interrupted, install_early, under_signals
 from worker.userpaths import check_path
 
 
@@ -74,21 +74,26 @@ def cmd_send(args: argparse.Namespace) -> int:
     from worker import resolve
     from worker.commands import export, run, sync
     from worker.runner.controls import Controls
+    from worker.session import Session
 
     if getattr(args, "output", None):
         check_path(Path(args.output), "-o")
     line = options.CommandLine.of(args, args.name)
     got = resolve.resolve(line, os.environ)
-    loop, controls = loop_under_signals(got.settings.grace_s), Controls()
+    session = Session(
+        command=args.name,
+        settings=got.settings,
+        options=got.options,
+        controls=Controls(),
+        under_signals=under_signals(got.settings.grace_s),
+        out=sys.stdout,
+    )
     if got.sync is not None:
-        return sync.sync(got.settings, got.options, got.sync, controls, loop, sys.stdout)
+        return sync.sync(session, got.sync)
     if args.name == "export":
         output = Path(args.output) if args.output else None
-        projects = frozenset(args.project or ())
-        return export.export(
-            got.settings, got.options, projects, output, controls, loop, sys.stdout
-        )
-    return run.run(got.settings, got.options, controls, loop, sys.stdout)
+        return export.export(session, frozenset(args.project or ()), output)
+    return run.run(session)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -98,7 +103,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from worker import report
+    from worker.commands import report
 
     check_path(Path(args.ledger), "LEDGER")
     if args.manifest:

@@ -31,8 +31,6 @@ Kind = Literal["str", "path", "int", "float", "bool", "list"]
 
 MAX_BYTES = 1 << 20  # a job file is a few hundred bytes; anything near this is not one
 ENV_PREFIX = "WORKER_"
-# Variables that are test hooks, not options (cli.py reads them directly).
-_NOT_OPTIONS = ("WORKER_TEST_",)
 
 # Words that make a key look like a credential, compared after lower-casing and turning `_`
 # into `-`: a whole word among the key's words (`ak`, `sk`, `token`), or anywhere in it.
@@ -305,11 +303,7 @@ def unknown_env_vars(env: Mapping[str, str], schema: Mapping[str, OptionSpec]) -
     """WORKER_* variables that name no option (typos such as WORKER_RAET), sorted: for a
     warning, since the environment is shared with everything else the process runs."""
     known = {env_var(name) for name in schema}
-    return sorted(
-        v
-        for v in env
-        if v.startswith(ENV_PREFIX) and v not in known and not v.startswith(_NOT_OPTIONS)
-    )
+    return sorted(v for v in env if v.startswith(ENV_PREFIX) and v not in known)
 
 
 # Numbers as a person types them in ASCII: Python's int() and float() also take other

@@ -4,7 +4,7 @@ manifest, the ledger and the files its owners keep beside it, the sandbox's acco
 metrics file) and the URLs.
 
 Each message names where the value came from (options.Merged.origin). Loaded only by the
-commands that send (it imports compose, which imports the runner).
+commands that send (it imports the session, which imports the runner).
 """
 
 from __future__ import annotations
@@ -13,14 +13,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker import compose
+from worker import connect
 from worker.commands.sync import SyncOptions
-from worker.compose import Options
 from worker.errors import UsageError
 from worker.ledger import index, lock
 from worker.manifest.remembered import remembered_path
 from worker.options import CommandLine, Merged, merge, rows, value
-from worker.settings import Pacing, RetryPolicy, Settings, check_endpoint, check_limiter
+from worker.settings import (
+    CommandOptions,
+    Pacing,
+    RetryPolicy,
+    Settings,
+    check_endpoint,
+    check_limiter,
+)
 from worker.userpaths import Named, check_path, check_paths
 
 
@@ -48,7 +54,7 @@ def place(line: CommandLine, merged: Merged) -> Where:
         )
     named: Named = merged.origin("ledger")
     if ledger_value is None:
-        ledger_path = compose.default_ledger(manifest_path, sandbox=line.sandbox)
+        ledger_path = connect.default_ledger(manifest_path, sandbox=line.sandbox)
         named = f"the default ledger (beside {merged.origin('manifest')})"
     else:
         ledger_path = Path(str(ledger_value))
@@ -59,7 +65,7 @@ def place(line: CommandLine, merged: Merged) -> Where:
         account = line.sandbox_account or (
             Path("sandbox-account.json")
             if command == "export"
-            else compose.sandbox_account_for(ledger_path)
+            else connect.sandbox_account_for(ledger_path)
         )
         check_path(account, "--sandbox-account")
     return Where(manifest_path, ledger_path, account)
@@ -87,8 +93,9 @@ def check_urls(settings: Mapping[str, object], merged: Merged) -> None:
         check_limiter(str(settings["limiter_url"]), merged.origin("limiter"))
 
 
-def command_options(line: CommandLine, merged: Merged, where: Where) -> compose.Options:
-    """compose.Options: the account, the credentials profile, the metrics' destinations."""
+def command_options(line: CommandLine, merged: Merged, where: Where) -> CommandOptions:
+    """The command's options beyond Settings: the account, the credentials profile, the
+    metrics' destinations."""
     port = merged.values.get("metrics-port")  # its range was checked in options.merge
     assert port is None or isinstance(port, int)
     metrics_file = merged.values.get("metrics-file")
@@ -102,7 +109,7 @@ def command_options(line: CommandLine, merged: Merged, where: Where) -> compose.
             path, not_these=[where.ledger, *_beside(where.ledger), where.manifest, *account]
         )
     profile = merged.values.get("profile")
-    return compose.Options(
+    return CommandOptions(
         sandbox_account=where.account,
         profile=str(profile) if profile is not None else None,
         retry_rejected=bool(merged.values.get("retry-rejected")),
@@ -126,7 +133,7 @@ class Resolved:
     """Everything a command needs from its options, typed."""
 
     settings: Settings
-    options: Options
+    options: CommandOptions
     sync: SyncOptions | None  # sync's own options; None for run and export
 
 

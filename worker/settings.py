@@ -426,3 +426,17 @@ def _check_limiter_query(
             raise refuse(f"{name} must be {kind}, not {shown}")
         if name == "db" and path_db is not None and int(value) != int(path_db):
             raise refuse(f"?db={value} and the path's /{path_db} name different databases")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandOptions:
+    """What a command adds to Settings: where the account is and how to report."""
+
+    sandbox_account: Path | None = None  # --sandbox: the embedded account's state file
+    profile: str | None = None
+    retry_rejected: bool = False
+    json: bool = False
+    job_name: str = ""  # the job file's stem, else the manifest's: the metrics' job_name
+    metrics_file: Path | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"

@@ -4,7 +4,7 @@ a graceful stop while one does.
 `install_early` is the first thing the process does (worker/__main__.py, before the heavy
 imports), so a signal during start-up, the manifest scan or the ledger's opening is an orderly
 exit 4, never the default disposition's silent 143. While a run's event loop is up,
-`loop_under_signals`'s handlers (loop.add_signal_handler) take over, and these come back when
+`under_signals`'s handlers (loop.add_signal_handler) take over, and these come back when
 the loop ends.
 """
 
@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Final
 from worker.errors import Exit
 
 if TYPE_CHECKING:
-    from worker.compose import Loop
     from worker.runner.controls import Controls
+    from worker.session import UnderSignals
 
 SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 INTERRUPTED_EARLY: Final = "interrupted before anything was sent; nothing was changed"
@@ -44,8 +44,8 @@ def install_early() -> None:
 Main = Coroutine[Any, Any, Exit]
 
 
-def loop_under_signals(grace_s: float) -> Loop:
-    """The `Loop` for compose: run a coroutine with SIGINT/SIGTERM handled in the loop.
+def under_signals(grace_s: float) -> UnderSignals:
+    """The session's way to run a coroutine: with SIGINT/SIGTERM handled in its event loop.
 
     The first signal drains the run (no new requests; those on the wire may finish for
     `grace_s`), then cancels it; a second signal cancels it at once. A signal that arrives

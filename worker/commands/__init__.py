@@ -1,2 +1,2 @@
-"""The commands that talk to the account: `run`, `sync`, `export`, each composed from
-worker/compose.py's pieces."""
+"""The commands, each saying only what its work is: `run`, `sync` (and its rounds), `export`
+(which run on what worker/session.py opens), `validate` and `report`."""

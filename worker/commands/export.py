@@ -12,57 +12,29 @@ from typing import IO
 import orjson
 import structlog
 
-from worker import compose
-from worker.api.signing import Credentials
 from worker.commands.sync import list_account
-from worker.compose import Loop, Options
 from worker.errors import Exit, UsageError
-from worker.ledger.records import Target
 from worker.plan.export import export_lines
-from worker.runner.controls import Controls
-from worker.settings import Settings
+from worker.session import Opened, Session, carry_out
 
 log = structlog.get_logger("worker")
 
 
-def export(
-    settings: Settings,
-    options: Options,
-    projects: frozenset[str],
-    output: Path | None,
-    controls: Controls,
-    loop: Loop,
-    out: IO[str],
-) -> Exit:
+def export(session: Session, projects: frozenset[str], output: Path | None) -> Exit:
     """`worker export`: the account's available groups as a manifest, sorted by Name."""
     if output is not None:
         check_output(output)
-    settings, creds, source = compose.load_credentials(settings, options)
-    log.info("export.start", credentials=source)
-    target = compose.target_of(settings, creds, options)
-    return loop(
-        _export(settings, options, projects, output, creds, target, controls, out), controls
-    )
+
+    async def work(opened: Opened) -> Exit:
+        log.info("export.start", credentials=opened.source)
+        groups = await list_account(opened.runner)
+        _write(export_lines(groups.values(), projects or None), output, opened.session.out)
+        return Exit.OK
+
+    return carry_out(session, work)
 
 
-async def _export(
-    settings: Settings,
-    options: Options,
-    projects: frozenset[str],
-    output: Path | None,
-    creds: Credentials | None,
-    target: Target,
-    controls: Controls,
-    out: IO[str],
-) -> Exit:
-    async with (
-        compose.account_for(settings, creds, target, options) as account,
-        compose.runner_for(
-            account, book=None, controls=controls, run_id=uuid.uuid4().hex
-        ) as runner,
-    ):
-        groups = await list_account(runner)
-    lines = export_lines(groups.values(), projects or None)
+def _write(lines: list[bytes], output: Path | None, out: IO[str]) -> None:
     if output is None:
         out.flush()
         out.buffer.write(b"".join(lines))  # type: ignore[attr-defined]
@@ -70,7 +42,6 @@ async def _export(
     else:
         _write_atomically(output, lines)
     log.info("export.done", groups=len(lines), output=str(output) if output else "stdout")
-    return Exit.OK
 
 
 def _write_atomically(path: Path, lines: list[bytes]) -> None:

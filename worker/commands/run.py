@@ -8,135 +8,79 @@ results; the rest is skipped and counted as it goes by.
 from __future__ import annotations
 
 import sys
-import uuid
 from collections.abc import Iterator
-from typing import IO
 
 import structlog
 
-from worker import __version__, compose
-from worker.api.signing import Credentials
-from worker.compose import Loop, Options, Published
 from worker.errors import Exit, ManifestError
-from worker.ledger.journal import Ledger
 from worker.ledger.load import read_state
-from worker.ledger.records import Action, Outcome, Result, RunHeader, Target
+from worker.ledger.records import Action, Outcome, Result
 from worker.manifest import spool
+from worker.manifest.load import before_writes, scan_manifest
 from worker.manifest.values import Invalid, Scan
 from worker.plan import run_plan
 from worker.progress import Progress
-from worker.runner.controls import Controls
-from worker.runner.dispatch import Runner
-from worker.runner.stamps import stamp
 from worker.runner.work import Work
-from worker.settings import Settings
+from worker.session import Opened, Session, carry_out, unsent
 
 log = structlog.get_logger("worker")
 
 
-def run(settings: Settings, options: Options, controls: Controls, loop: Loop, out: IO[str]) -> Exit:
+def run(session: Session) -> Exit:
     """`worker run`: create every manifest group the ledger does not record as done."""
-    with compose.scan_manifest(settings) as scan:
+    settings = session.settings
+    with scan_manifest(settings.manifest, settings.ledger) as scan:
         if scan.problem_count and not settings.skip_invalid:
             raise ManifestError(scan.problems, scan.problem_count)
         if settings.dry_run:
-            state = read_state(settings.ledger)
-            try:
-                with compose.before_writes():
-                    counted = run_plan.count(
-                        spool.read(scan), state.latest, retry_rejected=options.retry_rejected
-                    )
-            finally:
-                state.close()  # the index's mapping
-            print(
-                f"plan for {settings.manifest} (ledger {settings.ledger}); dry run, nothing sent:",
-                file=out,
+            return _dry_run(session, scan)
+
+        async def work(opened: Opened) -> Exit:
+            return await _create(opened, scan, session.options.retry_rejected)
+
+        return carry_out(session, work, recorded=scan)
+
+
+def _dry_run(session: Session, scan: Scan) -> Exit:
+    """The plan counted against the ledger; nothing is sent or written."""
+    settings, out = session.settings, session.out
+    state = read_state(settings.ledger)
+    try:
+        with before_writes():
+            counted = run_plan.count(
+                spool.read(scan), state.latest, retry_rejected=session.options.retry_rejected
             )
-            for line in counted.lines():
-                print(line, file=out)
-            return Exit.OK
-        settings, creds, source = compose.load_credentials(settings, options)
-        target = compose.target_of(settings, creds, options)
-        with compose.open_ledger(settings.ledger, target, expect_names=scan.groups) as book:
-            compose.remember_manifest(scan, settings)
-            return loop(
-                _run(settings, options, scan, book, creds, target, source, controls), controls
-            )
+    finally:
+        state.close()  # the index's mapping
+    print(
+        f"plan for {settings.manifest} (ledger {settings.ledger}); dry run, nothing sent:",
+        file=out,
+    )
+    for line in counted.lines():
+        print(line, file=out)
+    return Exit.OK
 
 
-async def _run(
-    settings: Settings,
-    options: Options,
-    scan: Scan,
-    book: Ledger,
-    creds: Credentials | None,
-    target: Target,
-    source: str,
-    controls: Controls,
-) -> Exit:
-    run_id = uuid.uuid4().hex
-    structlog.contextvars.bind_contextvars(run_id=run_id)
-    # No counting pass before the first request: the plan is counted as the items go by
-    # (a resume of 10^6 lines would otherwise read the spool and the index twice).
-    progress = Progress(tty=sys.stderr.isatty(), total=scan.groups + scan.invalid)
-    published = compose.Published(options, "run", settings.pacing.rate)
-    published.write()  # the textfile exists from the start, not from the first tick
-    with published.serving():
-        async with (
-            compose.account_for(settings, creds, target, options) as account,
-            compose.runner_for(
-                account,
-                book=book,
-                controls=controls,
-                run_id=run_id,
-                metrics=published.metrics,
-                lists=False,
-            ) as runner,
-        ):
-            runner.on_tick = compose.ticker(progress, published, settings)
-            return await _run_in(
-                runner, settings, scan, book, target, source, progress, published, options
-            )
-
-
-async def _run_in(
-    runner: Runner,
-    settings: Settings,
-    scan: Scan,
-    book: Ledger,
-    target: Target,
-    source: str,
-    progress: Progress,
-    published: Published,
-    options: Options,
-) -> Exit:
+async def _create(opened: Opened, scan: Scan, retry_rejected: bool) -> Exit:
+    runner = opened.runner
     log.info(
         "run.start",
         manifest=str(scan.path),
-        ledger=str(book.path),
-        target=str(target),
-        credentials=source,
-        rate=settings.pacing.rate,
+        ledger=str(opened.settings.ledger),
+        target=str(opened.target),
+        credentials=opened.source,
+        rate=opened.settings.pacing.rate,
         lines=scan.groups + scan.invalid,
         concurrency_cap=runner.concurrency.cap,
     )
-    header = RunHeader(
-        run_id=runner.run_id,
-        started=stamp(runner.wall()),
-        version=__version__,
-        command="run",
-        target=target,
-        manifest=compose.manifest_name(scan.path),
-        manifest_sha256=scan.sha256,
-        items=scan.groups + scan.invalid,
-        plan={},
-        settings=settings.public(),
-    )  # counted as it goes: see the footer
+    # No counting pass before the first request: the plan is counted as the items go by
+    # (a resume of 10^6 lines would otherwise read the spool and the index twice).
+    progress = Progress(tty=sys.stderr.isatty(), total=scan.groups + scan.invalid)
+    header = opened.header(scan, plan={})  # counted as it goes: see the footer
     try:
-        work = _run_source(scan, book, runner, options.retry_rejected)
-        return await compose.journal(runner, book, header, runner.apply(work), published)
+        work = runner.apply(_run_source(opened, scan, retry_rejected))
+        return await opened.record(header, work, progress)
     finally:
-        progress.close(runner.tally)
         for why, n in runner.tally.planned.items():
             if why != "new":
                 log.info(
@@ -147,31 +91,23 @@ async def _run_in(
                 )
 
 
-def _run_source(
-    scan: Scan, book: Ledger, runner: Runner, retry_rejected: bool
-) -> Iterator[Work | Result]:
+def _run_source(opened: Opened, scan: Scan, retry_rejected: bool) -> Iterator[Work | Result]:
     """The manifest as work items: what the plan sends, the invalid lines as results."""
+    assert opened.ledger is not None
+    latest, tally = opened.ledger.state.latest, opened.runner.tally
     for item in spool.read(scan):
-        decision = run_plan.decide(item, book.state.latest, retry_rejected=retry_rejected)
-        runner.tally.planned[decision.why] += 1
+        decision = run_plan.decide(item, latest, retry_rejected=retry_rejected)
+        tally.planned[decision.why] += 1
         if decision.do is run_plan.Do.SKIP:
-            runner.tally.skipped[decision.why] += 1
+            tally.skipped[decision.why] += 1
         elif isinstance(item, Invalid):
-            now = stamp(runner.wall())
-            yield Result(
-                run_id=runner.run_id,
-                action=None,
-                name=item.name,
-                outcome=Outcome.INVALID,
-                status=None,
-                code="InvalidManifestLine",
-                message=str(item.problem),
-                request_id="",
-                sends=0,
-                fingerprint=None,
-                line=item.line,
-                started=now,
-                finished=now,
+            yield unsent(
+                opened.runner,
+                item.name,
+                item.line,
+                Outcome.INVALID,
+                "InvalidManifestLine",
+                str(item.problem),
             )
         else:
             yield Work(

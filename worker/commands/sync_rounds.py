@@ -14,7 +14,6 @@ its ledger: one header per invocation, one result per write.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import assert_never
@@ -30,9 +29,9 @@ from worker.manifest import spool
 from worker.manifest.values import Group, Invalid, Scan
 from worker.plan import reconcile, rounds
 from worker.runner.dispatch import Journal, Runner
-from worker.runner.stamps import stamp
 from worker.runner.tally import Tally
 from worker.runner.work import Work
+from worker.session import unsent
 
 log = structlog.get_logger("worker")
 
@@ -206,7 +205,7 @@ class Rounds:
         for item in spool.read(self.scan):
             if isinstance(item, Invalid):
                 if first:
-                    yield _unsent(
+                    yield unsent(
                         self.runner,
                         item.name,
                         item.line,
@@ -226,7 +225,7 @@ class Rounds:
                     self._planned[item.name] = (change.listed, _wanted(item, change.listed))
                     yield _work(Action.UPDATE, item, reconcile.update_body(item))
                 case reconcile.Conflict():
-                    yield _unsent(
+                    yield unsent(
                         self.runner,
                         item.name,
                         item.line,
@@ -235,7 +234,7 @@ class Rounds:
                         f"the account's group is in project {change.listed.project!r}, "
                         f"the manifest says {change.manifest_project!r}; a project "
                         "cannot be changed after creation",
-                        fp=item.fingerprint,
+                        fingerprint=item.fingerprint,
                     )
                 case reconcile.InSync():
                     if first:
@@ -313,13 +312,6 @@ def repr_counts(conv: rounds.Convergence) -> dict[str, int]:
     }
 
 
-def fresh_s_from_env() -> float:
-    """WORKER_TEST_FRESH_S: a test hook that shortens the 60 s a listing may serve deletes
-    (a test of it would otherwise write for a minute first)."""
-    hook = os.environ.get("WORKER_TEST_FRESH_S")
-    return float(hook) if hook else rounds.FRESH_S
-
-
 def _wanted(group: Group, listed: Listed | None) -> Listed:
     payload = reconcile.group_payload(group)
     project = listed.project if listed is not None else str(payload["ProjectName"])
@@ -330,31 +322,4 @@ def _wanted(group: Group, listed: Listed | None) -> Listed:
 def _work(action: Action, item: Group, body: bytes) -> Work:
     return Work(
         action=action, name=item.name, line=item.line, fingerprint=item.fingerprint, body=body
-    )
-
-
-def _unsent(
-    runner: Runner,
-    name: str | None,
-    line: int,
-    outcome: Outcome,
-    code: str,
-    message: str,
-    fp: str | None = None,
-) -> Result:
-    now = stamp(runner.wall())
-    return Result(
-        run_id=runner.run_id,
-        action=None,
-        name=name,
-        outcome=outcome,
-        status=None,
-        code=code,
-        message=message,
-        request_id="",
-        sends=0,
-        fingerprint=fp,  # a conflict's: `report` tells whether the line changed since
-        line=line,
-        started=now,
-        finished=now,
     )

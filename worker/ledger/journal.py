@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
@@ -58,25 +59,34 @@ class Ledger:
     """An open, locked ledger that a run appends to. Use as `with Ledger.open(...) as book:`."""
 
     def __init__(
-        self, path: Path, fd: int, lock_fd: int, state: State, *, torn_writes_s: float = 0.0
+        self,
+        path: Path,
+        fd: int,
+        lock_fd: int,
+        state: State,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
         self.state = state
         self._fd = fd
         self._lock_fd = lock_fd
         self._dirty = False
-        # Test hook (WORKER_TEST_TORN_WRITES_S): write each record in two halves with this
-        # pause between, so that a kill -9 can land inside a record, as a crash can.
-        self._torn_writes_s = torn_writes_s
+        self._clock = clock  # when to checkpoint the index
         self._broken: str | None = None
         self._end = 0  # the ledger's size: where the next record starts
         self._lines = 0
-        self._next_checkpoint = time.monotonic() + CHECKPOINT_S
+        self._next_checkpoint = clock() + CHECKPOINT_S
 
     @classmethod
     def open(
-        cls, path: Path, *, target: Target, torn_writes_s: float = 0.0, expect_names: int = 0
-    ) -> Ledger:
+        cls,
+        path: Path,
+        *,
+        target: Target,
+        expect_names: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Self:
         """Open (or create) the ledger of `target` at `path`, lock it, load it, cut a torn
         tail. Raises LedgerError (not a ledger, damaged, unreadable), LedgerTargetMismatch
         (another target's, or worker 0.1's) or LedgerLocked; in every case nothing in the
@@ -117,7 +127,7 @@ class Ledger:
         except BaseException:
             release(fd, lock_fd)
             raise
-        book = cls(path, fd, lock_fd, state, torn_writes_s=torn_writes_s)
+        book = cls(path, fd, lock_fd, state, clock=clock)
         book._end, book._lines = end, lines
         return book
 
@@ -148,16 +158,8 @@ class Ledger:
                 f"{self.path}: a {record.type} record of {len(data)} bytes "
                 f"is over the {MAX_RECORD_BYTES}-byte limit; not written"
             )
-        whole = memoryview(data)
-        half = len(whole) // 2
-        pieces = [whole[:half], whole[half:]] if self._torn_writes_s else [whole]
         try:
-            for i, view in enumerate(pieces):
-                if i:
-                    time.sleep(self._torn_writes_s)
-                while view:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
+            self._write(memoryview(data))
             # Where the record really ended (O_APPEND writes at the file's end): the index
             # must never say a record starts where none does.
             end = os.lseek(self._fd, 0, os.SEEK_CUR)
@@ -176,8 +178,14 @@ class Ledger:
         except OSError as exc:  # the index could not grow (a full disk): stop sending
             self._broken = f"{self.path}: cannot update the ledger's index: {exc.strerror}"
             raise LedgerWriteError(self._broken) from None
-        if time.monotonic() >= self._next_checkpoint:
+        if self._clock() >= self._next_checkpoint:
             self._checkpoint()
+
+    def _write(self, view: memoryview) -> None:
+        """All of `view` at the file's end (O_APPEND), however many writes that takes."""
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
 
     def _checkpoint(self) -> None:
         """Record in the index how far the ledger is folded in (index.checkpoint). Here,
@@ -185,7 +193,7 @@ class Ledger:
         under it, and the ledger is fsynced first, so the index never claims records a
         power cut could take back (an fsync every CHECKPOINT_S on this thread costs
         milliseconds). The index is a cache: a checkpoint that fails is given up."""
-        self._next_checkpoint = time.monotonic() + CHECKPOINT_S
+        self._next_checkpoint = self._clock() + CHECKPOINT_S
         table = self.state.latest
         if not isinstance(table, Table) or table.path is None or table.in_memory:
             return

@@ -113,7 +113,7 @@ class Runner:
         self.rng = rng or random.Random()
         self.metrics = metrics
         self.on_tick = on_tick
-        self.tally = Tally()
+        self.tally = Tally(started=clock())
         self.failure: WorkerError | None = None
         self.concurrency = Concurrency(
             rate=settings.pacing.rate, cap=machine_cap(settings.concurrency)
@@ -431,7 +431,7 @@ class Runner:
 
     async def _tick(self) -> None:
         while True:
-            await asyncio.sleep(FSYNC_EVERY_S)
+            await self.sleep(FSYNC_EVERY_S)
             if self.ledger is not None:
                 await asyncio.to_thread(self.ledger.sync)
             if self.on_tick is not None:

@@ -27,43 +27,21 @@ done: the next run or sync creates it again. A conflict is reported with the syn
 words, which name both projects. That needs a second, streaming pass over the ledger
 (`audit_of`), made only for ledgers holding a sync.
 
-`gather` does the I/O (read the ledger, probe its lock, find the manifest); `summary_of` and
-`failures_of` are pure; `render` and `main` print.
+gather.py does the I/O (read the ledger, probe its lock, find the manifest); `summary_of` and
+`failures_of` here are pure; render.py and commands/report.py print.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import stat
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
-import orjson
-
-from worker import sync_audit
-from worker.errors import Exit, ManifestError, UsageError
-from worker.ledger.load import read_state, records_of
-from worker.ledger.lock import probe_lock
-from worker.ledger.records import (
-    DONE,
-    Footer,
-    Intent,
-    Latest,
-    Outcome,
-    Result,
-    RunHeader,
-    StopReason,
-)
+from worker.ledger.records import DONE, Footer, Latest, Outcome, RunHeader, StopReason
 from worker.ledger.state import State
-from worker.manifest import source, spool
-from worker.manifest.remembered import digest, recall, remembered_path
-from worker.manifest.values import Group, Invalid, Scan
-from worker.sync_audit import Audit, already_gone, audit_of, has_sync
+from worker.manifest.values import Group, Invalid
+from worker.report.sync_audit import Audit, already_gone
 
 # Every status a manifest line (or, without a manifest, a Name) can have, in the order
 # reports list them. `already_gone`: a delete answered ResourceNotFound (only without a
@@ -71,11 +49,7 @@ from worker.sync_audit import Audit, already_gone, audit_of, has_sync
 STATUSES: Final = (*(o.value for o in Outcome), "already_gone", "in_sync", "pending", "in_doubt")
 # The statuses that count as done: the done outcomes, and a line a finished sync found in sync.
 DONE_STATUSES: Final = frozenset({*(o.value for o in DONE), "already_gone", "in_sync"})
-RUNS_SHOWN: Final = 10  # runs in the text report (all of them in --json)
-DELETED_LISTED: Final = sync_audit.DELETED_LISTED  # deleted Names listed in --json
-DELETED_SHOWN: Final = 10  # deleted Names in the text report
 CONFLICTS_LISTED: Final = 1000  # conflicts listed in --json (the count covers them all)
-CONFLICTS_SHOWN: Final = 10  # conflicts in the text report
 
 _STOPPED: Final = {
     StopReason.LIMITER: "stopped: the shared limiter stayed unreachable",
@@ -96,104 +70,6 @@ class Failure:
     status: str  # a STATUSES value other than the done outcomes
     reason: str
     body: bytes | None  # the canonical line to send again; None for an invalid line
-
-
-@dataclass(slots=True, kw_only=True)
-class Gathered:
-    """What `report` reads before the pure core runs. A context manager: it may hold the
-    manifest's scan open."""
-
-    ledger: Path
-    state: State
-    locked: bool | None  # a process holds the ledger's lock now (None: cannot tell)
-    scan: Scan | None  # the manifest counted against, if any
-    note: str  # which manifest and why, or why none
-    audit: Audit | None = None  # only for a ledger holding a sync
-
-    def items(self) -> Iterator[Group | Invalid] | None:
-        return spool.read(self.scan) if self.scan is not None else None
-
-    def close(self) -> None:
-        if self.scan is not None:
-            with contextlib.suppress(AttributeError):  # a Scan without a spool has no close
-                self.scan.close()
-
-    def __enter__(self) -> Gathered:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def gather(ledger: Path, *, manifest: Path | None = None, state: State | None = None) -> Gathered:
-    """Read the ledger (unless `state` is given), probe its lock, choose the manifest."""
-    if state is None:
-        if not os.path.lexists(ledger):
-            raise UsageError(f"{ledger}: no such ledger")
-        state = read_state(ledger)
-    locked = probe_lock(ledger)
-    got = _choose(ledger, state, locked, manifest)
-    if has_sync(state):
-        try:
-            got.audit = audit_of(state, records_of(ledger))
-        except BaseException:
-            got.close()
-            raise
-        header = state.header
-        if (
-            got.scan is not None
-            and header is not None
-            and got.scan.sha256 != header.manifest_sha256
-        ):
-            got.audit = got.audit.unchecked()
-    return got
-
-
-def _choose(ledger: Path, state: State, locked: bool | None, manifest: Path | None) -> Gathered:
-    """The manifest to count against, and why."""
-    header = state.header
-    remembered = remembered_path(ledger)
-
-    def counted(scan: Scan | None, note: str) -> Gathered:
-        return Gathered(ledger=ledger, state=state, locked=locked, scan=scan, note=note)
-
-    if manifest is not None:
-        # The user named it: its problems are errors. A run's validation of the very same
-        # bytes, kept beside the ledger, is as good as a new one (remembered.recall).
-        scan = recall(manifest, remembered) or source.scan(manifest)
-        note = f"counted against {manifest} (--manifest)"
-        if header is not None and scan.sha256 != header.manifest_sha256:
-            note += "; it is not the manifest the last run used"
-        return counted(scan, note)
-    if header is None:
-        return counted(None, "the ledger records no run yet")
-    path = Path(header.manifest)
-    every = (
-        "the counts cover every Name the ledger has recorded (pass --manifest to count "
-        "against a manifest)"
-    )
-    try:
-        regular = stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        regular = False
-    if not regular:  # never read a pipe or /dev/stdin named by an old header
-        return counted(None, f"the last run's manifest {path} is not a file here; {every}")
-    changed = f"the last run's manifest {path} has changed since; {every}"
-    # Hashed before it is validated: a manifest that changed since is not counted against,
-    # so validating it (seconds for millions of lines) would be wasted.
-    sha256 = digest(path)
-    if sha256 is not None and sha256 != header.manifest_sha256:
-        return counted(None, changed)
-    last: Scan | None = None
-    if sha256 is not None:
-        with contextlib.suppress(ManifestError):
-            last = recall(path, remembered) or source.scan(path)
-    if last is None:
-        return counted(None, f"the last run's manifest {path} cannot be read; {every}")
-    if last.sha256 != header.manifest_sha256:  # changed between the hash and the scan
-        last.close()
-        return counted(None, changed)
-    return counted(last, f"counted against {path}, the last run's manifest (unchanged)")
 
 
 # -- the pure core ------------------------------------------------------------------------
@@ -458,168 +334,3 @@ def failures_of(
             Failure(line=entry.line, name=name, status=status, reason=reason, body=bodies.get(name))
         )
     yield from sorted(found, key=lambda f: f.line)
-
-
-def recorded_bodies(path: Path, names: set[str]) -> dict[str, bytes]:
-    """The last body the ledger recorded for each of `names` (a second, streaming pass: the
-    ledger state keeps no bodies)."""
-    bodies: dict[str, bytes] = {}
-    if not names:
-        return bodies
-    for record in records_of(path):
-        if isinstance(record, Intent | Result) and record.name in names and record.body is not None:
-            bodies[record.name] = orjson.dumps(record.body)
-    return bodies
-
-
-# -- rendering ----------------------------------------------------------------------------
-
-
-def render(summary: dict[str, Any]) -> str:
-    """The summary as text for a terminal."""
-    lines = []
-    if summary["note"]:
-        lines.append(summary["note"])
-    lines.append(f"{'total':<12}{summary['total']:>8}")
-    for status in STATUSES:
-        n = summary[status]
-        if status == "pending" and n is None:
-            continue
-        if n or status in ("created", "exists", "rejected", "deferred", "invalid", "pending"):
-            label = status.replace("_", " ")  # in doubt, in sync
-            lines.append(f"{label:<12}{n:>8}")
-    if summary["in_doubt"]:
-        lines.append(
-            f"  ({summary['in_doubt']} sent without a recorded answer; the next run sends "
-            "them again, the next sync lists them first)"
-        )
-    if summary["in_sync"]:
-        lines.append(
-            f"  ({summary['in_sync']} found in sync with the account by the last sync: "
-            "nothing to send)"
-        )
-    if summary["actions"]:
-        over_results = summary.get("actions_over") == "results"
-        lines.append("by action (every result of every run):" if over_results else "by action:")
-        lines += [f"  {k:<28}{n:>8}" for k, n in summary["actions"].items()]
-    lines += _named("deleted", summary.get("deletes"))
-    lines += _named(
-        "already gone (delete answered ResourceNotFound)", summary.get("already_gone_deletes")
-    )
-    conflicts = summary.get("conflicts") or []
-    if conflicts:
-        lines.append(f"conflicts ({summary['conflict']}):")
-        lines += [
-            f"  line {c['line']}: {c['name']}: {c['reason']}" for c in conflicts[:CONFLICTS_SHOWN]
-        ]
-        if (more := summary["conflict"] - min(len(conflicts), CONFLICTS_SHOWN)) > 0:
-            lines.append(f"  and {more} more (report --failed lists every one)")
-    if summary["codes"]:
-        lines.append("codes:")
-        lines += [f"  {code:<36}{n:>8}" for code, n in summary["codes"].items()]
-    runs = summary["runs"]
-    if runs:
-        shown = runs[-RUNS_SHOWN:]
-        lines.append(
-            f"runs ({len(runs)}; the last {len(shown)}):"
-            if len(runs) > len(shown)
-            else f"runs ({len(runs)}):"
-        )
-        lines += [f"  {_run_line(run)}" for run in shown]
-        last = runs[-1]
-        lines.append(f"last run {last['run_id']} started {last['started']}: {last['ended']}")
-    return "\n".join(lines)
-
-
-def _named(label: str, deletes: dict[str, Any] | None) -> list[str]:
-    """`label (n): the first names`, when there are any."""
-    if not deletes or not deletes["total"]:
-        return []
-    shown = ", ".join(deletes["names"][:DELETED_SHOWN])
-    more = deletes["total"] - min(len(deletes["names"]), DELETED_SHOWN)
-    return [
-        f"{label} ({deletes['total']}): {shown}"
-        + (f" and {more} more (--json lists up to {DELETED_LISTED})" if more else "")
-    ]
-
-
-def _run_line(run: dict[str, Any]) -> str:
-    parts = [run["run_id"], run["command"], run["started"], run["state"]]
-    if run["exit_code"] is not None:
-        parts.append(f"exit {run['exit_code']}")
-    if run["stopped_by"]:
-        parts.append(f"by {run['stopped_by']}")
-    if run["duration_s"] is not None:
-        parts.append(f"{run['duration_s']:.1f} s")
-    if run["rate_achieved"] is not None and run["rate_limit"]:
-        parts.append(
-            f"{run['rate_achieved']:.2f}/s of {run['rate_limit']:g}/s "
-            f"({run['rate_achieved'] / run['rate_limit']:.0%})"
-        )
-    if run["throttles"] is not None:
-        parts.append(f"{run['throttles']} throttled")
-    return "  ".join(parts)
-
-
-def main(
-    ledger: Path,
-    *,
-    manifest: Path | None = None,
-    json: bool = False,
-    failed: bool = False,
-    out: TextIO | None = None,
-    err: TextIO | None = None,
-) -> int:
-    """`worker report`: the summary (text, or one JSON object with `json`); or with `failed`
-    the lines not done: as a manifest on `out` with each reason on `err`, or with `json` one
-    JSON object per line (line, name, status, reason, body) on `out`. `out` and `err` default
-    to stdout and stderr. Returns the exit code (0); a ledger it cannot read raises."""
-    out = out if out is not None else sys.stdout
-    err = err if err is not None else sys.stderr
-    with gather(ledger, manifest=manifest) as got:
-        if not failed:
-            summary = summary_of(
-                got.state, items=got.items(), locked=got.locked, note=got.note, audit=got.audit
-            )
-            summary["ledger"] = str(ledger)
-            out.write(orjson.dumps(summary).decode() + "\n" if json else render(summary) + "\n")
-            return Exit.OK
-        items = got.items()
-        bodies = None
-        if items is None:
-            print(f"note: {got.note}; lines never sent cannot be listed", file=err)
-            wanted = {n for n, e in got.state.latest.items() if not e.done}
-            bodies = recorded_bodies(ledger, wanted)
-        where = str(got.scan.path) if got.scan is not None else "(ledger)"
-        listed = unlisted = 0
-        for failure in failures_of(got.state, items=items, bodies=bodies, audit=got.audit):
-            if json:
-                body = orjson.Fragment(failure.body) if failure.body is not None else None
-                row = {
-                    "line": failure.line,
-                    "name": failure.name,
-                    "status": failure.status,
-                    "reason": failure.reason,
-                    "body": body,
-                }
-                out.write(orjson.dumps(row).decode() + "\n")
-                continue
-            print(f"{where}:{failure.line}: {failure.name or '-'}: {failure.reason}", file=err)
-            if failure.body is None:
-                unlisted += 1
-                continue
-            out.write(failure.body.decode() + "\n")
-            listed += 1
-        if not json:
-            print(
-                f"{listed} line(s) not done printed as a manifest"
-                + (
-                    f"; {unlisted} not printed (invalid, or no body recorded): fix them in the "
-                    "manifest"
-                    if unlisted
-                    else ""
-                ),
-                file=err,
-            )
-        out.flush()
-        return Exit.OK

@@ -1,0 +1,65 @@
+"""Test hooks for the worker processes the tests start (tests/conftest.py `cli_env` puts this
+folder on PYTHONPATH, so Python imports this module at start-up).
+
+The worker reads no test variable: its time and faults come from `worker.connect.HOOKS`.
+When a test sets one of these variables, this replaces HOOKS in that process only:
+
+  TESTHOOK_UNREACHABLE_S   the 30 s an endpoint may stay silent before the run gives up
+  TESTHOOK_FRESH_S         the 60 s a listing may serve sync's deletes
+  TESTHOOK_CLOCK_OFFSET_S  a host whose clock is off: X-Date and the ledger's times shifted
+  TESTHOOK_TORN_WRITES_S   each ledger record written in two halves with this pause between,
+                           so that a kill -9 can land inside a record, as a crash can
+
+Without any of them nothing is imported here (a plain worker starts as a user's does).
+"""
+
+from __future__ import annotations
+
+import os
+
+_NAMES = (
+    "TESTHOOK_UNREACHABLE_S",
+    "TESTHOOK_FRESH_S",
+    "TESTHOOK_CLOCK_OFFSET_S",
+    "TESTHOOK_TORN_WRITES_S",
+)
+
+
+def _install(values: dict[str, float]) -> None:
+    import dataclasses
+    import time
+    from datetime import datetime, timedelta
+
+    from worker import connect
+    from worker.ledger.journal import Ledger
+    from worker.runner.stamps import utcnow
+
+    hooks = connect.HOOKS
+    if "TESTHOOK_UNREACHABLE_S" in values:
+        hooks = dataclasses.replace(hooks, unreachable_s=values["TESTHOOK_UNREACHABLE_S"])
+    if "TESTHOOK_FRESH_S" in values:
+        hooks = dataclasses.replace(hooks, fresh_s=values["TESTHOOK_FRESH_S"])
+    if offset := values.get("TESTHOOK_CLOCK_OFFSET_S", 0.0):
+
+        def shifted() -> datetime:
+            return utcnow() + timedelta(seconds=offset)
+
+        hooks = dataclasses.replace(hooks, wall=shifted)
+    if pause := values.get("TESTHOOK_TORN_WRITES_S", 0.0):
+
+        class TornLedger(Ledger):
+            """Writes each record in two halves, `pause` apart."""
+
+            def _write(self, view: memoryview) -> None:
+                half = len(view) // 2
+                super()._write(view[:half])
+                time.sleep(pause)
+                super()._write(view[half:])
+
+        hooks = dataclasses.replace(hooks, ledger=TornLedger)
+    connect.HOOKS = hooks
+
+
+_values = {name: float(os.environ[name]) for name in _NAMES if os.environ.get(name)}
+if _values:
+    _install(_values)
