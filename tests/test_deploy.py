@@ -18,6 +18,7 @@ from worker.errors import Exit
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
+LARGE = DEPLOY / "k8s" / "large-manifest"  # the kustomize component for larger manifests
 BIN = Path(sys.executable).parent  # the validators are test extras, installed in the venv
 
 # The exit-code policy table of docs/contract.md, as sets a scheduler can apply.
@@ -194,13 +195,23 @@ def test_cronjob_runs_non_root_and_can_write_its_ledger() -> None:
     )
     job = tomllib.loads((DEPLOY / "k8s" / "job.toml").read_text())
     assert Path(job["ledger"]).parent == Path(state_mount)
-    assert {
-        "name": "metrics",
-        "containerPort": job["metrics-port"],
-        "protocol": "TCP",
-    } in container["ports"]
-    assert job["metrics-host"] == "0.0.0.0"  # reachable from Prometheus, not only inside the pod
     assert container["image"].rsplit(":", 1)[1] != "latest"
+
+
+def test_cronjob_pushes_metrics_instead_of_serving_a_port() -> None:
+    """A Job's pod ends seconds after its run, before a scrape: no metrics port or scrape
+    annotation, and the job file names a Pushgateway (--metrics-push) instead."""
+    template = cronjob()["spec"]["jobTemplate"]["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    assert "ports" not in container
+    assert not any(
+        k.startswith("prometheus.io/") for k in template["metadata"].get("annotations", {})
+    )
+    for job_file in (DEPLOY / "k8s" / "job.toml", LARGE / "job.toml"):
+        text = job_file.read_text()
+        job = tomllib.loads(text)
+        assert not {"metrics-port", "metrics-host"} & set(job), job_file
+        assert re.search(r'^#? ?metrics-push = "http://', text, re.M), job_file
 
 
 # -- systemd ---------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -245,9 +244,7 @@ def test_cronjob_pod_as_its_security_context_with_the_pvc(root: Path, sandbox_fa
     assert (uid, gid) == (K8S_UID, K8S_GID)
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     moves = {mounts["config"]: root / "config", mounts["state"]: root / "state"}
-    port = free_port()
     job_toml = (DEPLOY / "k8s" / "job.toml").read_text()
-    job_toml = re.sub(r"^metrics-port = \d+", f"metrics-port = {port}", job_toml, flags=re.M)
     manifest_text = "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in names(3, "集群"))
     configmap_volume(
         moves[mounts["config"]], {"job.toml": remap(job_toml, moves), "groups.jsonl": manifest_text}
@@ -283,12 +280,6 @@ def test_cronjob_pod_as_its_security_context_with_the_pvc(root: Path, sandbox_fa
     assert second.returncode == 7, explain(second)
     assert second.returncode in NEVER_RETRY and k8s_verdict(job_spec, second.returncode) == "fail"
     assert "not-the-secret" not in second.stdout + second.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- compose -------------------------------------------------------------------------------------
