@@ -1,5 +1,6 @@
 """The README and docs/ keep their promises: the two commands, links that resolve, every option
-in the configuration reference, no history."""
+in the configuration reference, sync's contract with the code's numbers, module paths that
+exist, no history."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from worker import options
+from worker.plan import rounds
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -94,10 +96,50 @@ def test_the_configuration_reference_lists_every_option() -> None:
         assert f"`{opt.flag}`" in row and f"`{opt.env}`" in row, opt.flag
 
 
-@pytest.mark.parametrize("name", ["contract.md", "nightly-sync.md"])
-def test_the_sync_contract_has_its_placeholder(name: str) -> None:
-    """Where sync's exit-0 promise goes, a marked placeholder waits for it."""
-    assert "<!-- sync-contract -->" in (DOCS / name).read_text(encoding="utf-8")
+def _figure(value: float) -> str:
+    """A number as the docs write it: 4, 2, 60 (no trailing `.0`)."""
+    return f"{value:g}"
+
+
+def test_the_sync_contract_is_written_with_the_codes_numbers() -> None:
+    """contract.md states sync's exit-0 promise with the rounds, pause and listing-freshness
+    numbers that worker.plan.rounds has; no placeholder is left, and nightly-sync.md links to it."""
+    contract = (DOCS / "contract.md").read_text(encoding="utf-8")
+    section = contract.split("### What exit 0 means for `sync`", 1)[1].split("\n## ", 1)[0]
+    section = " ".join(section.split())  # the numbers are checked whatever the line breaks
+    for page in PAGES:
+        assert "<!-- sync-contract -->" not in page.read_text(encoding="utf-8"), page.name
+    assert f"at most **{rounds.MAX_ROUNDS} rounds**" in section
+    assert f"**{_figure(rounds.ROUND_PAUSE_S)} s pause**" in section
+    assert f"at most **{_figure(rounds.FRESH_S)} s** before the delete" in section
+    assert f"within the {_figure(rounds.FRESH_S)} s a listing may serve deletes" in section
+    assert "exits **3**" in section
+    nightly = " ".join((DOCS / "nightly-sync.md").read_text(encoding="utf-8").split())
+    assert "contract.md#what-exit-0-means-for-sync" in nightly
+    assert f"at most {rounds.MAX_ROUNDS} rounds" in nightly
+
+
+CODE_PATH = re.compile(r"\bworker/[\w/]+\.py\b")
+
+
+def test_every_module_path_named_in_the_docs_exists() -> None:
+    """Each `worker/....py` path the README or docs/ name is a file in the tree, so the next
+    move of a module shows up here instead of in a reader's file browser."""
+    named = {
+        (page.name, path)
+        for page in PAGES
+        for path in CODE_PATH.findall(page.read_text(encoding="utf-8"))
+    }
+    assert named, "the pattern found no path at all"
+    missing = sorted((page, path) for page, path in named if not (ROOT / path).is_file())
+    assert missing == []
+
+
+def test_the_module_path_check_sees_a_moved_module() -> None:
+    """The path pattern picks out old and nested module paths alike from prose."""
+    text = "typed (`worker/records.py`), see worker/ledger/records.py and worker/sandbox/."
+    assert CODE_PATH.findall(text) == ["worker/records.py", "worker/ledger/records.py"]
+    assert not (ROOT / "worker/records.py").exists()
 
 
 def test_the_docs_tell_no_history() -> None:
