@@ -402,10 +402,11 @@ def sample() -> tuple[list[Group], dict[str, Listed]]:
 
 
 def test_render_text_counts_then_one_line_per_change() -> None:
-    """Text plan: counts first, then +, ~ with the tag difference, ! with both projects, -, ?."""
+    """Text plan (-v): counts first, then +, ~ with the tag difference, ! with both projects,
+    -, and ? for each kept extra."""
     items, account = sample()
     plan = plan_sync(items, account, prune=True, scope=SCOPE_P)
-    lines = list(render_text(plan, iter_changes(plan, items, account)))
+    lines = list(render_text(plan, iter_changes(plan, items, account), list_kept=True))
     assert lines == [
         "sync plan: 1 to create, 1 to update, 1 in conflict, 1 to delete, 1 extra kept, 1 in sync (5 listed)",
         "+ G1",
@@ -414,6 +415,16 @@ def test_render_text_counts_then_one_line_per_change() -> None:
         "- X1  (project p)",
         f'? Y1  (project "r r") {OUT_OF_SCOPE}',
     ]
+
+
+def test_render_text_counts_kept_extras_in_one_line() -> None:
+    """Without -v the kept extras are one counted `?` line, not a line each."""
+    items, account = sample()
+    account = {**account, "Y2": listed("Y2", project="r r")}
+    plan = plan_sync(items, account, prune=True, scope=SCOPE_P)
+    lines = list(render_text(plan, iter_changes(plan, items, account)))
+    assert lines[-1] == f"? 2 extras {OUT_OF_SCOPE} (-v lists them)"
+    assert not any(line.startswith("? Y") for line in lines)
 
 
 def test_render_text_quotes_what_would_break_a_line() -> None:

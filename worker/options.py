@@ -206,6 +206,28 @@ OPTIONS: Final[tuple[Option, ...]] = (
         default_of="worker.plan.reconcile:DEFAULT_MAX_DELETE",
     ),
     Option(
+        flag="plan",
+        kind="path",
+        to="sync.plan",
+        help="carry out this saved plan (no MANIFEST): refused, nothing sent, when the "
+        "account, the manifest, the target or the options moved since",
+        commands=("sync",),
+    ),
+    Option(
+        flag="plan-out",
+        kind="path",
+        to="sync.plan_out",
+        help="with --dry-run: save the plan here (JSON, mode 0600) for `sync --plan`",
+        commands=("sync",),
+    ),
+    Option(
+        flag="yes",
+        kind="bool",
+        to="sync.yes",
+        help="answer yes to the question a sync that deletes asks at a terminal",
+        commands=("sync",),
+    ),
+    Option(
         flag="metrics-file",
         kind="path",
         to="options.metrics_file",
@@ -305,6 +327,7 @@ class CommandLine:
     dry_run: bool = False
     json: bool = False
     check: bool = False
+    verbose: bool = False  # -v: a sync plan lists its kept extras
     sandbox: bool = False
     sandbox_account: Path | None = None
 
@@ -328,6 +351,7 @@ class CommandLine:
             dry_run=bool(given.get("dry_run")),
             json=bool(given.get("json")),
             check=bool(given.get("check")),
+            verbose=bool(given.get("verbose")),
             sandbox=bool(given.get("sandbox") or given.get("sandbox_account")),
             sandbox_account=path("sandbox_account"),
         )

@@ -9,6 +9,7 @@ commands that send (it imports the session, which imports the runner).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from worker.errors import UsageError
 from worker.ledger import index, lock
 from worker.manifest.remembered import remembered_path
 from worker.options import CommandLine, Merged, merge, rows, value
+from worker.plan import saved
 from worker.settings import (
     CommandOptions,
     Pacing,
@@ -143,7 +145,9 @@ def resolve(line: CommandLine, environ: Mapping[str, str]) -> Resolved:
     if line.command == "sync" and line.json and not (line.dry_run or line.check):
         raise UsageError("--json prints a plan: give it with --dry-run or --check")
     merged = merge(line, environ)
+    reviewed = _reviewed_plan(line, merged)
     where = place(line, merged)
+    _check_plan_out(merged, where)
     owned: dict[str, dict[str, object]] = {"settings": {}, "pacing": {}, "retry": {}}
     for o in rows(line.command):
         if o.flag in merged.values and o.owner in owned and o.flag != "ledger":
@@ -160,19 +164,81 @@ def resolve(line: CommandLine, environ: Mapping[str, str]) -> Resolved:
     return Resolved(
         settings=settings,
         options=command_options(line, merged, where),
-        sync=_sync_options(line, merged) if line.command == "sync" else None,
+        sync=_sync_options(line, merged, reviewed) if line.command == "sync" else None,
     )
 
 
-def _sync_options(line: CommandLine, merged: Merged) -> SyncOptions:
-    projects = value(merged, "scope-project") or ()
-    match = value(merged, "scope-match")
-    max_delete = value(merged, "max-delete")
+def _sync_options(
+    line: CommandLine, merged: Merged, reviewed: tuple[Path, saved.Saved] | None
+) -> SyncOptions:
+    # With --plan the plan's options are the defaults: one given that differs makes the
+    # plan stale (refused, named), never silently ignored.
+    planned: dict[str, object] = {}
+    if reviewed is not None:
+        o = reviewed[1].options
+        planned = {
+            "prune": o.prune,
+            "scope-project": list(o.scope_projects),
+            "scope-match": o.scope_match,
+            "max-delete": o.max_delete,
+        }
+    shaped = Merged({**planned, **merged.values}, merged.origins)
+    projects = value(shaped, "scope-project") or ()
+    match = value(shaped, "scope-match")
+    max_delete = value(shaped, "max-delete")
+    plan_out = merged.values.get("plan-out")
     assert isinstance(projects, list | tuple) and isinstance(max_delete, int)
     return SyncOptions.build(
-        prune=bool(value(merged, "prune")),
+        prune=bool(value(shaped, "prune")),
         projects=[str(p) for p in projects],
         match=str(match) if match is not None else None,
         max_delete=max_delete,
         check=line.check,
+        plan_out=Path(str(plan_out)) if plan_out is not None else None,
+        plan=reviewed[1] if reviewed is not None else None,
+        plan_path=reviewed[0] if reviewed is not None else None,
+        yes=bool(value(merged, "yes")),
+        verbose=line.verbose,
     )
+
+
+def _reviewed_plan(line: CommandLine, merged: Merged) -> tuple[Path, saved.Saved] | None:
+    """`sync --plan PLAN`: the plan file read and checked, and its manifest made the run's."""
+    plan_out, given = merged.values.get("plan-out"), merged.values.get("plan")
+    if plan_out is not None and not line.dry_run:
+        raise UsageError(f"{merged.origin('plan-out')} saves a dry run's plan: add --dry-run")
+    if given is None:
+        return None
+    path, origin = Path(str(given)), merged.origin("plan")
+    check_path(path, origin)
+    for flag, on in (("--dry-run", line.dry_run), ("--check", line.check), ("--json", line.json)):
+        if on:
+            raise UsageError(f"{origin} carries out a saved plan: {flag} cannot go with it")
+    if plan_out is not None:
+        raise UsageError(f"{origin} carries out a saved plan: --plan-out cannot go with it")
+    if line.manifest is not None:
+        raise UsageError(f"{origin} names its manifest: give no MANIFEST with it")
+    reviewed = saved.read(path)
+    named = merged.values.get("manifest")
+    if named is not None and os.path.abspath(str(named)) != reviewed.manifest_path:
+        raise UsageError(
+            f"{merged.origin('manifest')} {named} is not the manifest of {origin} "
+            f"({reviewed.manifest_path})"
+        )
+    merged.values["manifest"] = Path(reviewed.manifest_path)
+    merged.origins["manifest"] = f"the manifest of {origin} {path}"
+    return path, reviewed
+
+
+def _check_plan_out(merged: Merged, where: Where) -> None:
+    """--plan-out: a path that can be written, and none of the run's own files."""
+    plan_out = merged.values.get("plan-out")
+    if plan_out is None:
+        return
+    path, origin = Path(str(plan_out)), merged.origin("plan-out")
+    check_path(path, origin)
+    own = [where.manifest, where.ledger, *_beside(where.ledger)]
+    if where.account is not None:
+        own.append(where.account)
+    if os.path.abspath(path) in {os.path.abspath(p) for p in own}:
+        raise UsageError(f"{origin} {path} is one of the run's own files; name another")

@@ -11,17 +11,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 import structlog
 
 from worker.api.account import Listed
+from worker.commands import confirm, sync_saved
 from worker.commands.sync_rounds import Rounds, list_once
 from worker.errors import Exit, ManifestError, PlanRefused
 from worker.manifest import spool
 from worker.manifest.load import before_writes, scan_manifest
 from worker.manifest.values import Scan
-from worker.plan import reconcile
+from worker.plan import reconcile, saved
 from worker.progress import Progress
 from worker.runner.dispatch import Runner
 from worker.session import Opened, Session, carry_out, check_exit
@@ -36,6 +38,11 @@ class SyncOptions:
     scope: reconcile.Scope
     max_delete: int
     check: bool
+    plan_out: Path | None = None  # --plan-out: where a dry run saves its plan
+    plan: saved.Saved | None = None  # --plan: the saved plan to carry out
+    plan_path: Path | None = None
+    yes: bool = False  # --yes: the terminal's question is answered
+    verbose: bool = False  # -v: the text plan lists the kept extras
 
     @classmethod
     def build(
@@ -46,6 +53,11 @@ class SyncOptions:
         match: str | None,
         max_delete: int | None,
         check: bool,
+        plan_out: Path | None = None,
+        plan: saved.Saved | None = None,
+        plan_path: Path | None = None,
+        yes: bool = False,
+        verbose: bool = False,
     ) -> SyncOptions:
         """Checked before anything is read or sent: prune needs a scope (exit 2)."""
         scope = reconcile.Scope.from_flags(projects, match)
@@ -53,7 +65,27 @@ class SyncOptions:
         limit = LIMITS["max-delete"].check(
             reconcile.DEFAULT_MAX_DELETE if max_delete is None else max_delete
         )
-        return cls(prune=prune, scope=scope, max_delete=limit, check=check)
+        return cls(
+            prune=prune,
+            scope=scope,
+            max_delete=limit,
+            check=check,
+            plan_out=plan_out,
+            plan=plan,
+            plan_path=plan_path,
+            yes=yes,
+            verbose=verbose,
+        )
+
+    def plan_options(self) -> saved.PlanOptions:
+        """The options that shape a plan, as a saved plan records them."""
+        match = self.scope.match
+        return saved.PlanOptions(
+            prune=self.prune,
+            scope_projects=tuple(sorted(self.scope.projects)),
+            scope_match=match.pattern if match is not None else None,
+            max_delete=self.max_delete,
+        )
 
 
 def sync(session: Session, sync_options: SyncOptions) -> Exit:
@@ -93,10 +125,14 @@ async def _plan_only(opened: Opened, sync_options: SyncOptions, scan: Scan) -> E
         if opened.session.options.json:
             out.write(orjson.dumps(reconcile.render_json(the_plan, changes)).decode() + "\n")
         else:
-            for line in reconcile.render_text(the_plan, changes):
+            for line in reconcile.render_text(the_plan, changes, list_kept=sync_options.verbose):
                 print(line, file=out)
     out.flush()
     refused = len(the_plan.deletes) > sync_options.max_delete
+    if sync_options.plan_out is not None and not refused:
+        fresh = sync_saved.saved_plan(opened, sync_options.plan_options(), scan, the_plan, groups)
+        saved.write(sync_options.plan_out, fresh)
+        log.info("sync.plan_saved", path=str(sync_options.plan_out), **the_plan.counts)
     if refused:
         log.warning(
             "sync.plan_refused",
@@ -136,10 +172,31 @@ def _plan(
 async def _sync(opened: Opened, sync_options: SyncOptions, scan: Scan) -> Exit:
     log.info("sync.start", credentials=opened.source)
     runner = opened.runner
+    reviewed = sync_options.plan
+    if reviewed is not None:  # before any request: the target, options and manifest
+        sync_saved.refuse_stale(
+            reviewed, sync_options.plan_path, sync_options.plan_options(), opened, scan, None, {}
+        )
     listing, listed_at = await list_once(runner)
     # Nothing is written before the listing is complete and the plan accepted.
     with before_writes():
-        the_plan = _plan(sync_options, scan, listing.groups)
+        if reviewed is not None:
+            the_plan = _plan(sync_options, scan, listing.groups, max_delete=1 << 62)
+            sync_saved.refuse_stale(
+                reviewed,
+                sync_options.plan_path,
+                sync_options.plan_options(),
+                opened,
+                scan,
+                the_plan,
+                listing.groups,
+            )
+        else:
+            the_plan = _plan(sync_options, scan, listing.groups)
+            if sync_options.yes or not the_plan.deletes or not confirm.at_terminal():
+                pass
+            elif not await _confirmed(opened, sync_options, scan, the_plan, listing.groups):
+                raise PlanRefused("not confirmed (the answer was not `yes`); nothing was sent")
     progress = Progress(
         tty=sys.stderr.isatty(), total=scan.groups + scan.invalid + len(the_plan.deletes)
     )
@@ -152,7 +209,26 @@ async def _sync(opened: Opened, sync_options: SyncOptions, scan: Scan) -> Exit:
         max_delete=sync_options.max_delete,
         pause=runner.sleep,
         fresh_s=opened.session.hooks.fresh_s,
+        saved=sync_saved.written_names(reviewed) if reviewed is not None else None,
     )
     the_rounds.start(listing, listed_at)
     header = opened.header(scan, plan=the_plan.counts)
     return await opened.record(header, the_rounds.run(the_plan), progress)
+
+
+async def _confirmed(
+    opened: Opened,
+    sync_options: SyncOptions,
+    scan: Scan,
+    the_plan: reconcile.SyncPlan,
+    groups: Mapping[str, Listed],
+) -> bool:
+    """At a terminal, a plan that deletes is shown and must be answered `yes`."""
+    changes = reconcile.iter_changes(the_plan, spool.read(scan), groups)
+    for line in reconcile.render_text(the_plan, changes, list_kept=sync_options.verbose):
+        print(line, file=sys.stderr)
+    n = len(the_plan.deletes)
+    return await confirm.ask_yes(
+        f"{n} {'group' if n == 1 else 'groups'} will be deleted. Type yes to carry out this plan: ",
+        sys.stderr,
+    )

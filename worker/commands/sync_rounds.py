@@ -85,6 +85,9 @@ class Rounds:
     conv: rounds.Convergence = field(init=False)
     listed_at: float = 0.0
     deleted: int = 0  # deletes sent over all rounds, against --max-delete
+    # `sync --plan`: the Names the saved plan writes; no round writes any other (None: any).
+    saved: frozenset[str] | None = None
+    unplanned: set[str] = field(default_factory=set)  # differences the saved plan leaves
     _planned: dict[str, tuple[Listed | None, Listed | None]] = field(default_factory=dict)
 
     def start(self, listing: Listing, listed_at: float) -> None:
@@ -118,9 +121,12 @@ class Rounds:
         plan, pending = first, list[str]()
         for round_no in range(1, rounds.MAX_ROUNDS + 2):
             if round_no > 1:
+                self.unplanned.clear()  # what the latest listing shows decides
                 plan = self._plan()
-                pending = self._pending_names()
+                pending = self._within_saved(self._pending_names())
                 if not pending and not plan.deletes and not self.conv.exists:
+                    if self.unplanned:
+                        raise self._outside_saved()
                     return self.runner.tally
                 if round_no > rounds.MAX_ROUNDS:
                     raise self._still_different(pending, plan)
@@ -156,6 +162,9 @@ class Rounds:
         # moved listing showed and that is gone (or re-created elsewhere) since.
         seen = self.conv.last
         deletes = tuple(d for d in the_plan.deletes if d.name in seen)
+        if self.saved is not None:
+            self.unplanned.update(d.name for d in deletes if d.name not in self.saved)
+            deletes = tuple(d for d in deletes if d.name in self.saved)
         if len(deletes) != len(the_plan.deletes):
             the_plan = dataclasses.replace(the_plan, deletes=deletes)
         if len(the_plan.deletes) > allowed:
@@ -217,6 +226,10 @@ class Rounds:
             if item.name in self.conv.settled or item.name in self.conv.exists:
                 continue
             change = reconcile.classify_group(item, account)
+            unplanned = self.saved is not None and item.name not in self.saved
+            if unplanned and isinstance(change, reconcile.Create | reconcile.Update):
+                self.unplanned.add(item.name)
+                continue  # moved during the apply: a new plan's business
             match change:
                 case reconcile.Create():
                     self._planned[item.name] = (None, _wanted(item, None))
@@ -283,6 +296,21 @@ class Rounds:
                 else ""
             )
             + "; run sync again"
+        )
+
+    def _within_saved(self, pending: list[str]) -> list[str]:
+        """`sync --plan`: the pending Names the saved plan holds; the others are noted."""
+        if self.saved is None:
+            return pending
+        self.unplanned.update(n for n in pending if n not in self.saved)
+        return [n for n in pending if n in self.saved]
+
+    def _outside_saved(self) -> StillDifferent:
+        names = sorted(self.unplanned)
+        return StillDifferent(
+            f"the saved plan was carried out, but the account moved meanwhile: "
+            f"{len(names)} groups differ that the plan does not hold: "
+            f"{rounds.still_different(names, len(names))}; make a new plan (or run sync)"
         )
 
     def _pending_names(self) -> list[str]:

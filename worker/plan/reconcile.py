@@ -278,11 +278,14 @@ def delete_body(name: str) -> bytes:
     return orjson.dumps({"Name": name})
 
 
-def render_text(plan: SyncPlan, changes: Iterable[Change]) -> Iterator[str]:
+def render_text(
+    plan: SyncPlan, changes: Iterable[Change], *, list_kept: bool = False
+) -> Iterator[str]:
     """The plan for people: counts, then one line per change (in-sync groups are counted only).
 
     `+ name` create, `~ name` update with the tag difference, `! name` project conflict,
-    `- name` delete, `? name` extra kept.
+    `- name` delete. Kept extras are counted in one `?` line: they are every group outside
+    the scope, the same thousands every night; `list_kept` (-v) gives each its `? name` line.
     """
     c = plan.counts
     invalid = f", {c['invalid']} invalid lines" if c["invalid"] else ""
@@ -308,9 +311,13 @@ def render_text(plan: SyncPlan, changes: Iterable[Change]) -> Iterator[str]:
             case Delete(listed):
                 yield f"- {listed.name}  (project {_text(listed.project)})"
             case Keep(listed, why):
-                yield f"? {listed.name}  (project {_text(listed.project)}) {why}"
+                if list_kept:
+                    yield f"? {listed.name}  (project {_text(listed.project)}) {why}"
             case _:
                 assert_never(change)
+    if plan.kept and not list_kept:
+        n = len(plan.kept)
+        yield f"? {n} {'extra' if n == 1 else 'extras'} {plan.keep_why} (-v lists them)"
 
 
 def render_json(plan: SyncPlan, changes: Iterable[Change]) -> dict[str, Any]:
