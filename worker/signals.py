@@ -32,8 +32,38 @@ class Interrupted(BaseException):
     KeyboardInterrupt: no `except Exception` on the way may swallow it."""
 
 
+# How often a signal held back during an import looks again whether the import is over.
+HOLD_RETRY_S: Final = 0.005
+_held: int | None = None  # a signal that arrived inside an import, not raised yet
+
+
 def _raise(signum: int, frame: FrameType | None) -> None:
+    """Raise Interrupted where the signal found the process, unless that is inside an
+    import: an exception raised there surfaces inside whatever C extension's init is
+    running (orjson's segfaulted on it: exit -11 instead of 4). Then the signal is held,
+    and raised at the first moment outside the import (SIGALRM polls for it)."""
+    global _held
+    if _inside_import(frame):
+        _held = signum
+        signal.signal(signal.SIGALRM, _raise_held)
+        signal.setitimer(signal.ITIMER_REAL, HOLD_RETRY_S)
+        return
+    _held = None
     raise Interrupted(signum)
+
+
+def _raise_held(_alarm: int, frame: FrameType | None) -> None:
+    if _held is not None:
+        _raise(_held, frame)
+
+
+def _inside_import(frame: FrameType | None) -> bool:
+    """Some frame on the stack is the import machinery's (C code may lie in between)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def install_early() -> None:
