@@ -175,4 +175,5 @@ def _sync_options(line: CommandLine, merged: Merged) -> SyncOptions:
         match=str(match) if match is not None else None,
         max_delete=max_delete,
         check=line.check,
+        replace=bool(value(merged, "replace-conflicts")),
     )

@@ -36,6 +36,7 @@ class SyncOptions:
     scope: reconcile.Scope
     max_delete: int
     check: bool
+    replace: bool = False  # --replace-conflicts: inside the scope, a conflict is replaced
 
     @classmethod
     def build(
@@ -46,14 +47,15 @@ class SyncOptions:
         match: str | None,
         max_delete: int | None,
         check: bool,
+        replace: bool = False,
     ) -> SyncOptions:
-        """Checked before anything is read or sent: prune needs a scope (exit 2)."""
+        """Checked before anything is read or sent: prune and replace need a scope (exit 2)."""
         scope = reconcile.Scope.from_flags(projects, match)
-        reconcile.require_scope(prune, scope)
+        reconcile.require_scope(prune, scope, replace=replace)
         limit = LIMITS["max-delete"].check(
             reconcile.DEFAULT_MAX_DELETE if max_delete is None else max_delete
         )
-        return cls(prune=prune, scope=scope, max_delete=limit, check=check)
+        return cls(prune=prune, scope=scope, max_delete=limit, check=check, replace=replace)
 
 
 def sync(session: Session, sync_options: SyncOptions) -> Exit:
@@ -96,11 +98,11 @@ async def _plan_only(opened: Opened, sync_options: SyncOptions, scan: Scan) -> E
             for line in reconcile.render_text(the_plan, changes):
                 print(line, file=out)
     out.flush()
-    refused = len(the_plan.deletes) > sync_options.max_delete
+    refused = the_plan.removals > sync_options.max_delete
     if refused:
         log.warning(
             "sync.plan_refused",
-            deletes=len(the_plan.deletes),
+            deletes=the_plan.removals,
             max_delete=sync_options.max_delete,
             hint="a real sync refuses this plan before any write (exit 2): narrow "
             "the scope, or raise --max-delete",
@@ -109,7 +111,7 @@ async def _plan_only(opened: Opened, sync_options: SyncOptions, scan: Scan) -> E
         return check_exit(reconcile.in_sync(the_plan, sync_options.prune))
     if refused:
         raise PlanRefused(
-            f"the plan deletes {len(the_plan.deletes)} groups, more than --max-delete "
+            f"the plan deletes {the_plan.removals} groups, more than --max-delete "
             f"{sync_options.max_delete}: a real sync refuses it; nothing was sent"
         )
     return Exit.OK
@@ -128,6 +130,7 @@ def _plan(
         prune=sync_options.prune,
         scope=sync_options.scope,
         max_delete=sync_options.max_delete if max_delete is None else max_delete,
+        replace=sync_options.replace,
     )
     log.info("sync.plan", **the_plan.counts)
     return the_plan
@@ -141,15 +144,18 @@ async def _sync(opened: Opened, sync_options: SyncOptions, scan: Scan) -> Exit:
     with before_writes():
         the_plan = _plan(sync_options, scan, listing.groups)
     progress = Progress(
-        tty=sys.stderr.isatty(), total=scan.groups + scan.invalid + len(the_plan.deletes)
+        tty=sys.stderr.isatty(), total=scan.groups + scan.invalid + the_plan.removals
     )
-    runner.tally.to_send = the_plan.create + the_plan.update + len(the_plan.deletes)
+    # A replace is two writes: the delete, then the create.
+    runner.tally.to_send = the_plan.create + the_plan.update + 2 * len(the_plan.replaces)
+    runner.tally.to_send += len(the_plan.deletes)
     the_rounds = Rounds(
         runner=runner,
         scan=scan,
         prune=sync_options.prune,
         scope=sync_options.scope,
         max_delete=sync_options.max_delete,
+        replace=sync_options.replace,
         pause=runner.sleep,
         fresh_s=opened.session.hooks.fresh_s,
     )
