@@ -24,8 +24,20 @@ from tests.conftest import (
     worker_cmd,
     write_manifest,
 )
+from tests.test_reconcile import account_of, group, listed
+from worker.errors import PlanRefused
+from worker.plan.reconcile import (
+    Conflict,
+    Replace,
+    Scope,
+    classify_group,
+    in_sync,
+    iter_changes,
+    plan_sync,
+    render_text,
+)
 
-pytestmark = pytest.mark.slow  # real processes
+slow = pytest.mark.slow  # real processes: `pytest -m 'not slow'` skips them
 
 LIST, CREATE, DELETE = "ListPullToPushGroup", "CreatePullToPushGroup", "DeletePullToPushGroup"
 REPLACE = ("--scope-project", "old", "--replace-conflicts")
@@ -54,6 +66,7 @@ def writes(sb: SandboxProc) -> list[tuple[str, str]]:
     return [(a["action"], a["name"]) for a in sb.arrivals() if a["action"] != LIST]
 
 
+@slow
 def test_a_conflict_inside_the_scope_is_deleted_then_created_in_the_manifests_project(
     sandbox_factory: Any, tmp_path: Path
 ) -> None:
@@ -79,6 +92,7 @@ def test_a_conflict_inside_the_scope_is_deleted_then_created_in_the_manifests_pr
     assert writes(sb)[before:] == [(DELETE, "G1"), (CREATE, "G1")]  # nothing more to do
 
 
+@slow
 def test_a_conflict_outside_the_scope_stays_a_conflict(
     sandbox_factory: Any, tmp_path: Path
 ) -> None:
@@ -92,6 +106,7 @@ def test_a_conflict_outside_the_scope_stays_a_conflict(
     assert sb.groups()["G1"]["ProjectName"] == "old"
 
 
+@slow
 def test_replace_without_a_scope_is_refused_before_any_request(
     sandbox_factory: Any, tmp_path: Path
 ) -> None:
@@ -105,6 +120,7 @@ def test_replace_without_a_scope_is_refused_before_any_request(
     assert len(sb.arrivals()) == before
 
 
+@slow
 def test_replaces_count_against_max_delete(sandbox_factory: Any, tmp_path: Path) -> None:
     """Two replaces and one extra in scope with --prune --max-delete 2: exit 2, the count and
     the flag named, only List requests; with --max-delete 3 all of it goes (exit 0)."""
@@ -127,6 +143,7 @@ def test_replaces_count_against_max_delete(sandbox_factory: Any, tmp_path: Path)
     assert all(groups[n]["ProjectName"] == "new" and groups[n]["Status"] == 0 for n in ("A1", "A2"))
 
 
+@slow
 def test_dry_run_shows_the_replace(sandbox_factory: Any, tmp_path: Path) -> None:
     """--dry-run: `-/+ G1  project: old → new` in the text plan, a "replace" list in the
     JSON plan, and only List requests sent."""
@@ -174,6 +191,7 @@ def kill_between_the_halves(sb: SandboxProc, new: Path, tmp: Path) -> Path:
     return ledger
 
 
+@slow
 @pytest.mark.parametrize("resume", ["sync", "run"])
 def test_kill_9_between_delete_and_create_resumes_to_the_create(
     resume: str, sandbox_factory: Any, tmp_path: Path
@@ -197,3 +215,49 @@ def test_kill_9_between_delete_and_create_resumes_to_the_create(
     g1 = sb.groups()["G1"]
     assert g1["Status"] == 0 and g1["ProjectName"] == "new"
     assert g1["created"] == 2 and g1["deleted"] == 1
+
+
+# -- the plan, pure ---------------------------------------------------------------------
+
+OLD = Scope.from_flags(["old"], None)
+
+
+def test_only_a_conflict_inside_the_scope_is_a_replace() -> None:
+    """With `replacing`, a group in another project is a Replace when the scope holds it
+    where it is now, else still a Conflict; without, always a Conflict."""
+    g = group("G1", "new")
+    assert isinstance(classify_group(g, account_of(listed("G1", "old"))), Conflict)
+    inside = classify_group(g, account_of(listed("G1", "old")), replacing=OLD.contains)
+    assert isinstance(inside, Replace) and inside.manifest_project == "new"
+    outside = classify_group(g, account_of(listed("G1", "other")), replacing=OLD.contains)
+    assert isinstance(outside, Conflict)
+
+
+def test_a_replace_is_counted_as_a_delete_against_max_delete() -> None:
+    """Two replaces and one extra: refused with --max-delete 2 (the message says how many
+    are replaces), accepted with 3; no --prune needed for the replaces themselves."""
+    items = [group("A1", "new"), group("A2", "new")]
+    account = account_of(listed("A1", "old"), listed("A2", "old"), listed("X", "old"))
+    with pytest.raises(PlanRefused, match=r"3 groups \(2 of them to replace\)"):
+        plan_sync(items, account, prune=True, scope=OLD, max_delete=2, replace=True)
+    plan = plan_sync(items, account, prune=True, scope=OLD, max_delete=3, replace=True)
+    assert plan.removals == 3 and plan.counts["replace"] == 2 and plan.conflict == 0
+    alone = plan_sync(items, account, scope=OLD, max_delete=2, replace=True)
+    assert [r.name for r in alone.replaces] == ["A1", "A2"] and alone.deletes == ()
+    assert not in_sync(alone, prune=False)  # a replace is drift for --check
+
+
+def test_replace_without_a_scope_is_refused() -> None:
+    """--replace-conflicts needs a scope, as --prune does: the message names the flag."""
+    with pytest.raises(PlanRefused, match="--replace-conflicts needs a scope"):
+        plan_sync([group("G1", "new")], account_of(listed("G1", "old")), replace=True)
+
+
+def test_render_text_shows_a_replace_with_both_projects() -> None:
+    """`-/+ Name  project: a → b`, and the count line says how many are replaced."""
+    items = [group("G1", "new")]
+    account = account_of(listed("G1", "old"))
+    plan = plan_sync(items, account, scope=OLD, replace=True)
+    lines = list(render_text(plan, iter_changes(plan, items, account)))
+    assert lines[1:] == ["-/+ G1  project: old → new"]
+    assert "1 in conflict" not in lines[0] and "1 to replace" in lines[0]
