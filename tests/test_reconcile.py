@@ -447,6 +447,7 @@ def test_render_json_is_one_object_with_counts_and_changes() -> None:
             "create": 1,
             "update": 1,
             "conflict": 1,
+            "replace": 0,
             "in_sync": 1,
             "delete": 0,
             "keep": 2,
@@ -462,6 +463,7 @@ def test_render_json_is_one_object_with_counts_and_changes() -> None:
             }
         ],
         "conflict": [{"Name": "G3", "manifest_project": "p", "account_project": "q"}],
+        "replace": [],
         "delete": [],
         "keep": [
             {"Name": "X1", "ProjectName": "p", "why": "no_prune"},

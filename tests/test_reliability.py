@@ -145,10 +145,12 @@ def test_kill_9_chaos(sandbox_factory: Any, tmp_path: Path) -> None:
 
 
 def test_kill_9_chaos_pruning_sync(sandbox_factory: Any, tmp_path: Path) -> None:
-    """A pruning sync (creates, updates, deletes) under 10% faults with ambiguous creates,
-    killed with SIGKILL 8 times at random moments; then ONE more sync must exit 0: every
-    manifest group exists once with the manifest's tags, every extra in scope is gone,
-    nothing outside the scope is touched, every ledger line parses."""
+    """A pruning, replacing sync (creates, updates, deletes, replaces) under 10% faults with
+    ambiguous creates, killed with SIGKILL 8 times at random moments; then ONE more sync
+    must exit 0: every manifest group exists once with the manifest's tags, every group
+    held in the wrong project is in the manifest's (deleted once, created once: never
+    lost), every extra in scope is gone, nothing outside the scope is touched, every ledger
+    line parses."""
     seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
     print(f"chaos seed: {seed} (replay with CHAOS_SEED={seed})")
     rng = random.Random(seed)
@@ -157,7 +159,8 @@ def test_kill_9_chaos_pruning_sync(sandbox_factory: Any, tmp_path: Path) -> None
     extras = [{"Name": f"Old{i:03d}", "ProjectName": "p"} for i in range(60)]
     outside = [{"Name": f"Keep{i:03d}", "ProjectName": "other"} for i in range(10)]
     retagged = [{**g, "Tags": [{**tag, "Value": "old"}]} for g in wanted[:20]]
-    preload = write_manifest(tmp_path / "preload.jsonl", retagged + extras + outside)
+    misplaced = [{**g, "ProjectName": "old"} for g in wanted[20:30]]  # to replace
+    preload = write_manifest(tmp_path / "preload.jsonl", retagged + misplaced + extras + outside)
     sb: SandboxProc = sandbox_factory(
         "--rate",
         "20",
@@ -190,6 +193,9 @@ def test_kill_9_chaos_pruning_sync(sandbox_factory: Any, tmp_path: Path) -> None
         "--prune",
         "--scope-project",
         "p",
+        "--scope-project",
+        "old",
+        "--replace-conflicts",
         "--max-delete",
         "100",
         "--ledger",
@@ -212,6 +218,10 @@ def test_kill_9_chaos_pruning_sync(sandbox_factory: Any, tmp_path: Path) -> None
         got = groups[g["Name"]]
         assert got["Status"] == 0 and got["Tags"] == [tag], got
         assert got["created"] <= 1, f"{g['Name']} was created twice"
+    for g in misplaced:
+        got = groups[g["Name"]]
+        assert got["ProjectName"] == "p" and got["Status"] == 0, got
+        assert got["created"] == 1 and got["deleted"] == 1, got
     assert all(groups[g["Name"]]["Status"] == 1 for g in extras)
     assert all(groups[g["Name"]]["Status"] == 0 for g in outside)
     assert all(groups[g["Name"]]["requests"] == 0 for g in outside)

@@ -31,7 +31,15 @@ def a_plan(**changes: dict[str, dict[str, Any]]) -> saved.Saved:
         options=saved.PlanOptions(
             prune=True, scope_projects=("p",), scope_match=None, max_delete=50
         ),
-        counts={"create": 0, "update": 0, "conflict": 0, "delete": 1, "keep": 0, "in_sync": 0},
+        counts={
+            "create": 0,
+            "update": 0,
+            "conflict": 0,
+            "delete": 1,
+            "replace": 0,
+            "keep": 0,
+            "in_sync": 0,
+        },
         changes=every,
     )
 
@@ -80,8 +88,8 @@ def test_differences_name_target_options_manifest_then_changes() -> None:
         (lambda d: d["options"].update(prune="yes"), "options.prune: must be true or false"),
         (lambda d: d["manifest"].update(sha256="xyz"), "manifest.sha256: not a sha256"),
         (
-            lambda d: d["changes"]["replace"].append({}),
-            "changes.replace: this worker carries out no replace",
+            lambda d: d["changes"]["replace"].append({"Name": "X"}),
+            "changes.replace[0].line: missing",
         ),
         (
             lambda d: d["changes"]["delete"].append(d["changes"]["delete"][0]),

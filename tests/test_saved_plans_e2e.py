@@ -318,3 +318,31 @@ def test_kept_extras_are_counted_and_listed_only_with_v(
         worker(sb, tmp_path, "sync", str(manifest), "--dry-run", "--json", *SCOPE).stdout
     )
     assert [k["Name"] for k in as_json["keep"]] == ["Keep1", "Keep2"]
+
+
+def test_a_saved_plan_carries_out_its_replaces(sandbox_factory: Any, tmp_path: Path) -> None:
+    """A plan made with --replace-conflicts records the replace with the state it was planned
+    from; --plan then deletes the group in its old project and creates it in the manifest's,
+    exit 0. The plan's options are the defaults: the flag need not be given again."""
+    sb = start(sandbox_factory, tmp_path, [group("Moved", project="old")])
+    manifest = write_manifest(tmp_path / "m.jsonl", [group("Moved", project="new")])
+    plan = tmp_path / "plan.json"
+    args = ("--scope-project", "old", "--replace-conflicts")
+    out = worker(sb, tmp_path, "sync", str(manifest), "--dry-run", "--plan-out", str(plan), *args)
+    assert out.returncode == 0, out.stderr
+    assert "-/+ Moved" in out.stdout
+    doc = json.loads(plan.read_text(encoding="utf-8"))
+    assert doc["options"]["replace_conflicts"] is True
+    assert doc["changes"]["replace"] == [
+        {
+            "Name": "Moved",
+            "line": 1,
+            "manifest_project": "new",
+            "from": {"ProjectName": "old", "Tags": []},
+        }
+    ]
+    before = len(sb.arrivals())
+    out = worker(sb, tmp_path, "sync", "--plan", str(plan))
+    assert out.returncode == 0, out.stderr
+    assert writes(sb.arrivals()[before:]) == [(DELETE, "Moved"), (CREATE, "Moved")]
+    assert sb.groups()["Moved"]["ProjectName"] == "new"

@@ -198,6 +198,14 @@ OPTIONS: Final[tuple[Option, ...]] = (
         commands=("sync",),
     ),
     Option(
+        flag="replace-conflicts",
+        kind="bool",
+        to="sync.replace",
+        help="delete a group held in another project and create it again in the "
+        "manifest's, inside the scope (counted against --max-delete)",
+        commands=("sync",),
+    ),
+    Option(
         flag="max-delete",
         kind="int",
         to="sync.max_delete",

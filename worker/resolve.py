@@ -181,6 +181,7 @@ def _sync_options(
             "scope-project": list(o.scope_projects),
             "scope-match": o.scope_match,
             "max-delete": o.max_delete,
+            "replace-conflicts": o.replace_conflicts,
         }
     shaped = Merged({**planned, **merged.values}, merged.origins)
     projects = value(shaped, "scope-project") or ()
@@ -199,6 +200,7 @@ def _sync_options(
         plan_path=reviewed[0] if reviewed is not None else None,
         yes=bool(value(merged, "yes")),
         verbose=line.verbose,
+        replace=bool(value(shaped, "replace-conflicts")),
     )
 
 

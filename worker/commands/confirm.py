@@ -1,4 +1,4 @@
-"""The question a sync that deletes asks a person at a terminal, and only there.
+"""The question a sync that deletes or replaces asks a person at a terminal, and only there.
 
 Asked only when stdin and stderr are both terminals: cron, CI and a pipe never see it (a
 job must not hang on a question nobody reads). `--yes` (WORKER_YES) answers it; `sync

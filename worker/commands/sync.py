@@ -43,6 +43,7 @@ class SyncOptions:
     plan_path: Path | None = None
     yes: bool = False  # --yes: the terminal's question is answered
     verbose: bool = False  # -v: the text plan lists the kept extras
+    replace: bool = False  # --replace-conflicts: inside the scope, a conflict is replaced
 
     @classmethod
     def build(
@@ -58,10 +59,11 @@ class SyncOptions:
         plan_path: Path | None = None,
         yes: bool = False,
         verbose: bool = False,
+        replace: bool = False,
     ) -> SyncOptions:
-        """Checked before anything is read or sent: prune needs a scope (exit 2)."""
+        """Checked before anything is read or sent: prune and replace need a scope (exit 2)."""
         scope = reconcile.Scope.from_flags(projects, match)
-        reconcile.require_scope(prune, scope)
+        reconcile.require_scope(prune, scope, replace=replace)
         limit = LIMITS["max-delete"].check(
             reconcile.DEFAULT_MAX_DELETE if max_delete is None else max_delete
         )
@@ -75,6 +77,7 @@ class SyncOptions:
             plan_path=plan_path,
             yes=yes,
             verbose=verbose,
+            replace=replace,
         )
 
     def plan_options(self) -> saved.PlanOptions:
@@ -85,6 +88,7 @@ class SyncOptions:
             scope_projects=tuple(sorted(self.scope.projects)),
             scope_match=match.pattern if match is not None else None,
             max_delete=self.max_delete,
+            replace_conflicts=self.replace,
         )
 
 
@@ -128,7 +132,7 @@ async def _plan_only(opened: Opened, sync_options: SyncOptions, scan: Scan) -> E
             for line in reconcile.render_text(the_plan, changes, list_kept=sync_options.verbose):
                 print(line, file=out)
     out.flush()
-    refused = len(the_plan.deletes) > sync_options.max_delete
+    refused = the_plan.removals > sync_options.max_delete
     if sync_options.plan_out is not None and not refused:
         fresh = sync_saved.saved_plan(opened, sync_options.plan_options(), scan, the_plan, groups)
         saved.write(sync_options.plan_out, fresh)
@@ -136,7 +140,7 @@ async def _plan_only(opened: Opened, sync_options: SyncOptions, scan: Scan) -> E
     if refused:
         log.warning(
             "sync.plan_refused",
-            deletes=len(the_plan.deletes),
+            deletes=the_plan.removals,
             max_delete=sync_options.max_delete,
             hint="a real sync refuses this plan before any write (exit 2): narrow "
             "the scope, or raise --max-delete",
@@ -145,7 +149,7 @@ async def _plan_only(opened: Opened, sync_options: SyncOptions, scan: Scan) -> E
         return check_exit(reconcile.in_sync(the_plan, sync_options.prune))
     if refused:
         raise PlanRefused(
-            f"the plan deletes {len(the_plan.deletes)} groups, more than --max-delete "
+            f"the plan deletes {the_plan.removals} groups, more than --max-delete "
             f"{sync_options.max_delete}: a real sync refuses it; nothing was sent"
         )
     return Exit.OK
@@ -164,6 +168,7 @@ def _plan(
         prune=sync_options.prune,
         scope=sync_options.scope,
         max_delete=sync_options.max_delete if max_delete is None else max_delete,
+        replace=sync_options.replace,
     )
     log.info("sync.plan", **the_plan.counts)
     return the_plan
@@ -193,20 +198,23 @@ async def _sync(opened: Opened, sync_options: SyncOptions, scan: Scan) -> Exit:
             )
         else:
             the_plan = _plan(sync_options, scan, listing.groups)
-            if sync_options.yes or not the_plan.deletes or not confirm.at_terminal():
+            if sync_options.yes or not the_plan.removals or not confirm.at_terminal():
                 pass
             elif not await _confirmed(opened, sync_options, scan, the_plan, listing.groups):
                 raise PlanRefused("not confirmed (the answer was not `yes`); nothing was sent")
     progress = Progress(
-        tty=sys.stderr.isatty(), total=scan.groups + scan.invalid + len(the_plan.deletes)
+        tty=sys.stderr.isatty(), total=scan.groups + scan.invalid + the_plan.removals
     )
-    runner.tally.to_send = the_plan.create + the_plan.update + len(the_plan.deletes)
+    # A replace is two writes: the delete, then the create.
+    runner.tally.to_send = the_plan.create + the_plan.update + 2 * len(the_plan.replaces)
+    runner.tally.to_send += len(the_plan.deletes)
     the_rounds = Rounds(
         runner=runner,
         scan=scan,
         prune=sync_options.prune,
         scope=sync_options.scope,
         max_delete=sync_options.max_delete,
+        replace=sync_options.replace,
         pause=runner.sleep,
         fresh_s=opened.session.hooks.fresh_s,
         saved=sync_saved.written_names(reviewed) if reviewed is not None else None,
@@ -223,12 +231,13 @@ async def _confirmed(
     the_plan: reconcile.SyncPlan,
     groups: Mapping[str, Listed],
 ) -> bool:
-    """At a terminal, a plan that deletes is shown and must be answered `yes`."""
+    """At a terminal, a plan that deletes or replaces is shown and must be answered `yes`."""
     changes = reconcile.iter_changes(the_plan, spool.read(scan), groups)
     for line in reconcile.render_text(the_plan, changes, list_kept=sync_options.verbose):
         print(line, file=sys.stderr)
-    n = len(the_plan.deletes)
+    n, r = len(the_plan.deletes), len(the_plan.replaces)
+    what = [f"{n} {'group' if n == 1 else 'groups'} will be deleted"] if n else []
+    what += [f"{r} {'group' if r == 1 else 'groups'} replaced (deleted, then created)"] if r else []
     return await confirm.ask_yes(
-        f"{n} {'group' if n == 1 else 'groups'} will be deleted. Type yes to carry out this plan: ",
-        sys.stderr,
+        f"{' and '.join(what)}. Type yes to carry out this plan: ", sys.stderr
     )

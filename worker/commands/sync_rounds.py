@@ -1,7 +1,13 @@
 """`worker sync`'s rounds: write the difference, list again, write what is still different.
 
     list -> plan -> writes (creates, updates) -> [list again if older than FRESH_S]
-         -> deletes -> list -> compare -> ... at most rounds.MAX_ROUNDS rounds
+         -> deletes -> re-creates -> list -> compare -> ... at most rounds.MAX_ROUNDS rounds
+
+A replace (--replace-conflicts) is a delete sent with the deletes, from a listing at most
+FRESH_S old, and a create sent only after that delete was answered: its ledger shows the
+delete half before the create half, so a run killed between them reads "deleted" for the
+Name and the next `run` or `sync` creates it (never a group lost, never one in two
+projects).
 
 A sync with nothing to do ends after its one listing. Otherwise it ends with exit 0 only
 when a listing made after its last write shows every manifest group as the manifest says
@@ -81,6 +87,7 @@ class Rounds:
     scope: reconcile.Scope
     max_delete: int
     pause: Callable[[float], Awaitable[None]]
+    replace: bool = False
     fresh_s: float = rounds.FRESH_S
     conv: rounds.Convergence = field(init=False)
     listed_at: float = 0.0
@@ -89,6 +96,13 @@ class Rounds:
     saved: frozenset[str] | None = None
     unplanned: set[str] = field(default_factory=set)  # differences the saved plan leaves
     _planned: dict[str, tuple[Listed | None, Listed | None]] = field(default_factory=dict)
+    _replacing: dict[str, Listed] = field(default_factory=dict)  # delete half sent
+    _recreate: set[str] = field(default_factory=set)  # delete half answered: create next
+
+    @property
+    def replacing(self) -> Callable[[Listed], bool] | None:
+        """Which of the account's groups in another project may be replaced."""
+        return self.scope.contains if self.replace else None
 
     def start(self, listing: Listing, listed_at: float) -> None:
         self.conv = rounds.Convergence(listing.groups, whole=listing.whole)
@@ -107,6 +121,8 @@ class Rounds:
             case Outcome.CREATED | Outcome.UPDATED | Outcome.DELETED:
                 before, after = self._planned.get(name, (None, None))
                 self.conv.wrote(name, before, after)
+                if result.action is Action.DELETE and name in self._replacing:
+                    self._recreate.add(name)
             case Outcome.EXISTS:
                 self.conv.answered_exists(name)
             case Outcome.REJECTED | Outcome.CONFLICT | Outcome.INVALID:
@@ -157,19 +173,27 @@ class Rounds:
             prune=self.prune,
             scope=self.scope,
             max_delete=1 << 62,
+            replace=self.replace,
         )
         # Deletes only from the latest listing: the view may keep an extra that an older,
-        # moved listing showed and that is gone (or re-created elsewhere) since.
+        # moved listing showed and that is gone (or re-created elsewhere) since. A replace
+        # deletes only what the latest listing shows in the project it was planned from.
         seen = self.conv.last
         deletes = tuple(d for d in the_plan.deletes if d.name in seen)
+        replaces = tuple(
+            r for r in the_plan.replaces if r.name in seen and seen[r.name].project == r.project
+        )
         if self.saved is not None:
-            self.unplanned.update(d.name for d in deletes if d.name not in self.saved)
+            self.unplanned.update(x.name for x in (*deletes, *replaces) if x.name not in self.saved)
             deletes = tuple(d for d in deletes if d.name in self.saved)
-        if len(deletes) != len(the_plan.deletes):
-            the_plan = dataclasses.replace(the_plan, deletes=deletes)
-        if len(the_plan.deletes) > allowed:
-            log.warning("sync.max_delete_reached", allowed=allowed, more=len(the_plan.deletes))
-            the_plan = dataclasses.replace(the_plan, deletes=the_plan.deletes[:allowed])
+            replaces = tuple(r for r in replaces if r.name in self.saved)
+        if len(deletes) + len(replaces) > allowed:
+            more = len(deletes) + len(replaces)
+            log.warning("sync.max_delete_reached", allowed=allowed, more=more)
+            replaces = replaces[:allowed]
+            deletes = deletes[: allowed - len(replaces)]
+        if (deletes, replaces) != (the_plan.deletes, the_plan.replaces):
+            the_plan = dataclasses.replace(the_plan, deletes=deletes, replaces=replaces)
         return the_plan
 
     def _unsettled(self) -> Iterator[Group | Invalid]:
@@ -225,7 +249,7 @@ class Rounds:
                 continue
             if item.name in self.conv.settled or item.name in self.conv.exists:
                 continue
-            change = reconcile.classify_group(item, account)
+            change = reconcile.classify_group(item, account, replacing=self.replacing)
             unplanned = self.saved is not None and item.name not in self.saved
             if unplanned and isinstance(change, reconcile.Create | reconcile.Update):
                 self.unplanned.add(item.name)
@@ -249,6 +273,8 @@ class Rounds:
                         "cannot be changed after creation",
                         fingerprint=item.fingerprint,
                     )
+                case reconcile.Replace():
+                    pass  # its delete goes with the deletes, from a fresh listing
                 case reconcile.InSync():
                     if first:
                         self.runner.tally.skipped["in_sync"] += 1
@@ -257,8 +283,9 @@ class Rounds:
 
     async def _deletes(self, plan: reconcile.SyncPlan) -> None:
         """The plan's deletes, each sent only while the listing that showed it is at most
-        `fresh_s` old: a listing older than that is made again first."""
-        if not plan.deletes:
+        `fresh_s` old: a listing older than that is made again first. Then the creates of
+        the replaces whose delete was answered."""
+        if not plan.deletes and not plan.replaces:
             return
         if not rounds.fresh(self.listed_at, self.runner.clock(), self.fresh_s):
             log.info(
@@ -266,7 +293,19 @@ class Rounds:
             )
             await self._observe()
             plan = self._plan()
-        await self.runner.apply(self._delete_items(plan.deletes))
+        self._replacing = {listed.name: listed for listed in plan.replaces}
+        await self.runner.apply(self._delete_items((*plan.replaces, *plan.deletes)))
+        if self._recreate and not self.runner.controls.draining:
+            await self.runner.apply(self._recreates())
+
+    def _recreates(self) -> Iterator[Work]:
+        """The create half of each replace whose delete half was answered: in the manifest's
+        project, planned from the group deleted (a lagging listing may still show it)."""
+        for item in spool.read(self.scan):
+            if isinstance(item, Group) and item.name in self._recreate:
+                self._recreate.discard(item.name)
+                self._planned[item.name] = (self._replacing[item.name], _wanted(item, None))
+                yield _work(Action.CREATE, item, item.body)
 
     def _delete_items(self, deletes: tuple[Listed, ...]) -> Iterator[Work]:
         for listed in deletes:
@@ -324,7 +363,8 @@ class Rounds:
             and (
                 self.conv.unconfirmed(item.name)
                 or isinstance(
-                    reconcile.classify_group(item, account), reconcile.Create | reconcile.Update
+                    reconcile.classify_group(item, account, replacing=self.replacing),
+                    reconcile.Create | reconcile.Update | reconcile.Replace,
                 )
             )
         ]

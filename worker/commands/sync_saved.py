@@ -79,8 +79,10 @@ def refuse_stale(
 
 
 def written_names(reviewed: saved.Saved) -> frozenset[str]:
-    """The Names a saved plan writes: its creates, updates and deletes (conflicts are
-    reported, never written)."""
+    """The Names a saved plan writes: its creates, updates, deletes and replaces (conflicts
+    are reported, never written)."""
     return frozenset(
-        name for kind in ("create", "update", "delete") for name in reviewed.changes[kind]
+        name
+        for kind in ("create", "update", "delete", "replace")
+        for name in reviewed.changes[kind]
     )

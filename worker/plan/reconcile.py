@@ -4,7 +4,9 @@
     present   absent                         Create(group)
     present   same project, same tag set     InSync(group)
     present   same project, other tag set    Update(group, listed, added, removed)
-    present   other project                  Conflict(group, listed): nothing is sent
+    present   other project                  Conflict(group, listed): nothing is sent;
+                                             Replace(group, listed) with --replace-conflicts
+                                             when the account's group is inside the scope
     absent    present                        Delete(listed) with --prune inside the scope,
                                              else Keep(listed, why)
 
@@ -13,13 +15,14 @@ saw that the account also holds (at most the size of the account, which is in me
 anyway), and from those the extras. `commands/sync.py` re-derives each
 Create/Update/Conflict in a second streaming pass with `classify_group` (or `iter_changes`).
 Deletes come only from `SyncPlan.deletes`, which by construction holds no Name the manifest
-gives, valid or not.
+gives, valid or not, and from `SyncPlan.replaces` (the old half of a Replace: the group the
+account holds under a manifest Name, in another project). Both count against --max-delete.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, assert_never
 
@@ -98,6 +101,19 @@ class Conflict:
 
 
 @dataclass(frozen=True, slots=True)
+class Replace:
+    """A Conflict inside the scope, with --replace-conflicts: the account's group is deleted,
+    then created again in the manifest's project (Terraform's -replace)."""
+
+    group: Group
+    listed: Listed
+
+    @property
+    def manifest_project(self) -> str:
+        return str(group_payload(self.group)["ProjectName"])
+
+
+@dataclass(frozen=True, slots=True)
 class InSync:
     group: Group
 
@@ -118,7 +134,7 @@ class Keep:
 NO_PRUNE: Final = "not in the manifest; kept (no --prune)"
 OUT_OF_SCOPE: Final = "not in the manifest; kept (outside the --prune scope)"
 
-GroupChange = Create | Update | Conflict | InSync  # what a manifest group needs
+GroupChange = Create | Update | Conflict | Replace | InSync  # what a manifest group needs
 Change = GroupChange | Delete | Keep
 
 
@@ -136,6 +152,14 @@ class SyncPlan:
     prune: bool
     deletes: tuple[Listed, ...]  # sorted by Name; never a Name the manifest gives
     kept: tuple[Listed, ...]  # extras not deleted, sorted by Name (see `keep_why`)
+    # The account's groups to delete and create again in the manifest's project, sorted by
+    # Name (--replace-conflicts; every one a Name the manifest gives, valid).
+    replaces: tuple[Listed, ...] = ()
+
+    @property
+    def removals(self) -> int:
+        """Groups the plan deletes, against --max-delete: extras and replaced groups."""
+        return len(self.deletes) + len(self.replaces)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -144,6 +168,7 @@ class SyncPlan:
             "create": self.create,
             "update": self.update,
             "conflict": self.conflict,
+            "replace": len(self.replaces),
             "in_sync": self.in_sync,
             "delete": len(self.deletes),
             "keep": len(self.kept),
@@ -156,11 +181,13 @@ class SyncPlan:
         return OUT_OF_SCOPE if self.prune else NO_PRUNE
 
 
-def require_scope(prune: bool, scope: Scope) -> None:
-    """Refuse `--prune` without a scope. Call it before the first request (exit 2)."""
-    if prune and not scope.given:
+def require_scope(prune: bool, scope: Scope, *, replace: bool = False) -> None:
+    """Refuse `--prune` or `--replace-conflicts` without a scope. Call it before the first
+    request (exit 2)."""
+    if (prune or replace) and not scope.given:
+        flag = "--prune" if prune else "--replace-conflicts"
         raise PlanRefused(
-            "--prune needs a scope: give --scope-project P (repeatable) and/or "
+            f"{flag} needs a scope: give --scope-project P (repeatable) and/or "
             "--scope-match REGEX (the whole Name); nothing was sent"
         )
 
@@ -172,13 +199,17 @@ def plan_sync(
     prune: bool = False,
     scope: Scope = Scope(),
     max_delete: int = DEFAULT_MAX_DELETE,
+    replace: bool = False,
 ) -> SyncPlan:
-    """One pass over the manifest. Raises PlanRefused for prune without a scope and for more
-    than `max_delete` deletes (exactly `max_delete` is allowed)."""
-    require_scope(prune, scope)
+    """One pass over the manifest. Raises PlanRefused for prune or replace without a scope
+    and for more than `max_delete` deletes, replaced groups included (exactly `max_delete`
+    is allowed)."""
+    require_scope(prune, scope, replace=replace)
     if max_delete < 0:
         raise UsageError("--max-delete must be >= 0")
-    counts = {Create: 0, Update: 0, Conflict: 0, InSync: 0}
+    counts = {Create: 0, Update: 0, Conflict: 0, Replace: 0, InSync: 0}
+    replaces: list[Listed] = []
+    replacing = scope.contains if replace else None
     invalid = 0
     named: set[str] = set()  # Names the manifest gives that the account holds
     for item in items:
@@ -197,17 +228,21 @@ def plan_sync(
             continue
         if item.name in account:
             named.add(item.name)
-        counts[type(classify_group(item, account))] += 1
+        change = classify_group(item, account, replacing=replacing)
+        counts[type(change)] += 1
+        if isinstance(change, Replace):
+            replaces.append(change.listed)
     deletes: list[Listed] = []
     kept: list[Listed] = []
     for name in sorted(account.keys() - named):
         listed = account[name]
         (deletes if prune and scope.contains(listed) else kept).append(listed)
-    if len(deletes) > max_delete:
+    if len(deletes) + len(replaces) > max_delete:
         raise PlanRefused(
-            f"sync would delete {len(deletes)} groups, more than --max-delete "
-            f"{max_delete} allows; nothing was changed (narrow the scope, or "
-            "raise --max-delete after checking the plan with --dry-run)"
+            f"sync would delete {len(deletes) + len(replaces)} groups"
+            + (f" ({len(replaces)} of them to replace)" if replaces else "")
+            + f", more than --max-delete {max_delete} allows; nothing was changed "
+            "(narrow the scope, or raise --max-delete after checking the plan with --dry-run)"
         )
     return SyncPlan(
         listed=len(account),
@@ -219,16 +254,25 @@ def plan_sync(
         prune=prune,
         deletes=tuple(deletes),
         kept=tuple(kept),
+        replaces=tuple(sorted(replaces, key=lambda listed: listed.name)),
     )
 
 
-def classify_group(group: Group, account: Mapping[str, Listed]) -> GroupChange:
-    """What one manifest group needs, given the account."""
+def classify_group(
+    group: Group,
+    account: Mapping[str, Listed],
+    *,
+    replacing: Callable[[Listed], bool] | None = None,
+) -> GroupChange:
+    """What one manifest group needs, given the account. `replacing` says which of the
+    account's groups in another project may be replaced (None: none, they are conflicts)."""
     listed = account.get(group.name)
     if listed is None:
         return Create(group)
     payload = group_payload(group)
     if payload["ProjectName"] != listed.project:
+        if replacing is not None and replacing(listed):
+            return Replace(group, listed)
         return Conflict(group, listed)
     wanted = frozenset(_tags_of(payload))
     have = listed.tag_set
@@ -241,9 +285,10 @@ def iter_changes(
     plan: SyncPlan, items: Iterable[Group | Invalid], account: Mapping[str, Listed]
 ) -> Iterator[Change]:
     """Every change in order: the manifest's (streamed again), then deletes, then kept."""
+    replaced = {listed.name for listed in plan.replaces}
     for item in items:
         if isinstance(item, Group):
-            yield classify_group(item, account)
+            yield classify_group(item, account, replacing=lambda g: g.name in replaced)
     yield from (Delete(listed) for listed in plan.deletes)
     why = plan.keep_why
     yield from (Keep(listed, why) for listed in plan.kept)
@@ -253,7 +298,7 @@ def in_sync(plan: SyncPlan, prune: bool) -> bool:
     """For `--check`: nothing to create, update or resolve; extras count only with --prune
     (and then only those in scope: outside it the manifest does not speak for the account)."""
     # An invalid line (--skip-invalid) names a group the account cannot be shown to match.
-    drift = plan.create + plan.update + plan.conflict + plan.invalid
+    drift = plan.create + plan.update + plan.conflict + len(plan.replaces) + plan.invalid
     if prune:
         drift += len(plan.deletes)
     return drift == 0
@@ -284,14 +329,17 @@ def render_text(
     """The plan for people: counts, then one line per change (in-sync groups are counted only).
 
     `+ name` create, `~ name` update with the tag difference, `! name` project conflict,
-    `- name` delete. Kept extras are counted in one `?` line: they are every group outside
-    the scope, the same thousands every night; `list_kept` (-v) gives each its `? name` line.
+    `-/+ name` replace (delete, then create in the manifest's project), `- name` delete.
+    Kept extras are counted in one `?` line: they are every group outside the scope, the
+    same thousands every night; `list_kept` (-v) gives each its `? name` line.
     """
     c = plan.counts
     invalid = f", {c['invalid']} invalid lines" if c["invalid"] else ""
+    # Said only when there is one: a sync without --replace-conflicts reads as before.
+    replace = f"{c['replace']} to replace, " if c["replace"] else ""
     yield (
         f"sync plan: {c['create']} to create, {c['update']} to update, "
-        f"{c['conflict']} in conflict, {c['delete']} to delete, {c['keep']} extra kept, "
+        f"{c['conflict']} in conflict, {replace}{c['delete']} to delete, {c['keep']} extra kept, "
         f"{c['in_sync']} in sync ({c['listed']} listed{invalid})"
     )
     for change in changes:
@@ -305,6 +353,11 @@ def render_text(
                 yield (
                     f"! {group.name}  project: manifest {_text(change.manifest_project)}, "
                     f"account {_text(listed.project)} (a project cannot be changed)"
+                )
+            case Replace(group, listed):
+                yield (
+                    f"-/+ {group.name}  project: {_text(listed.project)} → "
+                    f"{_text(change.manifest_project)}"
                 )
             case InSync():
                 pass
@@ -328,6 +381,7 @@ def render_json(plan: SyncPlan, changes: Iterable[Change]) -> dict[str, Any]:
         "create": [],
         "update": [],
         "conflict": [],
+        "replace": [],
         "delete": [],
         "keep": [],
     }
@@ -348,6 +402,14 @@ def render_json(plan: SyncPlan, changes: Iterable[Change]) -> dict[str, Any]:
                 )
             case Conflict(group, listed):
                 out["conflict"].append(
+                    {
+                        "Name": group.name,
+                        "manifest_project": change.manifest_project,
+                        "account_project": listed.project,
+                    }
+                )
+            case Replace(group, listed):
+                out["replace"].append(
                     {
                         "Name": group.name,
                         "manifest_project": change.manifest_project,

@@ -33,7 +33,7 @@ from worker.userpaths import shown_path
 FORMAT: Final = "worker-sync-plan"
 VERSION: Final = 1
 MAX_PLAN_BYTES: Final = 64 << 20  # about 300 000 changes; a plan file is never streamed
-KINDS: Final = ("create", "update", "conflict", "delete", "replace")  # replace: reserved
+KINDS: Final = ("create", "update", "conflict", "delete", "replace")
 SHOWN: Final = 5  # Names a stale message lists per difference
 
 # The schema: a dict is an object with exactly these keys, [x] a list of x, a tuple any of
@@ -45,7 +45,7 @@ _ENTRY: Final[dict[str, object]] = {
     "update": {"Name": str, "line": int, "from": _STATE, "added": [_TAG], "removed": [_TAG]},
     "conflict": {"Name": str, "line": int, "manifest_project": str, "from": _STATE},
     "delete": {"Name": str, "from": _STATE},
-    "replace": {},  # version 1 holds none; the kind is reserved so the format need not change
+    "replace": {"Name": str, "line": int, "manifest_project": str, "from": _STATE},
 }
 _SCHEMA: Final = {
     "format": str,
@@ -60,7 +60,9 @@ _SCHEMA: Final = {
         "max_delete": int,
         "replace_conflicts": bool,
     },
-    "counts": {k: int for k in ("create", "update", "conflict", "delete", "keep", "in_sync")},
+    "counts": {
+        k: int for k in ("create", "update", "conflict", "delete", "replace", "keep", "in_sync")
+    },
     "changes": {kind: [entry] for kind, entry in _ENTRY.items()},
 }
 
@@ -73,7 +75,7 @@ class PlanOptions:
     scope_projects: tuple[str, ...]
     scope_match: str | None
     max_delete: int
-    replace_conflicts: bool = False  # reserved: always False in this version
+    replace_conflicts: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -141,6 +143,13 @@ def changes_of(changes: Iterable[reconcile.Change]) -> Changes:
                 }
             case reconcile.Conflict(group, listed):
                 out["conflict"][group.name] = {
+                    "Name": group.name,
+                    "line": group.line,
+                    "manifest_project": change.manifest_project,
+                    "from": _state(listed),
+                }
+            case reconcile.Replace(group, listed):
+                out["replace"][group.name] = {
                     "Name": group.name,
                     "line": group.line,
                     "manifest_project": change.manifest_project,
@@ -276,8 +285,6 @@ def _saved(doc: Mapping[str, Any], where: str) -> Saved:
     sha = doc["manifest"]["sha256"]
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise UsageError(f"{where}: manifest.sha256: not a sha256 hex digest")
-    if doc["changes"]["replace"]:
-        raise UsageError(f"{where}: changes.replace: this worker carries out no replace")
     changes: Changes = {}
     for kind in KINDS:
         by_name: dict[str, dict[str, Any]] = {}
