@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal, Protocol
@@ -30,6 +31,7 @@ from worker.ledger.journal import Ledger
 from worker.ledger.records import Footer, Outcome, Result, RunHeader, StopReason, Target
 from worker.manifest.load import manifest_name, remember_manifest
 from worker.manifest.values import Scan
+from worker.plan import run_plan
 from worker.progress import Progress
 from worker.published import Published
 from worker.runner.controls import Controls
@@ -201,8 +203,9 @@ def outcome_exit(tally: Tally, controls: Controls, *, command: str = "run") -> E
 
     For `sync`, "already exists", "vanished" and "deferred" are not the end of the story:
     its rounds (commands/sync_rounds.py) list again and carry out what is still different,
-    and raise StillDifferent (exit 3) if a difference remains. (For `run`, "exists" is done:
-    create does not update, by design.)"""
+    and raise StillDifferent (exit 3) if a difference remains. For `run`, "exists" is done
+    (create does not update, by design), but a line skipped because its group holds other
+    content (run_plan.DRIFT) is drift, 6: a fix-the-line 1 and a run-again 3 outrank it."""
     if controls.reason is StopReason.SIGNAL:
         return Exit.INTERRUPTED
     # A rerun that skips unchanged rejected lines still has not done what the manifest asks.
@@ -217,6 +220,19 @@ def outcome_exit(tally: Tally, controls: Controls, *, command: str = "run") -> E
         return Exit.OK
     if tally.count(Outcome.DEFERRED) or tally.count(Outcome.VANISHED):
         return Exit.RETRY_LATER
+    # A line whose group exists with other content: `run` cannot make it true (drift).
+    if any(tally.skipped[why] for why in run_plan.DRIFT):
+        return Exit.DRIFT
+    return Exit.OK
+
+
+def dry_run_exit(counts: Counter[str]) -> Exit:
+    """`run --dry-run`: the exit the run would end with if every send succeeded, by the
+    same precedence as `outcome_exit` (1 over 6; 3 cannot be foreseen)."""
+    if counts["invalid"] or counts["rejected_unchanged"]:
+        return Exit.REJECTED
+    if any(counts[why] for why in run_plan.DRIFT):
+        return Exit.DRIFT
     return Exit.OK
 
 
