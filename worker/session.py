@@ -28,6 +28,7 @@ from worker.api.signing import Credentials
 from worker.connect import Hooks, account_for, load_credentials, runner_for, target_of
 from worker.errors import Exit, LedgerError, LedgerWriteError, WorkerError
 from worker.ledger.journal import Ledger
+from worker.ledger.lock import Holder
 from worker.ledger.records import Footer, Outcome, Result, RunHeader, StopReason, Target
 from worker.manifest.load import manifest_name, remember_manifest
 from worker.manifest.values import Scan
@@ -151,8 +152,15 @@ def carry_out(session: Session, work: Work, *, recorded: Scan | None = None) -> 
         main = _opened(session, settings, creds, target, None, source, work)
         return session.under_signals(main, session.controls)
     ledger_class = session.hooks.ledger
+    holder = Holder.this_process(
+        f"worker {session.command} {manifest_name(recorded.path)}", stamp(session.hooks.wall())
+    )
     with ledger_class.open(
-        settings.ledger, target=target, expect_names=recorded.groups, clock=session.hooks.clock
+        settings.ledger,
+        target=target,
+        expect_names=recorded.groups,
+        clock=session.hooks.clock,
+        holder=holder,
     ) as book:
         remember_manifest(recorded, settings.ledger)
         main = _opened(session, settings, creds, target, book, source, work)
