@@ -71,7 +71,7 @@ class Opened:
     runner: Runner
     target: Target
     ledger: Ledger | None  # None: the work records nothing (export, a dry run, --check)
-    published: Published | None  # the run's metrics: only for work that records
+    published: Published | None  # the run's metrics: run and sync (not export)
     source: str  # where the keys came from (never the secret)
 
     @property
@@ -180,6 +180,7 @@ async def _opened(
     published = None
     if book is not None:
         structlog.contextvars.bind_contextvars(run_id=run_id)
+    if session.command != "export":  # a sync --check's plan is a metric too
         published = Published(session.options, session.command, settings.pacing.rate)
         published.write()  # the textfile exists from the start, not from the first tick
     async with contextlib.AsyncExitStack() as stack:
@@ -199,7 +200,11 @@ async def _opened(
                 lists=session.command != "run",  # create-only runs read no List pages
             )
         )
-        return await work(Opened(session, runner, target, book, published, source))
+        try:
+            return await work(Opened(session, runner, target, book, published, source))
+        finally:
+            if book is None and published is not None:
+                published.looked()  # a recorded run's last word is in _finish
     raise AssertionError("unreachable")  # mypy: the exit stack may swallow an exception
 
 
