@@ -28,7 +28,7 @@ from worker.ledger import index, layout
 from worker.ledger.file import MAX_RECORD_BYTES
 from worker.ledger.journal import Ledger, default_path
 from worker.ledger.load import read_state
-from worker.ledger.lock import lock_path, probe_lock
+from worker.ledger.lock import Holder, lock_path, probe_lock
 from worker.ledger.records import (
     Action,
     Footer,
@@ -411,10 +411,16 @@ def test_second_open_is_locked_out_and_the_message_names_the_lock(tmp_path: Path
     """While one run holds the ledger, another gets LedgerLocked (exit 5) naming the lock
     file; after close it can open it."""
     path = tmp_path / "l.jsonl"
-    with Ledger.open(path, target=TARGET):
+    holder = Holder(pid=4242, host="box-1", command="worker run m.jsonl", started="T")
+    with Ledger.open(path, target=TARGET, holder=holder):
         with pytest.raises(LedgerLocked) as caught:
             Ledger.open(path, target=TARGET)
-        assert str(caught.value) == f"another run is using {path} (lock {lock_path(path)})"
+        said = str(caught.value)
+        assert said.startswith(
+            f"another run is using {path}: pid 4242 on host box-1 (worker run m.jsonl, "
+            f"started T) holds its lock {lock_path(path)}. A held lock is always a live process"
+        )
+        assert "ps -p 4242` on box-1" in said
         assert caught.value.exit_code == Exit.LOCKED
     Ledger.open(path, target=TARGET).close()
     assert lock_path(path).exists()  # never deleted: deleting lock files races

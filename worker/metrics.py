@@ -20,8 +20,10 @@ import contextlib
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.exposition import write_to_textfile
@@ -31,6 +33,8 @@ from worker import __version__
 from worker.errors import UsageError
 
 LAST_SUCCESS = "worker_last_success_timestamp_seconds"
+# worker_plan_items' actions, as reconcile.SyncPlan.counts names them.
+PLAN_ACTIONS: Final = ("create", "update", "delete", "conflict", "replace")
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _MAX_PREVIOUS = 1 << 20  # the textfile we replace is a few KiB; do not read a huge one
 
@@ -96,6 +100,13 @@ class Metrics:
             Gauge(
                 "worker_run_start_timestamp_seconds", "When the current run started",
                 const, registry=reg).labels(command, job_name).set(started_at)  # fmt: skip
+        # The plan of a `sync` (--check and --dry-run too), for a drift alert without logs.
+        self._plan_items = Gauge(
+            "worker_plan_items", "What the last sync's last listing left to do, by action",
+            [*const, "action"], registry=reg)  # fmt: skip
+        self._last_check = Gauge(
+            "worker_last_check_timestamp_seconds", "When a sync last compared the account "
+            "with the manifest", const, registry=reg)  # fmt: skip
         self._succeeded_at: float | None = None
         self._carried = False
         # The labelled children, by label values: `labels()` checks and builds a key on every
@@ -137,6 +148,13 @@ class Metrics:
     def rates(self, limit: float, achieved: float) -> None:
         self._rate_limit.set(limit)
         self._rate_achieved.set(achieved)
+
+    def plan(self, counts: Mapping[str, int], now: float) -> None:
+        """A sync compared the account with the manifest at `now` (epoch seconds): what is
+        left to do, per PLAN_ACTIONS (an action the plan does not count is 0)."""
+        for action in PLAN_ACTIONS:
+            self._plan_items.labels(self.command, self.job_name, action).set(counts.get(action, 0))
+        self._last_check.labels(self.command, self.job_name).set(now)
 
     def finish(self, duration_s: float, success: bool, now: float) -> None:
         """The run ended at `now` (epoch seconds); `success`: every item done (exit 0)."""
@@ -211,34 +229,58 @@ def previous_last_success(path: Path, *, command: str, job_name: str) -> float |
     return best
 
 
-def check_textfile(path: Path, *, not_these: Iterable[Path]) -> None:
+def check_textfile(path: Path, *, not_these: Iterable[Path], named: str = "--metrics-file") -> None:
     """--metrics-file may create a file or replace a metrics textfile, nothing else: never the
     run's ledger, its lock or index, the manifest or the sandbox's account (a typo in a job
-    file would otherwise wipe them every night with exit 0), nor any other file."""
+    file would otherwise wipe them every night with exit 0), nor any other file. And it must
+    be writable before anything is sent: a run whose metrics go nowhere is an alert that
+    never fires, so a missing or read-only folder is exit 2, not a warning after the run."""
     real = os.path.realpath(path)
     for other in not_these:
         if real == os.path.realpath(other):
             raise UsageError(
-                f"--metrics-file {path}: that is {other}, which the run needs; choose "
+                f"{named} {path}: that is {other}, which the run needs; choose "
                 "another file (e.g. NAME.prom)"
             )
+    _check_folder(path, named)
     try:
         info = path.lstat()
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise UsageError(f"--metrics-file {path}: cannot look at it: {exc.strerror}") from None
+        raise UsageError(f"{named} {path}: cannot look at it: {exc.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"{named} {path}: is a directory; name a file in it (e.g. NAME.prom)")
     if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"--metrics-file {path}: not a regular file")
+        raise UsageError(f"{named} {path}: not a regular file")
     if info.st_size == 0:
         return
     try:
         with path.open("rb") as f:
             first = f.readline(4096)
     except OSError as exc:
-        raise UsageError(f"--metrics-file {path}: cannot read it: {exc.strerror}") from None
+        raise UsageError(f"{named} {path}: cannot read it: {exc.strerror}") from None
     if not first.startswith((b"# HELP ", b"# TYPE ")):
         raise UsageError(
-            f"--metrics-file {path}: refusing to replace a file that is not a Prometheus "
+            f"{named} {path}: refusing to replace a file that is not a Prometheus "
             "textfile; nothing was changed"
         )
+
+
+def _check_folder(path: Path, named: str) -> None:
+    """The textfile is written as a new file in its folder, renamed over it: so the folder
+    must exist and take a new file. Tried for real (permissions, a read-only mount, a full
+    inode table and ACLs all answer the same way): a temporary file, removed at once."""
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UsageError(f"{named} {path}: its folder {folder} {what}; nothing was sent")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".worker-probe-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise UsageError(
+            f"{named} {path}: cannot create a file in {folder} ({exc.strerror}); the "
+            "textfile is written beside its final name and renamed over it; nothing was sent"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)

@@ -251,6 +251,22 @@ OPTIONS: Final[tuple[Option, ...]] = (
         commands=("run", "sync"),
     ),
     Option(
+        flag="metrics-push",
+        kind="str",
+        to="options.metrics_push",
+        help="push the metrics to this Prometheus Pushgateway, http(s)://HOST[:PORT][/PATH], "
+        "while the run lasts and at its end (grouping key job=worker, job_name, command)",
+        commands=("run", "sync"),
+    ),
+    Option(
+        flag="metrics-push-interval",
+        kind="float",
+        to="options.metrics_push_interval_s",
+        help="seconds between pushes to --metrics-push while the run lasts",
+        commands=("run", "sync"),
+        default=15.0,
+    ),
+    Option(
         flag="metrics-host",
         kind="str",
         to="options.metrics_host",

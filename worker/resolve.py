@@ -108,8 +108,17 @@ def command_options(line: CommandLine, merged: Merged, where: Where) -> CommandO
         check_path(path, merged.origin("metrics-file"))
         account = [where.account] if where.account is not None else []
         check_textfile(
-            path, not_these=[where.ledger, *_beside(where.ledger), where.manifest, *account]
+            path,
+            not_these=[where.ledger, *_beside(where.ledger), where.manifest, *account],
+            named=merged.origin("metrics-file"),
         )
+    push = merged.values.get("metrics-push")
+    if push is not None:
+        from worker.metrics_push import check_push_url
+
+        check_push_url(str(push), merged.origin("metrics-push"))
+    interval = value(merged, "metrics-push-interval")  # its range was checked in merge
+    assert isinstance(interval, int | float)
     profile = merged.values.get("profile")
     return CommandOptions(
         sandbox_account=where.account,
@@ -120,6 +129,8 @@ def command_options(line: CommandLine, merged: Merged, where: Where) -> CommandO
         metrics_file=Path(str(metrics_file)) if metrics_file is not None else None,
         metrics_port=port,
         metrics_host=str(value(merged, "metrics-host")),
+        metrics_push=str(push) if push is not None else None,
+        metrics_push_interval_s=float(interval),
     )
 
 

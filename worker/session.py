@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal, Protocol
@@ -27,9 +28,11 @@ from worker.api.signing import Credentials
 from worker.connect import Hooks, account_for, load_credentials, runner_for, target_of
 from worker.errors import Exit, LedgerError, LedgerWriteError, WorkerError
 from worker.ledger.journal import Ledger
+from worker.ledger.lock import Holder
 from worker.ledger.records import Footer, Outcome, Result, RunHeader, StopReason, Target
 from worker.manifest.load import manifest_name, remember_manifest
 from worker.manifest.values import Scan
+from worker.plan import run_plan
 from worker.progress import Progress
 from worker.published import Published
 from worker.runner.controls import Controls
@@ -68,7 +71,7 @@ class Opened:
     runner: Runner
     target: Target
     ledger: Ledger | None  # None: the work records nothing (export, a dry run, --check)
-    published: Published | None  # the run's metrics: only for work that records
+    published: Published | None  # the run's metrics: run and sync (not export)
     source: str  # where the keys came from (never the secret)
 
     @property
@@ -149,8 +152,15 @@ def carry_out(session: Session, work: Work, *, recorded: Scan | None = None) -> 
         main = _opened(session, settings, creds, target, None, source, work)
         return session.under_signals(main, session.controls)
     ledger_class = session.hooks.ledger
+    holder = Holder.this_process(
+        f"worker {session.command} {manifest_name(recorded.path)}", stamp(session.hooks.wall())
+    )
     with ledger_class.open(
-        settings.ledger, target=target, expect_names=recorded.groups, clock=session.hooks.clock
+        settings.ledger,
+        target=target,
+        expect_names=recorded.groups,
+        clock=session.hooks.clock,
+        holder=holder,
     ) as book:
         remember_manifest(recorded, settings.ledger)
         main = _opened(session, settings, creds, target, book, source, work)
@@ -170,6 +180,7 @@ async def _opened(
     published = None
     if book is not None:
         structlog.contextvars.bind_contextvars(run_id=run_id)
+    if session.command != "export":  # a sync --check's plan is a metric too
         published = Published(session.options, session.command, settings.pacing.rate)
         published.write()  # the textfile exists from the start, not from the first tick
     async with contextlib.AsyncExitStack() as stack:
@@ -189,7 +200,11 @@ async def _opened(
                 lists=session.command != "run",  # create-only runs read no List pages
             )
         )
-        return await work(Opened(session, runner, target, book, published, source))
+        try:
+            return await work(Opened(session, runner, target, book, published, source))
+        finally:
+            if book is None and published is not None:
+                published.looked()  # a recorded run's last word is in _finish
     raise AssertionError("unreachable")  # mypy: the exit stack may swallow an exception
 
 
@@ -201,8 +216,9 @@ def outcome_exit(tally: Tally, controls: Controls, *, command: str = "run") -> E
 
     For `sync`, "already exists", "vanished" and "deferred" are not the end of the story:
     its rounds (commands/sync_rounds.py) list again and carry out what is still different,
-    and raise StillDifferent (exit 3) if a difference remains. (For `run`, "exists" is done:
-    create does not update, by design.)"""
+    and raise StillDifferent (exit 3) if a difference remains. For `run`, "exists" is done
+    (create does not update, by design), but a line skipped because its group holds other
+    content (run_plan.DRIFT) is drift, 6: a fix-the-line 1 and a run-again 3 outrank it."""
     if controls.reason is StopReason.SIGNAL:
         return Exit.INTERRUPTED
     # A rerun that skips unchanged rejected lines still has not done what the manifest asks.
@@ -217,6 +233,19 @@ def outcome_exit(tally: Tally, controls: Controls, *, command: str = "run") -> E
         return Exit.OK
     if tally.count(Outcome.DEFERRED) or tally.count(Outcome.VANISHED):
         return Exit.RETRY_LATER
+    # A line whose group exists with other content: `run` cannot make it true (drift).
+    if any(tally.skipped[why] for why in run_plan.DRIFT):
+        return Exit.DRIFT
+    return Exit.OK
+
+
+def dry_run_exit(counts: Counter[str]) -> Exit:
+    """`run --dry-run`: the exit the run would end with if every send succeeded, by the
+    same precedence as `outcome_exit` (1 over 6; 3 cannot be foreseen)."""
+    if counts["invalid"] or counts["rejected_unchanged"]:
+        return Exit.REJECTED
+    if any(counts[why] for why in run_plan.DRIFT):
+        return Exit.DRIFT
     return Exit.OK
 
 

@@ -96,6 +96,7 @@ LIMITS: Final[dict[str, Limit]] = {
         Limit(flag="limiter-timeout", low=0, high=86_400, low_open=True),
         Limit(flag="max-delete", low=0, high=1_000_000, whole=True),
         Limit(flag="metrics-port", low=0, high=65535, whole=True),  # 0: any free port
+        Limit(flag="metrics-push-interval", low=1, high=3600),
     )
 }
 
@@ -440,3 +441,5 @@ class CommandOptions:
     metrics_file: Path | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    metrics_push: str | None = None  # a Pushgateway's URL (metrics_push.check_push_url)
+    metrics_push_interval_s: float = 15.0

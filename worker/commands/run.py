@@ -8,6 +8,7 @@ results; the rest is skipped and counted as it goes by.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Iterator
 
 import structlog
@@ -21,7 +22,7 @@ from worker.manifest.values import Invalid, Scan
 from worker.plan import run_plan
 from worker.progress import Progress
 from worker.runner.work import Work
-from worker.session import Opened, Session, carry_out, unsent
+from worker.session import Opened, Session, carry_out, dry_run_exit, unsent
 
 log = structlog.get_logger("worker")
 
@@ -58,7 +59,15 @@ def _dry_run(session: Session, scan: Scan) -> Exit:
     )
     for line in counted.lines():
         print(line, file=out)
-    return Exit.OK
+    _say_drift(counted.counts)
+    return dry_run_exit(counted.counts)
+
+
+def _say_drift(counts: Counter[str]) -> None:
+    """The lines `run` cannot make true, and the command that can (exit 6)."""
+    drifted = sum(counts[why] for why in run_plan.DRIFT)
+    if drifted:
+        log.warning("run.drift", lines=drifted, hint=run_plan.SYNC_HINT)
 
 
 async def _create(opened: Opened, scan: Scan, retry_rejected: bool) -> Exit:
@@ -81,6 +90,7 @@ async def _create(opened: Opened, scan: Scan, retry_rejected: bool) -> Exit:
         work = runner.apply(_run_source(opened, scan, retry_rejected))
         return await opened.record(header, work, progress)
     finally:
+        _say_drift(runner.tally.skipped)
         for why, n in runner.tally.planned.items():
             if why != "new":
                 log.info(

@@ -125,6 +125,7 @@ async def _plan_only(opened: Opened, sync_options: SyncOptions, scan: Scan) -> E
         # Plan without the --max-delete fence, so the plan a real sync would refuse can be
         # looked at; the refusal is said below and in the exit code.
         the_plan = _plan(sync_options, scan, groups, max_delete=int(LIMITS["max-delete"].high))
+        _plan_metrics(opened, the_plan, sync_options.prune)
         changes = reconcile.iter_changes(the_plan, spool.read(scan), groups)
         if opened.session.options.json:
             out.write(orjson.dumps(reconcile.render_json(the_plan, changes)).decode() + "\n")
@@ -174,6 +175,15 @@ def _plan(
     return the_plan
 
 
+def _plan_metrics(opened: Opened, the_plan: reconcile.SyncPlan, prune: bool) -> None:
+    """worker_plan_items and worker_last_check_timestamp_seconds, for every sync: a drift
+    alert reads them, not the logs. Deletes count only with --prune, as for --check."""
+    if opened.published is not None:
+        counts = dict(the_plan.counts)
+        counts["delete"] = counts["delete"] if prune else 0
+        opened.published.planned(counts)
+
+
 async def _sync(opened: Opened, sync_options: SyncOptions, scan: Scan) -> Exit:
     log.info("sync.start", credentials=opened.source)
     runner = opened.runner
@@ -202,6 +212,7 @@ async def _sync(opened: Opened, sync_options: SyncOptions, scan: Scan) -> Exit:
                 pass
             elif not await _confirmed(opened, sync_options, scan, the_plan, listing.groups):
                 raise PlanRefused("not confirmed (the answer was not `yes`); nothing was sent")
+    _plan_metrics(opened, the_plan, sync_options.prune)
     progress = Progress(
         tty=sys.stderr.isatty(), total=scan.groups + scan.invalid + the_plan.removals
     )

@@ -38,7 +38,7 @@ from worker.errors import LedgerError, LedgerTargetMismatch, LedgerWriteError
 from worker.ledger import index
 from worker.ledger.file import MAX_RECORD_BYTES, Reader, check_same_file, open_regular
 from worker.ledger.load import load_state
-from worker.ledger.lock import lock_beside, lock_file, release
+from worker.ledger.lock import Holder, lock_beside, lock_file, release
 from worker.ledger.records import Record, RunHeader, Target
 from worker.ledger.state import State
 from worker.ledger.table import Table, unavailable
@@ -86,12 +86,14 @@ class Ledger:
         target: Target,
         expect_names: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        holder: Holder | None = None,
     ) -> Self:
         """Open (or create) the ledger of `target` at `path`, lock it, load it, cut a torn
         tail. Raises LedgerError (not a ledger, damaged, unreadable), LedgerTargetMismatch
         (another target's, or worker 0.1's) or LedgerLocked; in every case nothing in the
         file has changed. The index beside it (`<ledger>.index`) is brought up to date;
-        `expect_names` (the manifest's groups) sizes a new one so it need not grow."""
+        `expect_names` (the manifest's groups) sizes a new one so it need not grow; `holder`
+        is named in the lock file, for a second run's message (lock.py)."""
         fd = open_regular(path, write=True)
         assert fd is not None
         lock_fd = -1
@@ -102,7 +104,7 @@ class Ledger:
                 first = next(iter(Reader(path, f)), None)
             if isinstance(first, RunHeader):
                 _check_target(path, first, target)
-            lock_fd = lock_beside(path)
+            lock_fd = lock_beside(path, holder)
             lock_file(path, fd)
             check_same_file(path, fd)
             state, torn_at, end, lines = load_state(
@@ -251,7 +253,20 @@ class Ledger:
 
 def _check_target(path: Path, header: RunHeader, target: Target) -> None:
     if header.target != target:
+        theirs, ours = header.target, target
+        differ = [
+            f"{what} {a!r} (this run: {b!r})"
+            for what, a, b in (
+                ("endpoint", theirs.endpoint, ours.endpoint),
+                ("--region", theirs.region, ours.region),
+                ("access key", theirs.access_key, ours.access_key),
+            )
+            if a != b
+        ]
+        same = f" (--region {theirs.region})" if theirs.region != ours.region else ""
         raise LedgerTargetMismatch(
-            f"{path}: this ledger belongs to {header.target}, not to {target}; nothing was "
-            "sent. Use another --ledger for this target, or move this one aside"
+            f"{path}: this ledger belongs to {theirs}, not to {ours}: its "
+            f"{', '.join(differ)}; nothing was sent. If the ledger's target is the one you "
+            f"mean, run with it{same}; else use another --ledger for this target, or move "
+            "this one aside"
         )

@@ -38,8 +38,8 @@ REASONS = {
     "conflict": "in another project when an earlier sync looked: sending again "
     "(an 'already exists' answer confirms it is there)",
     "done": "already created",
-    "done_changed": "already created; the line has changed since, but create does not "
-    "update a group",
+    "done_changed": "drift: created by an earlier run, and the line has changed since; "
+    "create does not update a group: run `worker sync` to make the account match",
     "retry_rejected": "rejected before; sending again (--retry-rejected)",
     "rejected_unchanged": "rejected before and the line is unchanged: fix it, or pass "
     "--retry-rejected once the cause is fixed",
@@ -105,6 +105,15 @@ class Plan:
             f"{self.counts[k]:>8}  {k:<18} {why}" for k, why in REASONS.items() if self.counts[k]
         ]
 
+
+# Lines `run` cannot make true: the group exists with other content. They end the run in
+# exit 6 (drift), below 1 and 3 (session.outcome_exit): fixing a line, or sending what is
+# still deferred, comes before `worker sync`.
+DRIFT: Final = ("done_changed",)
+SYNC_HINT: Final = (
+    "the account holds these groups with other content than the manifest says; `run` only "
+    "creates: run `worker sync` with the same manifest to update them"
+)
 
 SENDS = (
     "new",
