@@ -206,6 +206,13 @@ OPTIONS: Final[tuple[Option, ...]] = (
         default_of="worker.plan.reconcile:DEFAULT_MAX_DELETE",
     ),
     Option(
+        flag="log-file",
+        kind="path",
+        to="options.log_file",
+        help="also append the log here as JSON lines (every event at info, debug with -v, "
+        "whatever -q says), created 0600; the terminal keeps its bar",
+    ),
+    Option(
         flag="metrics-file",
         kind="path",
         to="options.metrics_file",

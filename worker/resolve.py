@@ -17,6 +17,7 @@ from worker import connect
 from worker.commands.sync import SyncOptions
 from worker.errors import UsageError
 from worker.ledger import index, lock
+from worker.logfile import check_log_file
 from worker.manifest.remembered import remembered_path
 from worker.options import CommandLine, Merged, merge, rows, value
 from worker.settings import (
@@ -108,6 +109,16 @@ def command_options(line: CommandLine, merged: Merged, where: Where) -> CommandO
         check_textfile(
             path, not_these=[where.ledger, *_beside(where.ledger), where.manifest, *account]
         )
+    log_file = merged.values.get("log-file")
+    if log_file is not None:
+        needed = [where.manifest, where.ledger, *_beside(where.ledger)]
+        if metrics_file is not None:
+            needed.append(Path(str(metrics_file)))
+        check_log_file(
+            Path(str(log_file)),
+            merged.origin("log-file"),
+            not_these=needed + ([where.account] if where.account is not None else []),
+        )
     profile = merged.values.get("profile")
     return CommandOptions(
         sandbox_account=where.account,
@@ -116,6 +127,7 @@ def command_options(line: CommandLine, merged: Merged, where: Where) -> CommandO
         json=line.json,
         job_name=_stem(line.job or where.manifest),
         metrics_file=Path(str(metrics_file)) if metrics_file is not None else None,
+        log_file=Path(str(log_file)) if log_file is not None else None,
         metrics_port=port,
         metrics_host=str(value(merged, "metrics-host")),
     )
