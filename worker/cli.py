@@ -9,13 +9,14 @@ its class carries (errors.py). Anything else is a bug: its traceback is printed,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import logging
 import os
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -35,10 +36,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     try:
         words = list(sys.argv[1:] if argv is None else argv)
         args = _parse(words)
-        tty = sys.stderr.isatty()
-        fmt = args.log_format if args.log_format != "auto" else ("console" if tty else "json")
-        level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-        logs.configure(json=fmt == "json", level=level)
+        _configure_logs(args)
         return int(args.command(args))
     except ManifestError as exc:
         for problem in exc.problems:
@@ -66,6 +64,33 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         return Exit.INTERNAL
 
 
+def _configure_logs(args: argparse.Namespace, log_file: logs.LogFile | None = None) -> None:
+    """The terminal: console lines (and the bar) on a terminal, JSON lines otherwise, at the
+    level -v/-q say; and the --log-file, if one is open."""
+    tty = sys.stderr.isatty()
+    fmt = args.log_format if args.log_format != "auto" else ("console" if tty else "json")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logs.configure(json=fmt == "json", level=level, log_file=log_file)
+
+
+@contextlib.contextmanager
+def _logging_to(args: argparse.Namespace, path: Path | None) -> Iterator[None]:
+    """For the command's length, the log goes to --log-file too (checked by resolve)."""
+    if path is None:
+        yield
+        return
+    from worker.logfile import open_log_file
+
+    fd = open_log_file(path, "--log-file")
+    try:
+        level = logging.DEBUG if args.verbose else logging.INFO
+        _configure_logs(args, logs.LogFile(fd=fd, shown_as=str(path), level=level))
+        yield
+    finally:
+        _configure_logs(args)  # before the close: no event may reach a reused descriptor
+        os.close(fd)
+
+
 # -- commands -----------------------------------------------------------------------------
 
 
@@ -88,12 +113,13 @@ def cmd_send(args: argparse.Namespace) -> int:
         under_signals=under_signals(got.settings.grace_s),
         out=sys.stdout,
     )
-    if got.sync is not None:
-        return sync.sync(session, got.sync)
-    if args.name == "export":
-        output = Path(args.output) if args.output else None
-        return export.export(session, frozenset(args.project or ()), output)
-    return run.run(session)
+    with _logging_to(args, got.options.log_file):
+        if got.sync is not None:
+            return sync.sync(session, got.sync)
+        if args.name == "export":
+            output = Path(args.output) if args.output else None
+            return export.export(session, frozenset(args.project or ()), output)
+        return run.run(session)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

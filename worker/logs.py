@@ -16,12 +16,13 @@ import errno
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from typing import IO, Any
 
 import orjson
 import structlog
-from tqdm import tqdm
 
+from worker import log_sinks
 from worker.errors import OutputError
 
 
@@ -86,57 +87,65 @@ def guard_stdio() -> None:
         sys.stderr = _Unbreakable(sys.stderr, strict=False)
 
 
-class _TqdmAwareWriter:
-    """Writes console log lines through tqdm so a progress bar is redrawn below them."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogFile:
+    """An open --log-file: JSON lines at `level` (at least INFO whatever -q says: the file is
+    the run's record, the terminal is for a person)."""
 
-    def __init__(self, stream: IO[str]) -> None:
-        self._stream = stream
-
-    def msg(self, message: str) -> None:
-        tqdm.write(message, file=self._stream)
-
-    log = debug = info = warning = warn = error = critical = exception = msg
+    fd: int
+    shown_as: str
+    level: int = logging.INFO
 
 
-class _TextJsonWriter:
-    """JSON lines to a text stream that has no byte buffer (a StringIO, a wrapped stream)."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self._stream = stream
-
-    def msg(self, message: bytes | str) -> None:
-        text = message.decode() if isinstance(message, bytes) else message
-        self._stream.write(text + "\n")
-        self._stream.flush()
-
-    log = debug = info = warning = warn = error = critical = exception = msg
-
-
-def configure(*, json: bool, level: int = logging.INFO, stream: IO[str] | None = None) -> None:
+def configure(
+    *,
+    json: bool,
+    level: int = logging.INFO,
+    stream: IO[str] | None = None,
+    log_file: LogFile | None = None,
+) -> None:
+    """Events to `stream` (stderr) as JSON or console lines at `level`, and to `log_file`.
+    The console at INFO and above shows no per-group line (log_sinks.PerGroupQuiet)."""
     out = stream or sys.stderr
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    factory: Any
+    json_render = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+    tracebacks = structlog.processors.dict_tracebacks
+
+    def as_json(logger: Any, method: str, event: log_sinks.Event) -> str | bytes:
+        return json_render(logger, method, tracebacks(logger, method, event))
+
+    sinks: list[log_sinks.Sink] = []
     if json:
-        processors = [
-            *shared,
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(serializer=orjson.dumps),
-        ]
-        buffer = getattr(out, "buffer", None)
-        if buffer is not None:
-            factory = structlog.BytesLoggerFactory(buffer)
-        else:
-            factory = lambda *args: _TextJsonWriter(out)  # noqa: E731
+        sinks.append(log_sinks.Sink(level=level, render=as_json, write=log_sinks.json_writer(out)))
     else:
-        processors = [*shared, structlog.dev.ConsoleRenderer(colors=out.isatty())]
-        factory = lambda *args: _TqdmAwareWriter(out)  # noqa: E731
+        console = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        sinks.append(
+            log_sinks.Sink(
+                level=level,
+                render=console,
+                write=log_sinks.console_writer(out),
+                admit=log_sinks.PerGroupQuiet() if level > logging.DEBUG else _everything,
+            )
+        )
+    if log_file is not None:
+        sinks.append(
+            log_sinks.Sink(
+                level=log_file.level,
+                render=as_json,
+                write=log_sinks.fd_writer(log_file.fd, log_file.shown_as),
+            )
+        )
     structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=factory,
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            log_sinks.FanOut(sinks),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(min(s.level for s in sinks)),
+        logger_factory=structlog.ReturnLoggerFactory(),
         cache_logger_on_first_use=False,
     )
+
+
+def _everything(event: log_sinks.Event) -> log_sinks.Event:
+    return event

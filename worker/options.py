@@ -232,8 +232,15 @@ OPTIONS: Final[tuple[Option, ...]] = (
         flag="yes",
         kind="bool",
         to="sync.yes",
-        help="answer yes to the question a sync that deletes asks at a terminal",
+        help="answer yes to the question a sync that deletes or replaces asks at a terminal",
         commands=("sync",),
+    ),
+    Option(
+        flag="log-file",
+        kind="path",
+        to="options.log_file",
+        help="also append the log here as JSON lines (every event at info, debug with -v, "
+        "whatever -q says), created 0600; the terminal keeps its bar",
     ),
     Option(
         flag="metrics-file",

@@ -18,6 +18,7 @@ from worker import connect
 from worker.commands.sync import SyncOptions
 from worker.errors import UsageError
 from worker.ledger import index, lock
+from worker.logfile import check_log_file
 from worker.manifest.remembered import remembered_path
 from worker.options import CommandLine, Merged, merge, rows, value
 from worker.plan import saved
@@ -119,6 +120,16 @@ def command_options(line: CommandLine, merged: Merged, where: Where) -> CommandO
         check_push_url(str(push), merged.origin("metrics-push"))
     interval = value(merged, "metrics-push-interval")  # its range was checked in merge
     assert isinstance(interval, int | float)
+    log_file = merged.values.get("log-file")
+    if log_file is not None:
+        needed = [where.manifest, where.ledger, *_beside(where.ledger)]
+        if metrics_file is not None:
+            needed.append(Path(str(metrics_file)))
+        check_log_file(
+            Path(str(log_file)),
+            merged.origin("log-file"),
+            not_these=needed + ([where.account] if where.account is not None else []),
+        )
     profile = merged.values.get("profile")
     return CommandOptions(
         sandbox_account=where.account,
@@ -127,6 +138,7 @@ def command_options(line: CommandLine, merged: Merged, where: Where) -> CommandO
         json=line.json,
         job_name=_stem(line.job or where.manifest),
         metrics_file=Path(str(metrics_file)) if metrics_file is not None else None,
+        log_file=Path(str(log_file)) if log_file is not None else None,
         metrics_port=port,
         metrics_host=str(value(merged, "metrics-host")),
         metrics_push=str(push) if push is not None else None,

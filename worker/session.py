@@ -107,7 +107,7 @@ class Opened:
 
         self.runner.on_tick = tick
         try:
-            return await _recorded(self.runner, self.ledger, header, work, published)
+            return await _recorded(self.runner, self.ledger, header, work, published, progress)
         finally:
             progress.close(self.runner.tally)
 
@@ -260,6 +260,7 @@ async def _recorded(
     header: RunHeader,
     work: Coroutine[Any, Any, Tally],
     published: Published,
+    progress: Progress,
 ) -> Exit:
     try:
         book.append(header)
@@ -283,6 +284,7 @@ async def _recorded(
         code = Exit.INTERRUPTED
         raise
     finally:
+        progress.close(runner.tally)  # the bar's last state, then the summary below it
         _finish(runner, book, published, code)
     return code
 

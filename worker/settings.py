@@ -439,6 +439,7 @@ class CommandOptions:
     json: bool = False
     job_name: str = ""  # the job file's stem, else the manifest's: the metrics' job_name
     metrics_file: Path | None = None
+    log_file: Path | None = None  # --log-file: checked (logfile.check_log_file), not opened
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_push: str | None = None  # a Pushgateway's URL (metrics_push.check_push_url)

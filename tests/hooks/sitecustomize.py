@@ -9,6 +9,7 @@ When a test sets one of these variables, this replaces HOOKS in that process onl
   TESTHOOK_CLOCK_OFFSET_S  a host whose clock is off: X-Date and the ledger's times shifted
   TESTHOOK_TORN_WRITES_S   each ledger record written in two halves with this pause between,
                            so that a kill -9 can land inside a record, as a crash can
+  TESTHOOK_PROGRESS_EVERY_S  the 5 s between two `run.progress` lines off a terminal
 
 Without any of them nothing is imported here (a plain worker starts as a user's does).
 """
@@ -22,6 +23,7 @@ _NAMES = (
     "TESTHOOK_FRESH_S",
     "TESTHOOK_CLOCK_OFFSET_S",
     "TESTHOOK_TORN_WRITES_S",
+    "TESTHOOK_PROGRESS_EVERY_S",
 )
 
 
@@ -58,6 +60,10 @@ def _install(values: dict[str, float]) -> None:
 
         hooks = dataclasses.replace(hooks, ledger=TornLedger)
     connect.HOOKS = hooks
+    if "TESTHOOK_PROGRESS_EVERY_S" in values:
+        from worker import progress
+
+        progress.LINE_EVERY_S = values["TESTHOOK_PROGRESS_EVERY_S"]
 
 
 _values = {name: float(os.environ[name]) for name in _NAMES if os.environ.get(name)}

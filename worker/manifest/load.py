@@ -30,7 +30,10 @@ def scan_manifest(manifest: Path, ledger: Path) -> Scan:
     # a ledger in a folder it cannot write, and then uses the temporary directory.
     folder = ledger.parent
     writable = os.access(folder, os.W_OK | os.X_OK)
-    return source.scan(manifest, spool_dir=folder if writable else None)
+    scan = source.scan(manifest, spool_dir=folder if writable else None)
+    # The terminal's "validate" phase line: what the run is about to work through.
+    log.info("manifest.validated", manifest=str(manifest), groups=scan.groups, invalid=scan.invalid)
+    return scan
 
 
 def remember_manifest(scan: Scan, ledger: Path) -> None:

@@ -39,6 +39,14 @@ class Tally:
         span = self.last_send - self.first_send
         return (self.requests - 1) / span if span > 0 else 0.0
 
+    def rate_at(self, now: float) -> float | None:
+        """Requests per second from the first send to `now` (not to the last send: a stall
+        brings it down as it happens). `now` is never before the last send, so this is at
+        most `rate`: at most what the pacer admits. None before two requests."""
+        if self.first_send is None or self.requests < 2 or now <= self.first_send:
+            return None
+        return (self.requests - 1) / (now - self.first_send)
+
     def count(self, outcome: Outcome) -> int:
         return sum(n for (_, o), n in self.outcomes.items() if o is outcome)
 
