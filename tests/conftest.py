@@ -6,7 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +96,47 @@ def names(n: int, prefix: str = "组") -> list[dict[str, Any]]:
 
 def ledger_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# -- a Pushgateway stand-in ------------------------------------------------------------------
+
+
+@dataclass
+class Gateway:
+    """What a recording HTTP server on loopback received: (method, path, body)."""
+
+    url: str
+    received: list[tuple[str, str, str]] = field(default_factory=list)
+    answer: int = 200
+    got_one: threading.Event = field(default_factory=threading.Event)
+
+
+@pytest.fixture
+def gateway() -> Iterator[Gateway]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    port = server.server_address[1]
+    gw = Gateway(url=f"http://127.0.0.1:{port}")
+
+    class Recorder(BaseHTTPRequestHandler):
+        def _record(self) -> None:
+            size = min(int(self.headers.get("Content-Length") or 0), 1 << 20)
+            gw.received.append((self.command, self.path, self.rfile.read(size).decode()))
+            gw.got_one.set()
+            self.send_response(gw.answer)
+            if gw.answer in (301, 302, 307, 308):
+                self.send_header("Location", f"{gw.url}/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_PUT = do_POST = do_GET = _record
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server.RequestHandlerClass = Recorder
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield gw
+    server.shutdown()
+    server.server_close()
+    thread.join()

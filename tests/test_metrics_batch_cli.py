@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import os
 import re
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SandboxProc, cli_env, names, run_worker, write_manifest
+from tests.conftest import Gateway, SandboxProc, cli_env, names, run_worker, write_manifest
 from worker.errors import UsageError
 from worker.metrics_push import check_push_url
 
@@ -40,50 +35,6 @@ def one(text: str, name: str) -> float:
     ]
     assert len(found) == 1, (name, found)
     return found[0]
-
-
-# -- a Pushgateway stand-in ------------------------------------------------------------------
-
-
-@dataclass
-class Gateway:
-    """What a recording HTTP server on loopback received: (method, path, body)."""
-
-    url: str
-    received: list[tuple[str, str, str]] = field(default_factory=list)
-    answer: int = 200
-    got_one: threading.Event = field(default_factory=threading.Event)
-
-
-@pytest.fixture
-def gateway() -> Iterator[Gateway]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
-    port = server.server_address[1]
-    gw = Gateway(url=f"http://127.0.0.1:{port}")
-
-    class Recorder(BaseHTTPRequestHandler):
-        def _record(self) -> None:
-            size = min(int(self.headers.get("Content-Length") or 0), 1 << 20)
-            gw.received.append((self.command, self.path, self.rfile.read(size).decode()))
-            gw.got_one.set()
-            self.send_response(gw.answer)
-            if gw.answer in (301, 302, 307, 308):
-                self.send_header("Location", f"{gw.url}/elsewhere")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_PUT = do_POST = do_GET = _record
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server.RequestHandlerClass = Recorder
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield gw
-    server.shutdown()
-    server.server_close()
-    thread.join()
 
 
 # -- --metrics-file: checked before anything is sent -------------------------------------------

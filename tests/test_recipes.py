@@ -31,7 +31,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import AK, SK, SandboxProc, names, write_manifest
+from tests.conftest import AK, SK, Gateway, SandboxProc, names, write_manifest
 from tests.test_deploy import (
     DEPLOY,
     NEVER_RETRY,
@@ -229,11 +229,14 @@ def configmap_volume(mount: Path, files: dict[str, str]) -> None:
     (mount / "..data").symlink_to(data.name)
 
 
-def test_cronjob_pod_as_its_security_context_with_the_pvc(root: Path, sandbox_factory: Any) -> None:
+def test_cronjob_pod_as_its_security_context_with_the_pvc(
+    root: Path, sandbox_factory: Any, gateway: Gateway
+) -> None:
     """The CronJob's container: its args, the ConfigMap mount, the PVC as fsGroup makes it
     (root-owned, group fsGroup, setgid), runAsUser/runAsGroup and fsGroup as a supplementary
-    group, the Secret as environment, WORKDIR /state: exit 0; then a wrong secret: the server
-    refuses the run (exit 7) and the podFailurePolicy fails the Job at once."""
+    group, the Secret as environment, WORKDIR /state: exit 0, its metrics pushed to the job
+    file's Pushgateway (a recorder on loopback stands in for the cluster's); then a wrong
+    secret: the server refuses the run (exit 7) and the podFailurePolicy fails the Job."""
     sb: SandboxProc = sandbox_factory()
     (doc,) = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "cronjob.yaml").read_text()) if d]
     job_spec = doc["spec"]["jobTemplate"]["spec"]
@@ -245,6 +248,8 @@ def test_cronjob_pod_as_its_security_context_with_the_pvc(root: Path, sandbox_fa
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     moves = {mounts["config"]: root / "config", mounts["state"]: root / "state"}
     job_toml = (DEPLOY / "k8s" / "job.toml").read_text()
+    pushgateway = tomllib.loads(job_toml)["metrics-push"]
+    job_toml = job_toml.replace(pushgateway, gateway.url)  # never the cluster's address
     manifest_text = "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in names(3, "集群"))
     configmap_volume(
         moves[mounts["config"]], {"job.toml": remap(job_toml, moves), "groups.jsonl": manifest_text}
@@ -274,6 +279,8 @@ def test_cronjob_pod_as_its_security_context_with_the_pvc(root: Path, sandbox_fa
     assert created_names(sb) == {g["Name"] for g in names(3, "集群")}
     ledger = state / "groups.ledger.jsonl"
     assert ledger.stat().st_uid == uid and ledger.stat().st_gid == fs_group  # setgid dir
+    pushed = [(m, p) for m, p, body in gateway.received if "worker_" in body]
+    assert ("POST", "/metrics/job/worker/command/sync/job_name/job") in pushed, gateway.received
 
     env["VOLC_SECRETKEY"] = "not-the-secret"
     second = run_as(cmd, uid=uid, gid=gid, extra_groups=[fs_group], env=env, cwd=state)
