@@ -43,6 +43,11 @@ FLAGS: dict[str, tuple[Any, list[Any], list[Any]]] = {
     "limiter-timeout": (lambda v: settings(limiter_timeout_s=v), [1, 86_400], [0, 86_401]),
     "max-delete": (lambda v: LIMITS["max-delete"].check(v), [0, 50, 1_000_000], [-1, 1_000_001]),
     "metrics-port": (lambda v: LIMITS["metrics-port"].check(v), [0, 9108, 65535], [-1, 65536]),
+    "metrics-push-interval": (
+        lambda v: LIMITS["metrics-push-interval"].check(v),
+        [1, 15, 3600],
+        [0, 0.5, 3601],
+    ),
 }
 NOT_FINITE = [float("nan"), float("inf"), float("-inf"), -0.0]
 
