@@ -111,7 +111,7 @@ class AiolimiterPacer:
             await self._sleep(left)
         await self._limiter.acquire()
 
-    def throttled(self) -> None:
+    def throttled(self, retry_after_s: float | None = None) -> None:
         now = self._clock()
         if now >= self._gate_until:  # one pause per burst of answers, as LocalPacer
             self._gate_until = now + self._cooldown_s

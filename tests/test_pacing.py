@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import pytest
+
 from tests.conftest import max_in_window
+from worker.pacing import margin
 from worker.pacing.budget import SLACK_S
 from worker.pacing.local import LocalPacer
 from worker.settings import Pacing
@@ -101,34 +104,93 @@ def test_small_lateness_keeps_the_schedule() -> None:
     assert max_in_window(times) <= 50
 
 
-def test_throttle_pauses_halves_and_recovers() -> None:
-    """A FlowLimitExceeded pauses everyone, halves the rate, then climbs back to the target."""
+def test_a_lone_throttle_pauses_for_retry_after_and_keeps_the_rate() -> None:
+    """A lone FlowLimitExceeded pauses everyone for its Retry-After and widens the margin
+    back to where it started; the rate is not halved (it costs one window, not ten)."""
+    clock = FakeClock()
+    pacing = Pacing(rate=10, cooldown_s=1.0, recover_s=10.0)
+    pacer = LocalPacer(pacing, clock=clock, sleep=clock.sleep)
+
+    async def scenario() -> tuple[float, list[float]]:
+        await admissions(pacer, clock, 120)  # 12 calm seconds: the margin narrowed
+        assert pacer.margin.headroom < pacing.headroom
+        t0 = clock()
+        pacer.throttled(2.0)
+        pacer.throttled(2.0)  # the same burst of answers: counted once
+        assert pacer.throttles == 1
+        assert pacer.margin.headroom == pacing.headroom
+        assert pacer.rate(t0) == pacing.target
+        return t0, await admissions(pacer, clock, 1)
+
+    t0, after = asyncio.run(scenario())
+    assert after[0] >= t0 + 2.0
+    assert pacer.rate(t0 + 2.0) == pacer.target()
+
+
+def test_repeated_throttles_halve_and_recover() -> None:
+    """A second FlowLimitExceeded soon after the first backs off hard: pause, the rate
+    halves, then climbs back to the target over recover_s."""
     clock = FakeClock()
     pacing = Pacing(rate=10, cooldown_s=1.0, recover_s=10.0)
     pacer = LocalPacer(pacing, clock=clock, sleep=clock.sleep)
 
     async def scenario() -> tuple[float, list[float]]:
         await admissions(pacer, clock, 5)
+        pacer.throttled()
+        await admissions(pacer, clock, 5)
         t0 = clock()
         pacer.throttled()
-        pacer.throttled()  # the same burst of answers: counted once
-        assert pacer.rate(t0) == pacing.target / 2
+        assert pacer.rate(t0) == pytest.approx(pacer.target() / 2)
         return t0, await admissions(pacer, clock, 1)
 
     t0, after = asyncio.run(scenario())
     assert after[0] >= t0 + 1.0
-    assert pacer.rate(t0 + 1.0 + 5.0) < pacing.target
-    assert pacer.rate(t0 + 1.0 + 10.0) == pacing.target
-    assert "LocalPacer" in repr(pacer) and "admitted=6" in repr(pacer)
+    assert pacer.rate(t0 + 1.0 + 5.0) < pacer.target()
+    assert pacer.rate(t0 + 1.0 + 10.0) == pacer.target()
+    assert "LocalPacer" in repr(pacer) and "admitted=11" in repr(pacer)
 
 
 def test_stats_count_admissions() -> None:
-    """stats() and repr count what the pacer admitted, for the run's closing log line."""
+    """stats() and repr count what the pacer admitted, for the run's closing log line, and
+    say where the margin ended and how often it widened."""
     clock = FakeClock()
     pacer = LocalPacer(Pacing(rate=10), clock=clock, sleep=clock.sleep)
     asyncio.run(admissions(pacer, clock, 7, callers=3))
-    assert pacer.stats() == {"admitted": 7}
+    assert pacer.stats() == {"admitted": 7, "headroom": 0.03, "widened": 0, "throttles": 0}
     assert "admitted=7" in repr(pacer)
+
+
+def test_the_margin_narrows_while_calm_and_widens_on_jitter() -> None:
+    """On a punctual clock the margin narrows to MIN_HEADROOM; wake-ups 15 ms late widen it
+    at once past the 3 % it started at, and the window still holds at most the limit."""
+    clock = FakeClock()
+    pacer = LocalPacer(Pacing(rate=10), clock=clock, sleep=clock.sleep)
+
+    async def jittery(seconds: float) -> None:
+        clock.t += seconds + (0.015 if pacer.admitted % 3 == 0 else 0.0)
+        await asyncio.sleep(0)
+
+    async def scenario() -> tuple[list[float], list[float]]:
+        calm = await admissions(pacer, clock, 150)
+        assert pacer.margin.headroom == margin.MIN_HEADROOM
+        pacer._sleep = jittery
+        return calm, await admissions(pacer, clock, 30)
+
+    widened = pacer.margin.widened
+    calm, times = asyncio.run(scenario())
+    assert (len(calm) - 1) / (calm[-1] - calm[0]) >= 0.98 * 10
+    assert pacer.margin.widened > widened
+    assert pacer.margin.headroom > 0.03
+    assert max_in_window(calm + times) <= 10
+
+
+def test_an_explicit_margin_does_not_move() -> None:
+    """Pacing(adapt=False) keeps the headroom fixed, as before issue 20."""
+    clock = FakeClock()
+    pacer = LocalPacer(Pacing(rate=10, adapt=False), clock=clock, sleep=clock.sleep)
+    asyncio.run(admissions(pacer, clock, 150))
+    pacer.throttled()
+    assert pacer.margin.headroom == 0.03 and pacer.margin.widened == 0
 
 
 def test_a_high_rate_does_not_sleep_for_every_admission() -> None:

@@ -394,7 +394,9 @@ def _late_send_moves_schedule(redis_url: str, callers: int) -> tuple[int, int]:
     from worker.pacing.budget import SLACK_S
 
     late = 0.050
-    pacing = Pacing(rate=20)  # 3 slots fit in the horizon: no caller polls
+    # 3 slots fit in the horizon: no caller polls. The margin is pinned: 50 ms of lateness
+    # would widen it (margin.py) and change the gap this arithmetic counts in.
+    pacing = Pacing(rate=20, adapt=False)
     gap = int(1_000_000 / pacing.target)
 
     async def main() -> tuple[int, int]:

@@ -100,7 +100,7 @@ class Pacer:
     async def acquire(self) -> None:
         await self.clock.sleep(self.gap)
 
-    def throttled(self) -> None:
+    def throttled(self, retry_after_s: float | None = None) -> None:
         self.throttles += 1
 
 

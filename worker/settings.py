@@ -130,6 +130,9 @@ class Pacing:
     headroom: float = DEFAULT_HEADROOM
     cooldown_s: float = 1.0  # pause for everyone after a FlowLimitExceeded
     recover_s: float = 10.0  # after the pause, time to climb from the lowered rate to the target
+    # The headroom is where the margin starts; it then follows the jitter measured
+    # (pacing/margin.py). False pins it (benchmarks and tests comparing against a fixed one).
+    adapt: bool = True
 
     def __post_init__(self) -> None:
         LIMITS["rate"].check(self.rate)

@@ -21,5 +21,6 @@ class Pacer(Protocol):
     async def acquire(self) -> None:
         """Return when one more request may be sent now."""
 
-    def throttled(self) -> None:
-        """The server answered FlowLimitExceeded: slow everybody down."""
+    def throttled(self, retry_after_s: float | None = None) -> None:
+        """The server answered FlowLimitExceeded (with this Retry-After, if any): pause
+        everybody, and back off hard if it happens again soon."""

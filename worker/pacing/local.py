@@ -27,9 +27,18 @@ cool-down gate 0.917 (0.912-0.921), 0 throttles. It is as safe, but 5 % slower, 
 lateness is lost, where this pacer forgives lateness up to SLACK_S. aiolimiter stays only
 in the benchmark, as a contender.
 
-A FlowLimitExceeded answer means someone (another process, another tool) spends the same
-budget: everybody pauses for `cooldown_s`, the rate halves, then climbs back linearly to the
-target over `recover_s` (AIMD, as TCP does).
+How far under the limit (the headroom) is not fixed: margin.py narrows it from the
+configured 3 % while the admissions' lateness stays well inside it, and widens it at once when
+it does not (margin.py says how, with the measurements). Each admission's lateness behind its
+slot is what this pacer feeds it.
+
+A FlowLimitExceeded answer means arrivals did not fit, or someone else (another process,
+another tool) spends the same budget. A lone one costs one window: everybody pauses for its
+Retry-After (else `cooldown_s`), the margin goes back to where it started, and the rate stays.
+One more within `recover_s` of it is no accident: the rate halves, then climbs back linearly
+to the target over `recover_s` (AIMD, as TCP does). Before (issue 20): every throttle paused
+1 s, halved the rate and climbed back over 10 s, about 3.8 s lost per 429, more than running
+closer to the limit could ever win back.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from worker.pacing import margin
 from worker.pacing.budget import MIN_RATE, SLACK_S
 from worker.settings import Pacing
 
@@ -57,27 +67,39 @@ class LocalPacer:
         self._sleep = sleep
         self._next = float("-inf")  # earliest admission of the next caller
         self._throttled_at: float | None = None
-        self._floor = pacing.target  # the rate right after the last throttle
+        self._until = float("-inf")  # the last throttle's pause ends here
+        self._floor: float | None = None  # the rate right after a hard back-off, else None
+        self.margin = (margin.adaptive if pacing.adapt else margin.fixed)(pacing.headroom)
         self._lock: asyncio.Lock | None = None  # made inside the running loop
         self.admitted = 0
+        self.throttles = 0  # throttle events (a burst of answers is one)
 
     def __repr__(self) -> str:
         return (
-            f"<LocalPacer target={self._pacing.target:.2f}/s "
+            f"<LocalPacer target={self.target():.2f}/s headroom={self.margin.headroom:.4f} "
             f"now={self.rate(self._clock()):.2f}/s admitted={self.admitted}>"
         )
 
     def stats(self) -> dict[str, float]:
         """Counters for a log line at the end of a run."""
-        return {"admitted": self.admitted}
+        return {
+            "admitted": self.admitted,
+            "headroom": round(self.margin.headroom, 4),
+            "widened": self.margin.widened,
+            "throttles": self.throttles,
+        }
+
+    def target(self) -> float:
+        """The limit less the margin in force."""
+        return self._pacing.rate * (1 - self.margin.headroom)
 
     def rate(self, now: float) -> float:
         """The rate in force at `now`: the target, or on the way back to it."""
-        if self._throttled_at is None:
-            return self._pacing.target
-        since = now - self._throttled_at - self._pacing.cooldown_s
-        share = min(1.0, max(0.0, since / self._pacing.recover_s))
-        return self._floor + (self._pacing.target - self._floor) * share
+        target = self.target()
+        if self._floor is None:
+            return target
+        share = min(1.0, max(0.0, (now - self._until) / self._pacing.recover_s))
+        return min(target, self._floor + (target - self._floor) * share)
 
     async def acquire(self) -> None:
         if self._lock is None:
@@ -91,14 +113,28 @@ class LocalPacer:
                 if now >= due:
                     break
                 await self._sleep(due - now)
+            if due > float("-inf") and now - due < 1.0:
+                # Late by more than a second is idle time, not jitter: nobody was waiting.
+                self.margin = margin.observe(self.margin, max(0.0, now - due), now)
             gap = 1.0 / self.rate(now)
             self._next = max(due + gap, now + gap - SLACK_S)
             self.admitted += 1
 
-    def throttled(self) -> None:
+    def throttled(self, retry_after_s: float | None = None) -> None:
         now = self._clock()
-        if self._throttled_at is not None and now - self._throttled_at < self._pacing.cooldown_s:
-            return  # the same burst of answers: one slow-down, not one per answer
-        self._floor = max(MIN_RATE, self.rate(now) / 2)
+        if self._throttled_at is not None and now < max(
+            self._until, self._throttled_at + self._pacing.cooldown_s
+        ):
+            return  # the same burst of answers: one event, not one per answer
+        repeated = (
+            self._throttled_at is not None
+            and now - self._throttled_at < self._pacing.cooldown_s + self._pacing.recover_s
+        )
+        self.margin = margin.throttled(self.margin)
+        if repeated:
+            self._floor = max(MIN_RATE, self.rate(now) / 2)
+        pause = self._pacing.cooldown_s if retry_after_s is None else retry_after_s
+        self.throttles += 1
         self._throttled_at = now
-        self._next = max(self._next, now + self._pacing.cooldown_s)
+        self._until = now + pause
+        self._next = max(self._next, self._until)

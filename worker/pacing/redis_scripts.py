@@ -9,7 +9,7 @@ import hashlib
 
 KEY_TTL_MS = 120_000  # keys vanish on their own once nobody uses the budget
 
-# KEYS: tat, throttle (hash: at, floor), seq. ARGV: target rate, horizon us, cooldown us,
+# KEYS: tat, throttle (hash: at, until, floor), seq. ARGV: target rate, horizon us, cooldown us,
 # recover us, ttl ms, slack us, book (1|0), then (used at us, seq) per late send reported.
 # Returns {wait_us, booked (1|0), slot us, seq, now us}; with book 0 it only takes the reports.
 ACQUIRE = """
@@ -19,12 +19,15 @@ local target = tonumber(ARGV[1])
 local horizon, cooldown, recover = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local rate = target
 local earliest = now
-local th = redis.call('HMGET', KEYS[2], 'at', 'floor')
+local th = redis.call('HMGET', KEYS[2], 'until', 'floor')
 if th[1] then
-  local at, floor = tonumber(th[1]), tonumber(th[2])
-  earliest = math.max(earliest, at + cooldown)
-  local share = math.min(1, math.max(0, (now - at - cooldown) / recover))
-  rate = floor + (target - floor) * share
+  local untl = tonumber(th[1])
+  earliest = math.max(earliest, untl)
+  if th[2] then
+    local floor = tonumber(th[2])
+    local share = math.min(1, math.max(0, (now - untl) / recover))
+    rate = math.min(target, floor + (target - floor) * share)
+  end
 end
 local gap = math.floor(1000000 / rate)
 local slack = math.min(tonumber(ARGV[6]), gap / 4)
@@ -54,22 +57,37 @@ redis.call('SET', KEYS[3], string.format('%.0f', seq), 'PX', ARGV[5])
 return {slot - now, 1, slot, seq, now}
 """
 
-# KEYS: throttle. ARGV: target rate, cooldown us, recover us, min rate, ttl ms.
+# KEYS: throttle. ARGV: target rate, cooldown us, recover us, min rate, ttl ms, pause us.
+# A throttle while the last one's pause (or cooldown) lasts is the same burst: ignored. One
+# within cooldown + recover of the last is repeated: the rate in force halves (floor) and
+# climbs back over recover. A lone one only pauses everybody until `until`.
+# Returns 1 if it started a pause (2 if it also halved the rate), 0 if it was the same burst.
 THROTTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local target, cooldown, recover = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local rate = target
-local th = redis.call('HMGET', KEYS[1], 'at', 'floor')
+local repeated = false
+local th = redis.call('HMGET', KEYS[1], 'at', 'until', 'floor')
 if th[1] then
-  local at, floor = tonumber(th[1]), tonumber(th[2])
-  if now - at < cooldown then return 0 end
-  local share = math.min(1, math.max(0, (now - at - cooldown) / recover))
-  rate = floor + (target - floor) * share
+  local at, untl = tonumber(th[1]), tonumber(th[2])
+  if now < math.max(untl, at + cooldown) then return 0 end
+  repeated = now - at < cooldown + recover
+  if th[3] then
+    local floor = tonumber(th[3])
+    local share = math.min(1, math.max(0, (now - untl) / recover))
+    rate = math.min(target, floor + (target - floor) * share)
+  end
 end
-local floor = math.max(tonumber(ARGV[4]), rate / 2)
-redis.call('HSET', KEYS[1], 'at', string.format('%.0f', now), 'floor', tostring(floor))
+local untl = string.format('%.0f', now + tonumber(ARGV[6]))
+redis.call('HSET', KEYS[1], 'at', string.format('%.0f', now), 'until', untl)
+if repeated then
+  redis.call('HSET', KEYS[1], 'floor', tostring(math.max(tonumber(ARGV[4]), rate / 2)))
+else
+  redis.call('HDEL', KEYS[1], 'floor')
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if repeated then return 2 end
 return 1
 """
 

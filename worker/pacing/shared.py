@@ -32,8 +32,9 @@ handed out; it also bounds the damage if Redis loses its state (a restart: it ke
 on disk) — after any Redis failure a process waits one horizon before booking again, so its
 new slots cannot collide with slots booked before the failure.
 
-A FlowLimitExceeded seen by any process starts a shared cool-down in Redis: every process
-pauses, the shared rate halves and climbs back (the same AIMD as the local pacer).
+A FlowLimitExceeded seen by any process starts a shared pause in Redis (its Retry-After, else
+the cool-down): every process waits; one more within cool-down + recover_s halves the shared
+rate, which climbs back (the same rules as the local pacer).
 
 If Redis cannot be reached the pacer does not fall back to a private budget: it stops
 admitting, says so, polls until Redis answers, and gives up with LimiterUnavailable once it
@@ -60,6 +61,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
 from worker.errors import LimiterRefused, LimiterUnavailable
+from worker.pacing import margin
 from worker.pacing.budget import MIN_RATE, SLACK_S
 from worker.pacing.redis_clock import MARKS, Mark, best_mark
 from worker.pacing.redis_scripts import ACQUIRE, KEY_TTL_MS, THROTTLE, budget_key
@@ -69,8 +71,10 @@ log = structlog.get_logger("worker")
 # Slots are booked at most this far ahead. Short, so that a late send's report reaches Redis
 # before the slots a second later are booked; long enough that every process holds a slot.
 HORIZON_S = 0.25
-# Same headroom as one process (settings.DEFAULT_HEADROOM): late sends are reported and move
-# the schedule, so the shared budget no longer pays for other processes' jitter.
+# Where the margin starts, as for one process (settings.DEFAULT_HEADROOM): late sends are
+# reported and move the schedule, so the shared budget no longer pays for other processes'
+# jitter. Each process then narrows or widens it from the lateness of its own slots (its
+# sleeps, its reading of Redis's clock, its loop's holds), as margin.py says.
 SHARED_HEADROOM = 0.03
 # Woken this much after our slot: the slot is lost, not used late. A send this late is
 # covered by the headroom even when its report never comes (the process had nothing more to
@@ -107,6 +111,8 @@ class RedisPacer:
         self._url = url
         self._watch_s = watch_s
         self._pacing = replace(pacing, headroom=max(pacing.headroom, SHARED_HEADROOM))
+        start = self._pacing.headroom
+        self.margin = (margin.adaptive if pacing.adapt else margin.fixed)(start)
         self._timeout_s = timeout_s
         self._sleep = sleep
         self._clock = clock
@@ -135,7 +141,7 @@ class RedisPacer:
     def __repr__(self) -> str:
         state = "down" if self._down_since is not None else "up"
         return (
-            f"<RedisPacer {self._keys[0]} target={self._pacing.target:.2f}/s redis={state} "
+            f"<RedisPacer {self._keys[0]} target={self._target():.2f}/s redis={state} "
             f"admitted={self.admitted} reported={self.reported} missed={self.missed}>"
         )
 
@@ -150,7 +156,13 @@ class RedisPacer:
             "refused": self.refused,
             "redis_calls": self.calls,
             "redis_rtt_ms": round(1000 * self._call_s / self.calls, 3) if self.calls else 0.0,
+            "headroom": round(self.margin.headroom, 4),
+            "widened": self.margin.widened,
         }
+
+    def _target(self) -> float:
+        """The limit less this process's margin in force: what its bookings space slots by."""
+        return self._pacing.rate * (1 - self.margin.headroom)
 
     async def __aenter__(self) -> RedisPacer:
         self._client = aioredis.Redis.from_url(
@@ -209,12 +221,14 @@ class RedisPacer:
             # earlier one, so that a loop that stalled is seen as late, not taken as on time.
             if (rest := due - self._clock()) > 0:
                 await self._sleep(rest)
-            late = self._clock() - earliest
+            now = self._clock()
+            late = now - earliest
             if late > LATE_S:
                 # Our loop stalled far past the slot: the report might come after the slots a
                 # second later were booked. Let it go, book anew.
                 self.missed += 1
                 continue
+            self.margin = margin.observe(self.margin, max(0.0, late), now)
             if late > SLACK_S:
                 self._used_late(slot_us, seq, late)
             if self._watch_s is not None:
@@ -241,6 +255,7 @@ class RedisPacer:
             if now - last - every_s > STALL_S:
                 for _, slot_us, seq, due in self._recent:
                     if now - due > SLACK_S:
+                        self.margin = margin.observe(self.margin, min(LATE_S, now - due), now)
                         self.stalled += 1
                         self._used_late(slot_us, seq, now - due)
             # Keep one more look's worth: a request admitted just before this look may still be
@@ -262,7 +277,7 @@ class RedisPacer:
     def _args(self, reports: list[tuple[int, int]], *, book: bool) -> list[int | str]:
         p = self._pacing
         args: list[int | str] = [
-            repr(p.target),
+            repr(self._target()),
             int(HORIZON_S * 1e6),
             int(p.cooldown_s * 1e6),
             int(p.recover_s * 1e6),
@@ -308,15 +323,19 @@ class RedisPacer:
         result: tuple[int, int, int, int] = await self._call(run)
         return result
 
-    def throttled(self) -> None:
-        """Start the shared cool-down; the runner does not wait for Redis to hear of it."""
+    def throttled(self, retry_after_s: float | None = None) -> None:
+        """Start the shared pause (hard back-off if it is not the first in a while); the
+        runner does not wait for Redis to hear of it. This process's margin widens now."""
         p = self._pacing
+        self.margin = margin.throttled(self.margin)
+        pause_s = p.cooldown_s if retry_after_s is None else retry_after_s
         args = [
-            repr(p.target),
+            repr(self._target()),
             int(p.cooldown_s * 1e6),
             int(p.recover_s * 1e6),
             repr(MIN_RATE),
             KEY_TTL_MS,
+            int(pause_s * 1e6),
         ]
         _ = self._own(self._tell_throttled(args))  # owned: __aexit__ ends it if still going
 

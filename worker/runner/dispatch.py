@@ -174,7 +174,7 @@ class Runner:
             self.reachability.saw_answer()
         if isinstance(verdict, Throttled):
             self.tally.throttles += 1
-            self.pacer.throttled()
+            self.pacer.throttled(verdict.retry_after_s)
             if self.metrics is not None:
                 self.metrics.throttle()
         return verdict
