@@ -23,7 +23,8 @@ def test_put_get_contains_and_missing(tmp_path: Path) -> None:
         a = g("A", "p", ("k", "2", "System"), ("k", "1", "Custom"))
         store.put(a)
         assert store["A"] == a and store.get("A") == a and "A" in store
-        assert store.get("B") is None and "B" not in store and 3 not in store
+        not_a_name: object = 3
+        assert store.get("B") is None and "B" not in store and not_a_name not in store
         with pytest.raises(KeyError):
             store["B"]
 
