@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -278,13 +279,29 @@ def listing_rows(quick: bool) -> None:
             folder = Path(tmp)
             manifest, ledger = generate(folder, groups, 0, "unused")
             ledger.unlink()
-            sb = start_sandbox(
-                folder, "--preload", str(manifest), "--rate", "100000", keys={AK: SK}
-            )
+            sb = big_sandbox(folder, manifest)
             try:
                 listing_row(folder, manifest, groups, sb, env)
             finally:
                 sb.stop()
+
+
+def big_sandbox(folder: Path, preload: Path) -> SandboxProc:
+    """A sandbox preloaded with `preload`: like start_sandbox, but given minutes to read
+    10^6 groups (start_sandbox allows 20 s)."""
+    log = folder / "arrivals.jsonl"
+    cmd = [sys.executable, "-m", "worker", "sandbox", "--port", "0", "--log", str(log)]
+    cmd += ["--keys", f"{AK}:{SK}", "--preload", str(preload), "--rate", "100000"]
+    with (folder / "sandbox-stderr.txt").open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 600)
+    first = proc.stdout.readline() if ready else ""
+    if not first.startswith("sandbox listening on "):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"sandbox did not start: {first!r}")
+    return SandboxProc(proc=proc, url=first.split()[-1], log=log, keys={AK: SK})
 
 
 def listing_row(
