@@ -8,7 +8,9 @@
 Sections (`--only`): `latency` (bench.latency: the rate held against slow servers at the
 default --concurrency), `shared` (bench.shared: N processes on one Redis budget, beside N
 private budgets), `cpu` (bench.cpu: client CPU per request beside a bare aiohttp + signer
-loop), `memory` (a 1-line run, and peak RSS and time at 10^6 / 10^7 lines).
+loop), `memory` (a 1-line run, and peak RSS and time at 10^6 / 10^7 lines), `listing`
+(`sync` with nothing to do and `export` over 3·10^5 and 10^6 listed groups: peak RSS and
+time beside the listing's floor; `--quick`: 3·10^4).
 
 The memory rows run `python -m worker ...` as a user would, in a temporary directory, and
 read the child's own peak RSS from `os.wait4` (the kernel's ru_maxrss of that process alone)
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -260,7 +263,69 @@ def one_line(folder: Path, sb: SandboxProc, env: dict[str, str]) -> None:
     )
 
 
-SECTIONS = ("latency", "shared", "cpu", "memory")
+SECTIONS = ("latency", "shared", "cpu", "memory", "listing")
+LIST_RATE = 5000  # the worker's --rate for the listing rows; the sandbox allows more
+LIST_GOALS = {300_000: "≤ 100 MB", 1_000_000: "≤ 150 MB"}
+
+
+def listing_rows(quick: bool) -> None:
+    """Issue 18 item 4: `sync` with nothing to do over an account of N groups and an N-line
+    manifest, and `export` of N groups; the worker's peak RSS (not the sandbox's) and wall
+    time beside the listing's floor (N/1000 List requests at LIST_RATE)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VOLC_", "WORKER_"))}
+    env.update(VOLC_ACCESSKEY=AK, VOLC_SECRETKEY=SK)
+    for groups in (30_000,) if quick else (300_000, 1_000_000):
+        with tempfile.TemporaryDirectory(prefix="bench-listing-") as tmp:
+            folder = Path(tmp)
+            manifest, ledger = generate(folder, groups, 0, "unused")
+            ledger.unlink()
+            sb = big_sandbox(folder, manifest)
+            try:
+                listing_row(folder, manifest, groups, sb, env)
+            finally:
+                sb.stop()
+
+
+def big_sandbox(folder: Path, preload: Path) -> SandboxProc:
+    """A sandbox preloaded with `preload`: like start_sandbox, but given minutes to read
+    10^6 groups (start_sandbox allows 20 s)."""
+    log = folder / "arrivals.jsonl"
+    cmd = [sys.executable, "-m", "worker", "sandbox", "--port", "0", "--log", str(log)]
+    cmd += ["--keys", f"{AK}:{SK}", "--preload", str(preload), "--rate", "100000"]
+    with (folder / "sandbox-stderr.txt").open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 600)
+    first = proc.stdout.readline() if ready else ""
+    if not first.startswith("sandbox listening on "):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"sandbox did not start: {first!r}")
+    return SandboxProc(proc=proc, url=first.split()[-1], log=log, keys={AK: SK})
+
+
+def listing_row(
+    folder: Path, manifest: Path, groups: int, sb: SandboxProc, env: dict[str, str]
+) -> None:
+    endpoint = ["--endpoint", sb.url.rstrip("/"), "--rate", str(LIST_RATE), "-q"]
+    floor = f"floor {groups / 1000 / LIST_RATE:.1f} s ({groups // 1000} List at {LIST_RATE}/s)"
+    goal = LIST_GOALS.get(groups, "flat")
+    count = f"{groups:,}".replace(",", " ")
+    got = child(["sync", str(manifest), *endpoint], env=env)
+    row(
+        f"`sync` with nothing to do: {count} listed groups, a {count}-line manifest "
+        "(worker peak RSS, wall time)",
+        f"{got.rss_mb:.0f} MB, {got.wall_s:.1f} s, {floor} (exit {got.code})",
+        goal,
+    )
+    out = folder / "export.jsonl"
+    got = child(["export", "-o", str(out), *endpoint], env=env)
+    exported = sum(1 for _ in out.open("rb")) if out.exists() else 0
+    row(
+        f"`export` of {count} groups (worker peak RSS, wall time)",
+        f"{got.rss_mb:.0f} MB, {got.wall_s:.1f} s, {floor}; {exported} lines (exit {got.code})",
+        goal,
+    )
 
 
 def latency_rows(quick: bool, runs: int) -> None:
@@ -357,8 +422,10 @@ def main() -> None:
             shared_rows(opts.quick, opts.runs)
         elif section == "cpu":
             cpu_rows(opts.quick, opts.runs)
-        else:
+        elif section == "memory":
             memory_rows(opts.quick, opts.full)
+        else:
+            listing_rows(opts.quick)
 
 
 if __name__ == "__main__":

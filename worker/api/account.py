@@ -15,70 +15,28 @@ The I/O is `commands.sync.list_account`'s, through the runner:
         result = await runner.read(spec.LIST, orjson.dumps(body))  # paced, retried
         listing.add_result(result)          # parse_page + add; says how the account moved
     account = listing.groups                # every group seen, each Name once
+    listing.close()                         # the groups are kept on disk (listed_store)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from worker.api import spec
+from worker.api.listed import Interner as Interner
+from worker.api.listed import Listed as Listed
+from worker.api.listed import Tag as Tag
+from worker.api.listed_store import ListedStore
 from worker.errors import ListingFailed
 
 PAGE_SIZE: Final = 1000  # the API's maximum: one request lists a thousand groups
 MAX_PAGES: Final = 1000  # PageNum is 1-1000: past page 1000 a group cannot be listed at all
 AVAILABLE: Final = 0  # Status / StatusList value of a group that is not deleted
 
-SHARE_LIMIT: Final = 1 << 16  # distinct values an Interner keeps one copy of
-
-# (Key, Value, Category): compared as a set, since tag order means nothing to the API.
-Tag = tuple[str, str, str]
-_T = TypeVar("_T")
-
 
 class ListingError(ListingFailed):
     """The account could not be listed completely and consistently (exit 3: nothing written)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Listed:
-    """One available group as List shows it.
-
-    `tags` keeps the listed order (export sorts it); compare with `tag_set`. The set is
-    derived on demand rather than stored: a frozenset costs 216 bytes even when empty, more
-    than the rest of the entry, and a listing of 10^6 groups is held in memory whole.
-    """
-
-    name: str
-    project: str
-    tags: tuple[Tag, ...] = ()
-
-    @property
-    def tag_set(self) -> frozenset[Tag]:
-        return frozenset(self.tags)
-
-
-class Interner:
-    """Hands out one shared copy of each equal value: projects, tag keys, tags and whole tag
-    lists repeat across thousands of groups, and JSON decoding makes a new object for each.
-    At most `limit` distinct values are kept, so values that never repeat (a tag per group)
-    cost no more than they would unshared."""
-
-    def __init__(self, limit: int = SHARE_LIMIT) -> None:
-        self._table: dict[Any, Any] = {}
-        self._limit = limit
-
-    def __len__(self) -> int:
-        return len(self._table)
-
-    def __call__(self, value: _T) -> _T:
-        found: _T | None = self._table.get(value)
-        if found is not None:
-            return found
-        if len(self._table) < self._limit:
-            self._table[value] = value
-        return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,10 +150,13 @@ class Listing:
     may come; MAX_PAGES bounds it. `moves` says how the listing moved (logged by the caller);
     `whole` says it did not move at all, so a Name it does not hold is known to be absent.
 
+    The groups are kept on disk (listed_store.ListedStore), not in memory: `close` removes
+    them (a Listing is also a context manager).
+
     Invariant: `_groups` holds every item of pages 1.._page, each Name once.
     """
 
-    def __init__(self, *, page_size: int = PAGE_SIZE) -> None:
+    def __init__(self, *, page_size: int = PAGE_SIZE, tmp_dir: str | None = None) -> None:
         if not 1 <= page_size <= PAGE_SIZE:
             raise ValueError(f"page_size must be 1-{PAGE_SIZE}, not {page_size}")
         self.page_size = page_size
@@ -204,7 +165,7 @@ class Listing:
         self._page = 0  # pages added so far
         self._pending = False  # a request was handed out and its page not added yet
         self._total: int | None = None  # the largest Total seen
-        self._groups: dict[str, Listed] = {}
+        self._groups = ListedStore(tmp_dir=tmp_dir)
         self._done = False
         self._share = Interner()  # one copy of repeated values across pages
 
@@ -213,6 +174,16 @@ class Listing:
             f"<Listing page={self._page} collected={len(self._groups)} "
             f"total={self._total} moves={len(self.moves)} done={self._done}>"
         )
+
+    def __enter__(self) -> Listing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the groups kept on disk. Idempotent."""
+        self._groups.close()
 
     @property
     def done(self) -> bool:
@@ -224,7 +195,7 @@ class Listing:
         return self._done and not self.moves and len(self._groups) == self._total
 
     @property
-    def groups(self) -> Mapping[str, Listed]:
+    def groups(self) -> ListedStore:
         """Name -> Listed for every group seen. Only once `done`."""
         if not self._done:
             raise RuntimeError("the listing is not complete")
@@ -268,11 +239,8 @@ class Listing:
         if self._total is not None and page.total != self._total:
             moved.append(f"Total {self._total} -> {page.total} at page {self._page}")
         self._total = max(self._total or 0, page.total)
-        seen_twice = 0
-        for item in page.items:
-            if item.name in self._groups:
-                seen_twice += 1
-            self._groups[item.name] = item
+        seen_twice = _seen_twice(page.items, self._groups.present(i.name for i in page.items))
+        self._groups.put_all(page.items)
         if seen_twice:
             moved.append(f"{seen_twice} Names listed twice (page {self._page})")
         before = (self._page - 1) * self.page_size
@@ -291,3 +259,14 @@ class Listing:
             self._done = True
         self.moves.extend(moved)
         return "; ".join(moved) or None
+
+
+def _seen_twice(items: list[Listed], held: set[str]) -> int:
+    """Items whose Name was seen before: on an earlier page (`held`) or earlier on this one."""
+    seen = set(held)
+    twice = 0
+    for item in items:
+        if item.name in seen:
+            twice += 1
+        seen.add(item.name)
+    return twice

@@ -6,6 +6,7 @@ import contextlib
 import os
 import stat
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -14,7 +15,7 @@ import structlog
 
 from worker.commands.sync import list_account
 from worker.errors import Exit, UsageError
-from worker.plan.export import export_lines
+from worker.plan.export import stream_lines
 from worker.session import Opened, Session, carry_out
 
 log = structlog.get_logger("worker")
@@ -27,24 +28,40 @@ def export(session: Session, projects: frozenset[str], output: Path | None) -> E
 
     async def work(opened: Opened) -> Exit:
         log.info("export.start", credentials=opened.source)
-        groups = await list_account(opened.runner)
-        _write(export_lines(groups.values(), projects or None), output, opened.session.out)
+        with await list_account(opened.runner) as listing:
+            # The store walks its groups in Name order: sorted on disk, streamed out.
+            lines = stream_lines(listing.groups.values(), projects or None)
+            _write(lines, output, opened.session.out)
         return Exit.OK
 
     return carry_out(session, work)
 
 
-def _write(lines: list[bytes], output: Path | None, out: IO[str]) -> None:
+def _write(lines: Iterable[bytes], output: Path | None, out: IO[str]) -> None:
+    counted = _Counted(lines)
     if output is None:
         out.flush()
-        out.buffer.write(b"".join(lines))  # type: ignore[attr-defined]
+        out.buffer.writelines(counted)  # type: ignore[attr-defined]
         out.flush()
     else:
-        _write_atomically(output, lines)
-    log.info("export.done", groups=len(lines), output=str(output) if output else "stdout")
+        _write_atomically(output, counted)
+    log.info("export.done", groups=counted.n, output=str(output) if output else "stdout")
 
 
-def _write_atomically(path: Path, lines: list[bytes]) -> None:
+class _Counted:
+    """The lines, counted as they stream past."""
+
+    def __init__(self, lines: Iterable[bytes]) -> None:
+        self._lines = lines
+        self.n = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for line in self._lines:
+            self.n += 1
+            yield line
+
+
+def _write_atomically(path: Path, lines: Iterable[bytes]) -> None:
     """Write beside the target, fsync, rename: a reader sees the old file or the new one."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:

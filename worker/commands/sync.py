@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import structlog
 
-from worker.api.account import Listed
+from worker.api.account import Listed, Listing
 from worker.commands import confirm, sync_saved
 from worker.commands.sync_rounds import Rounds, list_once
 from worker.errors import Exit, ManifestError, PlanRefused
@@ -109,17 +109,24 @@ def sync(session: Session, sync_options: SyncOptions) -> Exit:
         return carry_out(session, write, recorded=scan)
 
 
-async def list_account(runner: Runner) -> Mapping[str, Listed]:
-    """One listing under the run's budget: every group it saw (sync_rounds.list_once)."""
+async def list_account(runner: Runner) -> Listing:
+    """One listing under the run's budget: every group it saw (sync_rounds.list_once), kept
+    on disk until the caller closes it."""
     listing, _ = await list_once(runner)
-    return listing.groups
+    return listing
 
 
 async def _plan_only(opened: Opened, sync_options: SyncOptions, scan: Scan) -> Exit:
     """--dry-run and --check: the plan printed, nothing written. A plan a real sync would
     refuse is printed too, then refused (exit 2)."""
     log.info("sync.start", credentials=opened.source)
-    groups = await list_account(opened.runner)
+    with await list_account(opened.runner) as listing:
+        return _look(opened, sync_options, scan, listing.groups)
+
+
+def _look(
+    opened: Opened, sync_options: SyncOptions, scan: Scan, groups: Mapping[str, Listed]
+) -> Exit:
     out = opened.session.out
     with before_writes():
         # Plan without the --max-delete fence, so the plan a real sync would refuse can be
@@ -193,6 +200,15 @@ async def _sync(opened: Opened, sync_options: SyncOptions, scan: Scan) -> Exit:
             reviewed, sync_options.plan_path, sync_options.plan_options(), opened, scan, None, {}
         )
     listing, listed_at = await list_once(runner)
+    with listing:
+        return await _sync_listed(opened, sync_options, scan, listing, listed_at)
+
+
+async def _sync_listed(
+    opened: Opened, sync_options: SyncOptions, scan: Scan, listing: Listing, listed_at: float
+) -> Exit:
+    runner = opened.runner
+    reviewed = sync_options.plan
     # Nothing is written before the listing is complete and the plan accepted.
     with before_writes():
         if reviewed is not None:
@@ -231,8 +247,11 @@ async def _sync(opened: Opened, sync_options: SyncOptions, scan: Scan) -> Exit:
         saved=sync_saved.written_names(reviewed) if reviewed is not None else None,
     )
     the_rounds.start(listing, listed_at)
-    header = opened.header(scan, plan=the_plan.counts)
-    return await opened.record(header, the_rounds.run(the_plan), progress)
+    try:
+        header = opened.header(scan, plan=the_plan.counts)
+        return await opened.record(header, the_rounds.run(the_plan), progress)
+    finally:
+        the_rounds.close()  # the view's and the later listings' files
 
 
 async def _confirmed(

@@ -20,6 +20,7 @@ its ledger: one header per invocation, one result per write.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import assert_never
@@ -29,6 +30,7 @@ import structlog
 
 from worker.api import spec
 from worker.api.account import Listed, Listing
+from worker.api.listed_store import NameSet
 from worker.errors import StillDifferent
 from worker.ledger.records import Action, Outcome, Record, Result
 from worker.manifest import spool
@@ -43,13 +45,18 @@ log = structlog.get_logger("worker")
 
 
 async def list_once(runner: Runner) -> tuple[Listing, float]:
-    """One listing under the run's budget, and when it began (monotonic)."""
+    """One listing under the run's budget, and when it began (monotonic). The caller
+    closes the listing (its groups are kept on disk)."""
     began = runner.clock()
     listing = Listing()
-    while (body := listing.next_request()) is not None:
-        result = await runner.read(spec.LIST, orjson.dumps(body))
-        if (moved := listing.add_result(result)) is not None:
-            log.info("sync.listing_moved", how=moved, requests=listing.requests)
+    try:  # the listing's groups are on disk: removed if it cannot be completed
+        while (body := listing.next_request()) is not None:
+            result = await runner.read(spec.LIST, orjson.dumps(body))
+            if (moved := listing.add_result(result)) is not None:
+                log.info("sync.listing_moved", how=moved, requests=listing.requests)
+    except BaseException:
+        listing.close()
+        raise
     log.info(
         "sync.listed",
         groups=len(listing.groups),
@@ -98,6 +105,7 @@ class Rounds:
     _planned: dict[str, tuple[Listed | None, Listed | None]] = field(default_factory=dict)
     _replacing: dict[str, Listed] = field(default_factory=dict)  # delete half sent
     _recreate: set[str] = field(default_factory=set)  # delete half answered: create next
+    _listing: Listing | None = None  # the latest listing this round made (`conv.last`)
 
     @property
     def replacing(self) -> Callable[[Listed], bool] | None:
@@ -206,8 +214,15 @@ class Rounds:
 
     async def _observe(self) -> None:
         listing, began = await list_once(self.runner)
-        relevant = self._relevant(listing.groups)
-        self.conv.observe(listing.groups, whole=listing.whole, relevant=relevant)
+        try:
+            with self._relevant(listing.groups) as relevant:
+                self.conv.observe(listing.groups, whole=listing.whole, relevant=relevant)
+        except BaseException:
+            listing.close()
+            raise
+        if self._listing is not None:
+            self._listing.close()  # `last` is the new one now: the old one's file goes
+        self._listing = listing
         self.listed_at = began
         if self.conv.foreign:
             log.warning(
@@ -217,18 +232,30 @@ class Rounds:
                 "trusted only once a listing shows them",
             )
 
-    def _relevant(self, new: Mapping[str, Listed]) -> set[str]:
-        """Manifest Names either listing holds, and extras inside the prune scope."""
+    def close(self) -> None:
+        """Remove the view and the listings this round made (their files). Idempotent."""
+        if self._listing is not None:
+            self._listing.close()
+        conv = getattr(self, "conv", None)  # not there before `start`
+        if conv is not None:
+            conv.close()
+
+    def _relevant(self, new: Mapping[str, Listed]) -> NameSet:
+        """Manifest Names either listing holds, and extras inside the prune scope: on disk,
+        each once (the caller closes the set)."""
         old = self.conv.view
-        names = {
-            item.name
-            for item in spool.read(self.scan)
-            if item.name is not None and (item.name in old or item.name in new)
-        }
-        if self.prune:
-            for listed in (*old.values(), *new.values()):
-                if self.scope.contains(listed):
-                    names.add(listed.name)
+        names = NameSet()
+        try:
+            for item in spool.read(self.scan):
+                if item.name is not None and (item.name in old or item.name in new):
+                    names.add(item.name)
+            if self.prune:
+                for listed in itertools.chain(old.values(), new.values()):
+                    if self.scope.contains(listed):
+                        names.add(listed.name)
+        except BaseException:
+            names.close()
+            raise
         return names
 
     def _upserts(self, *, first: bool) -> Iterator[Work | Result]:

@@ -9,7 +9,7 @@ exports the same bytes (a backup can be diffed).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -22,6 +22,16 @@ def export_lines(groups: Iterable[Listed], projects: frozenset[str] | None = Non
     chosen = [g for g in groups if projects is None or g.project in projects]
     chosen.sort(key=lambda g: g.name)
     return [manifest_line(g) for g in chosen]
+
+
+def stream_lines(
+    sorted_groups: Iterable[Listed], projects: frozenset[str] | None = None
+) -> Iterator[bytes]:
+    """`export_lines` for groups already in Name order (a ListedStore's `values()`), one at a
+    time: an export of 10^6 groups holds one line, not the whole manifest."""
+    for group in sorted_groups:
+        if projects is None or group.project in projects:
+            yield manifest_line(group)
 
 
 def manifest_line(group: Listed) -> bytes:

@@ -29,6 +29,7 @@ from typing import Any, Final, assert_never
 import orjson
 
 from worker.api.account import Listed, Tag
+from worker.api.listed_store import NameSet, not_in
 from worker.errors import PlanRefused, UsageError
 from worker.manifest.values import Group, Invalid
 
@@ -211,32 +212,32 @@ def plan_sync(
     replaces: list[Listed] = []
     replacing = scope.contains if replace else None
     invalid = 0
-    named: set[str] = set()  # Names the manifest gives that the account holds
-    for item in items:
-        if isinstance(item, Invalid):
-            # An invalid line still names its group: never delete what a user listed, under
-            # any Name the line could mean (a repeated key, an escape). A line whose Name
-            # cannot even be read (bad JSON, bad UTF-8) might name any extra.
-            if prune and not item.names:
-                raise PlanRefused(
-                    f"manifest line {item.line} is invalid and has no readable Name, so "
-                    "--prune cannot tell whether it names a group to keep; fix that line "
-                    "(nothing was changed)"
-                )
-            invalid += 1
-            named.update(name for name in item.names if name in account)
-            continue
-        if item.name in account:
-            named.add(item.name)
-        change = classify_group(item, account, replacing=replacing)
-        counts[type(change)] += 1
-        if isinstance(change, Replace):
-            replaces.append(change.listed)
     deletes: list[Listed] = []
     kept: list[Listed] = []
-    for name in sorted(account.keys() - named):
-        listed = account[name]
-        (deletes if prune and scope.contains(listed) else kept).append(listed)
+    # Every Name the manifest gives, on disk: the extras are the account's groups not in
+    # it, found by walking both in Name order (no set of 10^6 Names in memory).
+    with NameSet() as named:
+        for item in items:
+            if isinstance(item, Invalid):
+                # An invalid line still names its group: never delete what a user listed,
+                # under any Name the line could mean (a repeated key, an escape). A line
+                # whose Name cannot even be read (bad JSON, bad UTF-8) might name any extra.
+                if prune and not item.names:
+                    raise PlanRefused(
+                        f"manifest line {item.line} is invalid and has no readable Name, so "
+                        "--prune cannot tell whether it names a group to keep; fix that line "
+                        "(nothing was changed)"
+                    )
+                invalid += 1
+                named.update(item.names)
+                continue
+            named.add(item.name)
+            change = classify_group(item, account, replacing=replacing)
+            counts[type(change)] += 1
+            if isinstance(change, Replace):
+                replaces.append(change.listed)
+        for listed in not_in(account, named):
+            (deletes if prune and scope.contains(listed) else kept).append(listed)
     if len(deletes) + len(replaces) > max_delete:
         raise PlanRefused(
             f"sync would delete {len(deletes) + len(replaces)} groups"

@@ -10,7 +10,8 @@ the listings and the writes of one invocation say:
                absence)
     last       the latest listing alone: the only source of deletes (a Name the view keeps
                from an older, moved listing may be long gone or re-created elsewhere)
-    shown      the Names a listing has shown since the last write: a manifest group counts
+    shown      the Names a listing has shown since the last write (kept as the number of
+               the listing that last showed each Name): a manifest group counts
                as in place only when shown there (or credited), never from the view alone
     credits    writes answered 2xx in this invocation that no listing has shown yet: they
                count as done (the listing may lag) until a listing shows the written state
@@ -34,11 +35,13 @@ source of a delete (FRESH_S).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import heapq
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from worker.api.account import Listed
+from worker.api.listed_store import ListedStore, NameOrdered
 
 MAX_ROUNDS: Final = 4  # write rounds per invocation: the plan and three corrections
 ROUND_PAUSE_S: Final = 2.0  # before each listing after the second: a lagging listing catches up
@@ -65,12 +68,24 @@ class Credit:
 
 
 class Convergence:
-    """The account as one sync invocation knows it, across its listings and writes."""
+    """The account as one sync invocation knows it, across its listings and writes.
+
+    `view` is kept on disk (listed_store.ListedStore), each Name with the number of the
+    listing that last showed it: `shown` is then "listed by listing `shown_from` or later",
+    where `shown_from` is the first listing after the last write. Only `credits`, `exists`,
+    `settled` and `foreign` are in memory: they hold Names written (or answered) in this run.
+    `last` is the caller's: the latest listing, never copied. Close the Convergence (it is a
+    context manager) to remove the view's file."""
 
     def __init__(self, groups: Mapping[str, Listed], *, whole: bool) -> None:
-        self.view: dict[str, Listed] = dict(groups)
+        self.view = ListedStore()
+        try:
+            self.view.absorb(groups, 1, replace=True)
+        except BaseException:
+            self.view.close()
+            raise
         self.last: Mapping[str, Listed] = groups
-        self.shown: set[str] = set(groups)
+        self.shown_from = 1  # the first listing after the last write
         self._written = False  # a write was answered since the last listing
         self.whole = whole  # the view's last listing did not move
         self.credits: dict[str, Credit] = {}
@@ -85,6 +100,15 @@ class Convergence:
             f"<Convergence view={len(self.view)} credits={len(self.credits)} "
             f"exists={len(self.exists)} foreign={len(self.foreign)} listings={self.listings}>"
         )
+
+    def __enter__(self) -> Convergence:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.view.close()
 
     def wrote(self, name: str, before: Listed | None, after: Listed | None) -> None:
         """A write about `name` was answered 2xx (created, updated, deleted)."""
@@ -118,35 +142,65 @@ class Convergence:
             elif not same(shown, credit.before):
                 del self.credits[name]  # a third state: someone else wrote it
                 self.foreign.append(name)
-        self.exists -= groups.keys()
+        self.exists = {name for name in self.exists if name not in groups}
         self.last = groups
         if self._written:
-            self.shown = set(groups)
+            self.shown_from = self.listings
             self._written = False
-        else:
-            self.shown.update(groups)
-        if whole:
-            self.view = dict(groups)
-        else:
-            self.view.update(groups)
+        # A listing that did not move replaces the view; a moved one only adds to it.
+        self.view.absorb(groups, self.listings, replace=whole)
         self.whole = whole
         if self.foreign:
             self.credits.clear()  # another party writes here: only listings count now
 
+    def shown(self, name: str) -> bool:
+        """A listing since the last write showed `name`."""
+        listing = self.view.listing_of(name)
+        return listing is not None and listing >= self.shown_from
+
     def unconfirmed(self, name: str) -> bool:
         """No listing since the last write showed `name`, and no write of ours vouches
         for it: its place in the view is hearsay from an older listing."""
-        return name not in self.shown and name not in self.credits
+        return name not in self.credits and not self.shown(name)
 
-    def effective(self) -> dict[str, Listed]:
+    def effective(self) -> Mapping[str, Listed]:
         """The view with the writes no listing shows yet counted as done."""
-        account = dict(self.view) if self.credits else self.view
-        for name, credit in self.credits.items():
-            if credit.after is None:
-                account.pop(name, None)
-            else:
-                account[name] = credit.after
-        return account
+        return Effective(self.view, dict(self.credits)) if self.credits else self.view
+
+
+class Effective(NameOrdered):
+    """The view (on disk) overlaid with the credited writes (in memory), read through."""
+
+    def __init__(self, view: Mapping[str, Listed], credits: Mapping[str, Credit]) -> None:
+        self._view = view
+        self._credits = credits
+
+    def __getitem__(self, name: str) -> Listed:
+        credit = self._credits.get(name)
+        if credit is None:
+            return self._view[name]
+        if credit.after is None:
+            raise KeyError(name)
+        return credit.after
+
+    def __contains__(self, name: object) -> bool:
+        credit = self._credits.get(name) if isinstance(name, str) else None
+        if credit is None:
+            return name in self._view
+        return credit.after is not None
+
+    def __iter__(self) -> Iterator[str]:
+        """In Name order, like the view: the credited Names merged in."""
+        added = sorted(n for n, c in self._credits.items() if c.after is not None)
+        viewed = (n for n in self._view if n not in self._credits)
+        return heapq.merge(viewed, added)
+
+    def __len__(self) -> int:
+        # One lookup per credit (this run's writes), never a walk over the view.
+        change = 0
+        for name, credit in self._credits.items():
+            change += (credit.after is not None) - (name in self._view)
+        return len(self._view) + change
 
 
 def still_different(names: list[str], total: int) -> str:
