@@ -152,7 +152,10 @@ class SyncPlan:
     invalid: int  # invalid manifest lines (--skip-invalid); their Names are still protected
     prune: bool
     deletes: tuple[Listed, ...]  # sorted by Name; never a Name the manifest gives
-    kept: tuple[Listed, ...]  # extras not deleted, sorted by Name (see `keep_why`)
+    # Extras not deleted (see `keep_why`), counted only: without --prune they are every
+    # other group of the account (10^6 of them as objects would cost ~370 MB);
+    # `iter_changes` walks them again from the listing when a renderer wants each one.
+    kept: int
     # The account's groups to delete and create again in the manifest's project, sorted by
     # Name (--replace-conflicts; every one a Name the manifest gives, valid).
     replaces: tuple[Listed, ...] = ()
@@ -172,7 +175,7 @@ class SyncPlan:
             "replace": len(self.replaces),
             "in_sync": self.in_sync,
             "delete": len(self.deletes),
-            "keep": len(self.kept),
+            "keep": self.kept,
             "invalid": self.invalid,
         }
 
@@ -213,7 +216,7 @@ def plan_sync(
     replacing = scope.contains if replace else None
     invalid = 0
     deletes: list[Listed] = []
-    kept: list[Listed] = []
+    kept = 0
     # Every Name the manifest gives, on disk: the extras are the account's groups not in
     # it, found by walking both in Name order (no set of 10^6 Names in memory).
     with NameSet() as named:
@@ -237,7 +240,10 @@ def plan_sync(
             if isinstance(change, Replace):
                 replaces.append(change.listed)
         for listed in not_in(account, named):
-            (deletes if prune and scope.contains(listed) else kept).append(listed)
+            if prune and scope.contains(listed):
+                deletes.append(listed)
+            else:
+                kept += 1
     if len(deletes) + len(replaces) > max_delete:
         raise PlanRefused(
             f"sync would delete {len(deletes) + len(replaces)} groups"
@@ -254,7 +260,7 @@ def plan_sync(
         invalid=invalid,
         prune=prune,
         deletes=tuple(deletes),
-        kept=tuple(kept),
+        kept=kept,
         replaces=tuple(sorted(replaces, key=lambda listed: listed.name)),
     )
 
@@ -285,14 +291,22 @@ def classify_group(
 def iter_changes(
     plan: SyncPlan, items: Iterable[Group | Invalid], account: Mapping[str, Listed]
 ) -> Iterator[Change]:
-    """Every change in order: the manifest's (streamed again), then deletes, then kept."""
+    """Every change in order: the manifest's (streamed again), then deletes, then the kept
+    extras (walked again from the account: the plan only counted them)."""
     replaced = {listed.name for listed in plan.replaces}
-    for item in items:
-        if isinstance(item, Group):
+    with NameSet() as named:
+        for item in items:
+            if isinstance(item, Invalid):
+                named.update(item.names)
+                continue
+            named.add(item.name)
             yield classify_group(item, account, replacing=lambda g: g.name in replaced)
-    yield from (Delete(listed) for listed in plan.deletes)
-    why = plan.keep_why
-    yield from (Keep(listed, why) for listed in plan.kept)
+        yield from (Delete(listed) for listed in plan.deletes)
+        deleted = {listed.name for listed in plan.deletes}
+        why = plan.keep_why
+        for listed in not_in(account, named):
+            if listed.name not in deleted:
+                yield Keep(listed, why)
 
 
 def in_sync(plan: SyncPlan, prune: bool) -> bool:
@@ -370,7 +384,7 @@ def render_text(
             case _:
                 assert_never(change)
     if plan.kept and not list_kept:
-        n = len(plan.kept)
+        n = plan.kept
         yield f"? {n} {'extra' if n == 1 else 'extras'} {plan.keep_why} (-v lists them)"
 
 
