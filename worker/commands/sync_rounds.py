@@ -18,11 +18,10 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import assert_never
 
-import orjson
 import structlog
 
-from worker.api import spec
 from worker.api.account import Listed, Listing
+from worker.commands import paging
 from worker.errors import StillDifferent
 from worker.ledger.records import Action, Outcome, Record, Result
 from worker.manifest import spool
@@ -37,13 +36,15 @@ log = structlog.get_logger("worker")
 
 
 async def list_once(runner: Runner) -> tuple[Listing, float]:
-    """One listing under the run's budget, and when it began (monotonic)."""
+    """One listing under the run's budget, its pages a window at a time (paging), and
+    when it began (monotonic)."""
     began = runner.clock()
     listing = Listing()
-    while (body := listing.next_request()) is not None:
-        result = await runner.read(spec.LIST, orjson.dumps(body))
-        if (moved := listing.add_result(result)) is not None:
-            log.info("sync.listing_moved", how=moved, requests=listing.requests)
+
+    def moved(how: str) -> None:
+        log.info("sync.listing_moved", how=how, requests=listing.requests)
+
+    await paging.page_through(runner, listing, moved)
     log.info(
         "sync.listed",
         groups=len(listing.groups),
