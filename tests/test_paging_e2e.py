@@ -6,13 +6,16 @@ account holds afterwards. No timing is asserted (bench/sync.py measures the rate
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import cli_env, run_worker, write_manifest
+from tests.conftest import cli_env, run_worker, worker_cmd, write_manifest
 
 pytestmark = pytest.mark.slow  # real processes: `pytest -m 'not slow'` skips them
 
@@ -58,3 +61,46 @@ def test_a_slow_account_of_seven_pages_is_listed_each_page_once_per_listing(
     assert all(
         [(t["Key"], t["Value"]) for t in g["Tags"]] == [("批次", "b1")] for g in groups.values()
     )
+
+
+def test_sigterm_while_pages_are_out_stops_the_sync_before_any_write(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """8 pages listed at --rate 2, SIGTERM once two have arrived: the pages still out or
+    waiting for the budget are dropped, exit 4 (interrupted), no traceback, nothing written;
+    the next sync lists every page once per listing and exits 0."""
+    account = [group(i, "b1") for i in range(8000)]
+    preload = write_manifest(tmp_path / "preload.jsonl", account)
+    sb = sandbox_factory("--rate", "50", "--preload", str(preload), "--latency-ms", "100-200")
+    path = write_manifest(tmp_path / "m.jsonl", [*account, group(8000, "b1")])
+    err = tmp_path / "stderr.txt"
+    with err.open("wb") as f:
+        proc = subprocess.Popen(
+            worker_cmd("sync", str(path), "--endpoint", sb.url, "--rate", "2"),
+            env=cli_env(tmp_path),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while len(sb.of(LIST)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err.read_text()
+    assert code == 4, text[-3000:]
+    assert "Traceback" not in text and "run.stopping" in text
+    assert not sb.of(CREATE) and not sb.of(UPDATE)
+    before = len(sb.of(LIST))
+    out = run_worker("sync", str(path), "--endpoint", sb.url, "--rate", "50", env=cli_env(tmp_path))
+    assert out.returncode == 0, out.stderr
+    again = sb.of(LIST)[before:]
+    # Pages 1-8 before the create, pages 1-9 after it (8 001 groups).
+    assert Counter(a["page"] for a in again) == Counter([*range(1, 9), *range(1, 10)])
+    assert [a["name"] for a in sb.of(CREATE)] == ["组008000"]
