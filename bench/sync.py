@@ -201,7 +201,9 @@ def main() -> None:
         help="a source tree of the code before the change: rows 4-5 run its worker too",
     )
     parser.add_argument(
-        "--drift-latency", default="20-50", help="the sandbox's --latency-ms for row 5 (20-50)"
+        "--drift-latency",
+        default="20-50,100-300",
+        help="the sandbox's --latency-ms for row 5, comma-separated (20-50,100-300)",
     )
     opts = parser.parse_args()
     only = set(opts.only.split(","))
@@ -229,7 +231,8 @@ def main() -> None:
             if "listing" in only:
                 sync_listing.row_listing(tmp, env, sizes.large, opts.rate, today)
             if "drift" in only:
-                sync_listing.row_drift(tmp, env, sizes.large, opts.rate, today, opts.drift_latency)
+                for latency in opts.drift_latency.split(","):
+                    sync_listing.row_drift(tmp, env, sizes.large, opts.rate, today, latency)
         except (KeyboardInterrupt, Terminated):
             print("interrupted: children stopped, temp folder removed", file=sys.stderr)
             sys.exit(130)

@@ -85,7 +85,7 @@ def row_listing(tmp: Path, env: dict[str, str], size: int, rate: float, today: P
 def row_drift(
     tmp: Path, env: dict[str, str], size: int, rate: float, today: Path | None, latency: str
 ) -> None:
-    folder = tmp / "drift-1pc"
+    folder = tmp / f"drift-1pc-{latency}"
     folder.mkdir()
     missing = retagged = size // 200
     base.write(folder / "m.jsonl", (base.group(i, f"b{i % 7}") for i in range(size)))
@@ -97,7 +97,8 @@ def row_drift(
         ),
     )
     print(
-        f"### 5. A 1 % drift sync of {base.n(size)} groups at {rate:g}/s\n\n"
+        f"### 5. A 1 % drift sync of {base.n(size)} groups at {rate:g}/s, "
+        f"answers in {latency} ms\n\n"
         f"`worker sync m.jsonl --rate {rate:g}` against `worker sandbox --rate {rate:g} "
         f"--preload account.jsonl --latency-ms {latency}`: the account lacks {base.n(missing)} "
         f"and holds {base.n(retagged)} with other tags. Floor = the requests the sandbox "
