@@ -14,6 +14,7 @@ and an answer is added (decoded items turned into shared `Listed` values) as soo
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -38,10 +39,7 @@ async def page_through(
         async with asyncio.TaskGroup() as tg:
             out: dict[asyncio.Task[dict[str, Any]], int] = {}
             while True:
-                while (
-                    len(out) < runner.concurrency.limit
-                    and (body := listing.next_request()) is not None
-                ):
+                while len(out) < window(runner) and (body := listing.next_request()) is not None:
                     task = tg.create_task(runner.read(spec.LIST, orjson.dumps(body)))
                     out[task] = body["PageNum"]
                 if not out:
@@ -56,3 +54,14 @@ async def page_through(
     except* WorkerError as group:
         raise group.exceptions[0] from None
     assert listing.done, listing
+
+
+def window(runner: Runner) -> int:
+    """Pages out at once: what the rate keeps busy over one answer's time (Little's law,
+    rate x latency, with half again to spare), at least one, at most the runner's in-flight
+    limit. Not that limit itself: it keeps at least two out, and at 20-50 ms the second
+    page only waits for the budget while another is checked (measured: a FlowLimitExceeded
+    in each of 3 listings of 100 pages; one page at a time, none).
+    """
+    busy = math.ceil(runner.settings.pacing.rate * runner.concurrency.latency_s * 1.5)
+    return max(1, min(runner.concurrency.limit, busy))
