@@ -1,13 +1,13 @@
 """Sync's List pages at the rate: a window of List requests out at once, answered in any order.
 
-Asked one at a time, a listing waits a whole answer between pages: 100 pages took 34 s at
-100-300 ms latency (3 pages/s against a budget of 10/s), and 18 s at 20-50 ms. Here page 1
-goes alone (only its Total says how many pages there are), then as many pages as the
-runner's in-flight limit allows (rate x latency, worker.runner.concurrency) go out together,
-each through `Runner.read` (paced by the run's one budget, retried, never recorded), and each
-answer is added to the Listing as it lands, in whatever order that is.
+Asked one at a time, a listing waits a whole answer between pages: 100 pages took 23-25 s
+at 100-300 ms latency (4 pages/s against a budget of 10/s). Here page 1 goes alone (only its
+Total says how many pages there are), then as many pages as the latency needs to keep the
+rate busy (`window`: rate x latency x 1.5, within the runner's in-flight limit) go out
+together, each through `Runner.read` (paced by the run's one budget, retried, never
+recorded), and each answer is added to the Listing as it lands, in whatever order that is.
 
-Memory stays bounded by the window: at most `limit` pages are asked for and not yet added,
+Memory stays bounded by the window: at most `window` pages are asked for and not yet added,
 and an answer is added (decoded items turned into shared `Listed` values) as soon as it lands.
 """
 
