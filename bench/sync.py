@@ -3,6 +3,7 @@
     python -m bench.sync                  # the issue's sizes (about 90 s on 2 cores)
     python -m bench.sync --quick          # smaller sizes: a smoke check
     python -m bench.sync --rate 10 --fast-rate 100
+    python -m bench.sync --only listing,drift --today /tmp/before   # issue 20 item 3
 
 Every figure comes from `python -m worker ...` run as a user runs it, against a sandbox
 process (`python -m worker sandbox --rate R --preload ACCOUNT --log ARRIVALS`) holding the
@@ -22,6 +23,8 @@ of that child alone (`os.wait4`).
    sync against an account that holds every one of its groups (a listing as large as the
    manifest), sandbox and worker at --fast-rate (a hundred List pages at 10/s would be
    ten seconds of waiting and nothing else).
+4. and 5. (bench.sync_listing): List pages per second at two latencies, and a 1 % drift
+   sync of 100 000 groups beside its floor, each beside today's code with --today.
 
 Not part of the test suite (tests/test_sync_e2e.py asserts the behaviour).
 """
@@ -29,32 +32,29 @@ Not part of the test suite (tests/test_sync_e2e.py asserts the behaviour).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
-import time
-from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from bench.harness import SandboxProc, start_sandbox
-from worker.api import spec
-from worker.settings import Pacing
-
-AK, SK = "AKBENCHSYNC", "SKbenchsyncsecret"
-SHORT = {
-    spec.LIST: "List",
-    "CreatePullToPushGroup": "Create",
-    "UpdatePullToPushGroup": "Update",
-    "DeletePullToPushGroup": "Delete",
-}
+from bench import sync_listing
+from bench.sync_measure import (
+    AK,
+    SK,
+    Measured,
+    account,
+    group,
+    n,
+    requests,
+    table,
+    wall,
+    worker,
+    write,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,140 +70,12 @@ DEFAULT = Sizes(in_sync=2000, listed=1000, missing=100, retagged=50, large=100_0
 QUICK = Sizes(in_sync=1100, listed=200, missing=20, retagged=10, large=10_000)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Measured:
-    """One worker child: what the sandbox saw of it and what the kernel says it cost."""
-
-    shown: str  # the command line, paths shortened
-    rate: float
-    wall_s: float
-    rss_mb: float
-    code: int
-    actions: Mapping[str, int]  # requests per action, every answer counted
-    codes: Mapping[str, int]  # error codes answered (Exist, FlowLimitExceeded, ...)
-    span_s: float  # first arrival to last, 0 without two arrivals
-    first_s: float | None  # the child's start to its first arrival; None without any
-
-    @property
-    def requests(self) -> int:
-        return sum(self.actions.values())
-
-    def projected_s(self, rate: float) -> float:
-        """Wall time at `rate`: this run's start-up and tail (its wall time outside the
-        span of its requests) plus the same requests spread at the worker's target."""
-        overhead = self.wall_s - self.span_s
-        return overhead + max(self.requests - 1, 0) / Pacing(rate=rate).target
-
-
 class Terminated(Exception):
     """SIGTERM, turned into an exception so that every `finally` below runs."""
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated
-
-
-def group(i: int, batch: str) -> str:
-    body = {
-        "Name": f"组{i:08d}",
-        "ProjectName": "default",
-        "Tags": [{"Key": "批次", "Value": batch, "Category": "Custom"}],
-    }
-    return json.dumps(body, ensure_ascii=False) + "\n"
-
-
-def write(path: Path, lines: Iterator[str]) -> Path:
-    with path.open("w", encoding="utf-8", buffering=1 << 20) as f:
-        f.writelines(lines)
-    return path
-
-
-@contextmanager
-def account(tmp: Path, rate: float, preload: Path) -> Iterator[SandboxProc]:
-    """A sandbox process at `rate` holding the groups of `preload`, stopped on the way out."""
-    sb = start_sandbox(tmp, "--rate", f"{rate:g}", "--preload", str(preload), keys={AK: SK})
-    try:
-        yield sb
-    finally:
-        sb.stop()
-
-
-def worker(tmp: Path, env: dict[str, str], sb: SandboxProc, rate: float, *args: str) -> Measured:
-    """Run `python -m worker ARGS` (with --endpoint and --rate when it talks to `sb`) and
-    measure it; a worker still running when we are interrupted is killed."""
-    talks = args[0] != "validate"
-    argv = [*args, *(("--endpoint", sb.url, "--rate", f"{rate:g}") if talks else ()), "-q"]
-    before = len(sb.arrivals())
-    errors = tmp / f"stderr-{time.monotonic_ns()}.txt"
-    started, started_wall = time.monotonic(), time.time()  # arrivals carry wall times
-    with errors.open("wb") as err:  # a file, not a pipe: nobody reads it while it runs
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", *argv],
-            cwd=tmp,  # paths in ARGS are relative to it: the table shows them as given
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-    wall = time.monotonic() - started
-    proc.returncode = code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        with errors.open("rb") as f:
-            tail = f.read()[-2000:].decode(errors="replace")  # bounded: the end says why
-        print(f"note: worker {argv[0]} exited {code}: {tail.strip()}", file=sys.stderr)
-    arrivals = sb.arrivals()[before:]
-    times = [float(a["t"]) for a in arrivals]
-    shown = shlex.join(["worker", *argv]).replace(sb.url, "$SANDBOX")
-    return Measured(
-        shown=shown,
-        rate=rate,
-        wall_s=wall,
-        rss_mb=usage.ru_maxrss / 1024,
-        code=code,
-        actions=Counter(SHORT.get(a["action"], a["action"]) for a in arrivals),
-        codes=Counter(a["code"] for a in arrivals if a["code"]),
-        span_s=max(times) - min(times) if len(times) > 1 else 0.0,
-        first_s=min(times) - started_wall if times else None,
-    )
-
-
-def n(x: int) -> str:
-    return f"{x:,}".replace(",", " ")
-
-
-def requests(m: Measured) -> str:
-    order = list(SHORT.values())
-    ranked = sorted(m.actions.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9)
-    parts = [f"{action} {n(count)}" for action, count in ranked]
-    answers = ", ".join(f"{code} {n(c)}" for code, c in sorted(m.codes.items()))
-    if not parts:
-        return "0"
-    return (
-        f"**{n(m.requests)}**: " + ", ".join(parts) + (f" (answers: {answers})" if answers else "")
-    )
-
-
-def wall(m: Measured) -> str:
-    """The wall time, and when inside it the requests went out: what is start-up and
-    planning, what is paced sending."""
-    if m.first_s is None:
-        return f"{m.wall_s:.1f} s"
-    return f"{m.wall_s:.1f} s (requests at {m.first_s:.1f}–{m.first_s + m.span_s:.1f} s)"
-
-
-def table(header: str, rows: list[str]) -> None:
-    cells = header.count("|") - 1
-    print(header)
-    print("|" + " --- |" * cells)
-    for r in rows:
-        print(r, flush=True)
-    print()
 
 
 def timing_row(m: Measured) -> str:
@@ -318,7 +190,27 @@ def main() -> None:
         default=100.0,
         help="the rate `run` is measured at when --rate is lower, and row 3's rate (100)",
     )
+    parser.add_argument(
+        "--only",
+        default="compare,memory,listing,drift",
+        help="sections, comma-separated: compare (rows 1-2), memory (3), listing (4), drift (5)",
+    )
+    parser.add_argument(
+        "--today",
+        type=Path,
+        help="a source tree of the code before the change: rows 4-5 run its worker too",
+    )
+    parser.add_argument(
+        "--drift-latency",
+        default="20-50,100-300",
+        help="the sandbox's --latency-ms for row 5, comma-separated (20-50,100-300)",
+    )
     opts = parser.parse_args()
+    only = set(opts.only.split(","))
+    if unknown := only - {"compare", "memory", "listing", "drift"}:
+        parser.error(f"--only: unknown sections {sorted(unknown)}")
+    if opts.today is not None and not (opts.today / "worker" / "__main__.py").is_file():
+        parser.error(f"--today {opts.today}: no worker/__main__.py there")
     if opts.rate <= 0 or opts.fast_rate <= 0:
         parser.error("rates must be positive")
     sizes = QUICK if opts.quick else DEFAULT
@@ -330,9 +222,17 @@ def main() -> None:
         env.update(HOME=d, VOLC_ACCESSKEY=AK, VOLC_SECRETKEY=SK)
         print(f"`{shlex.join(['python', '-m', 'bench.sync', *sys.argv[1:]])}`\n")
         try:
-            row_in_sync(tmp, env, sizes.in_sync, opts.rate, opts.fast_rate)
-            row_drift(tmp, env, sizes, opts.rate, opts.fast_rate)
-            row_memory(tmp, env, sizes.large, opts.fast_rate)
+            if "compare" in only:
+                row_in_sync(tmp, env, sizes.in_sync, opts.rate, opts.fast_rate)
+                row_drift(tmp, env, sizes, opts.rate, opts.fast_rate)
+            if "memory" in only:
+                row_memory(tmp, env, sizes.large, opts.fast_rate)
+            today = opts.today.resolve() if opts.today is not None else None
+            if "listing" in only:
+                sync_listing.row_listing(tmp, env, sizes.large, opts.rate, today)
+            if "drift" in only:
+                for latency in opts.drift_latency.split(","):
+                    sync_listing.row_drift(tmp, env, sizes.large, opts.rate, today, latency)
         except (KeyboardInterrupt, Terminated):
             print("interrupted: children stopped, temp folder removed", file=sys.stderr)
             sys.exit(130)

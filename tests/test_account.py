@@ -240,13 +240,175 @@ def test_listing_is_never_partial() -> None:
 
 
 def test_listing_refuses_out_of_order_use() -> None:
-    """A second request before the first page is added, or a page nobody asked for, is a bug."""
+    """Nothing more is handed out before page 1 is added (only its Total says how many pages
+    there are); a page nobody asked for, or added twice, is a bug."""
     listing = Listing(page_size=2)
     with pytest.raises(RuntimeError, match="without a request"):
         listing.add(Page(items=[], total=0))
-    listing.next_request()
-    with pytest.raises(RuntimeError, match="previous request"):
-        listing.next_request()
+    assert listing.next_request() == {"PageNum": 1, "PageSize": 2, "StatusList": [0]}
+    assert listing.next_request() is None and listing.outstanding == 1
+    with pytest.raises(RuntimeError, match=r"without a request.*\(page 2\)"):
+        listing.add(Page(items=[], total=0), 2)
+    listing.add(Page(items=[Listed(name="A1", project="p")], total=1), 1)
+    with pytest.raises(RuntimeError, match=r"without a request.*\(page 1\)"):
+        listing.add(Page(items=[], total=1), 1)
+    assert listing.done and listing.requests == 1
+
+
+# --- pages out at once, answered in any order ----------------------------------------------
+
+
+def snapshot_server(account: list[dict[str, Any]]) -> Callable[[int, int], dict[str, Any]]:
+    """Page `n` of a fixed account, by offset."""
+
+    def answer(n: int, size: int) -> dict[str, Any]:
+        return result(account[(n - 1) * size : n * size], total=len(account))
+
+    return answer
+
+
+def finished(listing: Listing) -> bool:
+    """`listing.done`, read through a call: mypy would keep a property narrowed across adds."""
+    return listing.done
+
+
+def ask_all(listing: Listing) -> list[int]:
+    """Every PageNum the listing hands out now."""
+    out = []
+    while (body := listing.next_request()) is not None:
+        out.append(body["PageNum"])
+    return out
+
+
+def test_after_page_one_every_page_total_needs_is_handed_out_at_once() -> None:
+    """Total 7 at page size 2: page 1 alone, then pages 2-4 together, then nothing more; the
+    listing is not done while any of them is out."""
+    serve = snapshot_server([item(f"G{i}") for i in range(7)])
+    listing = Listing(page_size=2)
+    assert ask_all(listing) == [1]
+    listing.add_result(serve(1, 2), 1)
+    assert ask_all(listing) == [2, 3, 4] and listing.outstanding == 3
+    listing.add_result(serve(4, 2), 4)
+    listing.add_result(serve(2, 2), 2)
+    assert not finished(listing) and ask_all(listing) == []
+    listing.add_result(serve(3, 2), 3)
+    assert listing.done and listing.whole and listing.requests == 4
+    assert sorted(listing.groups) == [f"G{i}" for i in range(7)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pages_answered_in_any_order_give_the_listing_the_page_order_gives(seed: int) -> None:
+    """A still account of 23 groups at page size 3, its pages 2-8 added in a random order:
+    the same groups, no move reported, whole, every page asked for once."""
+    import random
+
+    account = [item(f"G{i}", tags=[("k", str(i % 3), "Custom")]) for i in range(23)]
+    serve = snapshot_server(account)
+    listing = Listing(page_size=3)
+    assert ask_all(listing) == [1]
+    listing.add_result(serve(1, 3), 1)
+    rest = ask_all(listing)
+    assert rest == list(range(2, 9))
+    random.Random(seed).shuffle(rest)
+    for n in rest:
+        assert listing.add_result(serve(n, 3), n) is None
+    in_order = Listing(page_size=3)
+    drive(in_order, offset_server(account))
+    assert listing.done and listing.whole and listing.moves == []
+    assert listing.groups == in_order.groups and listing.requests == in_order.requests == 8
+
+
+def test_a_total_that_grows_on_a_later_page_extends_the_listing() -> None:
+    """Page 3 answers Total 9 where page 1 said 6 (size 2), before page 2 lands: pages 4 and
+    5 are asked for at once, and the move is reported with the page that saw it."""
+    serve = snapshot_server([item(f"G{i}") for i in range(9)])
+    listing = Listing(page_size=2)
+    ask_all(listing)
+    listing.add_result(result([item("G0"), item("G1")], total=6), 1)
+    assert ask_all(listing) == [2, 3]
+    listing.add_result(serve(3, 2), 3)
+    assert ask_all(listing) == [4, 5] and listing.outstanding == 3
+    assert listing.moves == ["Total 6 -> 9 at page 3"]
+    for n in (5, 2, 4):
+        listing.add_result(serve(n, 2), n)
+    assert listing.done and sorted(listing.groups) == [f"G{i}" for i in range(9)]
+    assert not listing.whole and listing.requests == 5
+
+
+def test_a_total_that_shrinks_on_a_later_page_keeps_the_largest() -> None:
+    """A page answered with a smaller Total than page 1's: the largest Total still says which
+    pages to ask for; the short page is kept and reported."""
+    listing = Listing(page_size=2)
+    ask_all(listing)
+    listing.add_result(result([item("G0"), item("G1")], total=6), 1)
+    assert ask_all(listing) == [2, 3]
+    listing.add_result(result([], total=4), 3)
+    assert not finished(listing)
+    listing.add_result(result([item("G2"), item("G3")], total=4), 2)
+    assert listing.done and sorted(listing.groups) == ["G0", "G1", "G2", "G3"]
+    assert any("Total 6 -> 4 at page 3" in m for m in listing.moves)
+    assert any("page 3 held 0 groups where Total 6 means 2" in m for m in listing.moves)
+
+
+def test_a_full_last_page_asks_for_one_more_even_while_others_are_out() -> None:
+    """Page 3 of a Total-5 listing (size 2) answers full before page 2 lands: the account grew,
+    so page 4 is asked for; the listing ends when page 4 says no more and page 2 is in."""
+    listing = Listing(page_size=2)
+    ask_all(listing)
+    listing.add_result(result([item("G0"), item("G1")], total=5), 1)
+    assert ask_all(listing) == [2, 3]
+    listing.add_result(result([item("G4"), item("G5")], total=5), 3)
+    assert ask_all(listing) == [4]
+    listing.add_result(result([], total=6), 4)
+    assert not finished(listing)
+    listing.add_result(result([item("G2"), item("G3")], total=6), 2)
+    assert listing.done and sorted(listing.groups) == [f"G{i}" for i in range(6)]
+
+
+def test_a_name_on_two_pages_answered_out_of_order_counts_once_the_last_added_wins() -> None:
+    """G1 on page 3 (added first) and page 2 (added last): held once, as page 2 said it."""
+    listing = Listing(page_size=2)
+    ask_all(listing)
+    listing.add_result(result([item("G0"), item("A1")], total=6), 1)
+    ask_all(listing)
+    listing.add_result(result([item("G1", "three"), item("G5")], total=6), 3)
+    listing.add_result(result([item("G1", "two"), item("G3")], total=6), 2)
+    assert listing.done and listing.groups["G1"].project == "two"
+    assert any("1 Names listed twice (page 2)" in m for m in listing.moves)
+    assert not listing.whole
+
+
+def test_several_outstanding_pages_must_be_named() -> None:
+    """With pages 2 and 3 out, an answer without its PageNum cannot be placed: a bug."""
+    listing = Listing(page_size=1)
+    ask_all(listing)
+    listing.add_result(result([item("A1")], total=3))
+    assert ask_all(listing) == [2, 3]
+    with pytest.raises(RuntimeError, match="name the page"):
+        listing.add_result(result([item("A2")], total=3))
+
+
+def test_pages_out_at_once_never_pass_max_pages() -> None:
+    """Total = MAX_PAGES x size: pages 2..MAX_PAGES are handed out, never one past; answered
+    in reverse, the listing is complete."""
+    listing = Listing(page_size=1)
+    ask_all(listing)
+    listing.add_result(result([item("G1")], total=MAX_PAGES), 1)
+    rest = ask_all(listing)
+    assert rest == list(range(2, MAX_PAGES + 1))
+    for n in reversed(rest):
+        listing.add_result(result([item(f"G{n}")], total=MAX_PAGES), n)
+    assert listing.done and len(listing.groups) == MAX_PAGES and ask_all(listing) == []
+
+
+def test_a_later_page_past_the_pageable_maximum_is_refused() -> None:
+    """Page 2 says the account outgrew what List can page through: ListingError."""
+    listing = Listing(page_size=1)
+    ask_all(listing)
+    listing.add_result(result([item("G1")], total=5), 1)
+    ask_all(listing)
+    with pytest.raises(ListingError, match="holds 1001 groups"):
+        listing.add_result(result([item("G3")], total=MAX_PAGES + 1), 3)
 
 
 def test_a_listing_whose_total_moves_is_used_and_pages_to_the_largest_total() -> None:

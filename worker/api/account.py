@@ -8,12 +8,14 @@ short page) is used as it is and the moves are reported: the plan made from it c
 Name it did not see (answered `Exist` if it is there) and never deletes one it did not see.
 Only the *content* of a page is checked strictly (`parse_page`).
 
-The I/O is `commands.sync.list_account`'s, through the runner:
+The I/O is `commands.paging.page_through`'s, through the runner, several pages at a time:
 
     listing = Listing()
-    while (body := listing.next_request()) is not None:
-        result = await runner.read(spec.LIST, orjson.dumps(body))  # paced, retried
-        listing.add_result(result)          # parse_page + add; says how the account moved
+    while not listing.done:
+        while window has room and (body := listing.next_request()) is not None:
+            send body                       # runner.read: paced, retried
+        result, page = the next answer to land, in any order
+        listing.add_result(result, page)    # parse_page + add; says how the account moved
     account = listing.groups                # every group seen, each Name once
     listing.close()                         # the groups are kept on disk (listed_store)
 """
@@ -145,15 +147,24 @@ class Listing:
 
     The API promises no order and no stability while paging, and a busy account never holds
     still, so a listing that moved (another Total, a Name twice, a short page) is used as it
-    is: a Name seen twice counts once (its later sighting wins), a Name not seen is simply
-    not in `groups`. Paging goes on while a full page, or the largest Total seen, says more
-    may come; MAX_PAGES bounds it. `moves` says how the listing moved (logged by the caller);
-    `whole` says it did not move at all, so a Name it does not hold is known to be absent.
+    is: a Name seen twice counts once (the sighting added last wins), a Name not seen is
+    simply not in `groups`. Paging goes on while a full page, or the largest Total seen, says
+    more may come; MAX_PAGES bounds it. `moves` says how the listing moved (logged by the
+    caller); `whole` says it did not move at all, so a Name it does not hold is known to be
+    absent.
+
+    Pages may be asked for several at a time and answered in any order: page 1 alone (only
+    its Total tells how many pages there are), then every page up to what the largest Total
+    and the full pages reach. `next_request` hands out the next page that may be asked for
+    now, or None (done, or nothing more until an outstanding page is added); `add` takes
+    the answer to a page, named by its PageNum. Pages are handed out in order, so the
+    listing is done when nothing is outstanding and the last page handed out is the reach.
 
     The groups are kept on disk (listed_store.ListedStore), not in memory: `close` removes
     them (a Listing is also a context manager).
 
-    Invariant: `_groups` holds every item of pages 1.._page, each Name once.
+    Invariant: `_groups` holds every item of the pages added, each Name once; pages
+    1.._asked were handed out, and `_outstanding` are those of them not added yet.
     """
 
     def __init__(self, *, page_size: int = PAGE_SIZE, tmp_dir: str | None = None) -> None:
@@ -162,8 +173,10 @@ class Listing:
         self.page_size = page_size
         self.requests = 0  # List requests asked for
         self.moves: list[str] = []  # how the account moved under the listing, in order
-        self._page = 0  # pages added so far
-        self._pending = False  # a request was handed out and its page not added yet
+        self._asked = 0  # pages 1.._asked were handed out
+        self._outstanding: set[int] = set()  # handed out, not added yet
+        self._added = 0  # pages added so far
+        self._reach = 1  # the last page to ask for, as the pages added so far say
         self._total: int | None = None  # the largest Total seen
         self._groups = ListedStore(tmp_dir=tmp_dir)
         self._done = False
@@ -171,8 +184,9 @@ class Listing:
 
     def __repr__(self) -> str:
         return (
-            f"<Listing page={self._page} collected={len(self._groups)} "
-            f"total={self._total} moves={len(self.moves)} done={self._done}>"
+            f"<Listing page={self._added} collected={len(self._groups)} "
+            f"total={self._total} outstanding={len(self._outstanding)} "
+            f"moves={len(self.moves)} done={self._done}>"
         )
 
     def __enter__(self) -> Listing:
@@ -190,6 +204,11 @@ class Listing:
         return self._done
 
     @property
+    def outstanding(self) -> int:
+        """Pages handed out and not added yet."""
+        return len(self._outstanding)
+
+    @property
     def whole(self) -> bool:
         """Done, and nothing moved: every Name of the account was seen exactly once."""
         return self._done and not self.moves and len(self._groups) == self._total
@@ -202,27 +221,28 @@ class Listing:
         return self._groups
 
     def next_request(self) -> dict[str, Any] | None:
-        """The next List body to send, or None when the listing is complete."""
-        if self._done:
+        """The next List body to send now, or None: the listing is complete, or nothing more
+        may be asked for until an outstanding page is added (the first page, which says
+        how many there are; or the last pages, which may say there are more)."""
+        if self._done or self._asked >= self._reach:
             return None
-        if self._pending:
-            raise RuntimeError("add() the page of the previous request first")
-        self._pending = True
+        self._asked += 1
+        self._outstanding.add(self._asked)
         self.requests += 1
-        return {"PageNum": self._page + 1, "PageSize": self.page_size, "StatusList": [AVAILABLE]}
+        return {"PageNum": self._asked, "PageSize": self.page_size, "StatusList": [AVAILABLE]}
 
-    def add_result(self, result: object) -> str | None:
-        """`add(parse_page(result))` with this listing's page size."""
-        return self.add(parse_page(result, page_size=self.page_size, share=self._share))
+    def add_result(self, result: object, page_num: int | None = None) -> str | None:
+        """`add(parse_page(result), page_num)` with this listing's page size."""
+        page = parse_page(result, page_size=self.page_size, share=self._share)
+        return self.add(page, page_num)
 
-    def add(self, page: Page) -> str | None:
-        """Take the answer to the last request. Returns how the account moved, if it did.
+    def add(self, page: Page, page_num: int | None = None) -> str | None:
+        """Take the answer to request `page_num` (its PageNum; may be left out while only one
+        request is outstanding). Returns how the account moved, if it did.
 
         Raises ListingError when the account holds more groups than List can page through.
         """
-        if not self._pending:
-            raise RuntimeError("add() without a request from next_request()")
-        self._pending = False
+        number = self._take(page_num)
         if len(page.items) > self.page_size:
             raise ListingError(
                 f"List answered {len(page.items)} groups on one page; PageSize was {self.page_size}"
@@ -234,31 +254,43 @@ class Listing:
                 f"{limit} ({MAX_PAGES} pages of {self.page_size}), so it cannot be listed "
                 "completely and sync will not plan from part of it"
             )
-        self._page += 1
+        self._added += 1
         moved: list[str] = []
         if self._total is not None and page.total != self._total:
-            moved.append(f"Total {self._total} -> {page.total} at page {self._page}")
+            moved.append(f"Total {self._total} -> {page.total} at page {number}")
         self._total = max(self._total or 0, page.total)
         seen_twice = _seen_twice(page.items, self._groups.present(i.name for i in page.items))
         self._groups.put_all(page.items)
         if seen_twice:
-            moved.append(f"{seen_twice} Names listed twice (page {self._page})")
-        before = (self._page - 1) * self.page_size
+            moved.append(f"{seen_twice} Names listed twice (page {number})")
+        before = (number - 1) * self.page_size
         expected = max(0, min(self.page_size, self._total - before))
         if len(page.items) != expected:
             moved.append(
-                f"page {self._page} held {len(page.items)} groups where Total "
+                f"page {number} held {len(page.items)} groups where Total "
                 f"{self._total} means {expected}"
             )
-        # More may come while the largest Total reaches past this page, or a full page held
+        # More may come while the largest Total reaches past a page, or a full page held
         # more than Total said (the account grew under a Total read before).
-        more = self._page * self.page_size < self._total or (
-            len(page.items) == self.page_size and len(page.items) > expected
-        )
-        if not more or self._page >= MAX_PAGES:
+        reach = -(-self._total // self.page_size)
+        if len(page.items) == self.page_size and len(page.items) > expected:
+            reach = max(reach, number + 1)
+        self._reach = min(MAX_PAGES, max(self._reach, reach))
+        if not self._outstanding and self._asked >= self._reach:
             self._done = True
         self.moves.extend(moved)
         return "; ".join(moved) or None
+
+    def _take(self, page_num: int | None) -> int:
+        """The outstanding request a page answers; a page nobody asked for is a bug."""
+        if page_num is None:
+            if len(self._outstanding) > 1:
+                raise RuntimeError("name the page: several requests are outstanding")
+            page_num = next(iter(self._outstanding), None)
+        if page_num is None or page_num not in self._outstanding:
+            raise RuntimeError(f"add() without a request from next_request() (page {page_num})")
+        self._outstanding.discard(page_num)
+        return page_num
 
 
 def _seen_twice(items: list[Listed], held: set[str]) -> int:

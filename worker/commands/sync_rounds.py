@@ -25,12 +25,11 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import assert_never
 
-import orjson
 import structlog
 
-from worker.api import spec
 from worker.api.account import Listed, Listing
 from worker.api.listed_store import NameSet
+from worker.commands import paging
 from worker.errors import StillDifferent
 from worker.ledger.records import Action, Outcome, Record, Result
 from worker.manifest import spool
@@ -45,15 +44,16 @@ log = structlog.get_logger("worker")
 
 
 async def list_once(runner: Runner) -> tuple[Listing, float]:
-    """One listing under the run's budget, and when it began (monotonic). The caller
-    closes the listing (its groups are kept on disk)."""
+    """One listing under the run's budget, its pages a window at a time (paging), and
+    when it began (monotonic). The caller closes the listing (its groups are kept on disk)."""
     began = runner.clock()
     listing = Listing()
+
+    def moved(how: str) -> None:
+        log.info("sync.listing_moved", how=how, requests=listing.requests)
+
     try:  # the listing's groups are on disk: removed if it cannot be completed
-        while (body := listing.next_request()) is not None:
-            result = await runner.read(spec.LIST, orjson.dumps(body))
-            if (moved := listing.add_result(result)) is not None:
-                log.info("sync.listing_moved", how=moved, requests=listing.requests)
+        await paging.page_through(runner, listing, moved)
     except BaseException:
         listing.close()
         raise
