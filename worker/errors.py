@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 
 class Exit(enum.IntEnum):
@@ -154,3 +154,14 @@ class LimiterRefused(WorkerError):
     mistake in --limiter, found before anything was sent."""
 
     exit_code = Exit.USAGE
+
+
+def raise_first(group: BaseExceptionGroup[BaseException], kind: type[WorkerError]) -> NoReturn:
+    """Raise the first `kind` a TaskGroup's `group` holds as itself (the CLI maps it to its
+    exit code), else the group. Call it from a plain `except BaseExceptionGroup`, never from
+    `except*`: Python 3.11.2 (Debian 12's) wraps what an except* clause raises in a new
+    group, which reached the CLI as an internal error (exit 70)."""
+    for exc in group.exceptions:
+        if isinstance(exc, kind):
+            raise exc from None
+    raise group

@@ -22,7 +22,7 @@ import orjson
 
 from worker.api import spec
 from worker.api.account import Listing
-from worker.errors import WorkerError
+from worker.errors import WorkerError, raise_first
 from worker.runner.dispatch import Runner
 
 
@@ -51,8 +51,8 @@ async def page_through(
                     moved = listing.add_result(task.result(), number)
                     if moved is not None and on_moved is not None:
                         on_moved(moved)
-    except* WorkerError as group:
-        raise group.exceptions[0] from None
+    except BaseExceptionGroup as group:
+        raise_first(group, WorkerError)
     assert listing.done, listing
 
 

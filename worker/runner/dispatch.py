@@ -45,6 +45,7 @@ from worker.errors import (
     ListingFailed,
     RunAborted,
     WorkerError,
+    raise_first,
 )
 from worker.ledger.journal import FSYNC_EVERY_S
 from worker.ledger.records import Action, Outcome, Record, Result, StopReason
@@ -248,8 +249,8 @@ class Runner:
                 while self._in_flight:
                     await asyncio.wait(set(self._in_flight))
                 ticker.cancel()
-        except* LedgerWriteError as group:
-            raise group.exceptions[0] from None
+        except BaseExceptionGroup as group:
+            raise_first(group, LedgerWriteError)
         if self.failure is not None:
             raise self.failure
         return self.tally
