@@ -65,8 +65,9 @@ def records_of(path: Path) -> Iterator[Record]:
     if fd is None:
         return
     with open(fd, "rb") as f:
-        for _, where, obj in Reader(path, f).objects():
-            yield parse(obj, where=where)
+        reader = Reader(path, f)
+        for _, lineno, obj in reader.objects():
+            yield parse(obj, where=reader.where(lineno))
 
 
 def load_state(
@@ -97,12 +98,12 @@ def load_state(
             reader = Reader(path, f, start=start, lineno=lineno)
             batch = Batch(state)
             add = batch.add
-            for offset, where, obj in reader.objects():
+            for offset, at_line, obj in reader.objects():
                 item = item_of(obj)
                 if item is not None:
                     add(item, offset)
                     continue
-                record = parse(obj, where=where)
+                record = parse(obj, where=reader.where(at_line))
                 if isinstance(record, (Intent, Result)):
                     add(Item.of(record), offset)  # through the batch: it keeps the order
                     continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 from typing import Final
 
 from worker.ledger.layout import EMPTY_KEY, HEADER_BYTES, SLOT_BYTES
@@ -16,9 +17,10 @@ from worker.ledger.layout import EMPTY_KEY, HEADER_BYTES, SLOT_BYTES
 _PROBE_SLOTS: Final = 2
 
 
-def slot_in_file(fd: int, slots: int, key: bytes, where: str) -> tuple[int, bytes]:
+def slot_in_file(fd: int, slots: int, key: bytes, where: Path | None) -> tuple[int, bytes]:
     """(the file offset of `key`'s slot, or of the empty slot where it would go; that
-    slot's bytes) in the table of `slots` slots in `fd`. `where` names the file in errors."""
+    slot's bytes) in the table of `slots` slots in `fd`; `where` is its path (None: a
+    private file), for errors."""
     mask = slots - 1
     i = int.from_bytes(key[8:], "little") & mask
     while True:
@@ -29,5 +31,5 @@ def slot_in_file(fd: int, slots: int, key: bytes, where: str) -> tuple[int, byte
             if chunk[at : at + 16] in (key, EMPTY_KEY):
                 return start + at, chunk[at : at + SLOT_BYTES]
         if len(chunk) < run * SLOT_BYTES:
-            raise OSError(errno.EIO, f"{where} is shorter than its table")
+            raise OSError(errno.EIO, f"{where or 'the index'} is shorter than its table")
         i = (i + run) & mask

@@ -195,11 +195,8 @@ class Table(Mapping[str, Latest]):
             if self._mm[at : at + 16] == EMPTY_KEY:
                 return default
             return self._entry(at)
-        _, slot = self._slot_of(key)
+        _, slot = slot_in_file(self._fd, self.slots, key, self.path)
         return default if slot[:16] == EMPTY_KEY else decode_slot(slot, 0, self.salt, self.codes)
-
-    def _slot_of(self, key: bytes) -> tuple[int, bytes]:
-        return slot_in_file(self._fd, self.slots, key, str(self.path or "the index"))
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
@@ -258,7 +255,7 @@ class Table(Mapping[str, Latest]):
         if in_file:
             # pread and pwrite, not the mapping: faulting pages in and dropping them again
             # cost more than the two calls (measured: a rebuild's writes 9.5 -> 6 us each).
-            at, slot = self._slot_of(key)
+            at, slot = slot_in_file(self._fd, self.slots, key, self.path)
             fresh = slot[:16] == EMPTY_KEY
         else:
             at = self._find(key)

@@ -38,25 +38,23 @@ class Seen:
     MAX_LOAD = 0.7
 
     def __init__(self) -> None:
-        self.tables: list[array[int]] = []
+        self.tables: list[tuple[array[int], int]] = []  # (table, its size - 1)
         self.used = self.limit = 0
 
     def add(self, h: int) -> bool:
-        """Add `h`; True if it was there already."""
+        """Add `h`; True if it was there already. (Every line comes here: kept lean.)"""
         h = (h & 0xFFFF_FFFF) or 1
-        for table in self.tables:
-            mask = len(table) - 1
+        for table, mask in self.tables:
             i = h & mask
             while (there := table[i]) != 0:
                 if there == h:
                     return True
                 i = (i + 1) & mask
         if self.used >= self.limit:
-            size = len(self.tables[-1]) * 2 if self.tables else self.FIRST_SLOTS
-            self.tables.append(array("I", bytes(4 * size)))
+            size = (self.tables[-1][1] + 1) * 2 if self.tables else self.FIRST_SLOTS
+            self.tables.append((array("I", bytes(4 * size)), size - 1))
             self.used, self.limit = 0, int(size * self.MAX_LOAD)
-        table = self.tables[-1]
-        mask = len(table) - 1
+        table, mask = self.tables[-1]
         i = h & mask
         while table[i] != 0:
             i = (i + 1) & mask
