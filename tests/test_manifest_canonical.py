@@ -89,3 +89,14 @@ def test_repeated_keys_in_canonical_lines_are_refused(tmp_path: Path) -> None:
     assert f"{manifest}:2: Name: is given twice in one object" in out
     assert f"{manifest}:3: Name: 'A1' is already given on line 1" in out
     assert f"{manifest}:4: Tags[0].Category: is given twice in one object" in out
+
+
+def test_the_duplicate_check_finds_exactly_the_repeated_hashes() -> None:
+    """Only the 32 bits are kept: hashes equal in them are repeats, wherever they fall
+    among the buckets; hashes added once are not."""
+    from worker.manifest.duplicates import Hashes
+
+    hashes = Hashes()
+    for h in [1, 2, 3, 2, 0xFF00_0001, 0xFF00_0001, 1 << 40 | 3, -1, 0xFFFF_FFFF]:
+        hashes.add(h)
+    assert hashes.repeated() == {2, 0xFF00_0001, 3, 0xFFFF_FFFF}
