@@ -50,5 +50,5 @@ class Batch:
     def flush(self) -> None:
         put = self.table.put
         for item, offset in self.pending.values():
-            put(item, offset)
+            put(item, offset, bulk=True)
         self.pending.clear()
