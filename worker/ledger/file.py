@@ -138,14 +138,18 @@ class Reader:
         self.lineno = lineno
 
     def __iter__(self) -> Iterator[Record]:
-        for _, where, obj in self.objects():
-            yield parse(obj, where=where)
+        for _, lineno, obj in self.objects():
+            yield parse(obj, where=self.where(lineno))
 
-    def objects(self) -> Iterator[tuple[int, str, Any]]:
-        """(offset, FILE:LINE, decoded object) per whole line."""
+    def where(self, lineno: int) -> str:
+        """FILE:LINE, for messages (made only when needed: most lines never need it)."""
+        return f"{self.path}:{lineno}"
+
+    def objects(self) -> Iterator[tuple[int, int, Any]]:
+        """(offset, line number, decoded object) per whole line."""
         self.f.seek(self.end)  # descriptors dup'ed from one open file share its offset
         offset, lineno = self.end, self.lineno
-        readline, loads, name = self.f.readline, orjson.loads, str(self.path)
+        readline, loads = self.f.readline, orjson.loads
         while True:
             try:
                 raw = readline(MAX_RECORD_BYTES + 1)
@@ -179,7 +183,7 @@ class Reader:
                     "fix that line and run again (keep the ledger: it is the history of "
                     "what was sent)"
                 )
-            yield offset, f"{name}:{lineno}", obj
+            yield offset, lineno, obj
             offset += len(raw)
             self.end, self.lineno = offset, lineno
 

@@ -28,9 +28,10 @@ from typing import Any
 
 from worker.errors import LedgerError
 from worker.ledger import index
+from worker.ledger.batch import Batch
 from worker.ledger.file import Reader, close_quietly, open_regular
 from worker.ledger.layout import Stale, slots_for
-from worker.ledger.records import Footer, Record, RunHeader
+from worker.ledger.records import Footer, Intent, Item, Record, Result, RunHeader
 from worker.ledger.schema import item_of, parse
 from worker.ledger.state import State
 from worker.ledger.table import Table, unavailable
@@ -64,8 +65,9 @@ def records_of(path: Path) -> Iterator[Record]:
     if fd is None:
         return
     with open(fd, "rb") as f:
-        for _, where, obj in Reader(path, f).objects():
-            yield parse(obj, where=where)
+        reader = Reader(path, f)
+        for _, lineno, obj in reader.objects():
+            yield parse(obj, where=reader.where(lineno))
 
 
 def load_state(
@@ -94,16 +96,21 @@ def load_state(
                 check(header)
         with open(os.dup(fd), "rb") as f:
             reader = Reader(path, f, start=start, lineno=lineno)
-            fold_item = state.fold_item
-            for offset, where, obj in reader.objects():
+            batch = Batch(state)
+            add = batch.add
+            for offset, at_line, obj in reader.objects():
                 item = item_of(obj)
                 if item is not None:
-                    fold_item(item, offset)
+                    add(item, offset)
                     continue
-                record = parse(obj, where=where)
+                record = parse(obj, where=reader.where(at_line))
+                if isinstance(record, (Intent, Result)):
+                    add(Item.of(record), offset)  # through the batch: it keeps the order
+                    continue
                 if check is not None and isinstance(record, RunHeader):
                     check(record)
                 state.fold(record, offset)
+            batch.flush()
     except LedgerError:
         state.close()
         if start == 0:

@@ -130,14 +130,12 @@ def _spool_verdicts(
 ) -> set[int]:
     """The one pass over the source: each line's verdict to the spool. Returns the Name
     hashes seen more than once (their lines are settled after the pass)."""
-    seen = duplicates.Seen()  # freed on return: its memory is the scan's peak
-    suspects: set[int] = set()
+    hashes = duplicates.Hashes()  # freed on return: its memory is the scan's peak
+    add = hashes.add
     for lineno, raw in source.lines():
         result = parse_line(source.path, lineno, raw)
         if isinstance(result, Group):
-            h = name_hash(result.name)
-            if seen.add(h):
-                suspects.add(h)
+            add(name_hash(result.name))
             verdicts.groups += 1
             spooled.write(group_record(result))
         elif result is None:
@@ -146,7 +144,7 @@ def _spool_verdicts(
             first = result[0]
             spooled.write(invalid_record(name_of(raw), first.field, first.reason, names_of(raw)))
             verdicts.add_invalid(result)
-    return suspects
+    return hashes.repeated()
 
 
 def _settle_duplicates(

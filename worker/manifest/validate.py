@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -42,6 +42,8 @@ def parse_line(path: Path, lineno: int, raw: bytes) -> Group | list[Problem] | N
         return problem("line", f"is not valid JSON ({exc.msg} at column {exc.colno})")
     if not isinstance(obj, dict):
         return problem("line", f"must be a JSON object, not {spec.json_type(obj)}")
+    if (group := _canonical_group(raw, obj, lineno)) is not None:
+        return group
     if (twice := _repeated_key(text, obj)) is not None:
         # JSON parsers disagree on which one counts (orjson keeps the last): ambiguous, so
         # refused rather than guessed.
@@ -72,6 +74,43 @@ def parse_line(path: Path, lineno: int, raw: bytes) -> Group | list[Problem] | N
         return problems
     assert isinstance(name, str)
     return _group(name, project, tags, lineno)
+
+
+_CANONICAL_KEYS: Final = (["Name", "ProjectName", "Tags"], ["Name", "ProjectName"])
+_TAG_KEYS: Final = ["Key", "Value", "Category"]
+
+
+def _canonical_group(raw: bytes, obj: dict[str, Any], lineno: int) -> Group | None:
+    """The Group of a valid line that is already its own canonical body, byte for byte
+    (what an export, a generator or an earlier canonicalisation writes): the common case,
+    judged with a fraction of the work. None sends the line to the full rules, which judge
+    everything else; every line accepted here is one they accept, with the same body.
+
+    Why it holds: orjson re-encodes a decoded object with its keys in their order, so
+    `dumps(obj) == raw` means no key was lost to a repeat (at any depth) and nothing was
+    spelled another way (spaces, escapes). The keys then are the canonical ones in their
+    order and each rule is checked below, so the body `_group` would build is `raw`."""
+    if list(obj) not in _CANONICAL_KEYS:
+        return None
+    name, project, tags = obj["Name"], obj["ProjectName"], obj.get("Tags")
+    if type(project) is not str or not project or spec.name_problem(name) is not None:
+        return None
+    if tags is not None and not (
+        type(tags) is list
+        and tags
+        and all(
+            type(t) is dict
+            and list(t) == _TAG_KEYS
+            and type(t["Key"]) is str
+            and type(t["Value"]) is str
+            and t["Category"] in spec.TAG_CATEGORIES
+            for t in tags
+        )
+    ):
+        return None
+    if orjson.dumps(obj) != raw:
+        return None
+    return Group(name=name, line=lineno, body=raw, fingerprint=hashlib.sha256(raw).hexdigest())
 
 
 def _repeated_key(text: str, obj: dict[str, Any]) -> str | None:
