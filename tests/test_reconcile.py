@@ -29,11 +29,10 @@ from worker.plan.reconcile import (
     in_sync,
     iter_changes,
     plan_sync,
-    render_json,
-    render_text,
     require_scope,
     update_body,
 )
+from worker.plan.render import render_json, render_text
 
 A: Tag = ("区域", "华北", "Custom")
 B: Tag = ("env", "prod", "System")

@@ -34,8 +34,8 @@ from worker.plan.reconcile import (
     in_sync,
     iter_changes,
     plan_sync,
-    render_text,
 )
+from worker.plan.render import render_text
 
 slow = pytest.mark.slow  # real processes: `pytest -m 'not slow'` skips them
 

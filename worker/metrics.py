@@ -100,19 +100,22 @@ class Metrics:
             Gauge(
                 "worker_run_start_timestamp_seconds", "When the current run started",
                 const, registry=reg).labels(command, job_name).set(started_at)  # fmt: skip
-        # The plan of a `sync` (--check and --dry-run too), for a drift alert without logs.
-        self._plan_items = Gauge(
-            "worker_plan_items", "What the last sync's last listing left to do, by action",
-            [*const, "action"], registry=reg)  # fmt: skip
-        self._last_check = Gauge(
-            "worker_last_check_timestamp_seconds", "When a sync last compared the account "
-            "with the manifest", const, registry=reg)  # fmt: skip
+        self._plan_gauges(const)
         self._succeeded_at: float | None = None
         self._carried = False
         # The labelled children, by label values: `labels()` checks and builds a key on every
         # call, a cost paid on every request otherwise. Bounded as the labels are (`bounded`).
         self._request_counters: dict[tuple[str, str], Counter] = {}
         self._item_counters: dict[tuple[str, str], Counter] = {}
+
+    def _plan_gauges(self, const: tuple[str, str]) -> None:
+        """The plan of a `sync` (--check and --dry-run too), for a drift alert without logs."""
+        self._plan_items = Gauge(
+            "worker_plan_items", "What the last sync's last listing left to do, by action",
+            [*const, "action"], registry=self.registry)  # fmt: skip
+        self._last_check = Gauge(
+            "worker_last_check_timestamp_seconds", "When a sync last compared the account "
+            "with the manifest", const, registry=self.registry)  # fmt: skip
 
     def __repr__(self) -> str:
         return f"<Metrics {self.command} {self.job_name!r}>"

@@ -23,7 +23,7 @@ from worker.errors import Exit, ManifestError, PlanRefused
 from worker.manifest import spool
 from worker.manifest.load import before_writes, scan_manifest
 from worker.manifest.values import Scan
-from worker.plan import reconcile, saved
+from worker.plan import reconcile, render, saved
 from worker.progress import Progress
 from worker.runner.dispatch import Runner
 from worker.session import Opened, Session, carry_out, check_exit
@@ -135,9 +135,9 @@ def _look(
         _plan_metrics(opened, the_plan, sync_options.prune)
         changes = reconcile.iter_changes(the_plan, spool.read(scan), groups)
         if opened.session.options.json:
-            out.write(orjson.dumps(reconcile.render_json(the_plan, changes)).decode() + "\n")
+            out.write(orjson.dumps(render.render_json(the_plan, changes)).decode() + "\n")
         else:
-            for line in reconcile.render_text(the_plan, changes, list_kept=sync_options.verbose):
+            for line in render.render_text(the_plan, changes, list_kept=sync_options.verbose):
                 print(line, file=out)
     out.flush()
     refused = the_plan.removals > sync_options.max_delete
@@ -263,7 +263,7 @@ async def _confirmed(
 ) -> bool:
     """At a terminal, a plan that deletes or replaces is shown and must be answered `yes`."""
     changes = reconcile.iter_changes(the_plan, spool.read(scan), groups)
-    for line in reconcile.render_text(the_plan, changes, list_kept=sync_options.verbose):
+    for line in render.render_text(the_plan, changes, list_kept=sync_options.verbose):
         print(line, file=sys.stderr)
     n, r = len(the_plan.deletes), len(the_plan.replaces)
     what = [f"{n} {'group' if n == 1 else 'groups'} will be deleted"] if n else []

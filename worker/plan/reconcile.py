@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, assert_never
+from typing import Any, Final
 
 import orjson
 
@@ -223,14 +223,8 @@ def plan_sync(
         for item in items:
             if isinstance(item, Invalid):
                 # An invalid line still names its group: never delete what a user listed,
-                # under any Name the line could mean (a repeated key, an escape). A line
-                # whose Name cannot even be read (bad JSON, bad UTF-8) might name any extra.
-                if prune and not item.names:
-                    raise PlanRefused(
-                        f"manifest line {item.line} is invalid and has no readable Name, so "
-                        "--prune cannot tell whether it names a group to keep; fix that line "
-                        "(nothing was changed)"
-                    )
+                # under any Name the line could mean (a repeated key, an escape).
+                _refuse_unreadable(item, prune)
                 invalid += 1
                 named.update(item.names)
                 continue
@@ -244,13 +238,7 @@ def plan_sync(
                 deletes.append(listed)
             else:
                 kept += 1
-    if len(deletes) + len(replaces) > max_delete:
-        raise PlanRefused(
-            f"sync would delete {len(deletes) + len(replaces)} groups"
-            + (f" ({len(replaces)} of them to replace)" if replaces else "")
-            + f", more than --max-delete {max_delete} allows; nothing was changed "
-            "(narrow the scope, or raise --max-delete after checking the plan with --dry-run)"
-        )
+    _refuse_over(len(deletes), len(replaces), max_delete)
     return SyncPlan(
         listed=len(account),
         create=counts[Create],
@@ -263,6 +251,26 @@ def plan_sync(
         kept=kept,
         replaces=tuple(sorted(replaces, key=lambda listed: listed.name)),
     )
+
+
+def _refuse_unreadable(item: Invalid, prune: bool) -> None:
+    """A line whose Name cannot even be read (bad JSON, bad UTF-8) might name any extra."""
+    if prune and not item.names:
+        raise PlanRefused(
+            f"manifest line {item.line} is invalid and has no readable Name, so "
+            "--prune cannot tell whether it names a group to keep; fix that line "
+            "(nothing was changed)"
+        )
+
+
+def _refuse_over(deletes: int, replaces: int, max_delete: int) -> None:
+    if deletes + replaces > max_delete:
+        raise PlanRefused(
+            f"sync would delete {deletes + replaces} groups"
+            + (f" ({replaces} of them to replace)" if replaces else "")
+            + f", more than --max-delete {max_delete} allows; nothing was changed "
+            "(narrow the scope, or raise --max-delete after checking the plan with --dry-run)"
+        )
 
 
 def classify_group(
@@ -336,128 +344,3 @@ def update_body(group: Group) -> bytes:
 
 def delete_body(name: str) -> bytes:
     return orjson.dumps({"Name": name})
-
-
-def render_text(
-    plan: SyncPlan, changes: Iterable[Change], *, list_kept: bool = False
-) -> Iterator[str]:
-    """The plan for people: counts, then one line per change (in-sync groups are counted only).
-
-    `+ name` create, `~ name` update with the tag difference, `! name` project conflict,
-    `-/+ name` replace (delete, then create in the manifest's project), `- name` delete.
-    Kept extras are counted in one `?` line: they are every group outside the scope, the
-    same thousands every night; `list_kept` (-v) gives each its `? name` line.
-    """
-    c = plan.counts
-    invalid = f", {c['invalid']} invalid lines" if c["invalid"] else ""
-    # Said only when there is one: a sync without --replace-conflicts reads as before.
-    replace = f"{c['replace']} to replace, " if c["replace"] else ""
-    yield (
-        f"sync plan: {c['create']} to create, {c['update']} to update, "
-        f"{c['conflict']} in conflict, {replace}{c['delete']} to delete, {c['keep']} extra kept, "
-        f"{c['in_sync']} in sync ({c['listed']} listed{invalid})"
-    )
-    for change in changes:
-        match change:
-            case Create(group):
-                yield f"+ {group.name}"
-            case Update(group, _, added, removed):
-                diff = [f"+{_tag_text(t)}" for t in added] + [f"-{_tag_text(t)}" for t in removed]
-                yield f"~ {group.name}  tags: {', '.join(diff)}"
-            case Conflict(group, listed):
-                yield (
-                    f"! {group.name}  project: manifest {_text(change.manifest_project)}, "
-                    f"account {_text(listed.project)} (a project cannot be changed)"
-                )
-            case Replace(group, listed):
-                yield (
-                    f"-/+ {group.name}  project: {_text(listed.project)} → "
-                    f"{_text(change.manifest_project)}"
-                )
-            case InSync():
-                pass
-            case Delete(listed):
-                yield f"- {listed.name}  (project {_text(listed.project)})"
-            case Keep(listed, why):
-                if list_kept:
-                    yield f"? {listed.name}  (project {_text(listed.project)}) {why}"
-            case _:
-                assert_never(change)
-    if plan.kept and not list_kept:
-        n = plan.kept
-        yield f"? {n} {'extra' if n == 1 else 'extras'} {plan.keep_why} (-v lists them)"
-
-
-def render_json(plan: SyncPlan, changes: Iterable[Change]) -> dict[str, Any]:
-    """The plan as one JSON object: counts, then a list per kind of change."""
-    out: dict[str, Any] = {
-        "prune": plan.prune,
-        "counts": plan.counts,
-        "create": [],
-        "update": [],
-        "conflict": [],
-        "replace": [],
-        "delete": [],
-        "keep": [],
-    }
-    for change in changes:
-        match change:
-            case Create(group):
-                out["create"].append(
-                    {"Name": group.name, "ProjectName": group_payload(group)["ProjectName"]}
-                )
-            case Update(group, listed, added, removed):
-                out["update"].append(
-                    {
-                        "Name": group.name,
-                        "ProjectName": listed.project,
-                        "added": [_tag_json(t) for t in added],
-                        "removed": [_tag_json(t) for t in removed],
-                    }
-                )
-            case Conflict(group, listed):
-                out["conflict"].append(
-                    {
-                        "Name": group.name,
-                        "manifest_project": change.manifest_project,
-                        "account_project": listed.project,
-                    }
-                )
-            case Replace(group, listed):
-                out["replace"].append(
-                    {
-                        "Name": group.name,
-                        "manifest_project": change.manifest_project,
-                        "account_project": listed.project,
-                    }
-                )
-            case InSync():
-                pass
-            case Delete(listed):
-                out["delete"].append({"Name": listed.name, "ProjectName": listed.project})
-            case Keep(listed, why):
-                out["keep"].append(
-                    {
-                        "Name": listed.name,
-                        "ProjectName": listed.project,
-                        "why": "no_prune" if why == NO_PRUNE else "out_of_scope",
-                    }
-                )
-            case _:
-                assert_never(change)
-    return out
-
-
-def _tag_json(tag: Tag) -> dict[str, str]:
-    return {"Key": tag[0], "Value": tag[1], "Category": tag[2]}
-
-
-def _tag_text(tag: Tag) -> str:
-    return f"{_text(tag[0])}={_text(tag[1])}/{tag[2]}"
-
-
-def _text(s: str) -> str:
-    """`s` as is when it reads unambiguously on one line; else JSON-quoted (escapes shown)."""
-    if s and s.isprintable() and not any(ch in s for ch in " =,/()\"'"):
-        return s
-    return orjson.dumps(s).decode()
