@@ -23,14 +23,12 @@ import threading
 import urllib.request
 from collections.abc import Callable
 from typing import Final
-from urllib.parse import urlsplit
 
 import structlog
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import pushadd_to_gateway
 
-from worker.errors import UsageError
-from worker.settings import redact_url
+from worker.settings import redact_url, split_url
 
 log = structlog.get_logger("worker")
 
@@ -41,18 +39,8 @@ PUSH_TIMEOUT_S: Final = 5.0  # one push; the final one delays the exit by at mos
 def check_push_url(url: str, named: str = "--metrics-push") -> None:
     """A UsageError, showing only the redacted URL, unless `url` is
     http(s)://HOST[:PORT][/PATH] with no credentials, query or fragment."""
-    shown = redact_url(url)
-
-    def refuse(why: str) -> UsageError:
-        return UsageError(f"{named} {shown}: {why}")
-
-    if not url or not all(c.isprintable() and not c.isspace() for c in url):
-        raise refuse("empty, or holds spaces or control characters")
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        raise refuse("not a URL (expected http(s)://HOST[:PORT][/PATH])") from None
+    parts, refuse = split_url(url, named, expected="http(s)://HOST[:PORT][/PATH]")
+    host, port = parts.hostname, parts.port
     if parts.scheme not in ("http", "https") or not host:
         raise refuse("expected a Pushgateway's http(s)://HOST[:PORT][/PATH]")
     if "@" in parts.netloc:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TypeVar
-from urllib.parse import parse_qsl, unquote_plus, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote_plus, urlsplit
 
 from worker.api import spec
 from worker.errors import UsageError
@@ -310,21 +310,35 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
-def check_endpoint(endpoint: str, named: str = "--endpoint") -> None:
-    """A UsageError, showing only the redacted URL, unless `endpoint` is http(s)://HOST[:PORT]
-    with no credentials in it, and plain http only to loopback."""
-    shown = redact_url(endpoint)
+Refusal = Callable[[str], UsageError]  # why -> the error naming the URL's source
+
+
+def split_url(url: str, named: str, *, expected: str) -> tuple[SplitResult, Refusal]:
+    """`url` split, and the refusal that names where it came from and shows it redacted
+    (never the raw text: it may hold a password). Refused at once: empty, spaces or control
+    characters, or nothing urlsplit can read (a port that is no number, out of 0..65535, a
+    broken [v6] literal). The checks of each kind of URL (endpoint, limiter, Pushgateway)
+    follow with the parts."""
+    shown = redact_url(url)
 
     def refuse(why: str) -> UsageError:
         return UsageError(f"{named} {shown}: {why}")
 
-    if not all(c.isprintable() and not c.isspace() for c in endpoint):
-        raise refuse("holds spaces or control characters")
+    if not url or not all(c.isprintable() and not c.isspace() for c in url):
+        raise refuse("empty, or holds spaces or control characters")
     try:
-        parts = urlsplit(endpoint)
-        host, port = parts.hostname, parts.port
+        parts = urlsplit(url)
+        _ = parts.hostname, parts.port  # both parse lazily: a bad port raises here
     except ValueError:
-        raise refuse("not a URL (expected https://HOST[:PORT])") from None
+        raise refuse(f"not a URL (expected {expected})") from None
+    return parts, refuse
+
+
+def check_endpoint(endpoint: str, named: str = "--endpoint") -> None:
+    """A UsageError, showing only the redacted URL, unless `endpoint` is http(s)://HOST[:PORT]
+    with no credentials in it, and plain http only to loopback."""
+    parts, refuse = split_url(endpoint, named, expected="https://HOST[:PORT]")
+    host, port = parts.hostname, parts.port
     if parts.scheme not in ("http", "https") or not host:
         raise refuse("expected http(s)://HOST[:PORT]")
     if "@" in parts.netloc:
@@ -381,18 +395,8 @@ def check_limiter(url: str, named: str = "--limiter") -> None:
     reads as it is written: redis(s)://[USER:PASSWORD@]HOST[:PORT][/DB] or unix://PATH, a port
     in 1..65535, only the query parameters in _LIMITER_PARAMS with good values, each once,
     no `?db=` that says otherwise than the path, no #fragment."""
-    shown = redact_url(url)
-
-    def refuse(why: str) -> UsageError:
-        return UsageError(f"{named} {shown}: {why}")
-
-    if not url or not all(c.isprintable() and not c.isspace() for c in url):
-        raise refuse("empty, or holds spaces or control characters")
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname, parts.port
-    except ValueError:  # a port that is no number or out of 0..65535, a broken [v6] literal
-        raise refuse("not a URL, or its port is not in 1..65535") from None
+    parts, refuse = split_url(url, named, expected="redis://HOST:PORT/DB; a port in 1..65535")
+    host, port = parts.hostname, parts.port
     if parts.scheme not in ("redis", "rediss", "unix") or "://" not in url:
         raise refuse("expected redis://HOST:PORT/DB (or rediss://, unix://PATH)")
     if parts.fragment or url.endswith("#"):
