@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from worker.api.account import Listed, Listing
-from worker.api.listed_store import ListedStore, NameSet, in_name_order, not_in
+from worker.api.listed_store import (
+    BATCH,
+    ListedStore,
+    NameSet,
+    in_name_order,
+    not_in,
+    read_ahead,
+)
 from worker.plan import rounds
 
 
@@ -27,6 +34,32 @@ def test_put_get_contains_and_missing(tmp_path: Path) -> None:
         assert store.get("B") is None and "B" not in store and not_a_name not in store
         with pytest.raises(KeyError):
             store["B"]
+
+
+def test_read_ahead_answers_as_single_lookups_do_and_a_write_is_never_hidden(
+    tmp_path: Path,
+) -> None:
+    """Names read ahead a batch at a time answer exactly as one lookup each would (held or
+    not, tags, the listing's number); a write after a read ahead is seen at once."""
+    with ListedStore(tmp_dir=str(tmp_path)) as store:
+        held = [g(f"N{i:05d}", "p", ("k", str(i % 3), "Custom")) for i in range(0, 2 * BATCH, 2)]
+        store.put_all(held, listing=4)
+        asked = [f"N{i:05d}" for i in range(2 * BATCH + 7)]
+        seen = []
+        for name in read_ahead(asked, lambda n: n, store, {"plain": g("plain")}):
+            seen.append((name, store.get(name), name in store, store.listing_of(name)))
+        expected = {x.name: x for x in held}
+        assert seen == [
+            (n, expected.get(n), n in expected, 4 if n in expected else None) for n in asked
+        ]
+        store.prefetch(["N00000", "N00001"])
+        store.put(g("N00001", "q"), listing=5)  # a write after the read ahead
+        store.put_all([g("N00000", "r")], listing=6)
+        assert store["N00001"].project == "q" and store.listing_of("N00001") == 5
+        assert store["N00000"].project == "r" and store.listing_of("N00000") == 6
+        store.prefetch(["N00002"])
+        store.absorb({"N00002": g("N00002", "s")}, 7, replace=True)
+        assert store["N00002"].project == "s" and "N00000" not in store
 
 
 def test_a_name_put_twice_is_held_once_the_later_wins(tmp_path: Path) -> None:

@@ -56,6 +56,15 @@ def parse_page(
     missing `Tags` are read as empty (a Go service renders an empty slice as null). `share`
     (a Listing passes its own) keeps one copy of values repeated across pages.
     """
+    raw_items, total = page_envelope(result, page_size=page_size)
+    share = share if share is not None else Interner()
+    return Page(items=page_items(raw_items, 0, len(raw_items), share), total=total)
+
+
+def page_envelope(result: object, *, page_size: int = PAGE_SIZE) -> tuple[list[object], int]:
+    """The first half of `parse_page`: the Result's shape, its raw items and its Total.
+    (paging.py parses the items a slice at a time between them, so that a page of 1000
+    never holds the event loop, and with it the pacer's next send, for long.)"""
     if not isinstance(result, dict):
         raise ListingError(
             f"List answered a Result that is {spec.json_type(result)}, not an object"
@@ -80,8 +89,12 @@ def parse_page(
         raise ListingError(
             f"List answered {len(raw_items)} groups on one page; PageSize was {page_size}"
         )
-    share = share if share is not None else Interner()
-    return Page(items=[_item(i, raw, share) for i, raw in enumerate(raw_items)], total=total)
+    return raw_items, total
+
+
+def page_items(raw_items: list[object], start: int, stop: int, share: Interner) -> list[Listed]:
+    """The second half of `parse_page`: items `start` to `stop` checked and read."""
+    return [_item(i, raw_items[i], share) for i in range(start, min(stop, len(raw_items)))]
 
 
 def _item(i: int, raw: object, share: Interner) -> Listed:
@@ -230,6 +243,11 @@ class Listing:
         self._outstanding.add(self._asked)
         self.requests += 1
         return {"PageNum": self._asked, "PageSize": self.page_size, "StatusList": [AVAILABLE]}
+
+    @property
+    def share(self) -> Interner:
+        """The one copy of values repeated across this listing's pages (for page_items)."""
+        return self._share
 
     def add_result(self, result: object, page_num: int | None = None) -> str | None:
         """`add(parse_page(result), page_num)` with this listing's page size."""

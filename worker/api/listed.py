@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 SHARE_LIMIT: Final = 1 << 16  # distinct values an Interner keeps one copy of
+RAW_LIMIT: Final = 1 << 12  # encoded forms it remembers the decoded value of
 _T = TypeVar("_T")
 
 # (Key, Value, Category): compared as a set, since tag order means nothing to the API.
@@ -38,6 +39,7 @@ class Interner:
 
     def __init__(self, limit: int = SHARE_LIMIT) -> None:
         self._table: dict[Any, Any] = {}
+        self._raw: dict[bytes, Any] = {}  # encoded form -> the shared decoded value
         self._limit = limit
 
     def __len__(self) -> int:
@@ -50,3 +52,13 @@ class Interner:
         if len(self._table) < self._limit:
             self._table[value] = value
         return value
+
+    def known(self, raw: bytes) -> Any:
+        """The shared value remembered for the encoded form `raw`, or None."""
+        return self._raw.get(raw)
+
+    def remember(self, raw: bytes, value: Any) -> None:
+        """Remember `value` as what `raw` decodes to (at most RAW_LIMIT encoded forms: a
+        tag list per group never repeats, and then this costs no more than that)."""
+        if len(self._raw) < RAW_LIMIT:
+            self._raw[raw] = value

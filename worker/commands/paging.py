@@ -7,6 +7,11 @@ rate busy (`window`: rate x latency x 1.5, within the runner's in-flight limit) 
 together, each through `Runner.read` (paced by the run's one budget, retried, never
 recorded), and each answer is added to the Listing as it lands, in whatever order that is.
 
+A page's 1000 items are checked and read a slice at a time, the event loop free between
+slices: read at once they held it 5-15 ms, every send falling due meanwhile went out that
+late, and the pacer's margin, which follows the spread of lateness it measures, widened to
+match (measured: 9.1 List pages/s at a limit of 10, against 9.87/s for writes).
+
 Memory stays bounded by the window: at most `window` pages are asked for and not yet added,
 and an answer is added (decoded items turned into shared `Listed` values) as soon as it lands.
 """
@@ -21,9 +26,11 @@ from typing import Any
 import orjson
 
 from worker.api import spec
-from worker.api.account import Listing
+from worker.api.account import Listing, Page, page_envelope, page_items
 from worker.errors import WorkerError, raise_first
 from worker.runner.dispatch import Runner
+
+SLICE = 100  # items read between two turns of the event loop: well under a millisecond
 
 
 async def page_through(
@@ -48,12 +55,22 @@ async def page_through(
                 # In page order when several land together: the same answers, the same moves.
                 for task in sorted(landed, key=out.__getitem__):
                     number = out.pop(task)
-                    moved = listing.add_result(task.result(), number)
+                    moved = listing.add(await _read(listing, task.result()), number)
                     if moved is not None and on_moved is not None:
                         on_moved(moved)
     except BaseExceptionGroup as group:
         raise_first(group, WorkerError)
     assert listing.done, listing
+
+
+async def _read(listing: Listing, result: object) -> Page:
+    """`parse_page(result)` a SLICE at a time, letting the loop run between slices."""
+    raw, total = page_envelope(result, page_size=listing.page_size)
+    items = page_items(raw, 0, SLICE, listing.share)
+    for start in range(SLICE, len(raw), SLICE):
+        await asyncio.sleep(0)
+        items += page_items(raw, start, start + SLICE, listing.share)
+    return Page(items=items, total=total)
 
 
 def window(runner: Runner) -> int:

@@ -28,12 +28,12 @@ from typing import assert_never
 import structlog
 
 from worker.api.account import Listed, Listing
-from worker.api.listed_store import NameSet
+from worker.api.listed_store import NameSet, read_ahead
 from worker.commands import paging
 from worker.errors import StillDifferent
 from worker.ledger.records import Action, Outcome, Record, Result
 from worker.manifest import spool
-from worker.manifest.values import Group, Invalid, Scan
+from worker.manifest.values import Group, Invalid, Scan, name_of
 from worker.plan import reconcile, rounds
 from worker.runner.dispatch import Journal, Runner
 from worker.runner.tally import Tally
@@ -204,8 +204,13 @@ class Rounds:
             the_plan = dataclasses.replace(the_plan, deletes=deletes, replaces=replaces)
         return the_plan
 
+    def _lines(self, *accounts: Mapping[str, Listed]) -> Iterator[Group | Invalid]:
+        """The manifest again, its Names read ahead from `accounts` a batch at a time."""
+        return read_ahead(spool.read(self.scan), name_of, *accounts)
+
     def _unsettled(self) -> Iterator[Group | Invalid]:
-        for item in spool.read(self.scan):
+        # The view is read ahead: the effective account answers from it or from memory.
+        for item in self._lines(self.conv.view):
             if isinstance(item, Group) and (
                 item.name in self.conv.settled or item.name in self.conv.exists
             ):
@@ -246,7 +251,7 @@ class Rounds:
         old = self.conv.view
         names = NameSet()
         try:
-            for item in spool.read(self.scan):
+            for item in self._lines(old, new):
                 if item.name is not None and (item.name in old or item.name in new):
                     names.add(item.name)
             if self.prune:
@@ -262,7 +267,7 @@ class Rounds:
         """Creates and updates against the account as known now; in the first round also
         conflicts and invalid lines as results (later rounds report only new conflicts)."""
         account = self.conv.effective()
-        for item in spool.read(self.scan):
+        for item in self._lines(account):
             if isinstance(item, Invalid):
                 if first:
                     yield unsent(

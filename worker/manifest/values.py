@@ -56,6 +56,11 @@ class Invalid:
             object.__setattr__(self, "names", (*self.names, self.name))
 
 
+def name_of(item: Group | Invalid) -> str | None:
+    """The Name a manifest item is looked up by (read_ahead's key)."""
+    return item.name
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Scan:
     """What the one pass over the source learnt, and the private copy of what it read.

@@ -29,9 +29,9 @@ from typing import Any, Final
 import orjson
 
 from worker.api.account import Listed, Tag
-from worker.api.listed_store import NameSet, not_in
+from worker.api.listed_store import NameSet, not_in, read_ahead
 from worker.errors import PlanRefused, UsageError
-from worker.manifest.values import Group, Invalid
+from worker.manifest.values import Group, Invalid, name_of
 
 DEFAULT_MAX_DELETE: Final = 50
 
@@ -220,7 +220,7 @@ def plan_sync(
     # Every Name the manifest gives, on disk: the extras are the account's groups not in
     # it, found by walking both in Name order (no set of 10^6 Names in memory).
     with NameSet() as named:
-        for item in items:
+        for item in read_ahead(items, name_of, account):
             if isinstance(item, Invalid):
                 # An invalid line still names its group: never delete what a user listed,
                 # under any Name the line could mean (a repeated key, an escape).
@@ -303,7 +303,7 @@ def iter_changes(
     extras (walked again from the account: the plan only counted them)."""
     replaced = {listed.name for listed in plan.replaces}
     with NameSet() as named:
-        for item in items:
+        for item in read_ahead(items, name_of, account):
             if isinstance(item, Invalid):
                 named.update(item.names)
                 continue

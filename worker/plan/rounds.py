@@ -36,12 +36,12 @@ source of a delete (FRESH_S).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from worker.api.account import Listed
-from worker.api.listed_store import ListedStore, NameOrdered
+from worker.api.listed_store import ListedStore, NameOrdered, read_ahead
 
 MAX_ROUNDS: Final = 4  # write rounds per invocation: the plan and three corrections
 ROUND_PAUSE_S: Final = 2.0  # before each listing after the second: a lagging listing catches up
@@ -125,7 +125,7 @@ class Convergence:
         """Take a listing made after the last write. `relevant`: the Names whose foreign
         changes matter (manifest Names the account holds, and extras in the prune scope)."""
         self.listings += 1
-        for name in relevant:
+        for name in read_ahead(relevant, _itself, self.view, groups):
             if name in self.credits or name in self.exists:
                 continue
             old, new = self.view.get(name), groups.get(name)
@@ -189,6 +189,10 @@ class Effective(NameOrdered):
             return name in self._view
         return credit.after is not None
 
+    def prefetch(self, names: Sequence[str]) -> None:
+        if isinstance(self._view, NameOrdered):
+            self._view.prefetch([n for n in names if n not in self._credits])
+
     def __iter__(self) -> Iterator[str]:
         """In Name order, like the view: the credited Names merged in."""
         added = sorted(n for n, c in self._credits.items() if c.after is not None)
@@ -201,6 +205,10 @@ class Effective(NameOrdered):
         for name, credit in self._credits.items():
             change += (credit.after is not None) - (name in self._view)
         return len(self._view) + change
+
+
+def _itself(name: str) -> str:
+    return name
 
 
 def still_different(names: list[str], total: int) -> str:
