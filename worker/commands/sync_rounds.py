@@ -42,6 +42,9 @@ from worker.session import unsent
 
 log = structlog.get_logger("worker")
 
+# A manifest group planned as one of these is still to be written.
+_TO_WRITE = (reconcile.Create, reconcile.Update, reconcile.Replace)
+
 
 async def list_once(runner: Runner) -> tuple[Listing, float]:
     """One listing under the run's budget, its pages a window at a time (paging), and
@@ -146,8 +149,8 @@ class Rounds:
         for round_no in range(1, rounds.MAX_ROUNDS + 2):
             if round_no > 1:
                 self.unplanned.clear()  # what the latest listing shows decides
-                plan = self._plan()
-                pending = self._within_saved(self._pending_names())
+                plan, pending = self._plan_and_pending()
+                pending = self._within_saved(pending)
                 if not pending and not plan.deletes and not self.conv.exists:
                     if self.unplanned:
                         raise self._outside_saved()
@@ -170,7 +173,25 @@ class Rounds:
             log.info("sync.round", round=round_no, **repr_counts(self.conv))
         raise AssertionError("unreachable: the last round raises or returns")
 
-    def _plan(self) -> reconcile.SyncPlan:
+    def _plan_and_pending(self) -> tuple[reconcile.SyncPlan, list[str]]:
+        """`_plan`, and from the same pass over the manifest the groups not shown as the
+        manifest says: to write, or (in place only by an older listing's word) to be shown
+        by the next listing. Settled groups and those answered Exist are not pending."""
+        pending: list[str] = []
+        conv = self.conv
+
+        def note(item: Group, change: reconcile.GroupChange) -> None:
+            name = item.name
+            if name in conv.settled or name in conv.exists:
+                return
+            if conv.unconfirmed(name) or isinstance(change, _TO_WRITE):
+                pending.append(name)
+
+        return self._plan(note), pending
+
+    def _plan(
+        self, on_group: Callable[[Group, reconcile.GroupChange], None] | None = None
+    ) -> reconcile.SyncPlan:
         """Deletes from the account as known now. Every manifest line takes part, so no
         Name the manifest gives (settled or not) is ever an extra."""
         account = self.conv.effective()
@@ -182,6 +203,7 @@ class Rounds:
             scope=self.scope,
             max_delete=1 << 62,
             replace=self.replace,
+            on_group=on_group,
         )
         # Deletes only from the latest listing: the view may keep an extra that an older,
         # moved listing showed and that is gone (or re-created elsewhere) since. A replace
@@ -207,15 +229,6 @@ class Rounds:
     def _lines(self, *accounts: Mapping[str, Listed]) -> Iterator[Group | Invalid]:
         """The manifest again, its Names read ahead from `accounts` a batch at a time."""
         return read_ahead(spool.read(self.scan), name_of, *accounts)
-
-    def _unsettled(self) -> Iterator[Group | Invalid]:
-        # The view is read ahead: the effective account answers from it or from memory.
-        for item in self._lines(self.conv.view):
-            if isinstance(item, Group) and (
-                item.name in self.conv.settled or item.name in self.conv.exists
-            ):
-                continue  # reported already, or there and waiting for a listing to show it
-            yield item
 
     async def _observe(self) -> None:
         listing, began = await list_once(self.runner)
@@ -383,23 +396,6 @@ class Rounds:
             f"{len(names)} groups differ that the plan does not hold: "
             f"{rounds.still_different(names, len(names))}; make a new plan (or run sync)"
         )
-
-    def _pending_names(self) -> list[str]:
-        """Manifest groups not shown as the manifest says: to write, or (in place only
-        by an older listing's word) to be shown by the next listing."""
-        account = self.conv.effective()
-        return [
-            item.name
-            for item in self._unsettled()
-            if isinstance(item, Group)
-            and (
-                self.conv.unconfirmed(item.name)
-                or isinstance(
-                    reconcile.classify_group(item, account, replacing=self.replacing),
-                    reconcile.Create | reconcile.Update | reconcile.Replace,
-                )
-            )
-        ]
 
 
 def repr_counts(conv: rounds.Convergence) -> dict[str, int]:

@@ -204,10 +204,12 @@ def plan_sync(
     scope: Scope = Scope(),
     max_delete: int = DEFAULT_MAX_DELETE,
     replace: bool = False,
+    on_group: Callable[[Group, GroupChange], None] | None = None,
 ) -> SyncPlan:
     """One pass over the manifest. Raises PlanRefused for prune or replace without a scope
     and for more than `max_delete` deletes, replaced groups included (exactly `max_delete`
-    is allowed)."""
+    is allowed). `on_group` is told each valid group's change as the pass classifies it
+    (sync's later rounds take what is still pending from the same pass)."""
     require_scope(prune, scope, replace=replace)
     if max_delete < 0:
         raise UsageError("--max-delete must be >= 0")
@@ -231,6 +233,8 @@ def plan_sync(
             named.add(item.name)
             change = classify_group(item, account, replacing=replacing)
             counts[type(change)] += 1
+            if on_group is not None:
+                on_group(item, change)
             if isinstance(change, Replace):
                 replaces.append(change.listed)
         for listed in not_in(account, named):
