@@ -13,6 +13,7 @@ from worker.api.listed_store import (
     BATCH,
     ListedStore,
     NameSet,
+    differing,
     in_name_order,
     not_in,
     read_ahead,
@@ -60,6 +61,27 @@ def test_read_ahead_answers_as_single_lookups_do_and_a_write_is_never_hidden(
         store.prefetch(["N00002"])
         store.absorb({"N00002": g("N00002", "s")}, 7, replace=True)
         assert store["N00002"].project == "s" and "N00000" not in store
+
+
+def test_differing_names_what_either_side_shows_otherwise(tmp_path: Path) -> None:
+    """Held by one side only, another project, other tags: named once each, in Name order,
+    the same for two stores (compared inside SQLite) as for plain mappings; the stores can
+    be compared again and absorbed afterwards (the comparison lets go of the other file)."""
+    tag = ("k", "v", "Custom")
+    old = [g("A"), g("B", "p", tag), g("C"), g("D", "p", tag, ("k", "w", "Custom")), g("E")]
+    new = [g("B"), g("C", "q"), g("D", "p", tag, ("k", "w", "Custom")), g("E"), g("F")]
+    with ListedStore(tmp_dir=str(tmp_path)) as a, ListedStore(tmp_dir=str(tmp_path)) as b:
+        a.put_all(old)
+        b.put_all(new)
+        plain_a, plain_b = {x.name: x for x in old}, {x.name: x for x in new}
+        for left, right in ((a, b), (plain_a, plain_b), (a, plain_b)):
+            with differing(left, right) as names:
+                assert list(names) == ["A", "B", "C", "F"]
+        with differing(a, b) as names:
+            assert next(names) == "A"  # left early: the other file is let go all the same
+        a.absorb(b, 2, replace=True)
+        with differing(a, b) as names:
+            assert list(names) == []
 
 
 def test_a_name_put_twice_is_held_once_the_later_wins(tmp_path: Path) -> None:

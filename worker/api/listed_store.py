@@ -280,6 +280,34 @@ class ListedStore(NameOrdered):
             self.close()
 
 
+@contextlib.contextmanager
+def differing(a: Mapping[str, Listed], b: Mapping[str, Listed]) -> Iterator[Iterator[str]]:
+    """The Names held by one of `a` and `b` only, or held by both with another project or
+    other tags (a superset: the same tags in another order count too), in Name order.
+
+    Two stores are compared inside SQLite, one join over both files: a sync's check after
+    its writes compares two listings of 10^5 groups, where a lookup in each per manifest
+    line cost seconds. Use the iterator inside the `with` only."""
+    if not (isinstance(a, ListedStore) and isinstance(b, ListedStore)):
+        yield iter(sorted(n for n in {*a, *b} if a.get(n) != b.get(n)))
+        return
+    conn = a._conn
+    conn.execute("ATTACH DATABASE ? AS diff", (b.path,))
+    try:
+        cursor = conn.execute(
+            "SELECT x.name FROM g x LEFT JOIN diff.g y ON x.name = y.name "
+            "WHERE y.name IS NULL OR x.project != y.project OR x.tags != y.tags "
+            "UNION SELECT y.name FROM diff.g y WHERE y.name NOT IN (SELECT name FROM g) "
+            "ORDER BY 1"
+        )
+        try:
+            yield (name for (name,) in cursor)
+        finally:
+            cursor.close()
+    finally:
+        conn.execute("DETACH DATABASE diff")
+
+
 class NameSet:
     """A set of Names on disk, iterated in Name order: the manifest's Names, against which
     the plan walks the account for extras (10^6 Names as a Python set cost ~90 MB).

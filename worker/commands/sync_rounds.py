@@ -20,7 +20,6 @@ its ledger: one header per invocation, one result per write.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import assert_never
@@ -33,7 +32,7 @@ from worker.commands import paging
 from worker.errors import StillDifferent
 from worker.ledger.records import Action, Outcome, Record, Result
 from worker.manifest import spool
-from worker.manifest.values import Group, Invalid, Scan, name_of
+from worker.manifest.values import Group, Invalid, Scan, name_of, names_of
 from worker.plan import reconcile, rounds
 from worker.runner.dispatch import Journal, Runner
 from worker.runner.tally import Tally
@@ -109,6 +108,8 @@ class Rounds:
     _replacing: dict[str, Listed] = field(default_factory=dict)  # delete half sent
     _recreate: set[str] = field(default_factory=set)  # delete half answered: create next
     _listing: Listing | None = None  # the latest listing this round made (`conv.last`)
+    _named: NameSet | None = None  # every Name the manifest gives (`named`)
+    _named_whole: bool = False  # ... all of them: the first round's writes pass ended
 
     @property
     def replacing(self) -> Callable[[Listed], bool] | None:
@@ -204,6 +205,7 @@ class Rounds:
             max_delete=1 << 62,
             replace=self.replace,
             on_group=on_group,
+            named=self.named(),
         )
         # Deletes only from the latest listing: the view may keep an extra that an older,
         # moved listing showed and that is gone (or re-created elsewhere) since. A replace
@@ -233,8 +235,8 @@ class Rounds:
     async def _observe(self) -> None:
         listing, began = await list_once(self.runner)
         try:
-            with self._relevant(listing.groups) as relevant:
-                self.conv.observe(listing.groups, whole=listing.whole, relevant=relevant)
+            relevant = self._relevant(listing.groups)
+            self.conv.observe(listing.groups, whole=listing.whole, relevant=relevant)
         except BaseException:
             listing.close()
             raise
@@ -254,33 +256,41 @@ class Rounds:
         """Remove the view and the listings this round made (their files). Idempotent."""
         if self._listing is not None:
             self._listing.close()
+        if self._named is not None:
+            self._named.close()
         conv = getattr(self, "conv", None)  # not there before `start`
         if conv is not None:
             conv.close()
 
-    def _relevant(self, new: Mapping[str, Listed]) -> NameSet:
-        """Manifest Names either listing holds, and extras inside the prune scope: on disk,
-        each once (the caller closes the set)."""
-        old = self.conv.view
-        names = NameSet()
-        try:
-            for item in self._lines(old, new):
-                if item.name is not None and (item.name in old or item.name in new):
-                    names.add(item.name)
-            if self.prune:
-                for listed in itertools.chain(old.values(), new.values()):
-                    if self.scope.contains(listed):
-                        names.add(listed.name)
-        except BaseException:
-            names.close()
-            raise
-        return names
+    def _relevant(self, new: Mapping[str, Listed]) -> Relevant:
+        return Relevant(self.named(), self.conv.view, new, self.scope if self.prune else None)
+
+    def named(self) -> NameSet:
+        """Every Name the manifest gives (names_of), on disk, gathered once a sync: by the
+        first round's writes pass as it goes (while the writes wait for the budget), else
+        by a pass of its own."""
+        if self._named is None or not self._named_whole:
+            if self._named is not None:
+                self._named.close()
+            self._named = NameSet()
+            for item in spool.read(self.scan):
+                self._named.update(names_of(item))
+            self._named_whole = True
+        return self._named
 
     def _upserts(self, *, first: bool) -> Iterator[Work | Result]:
         """Creates and updates against the account as known now; in the first round also
         conflicts and invalid lines as results (later rounds report only new conflicts)."""
         account = self.conv.effective()
+        named = None
+        if first:  # the manifest's Names, gathered on the way (`named`)
+            if self._named is not None:
+                self._named.close()
+            self._named = named = NameSet()
+            self._named_whole = False
         for item in self._lines(account):
+            if named is not None:
+                named.update(names_of(item))
             if isinstance(item, Invalid):
                 if first:
                     yield unsent(
@@ -325,6 +335,7 @@ class Rounds:
                         self.runner.tally.skipped["in_sync"] += 1
                 case _:
                     assert_never(change)
+        self._named_whole = self._named_whole or named is not None
 
     async def _deletes(self, plan: reconcile.SyncPlan) -> None:
         """The plan's deletes, each sent only while the listing that showed it is at most
@@ -395,6 +406,28 @@ class Rounds:
             f"the saved plan was carried out, but the account moved meanwhile: "
             f"{len(names)} groups differ that the plan does not hold: "
             f"{rounds.still_different(names, len(names))}; make a new plan (or run sync)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Relevant:
+    """The Names whose foreign changes matter to a sync (a Container): the manifest's, and
+    with --prune (`scope` given) those the old or the new listing shows inside the scope."""
+
+    named: NameSet
+    old: Mapping[str, Listed]
+    new: Mapping[str, Listed]
+    scope: reconcile.Scope | None
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        if name in self.named:
+            return True
+        scope = self.scope
+        return scope is not None and any(
+            listed is not None and scope.contains(listed)
+            for listed in (self.old.get(name), self.new.get(name))
         )
 
 

@@ -61,6 +61,12 @@ def name_of(item: Group | Invalid) -> str | None:
     return item.name
 
 
+def names_of(item: Group | Invalid) -> tuple[str, ...]:
+    """Every Name a manifest item gives: a group's Name; every Name an invalid line could
+    mean (what `sync --prune` must never delete)."""
+    return item.names if isinstance(item, Invalid) else (item.name,)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Scan:
     """What the one pass over the source learnt, and the private copy of what it read.

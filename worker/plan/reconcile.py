@@ -21,6 +21,7 @@ account holds under a manifest Name, in another project). Both count against --m
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import orjson
 from worker.api.account import Listed, Tag
 from worker.api.listed_store import NameSet, not_in, read_ahead
 from worker.errors import PlanRefused, UsageError
-from worker.manifest.values import Group, Invalid, name_of
+from worker.manifest.values import Group, Invalid, name_of, names_of
 
 DEFAULT_MAX_DELETE: Final = 50
 
@@ -205,11 +206,13 @@ def plan_sync(
     max_delete: int = DEFAULT_MAX_DELETE,
     replace: bool = False,
     on_group: Callable[[Group, GroupChange], None] | None = None,
+    named: NameSet | None = None,
 ) -> SyncPlan:
     """One pass over the manifest. Raises PlanRefused for prune or replace without a scope
     and for more than `max_delete` deletes, replaced groups included (exactly `max_delete`
     is allowed). `on_group` is told each valid group's change as the pass classifies it
-    (sync's later rounds take what is still pending from the same pass)."""
+    (sync's later rounds take what is still pending from the same pass). `named`: every
+    Name the manifest gives (names_of), when the caller holds them already."""
     require_scope(prune, scope, replace=replace)
     if max_delete < 0:
         raise UsageError("--max-delete must be >= 0")
@@ -221,16 +224,21 @@ def plan_sync(
     kept = 0
     # Every Name the manifest gives, on disk: the extras are the account's groups not in
     # it, found by walking both in Name order (no set of 10^6 Names in memory).
-    with NameSet() as named:
+    with contextlib.ExitStack() as owned:
+        if named is None:
+            named = owned.enter_context(NameSet())
+            fill = True
+        else:
+            fill = False
         for item in read_ahead(items, name_of, account):
+            if fill:
+                named.update(names_of(item))
             if isinstance(item, Invalid):
                 # An invalid line still names its group: never delete what a user listed,
                 # under any Name the line could mean (a repeated key, an escape).
                 _refuse_unreadable(item, prune)
                 invalid += 1
-                named.update(item.names)
                 continue
-            named.add(item.name)
             change = classify_group(item, account, replacing=replacing)
             counts[type(change)] += 1
             if on_group is not None:

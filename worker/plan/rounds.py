@@ -36,12 +36,12 @@ source of a delete (FRESH_S).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from worker.api.account import Listed
-from worker.api.listed_store import ListedStore, NameOrdered, read_ahead
+from worker.api.listed_store import ListedStore, NameOrdered, differing
 
 MAX_ROUNDS: Final = 4  # write rounds per invocation: the plan and three corrections
 ROUND_PAUSE_S: Final = 2.0  # before each listing after the second: a lagging listing catches up
@@ -120,18 +120,25 @@ class Convergence:
         self.exists.add(name)
 
     def observe(
-        self, groups: Mapping[str, Listed], *, whole: bool, relevant: Iterable[str]
+        self, groups: Mapping[str, Listed], *, whole: bool, relevant: Container[str]
     ) -> None:
         """Take a listing made after the last write. `relevant`: the Names whose foreign
-        changes matter (manifest Names the account holds, and extras in the prune scope)."""
+        changes matter (manifest Names, and extras in the prune scope)."""
         self.listings += 1
-        for name in read_ahead(relevant, _itself, self.view, groups):
-            if name in self.credits or name in self.exists:
-                continue
-            old, new = self.view.get(name), groups.get(name)
-            seen_both = old is not None and new is not None
-            if (seen_both or (self.whole and whole)) and not same(old, new):
-                self.foreign.append(name)
+        # Only a Name the two listings show differently can be a foreign change: those come
+        # from one comparison of the two (differing), not from a lookup per manifest line.
+        with differing(self.view, groups) as changed:
+            for name in changed:
+                if name in self.credits or name in self.exists:
+                    continue
+                old, new = self.view.get(name), groups.get(name)
+                seen_both = old is not None and new is not None
+                if (
+                    (seen_both or (self.whole and whole))
+                    and not same(old, new)
+                    and name in relevant
+                ):
+                    self.foreign.append(name)
         for name, credit in list(self.credits.items()):
             shown = groups.get(name)
             if shown is None and not whole:
@@ -205,10 +212,6 @@ class Effective(NameOrdered):
         for name, credit in self._credits.items():
             change += (credit.after is not None) - (name in self._view)
         return len(self._view) + change
-
-
-def _itself(name: str) -> str:
-    return name
 
 
 def still_different(names: list[str], total: int) -> str:
