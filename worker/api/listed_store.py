@@ -6,9 +6,10 @@ Listed in a private SQLite file: one B-tree keyed by Name (a WITHOUT ROWID table
 page cache is bounded (CACHE_KIB), so a lookup reads a few pages and keeps none of them
 resident beyond that cache. Why SQLite and not the ledger's hash table (ledger/table.py):
 export and the plan's extras walk the account sorted by Name, which a B-tree gives for
-nothing and a hash table would need an external sort for; a point lookup costs ~12 µs
-(measured, 10^6 Names), against ~3 µs for the hash table, which a sync pays two or three
-times per manifest line: seconds next to the 100 s of List requests 10^6 groups take.
+nothing and a hash table would need an external sort for. A point lookup costs ~12 µs
+(measured, 10^6 Names), against ~3 µs for the hash table; a pass over the manifest reads its
+Names ahead a batch at a time instead (`read_ahead`: one query per BATCH Names), and two
+listings are compared inside SQLite (`differing`), not by a lookup per Name.
 
 Ordering: iteration is by Name in SQLite's BINARY collation, which compares UTF-8 bytes;
 UTF-8 byte order is code-point order, so it is Python's `sorted` order too.
