@@ -166,7 +166,8 @@ def gateway() -> Iterator[Gateway]:
             pass
 
     server.RequestHandlerClass = Recorder
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever's next poll: 0.5 s by default, at every teardown
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield gw
     server.shutdown()
