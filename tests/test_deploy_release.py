@@ -166,6 +166,14 @@ def test_large_manifest_component_fetches_into_what_the_worker_reads(tmp_path: P
 INSTALL = DEPLOY / "systemd" / "install"
 
 
+# The three tests that read the install share one (it takes seconds) and run in the serial
+# phase of scripts/test: in one process, so it is made once. Spread over pytest-xdist's
+# processes each would make its own, and two at once collide in this checkout's build/
+# folder (pip builds the worker there). xdist's loadgroup would keep them on one process,
+# but ignores its mark on pytest 9.2.
+ON_ONE_INSTALL = pytest.mark.serial
+
+
 @pytest.fixture(scope="module")
 def installed() -> Iterator[Path]:
     """deploy/systemd/install as documented, into a scratch root other users can traverse."""
@@ -195,6 +203,7 @@ def unit_paths(unit: dict[str, list[str]]) -> set[str]:
 
 
 @pytest.mark.slow
+@ON_ONE_INSTALL
 def test_install_creates_every_path_the_unit_names(installed: Path) -> None:
     """ExecStart's binary, the job file, the credentials, the textfile directory and the
     documentation exist after the install; the units and the sysusers file are in place."""
@@ -222,6 +231,7 @@ def passwd_entry(root: Path, name: str) -> list[str]:
 
 
 @pytest.mark.slow
+@ON_ONE_INSTALL
 def test_install_makes_the_units_user_and_grants_only_what_it_writes(installed: Path) -> None:
     """User=/Group= exist (from the sysusers file) with the state directory as home and no
     shell; the venv is root's and not writable by others; the user may write the textfile
@@ -252,6 +262,7 @@ def test_install_makes_the_units_user_and_grants_only_what_it_writes(installed: 
 
 
 @pytest.mark.slow
+@ON_ONE_INSTALL
 def test_service_user_runs_the_installed_worker(installed: Path) -> None:
     """The venv's interpreter is a system one (not under /root or /home: ProtectHome hides
     those), and the service's uid runs ExecStart's binary and imports every dependency

@@ -57,6 +57,7 @@ def test_quick_start_example_on_embedded_sandbox(tmp_path: Path) -> None:
     assert len([r for r in ledger_records(ledger) if r["type"] == "result"]) == 12
 
 
+@pytest.mark.serial  # a strict 50/s window at the sandbox
 def test_pacing_holds_the_window_at_rate_50(sandbox_factory: Any, tmp_path: Path) -> None:
     """300 groups at --rate 50 against a strict 50/s sandbox with 20-400 ms latency:
     no FlowLimitExceeded, never more than 50 arrivals in a sliding second, all created."""

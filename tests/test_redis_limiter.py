@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import (
+    AK,
     SK,
     SandboxProc,
     cli_env,
@@ -44,6 +46,12 @@ HOW = (
     "start one (`redis-server --port 6379 --save '' &`, after `apt-get install "
     "redis-server`) or point REDIS_URL at one; `bash scripts/test` starts one by itself"
 )
+
+
+def own_key(prefix: str) -> str:
+    """An access key no other test uses: the budget on the shared Redis is per access key,
+    and other tests, other runs of this suite and xdist workers share that Redis."""
+    return f"{prefix}{uuid.uuid4().hex}"
 
 
 def _missing(what: str) -> None:
@@ -130,11 +138,12 @@ def start_workers(
     per: int,
     *extra: str,
     env_extra: list[dict[str, str]] | None = None,
+    ak: str = AK,
 ) -> list[subprocess.Popen[str]]:
     procs = []
     for i in range(count):
         manifest = write_manifest(tmp / f"w{i}.jsonl", names(per, prefix=f"进程{i}组"))
-        env = cli_env(tmp)
+        env = cli_env(tmp, ak=ak, sk=SK)
         env.update((env_extra or [{}] * count)[i])
         procs.append(
             subprocess.Popen(
@@ -161,13 +170,15 @@ def aggregate_rate(sb: SandboxProc) -> float:
     return (len(ok) - 1) / (ok[-1] - ok[0])
 
 
+@pytest.mark.serial  # a strict 20/s window and a rate to reach
 def test_three_workers_share_one_budget(
     redis_url: str, sandbox_factory: Any, tmp_path: Path
 ) -> None:
     """3 processes x 100 groups, one AK, sandbox strict at 20/s, shared limiter: no throttle,
     never more than 20 arrivals in a sliding second, >= 85% of 20/s together, all once."""
-    sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "20-200")
-    results = finish(start_workers(tmp_path, sb, 3, 100, "--limiter", redis_url))
+    ak = own_key("AKSHARE")
+    sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "20-200", keys={ak: SK})
+    results = finish(start_workers(tmp_path, sb, 3, 100, "--limiter", redis_url, ak=ak))
     assert [code for code, _ in results] == [0, 0, 0], [err[-2000:] for _, err in results]
     arrivals = sb.creates()
     assert [a for a in arrivals if a["code"] == "FlowLimitExceeded"] == []
@@ -177,12 +188,13 @@ def test_three_workers_share_one_budget(
     assert len(state["groups"]) == 300 and all(g["created"] == 1 for g in state["groups"])
 
 
+@pytest.mark.serial  # a strict 20/s window
 def test_one_access_key_is_one_budget_however_the_endpoint_is_spelled(
     redis_url: str, sandbox_factory: Any, tmp_path: Path
 ) -> None:
     """3 processes on one AK, endpoints spelled 127.0.0.1:P, 127.0.0.1:P/ and localhost:P,
     sandbox strict at 20/s: they share one budget (no throttle), not one budget per spelling."""
-    ak = f"AKSPELL{time.monotonic_ns()}"  # a key of its own: no budget left by another test
+    ak = own_key("AKSPELL")
     sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "20-200", keys={ak: SK})
     port = sb.url.rsplit(":", 1)[1].rstrip("/")
     spellings = [
@@ -229,6 +241,7 @@ def test_per_process_budgets_get_throttled(sandbox_factory: Any, tmp_path: Path)
     assert throttled > 0
 
 
+@pytest.mark.serial  # a strict 20/s window, and seconds in which nothing may arrive
 def test_redis_outage_pauses_then_resumes_without_burst(
     own_redis: OwnRedis, sandbox_factory: Any, tmp_path: Path
 ) -> None:
@@ -295,12 +308,14 @@ def test_redis_gone_for_good_exits_3(
     assert len(state["groups"]) == 80 and all(g["created"] == 1 for g in state["groups"])
 
 
+@pytest.mark.serial  # a strict 20/s window and a rate to reach
 def test_skewed_host_clocks_share_the_budget(
     redis_url: str, sandbox_factory: Any, tmp_path: Path
 ) -> None:
     """Two processes whose clocks differ by 14 s still share the budget evenly: the slots come
     from the Redis server's clock, never from the hosts'."""
-    sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "10-100")
+    ak = own_key("AKSKEW")
+    sb: SandboxProc = sandbox_factory("--rate", "20", "--latency-ms", "10-100", keys={ak: SK})
     procs = start_workers(
         tmp_path,
         sb,
@@ -309,6 +324,7 @@ def test_skewed_host_clocks_share_the_budget(
         "--limiter",
         redis_url,
         env_extra=[{"TESTHOOK_CLOCK_OFFSET_S": "-7"}, {"TESTHOOK_CLOCK_OFFSET_S": "7"}],
+        ak=ak,
     )
     results = finish(procs)
     assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
@@ -324,12 +340,13 @@ def test_skewed_host_clocks_share_the_budget(
     assert abs((started[1] - started[0]).total_seconds() - 14) < 5
 
 
+@pytest.mark.serial  # a rate to reach on the real clock
 def test_pacers_in_one_loop_book_evenly_spaced_slots(redis_url: str) -> None:
     """Several RedisPacers on one key (as separate processes would be) admit 1/target apart."""
 
     async def main() -> list[float]:
         times: list[float] = []
-        ak = f"AK-test-{time.monotonic_ns()}"
+        ak = own_key("AK-test-")
         pacers = [
             RedisPacer(
                 redis_url, pacing=Pacing(rate=40), access_key=ak, region="cn-north-1", timeout_s=5
@@ -404,7 +421,7 @@ def _late_send_moves_schedule(redis_url: str, callers: int) -> tuple[int, int]:
         pacer = RedisPacer(
             redis_url,
             pacing=pacing,
-            access_key=f"AK-late-{time.monotonic_ns()}",
+            access_key=own_key("AK-late-"),
             region="cn-north-1",
             timeout_s=5,
             clock=clock,
@@ -430,6 +447,7 @@ def _late_send_moves_schedule(redis_url: str, callers: int) -> tuple[int, int]:
     return asyncio.run(main())
 
 
+@pytest.mark.serial  # real sleeps against Redis's clock: a stalled loop moves the schedule
 def test_late_send_moves_the_shared_schedule(redis_url: str) -> None:
     """A slot used 50 ms late (local clock injected) pushes the next free slot on Redis by the
     lateness less the slack, so the slots booked next keep whole gaps from the real send."""
@@ -437,6 +455,7 @@ def test_late_send_moves_the_shared_schedule(redis_url: str) -> None:
     assert moved == expected
 
 
+@pytest.mark.serial  # real sleeps against Redis's clock: a stalled loop moves the schedule
 def test_a_run_of_late_sends_moves_the_schedule_once(redis_url: str) -> None:
     """Three consecutive slots all used 50 ms late push the schedule by 50 ms once, not three
     times: each report counts the slots booked after its own."""
@@ -444,6 +463,7 @@ def test_a_run_of_late_sends_moves_the_schedule_once(redis_url: str) -> None:
     assert moved == expected
 
 
+@pytest.mark.serial  # real sleeps against Redis's clock: a stalled loop moves the schedule
 def test_stall_past_late_limit_lets_the_slot_go(redis_url: str) -> None:
     """A caller woken LATE_S past its slot does not send into others' slots: it books anew."""
     from worker.pacing.shared import LATE_S
@@ -453,7 +473,7 @@ def test_stall_past_late_limit_lets_the_slot_go(redis_url: str) -> None:
         pacer = RedisPacer(
             redis_url,
             pacing=Pacing(rate=20),
-            access_key=f"AK-stall-{time.monotonic_ns()}",
+            access_key=own_key("AK-stall-"),
             region="cn-north-1",
             timeout_s=5,
             clock=clock,
@@ -477,7 +497,7 @@ def test_stall_past_late_limit_lets_the_slot_go(redis_url: str) -> None:
 def test_cool_down_message_does_not_outlive_the_pacer(redis_url: str) -> None:
     """throttled() right before the pacer closes leaves no task behind (it is owned, ended on
     exit), and a cool-down that did reach Redis is seen by the next pacer on the same key."""
-    ak = f"AK-cool-{time.monotonic_ns()}"
+    ak = own_key("AK-cool-")
 
     async def main() -> tuple[set[asyncio.Task[Any]], str]:
         async with RedisPacer(
@@ -495,6 +515,7 @@ def test_cool_down_message_does_not_outlive_the_pacer(redis_url: str) -> None:
     assert "RedisPacer" in text and "admitted=1" in text
 
 
+@pytest.mark.serial  # holds the loop 30 ms and asserts nothing else was late
 def test_a_slow_answer_is_not_taken_for_a_late_send(redis_url: str) -> None:
     """The loop held 30 ms while a booking was on its way (a busy machine): the slot is still
     slept to on time through an earlier quick reading of Redis's clock, so nothing is reported
@@ -508,7 +529,7 @@ def test_a_slow_answer_is_not_taken_for_a_late_send(redis_url: str) -> None:
         pacer = RedisPacer(
             redis_url,
             pacing=pacing,
-            access_key=f"AK-slow-{time.monotonic_ns()}",
+            access_key=own_key("AK-slow-"),
             region="cn-north-1",
             timeout_s=5,
             watch_s=None,

@@ -872,7 +872,9 @@ def test_no_secret_anywhere(sandbox_factory: Any, tmp_path: Path) -> None:
 def test_two_runs_at_once_on_one_ledger(sandbox_factory: Any, tmp_path: Path) -> None:
     """Two runs started together on one ledger: one works, the other exits 5 at once and
     touches nothing."""
-    sb: SandboxProc = sandbox_factory("--rate", "50", "--latency-ms", "300-300")
+    # The winner's answers take 3 s: the two runs overlap even when a busy machine starts
+    # one interpreter seconds after the other (at 300 ms the winner could finish first).
+    sb: SandboxProc = sandbox_factory("--rate", "50", "--latency-ms", "3000-3000")
     manifest = write_manifest(tmp_path / "m.jsonl", names(20))
     env = cli_env(tmp_path)
     args = ["run", str(manifest), "--endpoint", sb.url, "--rate", "50"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 from volcengine.live.v20230101.live_service import LiveService
 
 from tests.conftest import AK, SK, SandboxProc
@@ -67,6 +68,7 @@ def test_official_sdk_create_exists_and_bad_secret(sandbox: SandboxProc) -> None
     assert groups[0]["Tags"] == [{"Key": "键", "Value": "值", "Category": "Custom"}]
 
 
+@pytest.mark.serial  # the 25 must arrive inside one second to be a burst
 def test_official_sdk_burst_is_throttled(sandbox_factory: Any) -> None:
     """25 SDK creates fired at once at --rate 10: at least 10 answered FlowLimitExceeded."""
     sb: SandboxProc = sandbox_factory("--rate", "10")

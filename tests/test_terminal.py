@@ -121,9 +121,12 @@ def test_rejected_groups_show_a_few_then_say_where_the_rest_are(
     assert seen.count("group.more_not_shown") == 1 and "--failed" in seen
 
 
-def test_resumed_run_counts_only_its_own_work(sandbox: SandboxProc, tmp_path: Path) -> None:
+def test_resumed_run_counts_only_its_own_work(sandbox_factory: Any, tmp_path: Path) -> None:
     """A rerun over 30 done lines and 15 new ones: the bar ends at 15/15 with the 30 shown
     as skipped, and every rate it showed is at most --rate."""
+    # The sandbox allows both runs' rates: no throttle (and its seconds of pause), so only
+    # the worker's own pacing bounds the rate the bar shows.
+    sandbox: SandboxProc = sandbox_factory("--rate", "50")
     manifest = tmp_path / "m.jsonl"
     env = cli_env(tmp_path)
     write_manifest(manifest, names(30))
@@ -139,10 +142,12 @@ def test_resumed_run_counts_only_its_own_work(sandbox: SandboxProc, tmp_path: Pa
 
 
 def test_json_progress_line_counts_only_this_runs_work(
-    sandbox: SandboxProc, tmp_path: Path
+    sandbox_factory: Any, tmp_path: Path
 ) -> None:
     """Off a terminal, the `run.progress` lines of a rerun count its new lines only, skips
     apart, and rate_per_s never exceeds --rate."""
+    # As above: only the worker's own pacing bounds the rate, no throttle pauses it.
+    sandbox: SandboxProc = sandbox_factory("--rate", "50")
     manifest = tmp_path / "m.jsonl"
     env = cli_env(tmp_path)
     write_manifest(manifest, names(30))

@@ -4,6 +4,9 @@ paths, URLs and numbers, each given through the real CLI, on a dry run and on a 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,15 +111,23 @@ RUNS = [
 ]
 
 
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """A folder with a short path for the inputs: a message shows a long path's first 80
+    characters, and the value (LONG's n's) must be among them however long pytest's own
+    folder is (pytest-xdist adds a level to it)."""
+    path = Path(tempfile.mkdtemp(prefix="mistakes-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path)
+
+
 @pytest.mark.parametrize(("name", "dry"), RUNS)
 def test_each_mistake_is_named_and_exits_2_with_nothing_written(
-    tmp_path: Path, name: str, dry: bool
+    tmp_path: Path, work: Path, name: str, dry: bool
 ) -> None:
     """Each bad input: exit 2, stderr names where it came from and its value (redacted), no
     traceback, no ledger (nor lock, index, spool) created, on a dry run too."""
     case = CASES[name]
-    work = tmp_path / "work"
-    work.mkdir()
     write_manifest(work / "m.jsonl", names(2))
     write_manifest(work / ("m" * 250), names(1))  # fits; with .ledger.jsonl after it, not
     args = [_subst(a, work) for a in case.args]
