@@ -41,7 +41,8 @@ from worker.ledger.load import load_state
 from worker.ledger.lock import Holder, lock_beside, lock_file, release
 from worker.ledger.records import Record, RunHeader, Target
 from worker.ledger.state import State
-from worker.ledger.table import Table, unavailable
+from worker.ledger.storage import unavailable
+from worker.ledger.table import Table
 
 FSYNC_EVERY_S: Final = 1.0
 # How often a run records in its index how far the ledger is folded in (index.checkpoint):

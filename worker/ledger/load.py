@@ -29,12 +29,14 @@ from typing import Any
 from worker.errors import LedgerError
 from worker.ledger import index
 from worker.ledger.batch import Batch
+from worker.ledger.build import Bulk
 from worker.ledger.file import Reader, close_quietly, open_regular
 from worker.ledger.layout import Stale, slots_for
 from worker.ledger.records import Footer, Intent, Item, Record, Result, RunHeader
 from worker.ledger.schema import item_of, parse
 from worker.ledger.state import State
-from worker.ledger.table import Table, unavailable
+from worker.ledger.storage import unavailable
+from worker.ledger.table import Table
 
 
 def read_state(path: Path) -> State:
@@ -96,21 +98,7 @@ def load_state(
                 check(header)
         with open(os.dup(fd), "rb") as f:
             reader = Reader(path, f, start=start, lineno=lineno)
-            batch = Batch(state)
-            add = batch.add
-            for offset, at_line, obj in reader.objects():
-                item = item_of(obj)
-                if item is not None:
-                    add(item, offset)
-                    continue
-                record = parse(obj, where=reader.where(at_line))
-                if isinstance(record, (Intent, Result)):
-                    add(Item.of(record), offset)  # through the batch: it keeps the order
-                    continue
-                if check is not None and isinstance(record, RunHeader):
-                    check(record)
-                state.fold(record, offset)
-            batch.flush()
+            fold(reader, state, check)
     except LedgerError:
         state.close()
         if start == 0:
@@ -128,6 +116,31 @@ def load_state(
         state.close()
         raise
     return state, reader.torn_at, reader.end, reader.lineno
+
+
+def fold(reader: Reader, state: State, check: Callable[[RunHeader], None] | None) -> None:
+    """Fold every record `reader` reads into `state`: a whole ledger in bulk into a new
+    table (build.py), the rest of one (read on from where its index ends) a chunk at a
+    time into the table that holds the start (batch.py)."""
+    empty = isinstance(state.latest, Table) and state.latest.used == 0
+    batch = Bulk(state) if empty and reader.end == 0 else Batch(state)
+    try:
+        add = batch.add
+        for offset, at_line, obj in reader.objects():
+            item = item_of(obj)
+            if item is not None:
+                add(item, offset)
+                continue
+            record = parse(obj, where=reader.where(at_line))
+            if isinstance(record, (Intent, Result)):
+                add(Item.of(record), offset)  # through the batch: it keeps the order
+                continue
+            if check is not None and isinstance(record, RunHeader):
+                check(record)
+            state.fold(record, offset)
+        batch.flush()
+    finally:
+        batch.close()
 
 
 def _open_index(
