@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import structlog
 
 from worker.errors import Exit, ManifestError
+from worker.ledger import prebuild
 from worker.ledger.load import read_state
 from worker.ledger.records import Action, Outcome, Result
 from worker.manifest import spool
@@ -30,16 +31,24 @@ log = structlog.get_logger("worker")
 def run(session: Session) -> Exit:
     """`worker run`: create every manifest group the ledger does not record as done."""
     settings = session.settings
-    with scan_manifest(settings.manifest, settings.ledger) as scan:
+    if settings.dry_run:
+        with scan_manifest(settings.manifest, settings.ledger) as scan:
+            if scan.problem_count and not settings.skip_invalid:
+                raise ManifestError(scan.problems, scan.problem_count)
+            return _dry_run(session, scan)
+    # The ledger's index, if it must be rebuilt, is rebuilt by a second process while this
+    # one validates the manifest (prebuild.py).
+    with (
+        prebuild.started(settings.ledger, settings.manifest) as prebuilt,
+        scan_manifest(settings.manifest, settings.ledger) as scan,
+    ):
         if scan.problem_count and not settings.skip_invalid:
             raise ManifestError(scan.problems, scan.problem_count)
-        if settings.dry_run:
-            return _dry_run(session, scan)
 
         async def work(opened: Opened) -> Exit:
             return await _create(opened, scan, session.options.retry_rejected)
 
-        return carry_out(session, work, recorded=scan)
+        return carry_out(session, work, recorded=scan, prebuilt=prebuilt)
 
 
 def _dry_run(session: Session, scan: Scan) -> Exit:
