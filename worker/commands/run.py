@@ -114,12 +114,11 @@ def _run_source(opened: Opened, scan: Scan, retry_rejected: bool) -> Iterator[Wo
     """The manifest as work items: what the plan sends, the invalid lines as results."""
     assert opened.ledger is not None
     latest, tally = opened.ledger.state.latest, opened.runner.tally
-    for item in spool.read(scan):
-        decision = run_plan.decide(item, latest, retry_rejected=retry_rejected)
-        tally.planned[decision.why] += 1
-        if decision.do is run_plan.Do.SKIP:
-            tally.skipped[decision.why] += 1
-        elif isinstance(item, Invalid):
+    get, decide_on, skip = latest.get, run_plan.decide_on, run_plan.Do.SKIP
+    # Lazily: a line the plan skips (all of them, in a rerun) never has its body cut out.
+    for item in spool.read_lazily(scan):
+        if isinstance(item, Invalid):
+            tally.planned[run_plan.INVALID.why] += 1
             yield unsent(
                 opened.runner,
                 item.name,
@@ -128,11 +127,16 @@ def _run_source(opened: Opened, scan: Scan, retry_rejected: bool) -> Iterator[Wo
                 "InvalidManifestLine",
                 str(item.problem),
             )
-        else:
-            yield Work(
-                action=Action.CREATE,
-                name=item.name,
-                line=item.line,
-                fingerprint=item.fingerprint,
-                body=item.body,
-            )
+            continue
+        decision = decide_on(get(item.name), item.fingerprint, retry_rejected=retry_rejected)
+        tally.planned[decision.why] += 1
+        if decision.do is skip:
+            tally.skipped[decision.why] += 1
+            continue
+        yield Work(
+            action=Action.CREATE,
+            name=item.name,
+            line=item.line,
+            fingerprint=item.fingerprint,
+            body=item.body,
+        )

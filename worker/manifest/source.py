@@ -29,13 +29,12 @@ from worker.errors import Problem
 from worker.manifest import duplicates
 from worker.manifest.line_names import names_of
 from worker.manifest.spool import SpoolWriter, group_record, invalid_record, temporary_file
-from worker.manifest.validate import name_of, parse_line
+from worker.manifest.validate import judge, name_of
 from worker.manifest.values import (
     MAX_LINE_BYTES,
     MAX_MANIFEST_BYTES,
     MAX_SHOWN,
     MAX_SKIPPED_LINE_BYTES,
-    Group,
     Scan,
     close_quietly,
     file_error,
@@ -133,11 +132,12 @@ def _spool_verdicts(
     hashes = duplicates.Hashes()  # freed on return: its memory is the scan's peak
     add = hashes.add
     for lineno, raw in source.lines():
-        result = parse_line(source.path, lineno, raw)
-        if isinstance(result, Group):
-            add(name_hash(result.name))
+        result = judge(source.path, lineno, raw)
+        if isinstance(result, tuple):
+            name, body, fingerprint = result
+            add(name_hash(name))
             verdicts.groups += 1
-            spooled.write(group_record(result))
+            spooled.write(group_record(name, body, fingerprint))
         elif result is None:
             spooled.write(b"\n")  # one spool line per source line keeps numbers true
         else:
