@@ -53,19 +53,34 @@ class Taken:
             os.close(self.fd)
 
 
+def salt_of(fd: int, path: Path) -> bytes:
+    """The salt of the index in `fd`, which describes the ledger at `path`: a table's own."""
+    ledger_fd = os.open(path, os.O_RDONLY)
+    try:
+        return index.read_index(fd, ledger_fd)[4]
+    finally:
+        os.close(ledger_fd)
+
+
 def test_a_run_names_the_childs_index_and_reads_it_like_any(tmp_path: Path) -> None:
-    """The child's index becomes the ledger's index (the very file), and the run's state is
-    the plain fold of every record; the index is clean once the run closes."""
+    """The child's index becomes the ledger's index (the very table: its salt is drawn per
+    table), and the run's state is the plain fold of every record; the index is clean once
+    the run closes."""
     path = tmp_path / "l.jsonl"
     write_ledger(path, 60)
     child = started(path)
-    inode = os.fstat(child.fd).st_ino
-    with Ledger.open(path, target=TARGET, prebuilt=child) as book:
-        assert isinstance(book.state.latest, Table)
-        assert os.stat(index.index_path(path)).st_ino == inode
+    fd = child.take()
+    assert fd is not None and child.pid == 0 and child.fd == -1
+    salt = salt_of(fd, path)
+    with Ledger.open(path, target=TARGET, prebuilt=Taken(fd)) as book:
+        assert isinstance(book.state.latest, Table) and book.state.latest.salt == salt
         same_state(book.state, in_memory(path))
     assert index.index_path(path).read_bytes()[8:12] == b"\1\0\0\0"  # clean
-    assert child.pid == 0 and child.fd == -1
+    kept = os.open(index.index_path(path), os.O_RDONLY)
+    try:
+        assert salt_of(kept, path) == salt
+    finally:
+        os.close(kept)
 
 
 def test_records_appended_after_the_child_read_the_ledger_are_read_on(tmp_path: Path) -> None:
@@ -80,7 +95,9 @@ def test_records_appended_after_the_child_read_the_ledger_are_read_on(tmp_path: 
         other.append(intent("r2", "后来", 41))
         other.append(result("r2", "组00003", 4, Outcome.DELETED))
     os.unlink(index.index_path(path))
+    salt = salt_of(fd, path)
     with Ledger.open(path, target=TARGET, prebuilt=Taken(fd)) as book:
+        assert isinstance(book.state.latest, Table) and book.state.latest.salt == salt
         same_state(book.state, in_memory(path))
         assert book.state.latest["组00003"].outcome is Outcome.DELETED
         assert book.state.latest["后来"].in_doubt

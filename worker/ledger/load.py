@@ -199,14 +199,18 @@ def _named(fd: int | None, ipath: Path) -> bool:
     was there (not current: it was just read); then close `fd`."""
     if fd is None:
         return False
+    folder = -1
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(ipath)
-        os.link(f"/proc/self/fd/{fd}", ipath, follow_symlinks=True)
+        # linkat(AT_SYMLINK_FOLLOW) through /proc: os.link calls plain link(), which would
+        # link the /proc entry itself (EXDEV), unless given a directory descriptor.
+        folder = os.open(ipath.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.link(f"/proc/self/fd/{fd}", ipath.name, dst_dir_fd=folder, follow_symlinks=True)
     except OSError:
         return False
     finally:
-        os.close(fd)
+        close_quietly(fd, folder)
     return True
 
 
