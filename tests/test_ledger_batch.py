@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import pytest
 
-from worker.ledger import batch, build, layout, table as table_module
+from worker.ledger import batch, build, layout
+from worker.ledger import table as table_module
 from worker.ledger.batch import Batch
 from worker.ledger.build import Bulk
 from worker.ledger.records import Action, Item, Outcome
