@@ -43,6 +43,7 @@ from worker.manifest.values import (
 
 _BOM = b"\xef\xbb\xbf"
 _READ_BUFFER = 1 << 16
+_SPOOL_BATCH = 4096  # records
 
 
 def scan(
@@ -131,19 +132,25 @@ def _spool_verdicts(
     hashes seen more than once (their lines are settled after the pass)."""
     hashes = duplicates.Hashes()  # freed on return: its memory is the scan's peak
     add = hashes.add
+    records: list[bytes] = []  # written a few thousand at a time: a write per line cost 0.4 us
+    put = records.append
     for lineno, raw in source.lines():
         result = judge(source.path, lineno, raw)
         if isinstance(result, tuple):
             name, body, fingerprint = result
             add(name_hash(name))
             verdicts.groups += 1
-            spooled.write(group_record(name, body, fingerprint))
+            put(group_record(name, body, fingerprint))
         elif result is None:
-            spooled.write(b"\n")  # one spool line per source line keeps numbers true
+            put(b"\n")  # one spool line per source line keeps numbers true
         else:
             first = result[0]
-            spooled.write(invalid_record(name_of(raw), first.field, first.reason, names_of(raw)))
+            put(invalid_record(name_of(raw), first.field, first.reason, names_of(raw)))
             verdicts.add_invalid(result)
+        if len(records) >= _SPOOL_BATCH:
+            spooled.write(b"".join(records))
+            records.clear()
+    spooled.write(b"".join(records))
     return hashes.repeated()
 
 
