@@ -14,8 +14,8 @@ run appended meanwhile). The child's work is trusted no more than any index on d
 
 When not: no ledger, an empty one, an index that is current or a checkpoint to read on from
 (then there is nothing to rebuild), no `fork` (another thread runs: a forked child could
-find a lock held forever), no O_TMPFILE in the ledger's folder. Then the run rebuilds the
-index itself, as before.
+find a lock held forever), no O_TMPFILE in the ledger's folder, no /proc to name the file
+through. Then the run rebuilds the index itself, as before.
 
 The child never writes the ledger or its lock, never logs, and leaves nothing behind: its
 file has no name until the parent gives it one. A child that fails (a damaged or foreign
@@ -106,6 +106,8 @@ def start(ledger: Path, manifest: Path) -> Prebuild | None:
     """A child rebuilding the index of `ledger` (module docstring), or None when there is
     no index to rebuild or no child can do it. `manifest` sizes the table (its lines)."""
     if threading.active_count() > 1 or not hasattr(os, "fork"):
+        return None
+    if not os.path.isdir(f"/proc/{os.getpid()}/fd"):  # the file is named through it
         return None
     try:
         ledger_fd = os.open(ledger, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
