@@ -253,6 +253,22 @@ def test_wrong_types_name_file_line_and_field(
     assert caught.value.exit_code == Exit.USAGE
 
 
+@pytest.mark.parametrize("value", [b"[1, 2]", b"7", b'"text"'])
+def test_json_that_is_not_an_object_is_damage_named_by_its_line(
+    tmp_path: Path, value: bytes
+) -> None:
+    """A line of valid JSON that is not an object (a list, a number) after the header is
+    damage naming FILE:LINE, for a reader and a run alike: never a traceback."""
+    path = tmp_path / "l.jsonl"
+    data = write(path, header(), intent("A"), tail=value + b"\n" + line(intent("B")))
+    said = r"l.jsonl:3: damaged ledger record: a record must be a JSON object"
+    with pytest.raises(LedgerError, match=said):
+        read_state(path)
+    with pytest.raises(LedgerError, match=said):
+        Ledger.open(path, target=TARGET)
+    assert path.read_bytes() == data
+
+
 def test_a_missing_field_and_an_unknown_type_are_named(tmp_path: Path) -> None:
     """A record without a required field, or of a type we never write, is damage."""
     path = tmp_path / "l.jsonl"

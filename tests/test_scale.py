@@ -404,7 +404,7 @@ def test_names_that_share_a_home_slot_stay_apart(
     real = layout.name_key
 
     def crowded(name: str) -> bytes:
-        return real(name)[:8] + bytes(8)  # the slot comes from the last 8 bytes
+        return bytes(8) + real(name)[8:]  # the home slot comes from the first 8 bytes
 
     monkeypatch.setattr(table, "name_key", crowded)
     path = tmp_path / "l.jsonl"

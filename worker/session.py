@@ -29,6 +29,7 @@ from worker.connect import Hooks, account_for, load_credentials, runner_for, tar
 from worker.errors import Exit, LedgerError, LedgerWriteError, WorkerError
 from worker.ledger.journal import Ledger
 from worker.ledger.lock import Holder
+from worker.ledger.prebuild import Prebuild
 from worker.ledger.records import Footer, Outcome, Result, RunHeader, StopReason, Target
 from worker.manifest.load import manifest_name, remember_manifest
 from worker.manifest.values import Scan
@@ -143,9 +144,12 @@ def unsent(
     )
 
 
-def carry_out(session: Session, work: Work, *, recorded: Scan | None = None) -> Exit:
+def carry_out(
+    session: Session, work: Work, *, recorded: Scan | None = None, prebuilt: Prebuild | None = None
+) -> Exit:
     """Open what `work` runs on, run it under the signal handlers, close everything.
-    `recorded`: the manifest of work that records (the ledger is opened, the scan kept)."""
+    `recorded`: the manifest of work that records (the ledger is opened, the scan kept);
+    `prebuilt`: the ledger's index being rebuilt by another process (prebuild.py)."""
     settings, creds, source = load_credentials(session.settings, session.options)
     target = target_of(settings, creds, session.options)
     if recorded is None:
@@ -161,6 +165,7 @@ def carry_out(session: Session, work: Work, *, recorded: Scan | None = None) -> 
         expect_names=recorded.groups,
         clock=session.hooks.clock,
         holder=holder,
+        prebuilt=prebuilt,
     ) as book:
         remember_manifest(recorded, settings.ledger)
         main = _opened(session, settings, creds, target, book, source, work)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import structlog
 
 from worker.errors import Exit, ManifestError
+from worker.ledger import prebuild
 from worker.ledger.load import read_state
 from worker.ledger.records import Action, Outcome, Result
 from worker.manifest import spool
@@ -30,16 +31,24 @@ log = structlog.get_logger("worker")
 def run(session: Session) -> Exit:
     """`worker run`: create every manifest group the ledger does not record as done."""
     settings = session.settings
-    with scan_manifest(settings.manifest, settings.ledger) as scan:
+    if settings.dry_run:
+        with scan_manifest(settings.manifest, settings.ledger) as scan:
+            if scan.problem_count and not settings.skip_invalid:
+                raise ManifestError(scan.problems, scan.problem_count)
+            return _dry_run(session, scan)
+    # The ledger's index, if it must be rebuilt, is rebuilt by a second process while this
+    # one validates the manifest (prebuild.py).
+    with (
+        prebuild.started(settings.ledger, settings.manifest) as prebuilt,
+        scan_manifest(settings.manifest, settings.ledger) as scan,
+    ):
         if scan.problem_count and not settings.skip_invalid:
             raise ManifestError(scan.problems, scan.problem_count)
-        if settings.dry_run:
-            return _dry_run(session, scan)
 
         async def work(opened: Opened) -> Exit:
             return await _create(opened, scan, session.options.retry_rejected)
 
-        return carry_out(session, work, recorded=scan)
+        return carry_out(session, work, recorded=scan, prebuilt=prebuilt)
 
 
 def _dry_run(session: Session, scan: Scan) -> Exit:
@@ -105,12 +114,11 @@ def _run_source(opened: Opened, scan: Scan, retry_rejected: bool) -> Iterator[Wo
     """The manifest as work items: what the plan sends, the invalid lines as results."""
     assert opened.ledger is not None
     latest, tally = opened.ledger.state.latest, opened.runner.tally
-    for item in spool.read(scan):
-        decision = run_plan.decide(item, latest, retry_rejected=retry_rejected)
-        tally.planned[decision.why] += 1
-        if decision.do is run_plan.Do.SKIP:
-            tally.skipped[decision.why] += 1
-        elif isinstance(item, Invalid):
+    get, decide_on, skip = latest.get, run_plan.decide_on, run_plan.Do.SKIP
+    # Lazily: a line the plan skips (all of them, in a rerun) never has its body cut out.
+    for item in spool.read_lazily(scan):
+        if isinstance(item, Invalid):
+            tally.planned[run_plan.INVALID.why] += 1
             yield unsent(
                 opened.runner,
                 item.name,
@@ -119,11 +127,16 @@ def _run_source(opened: Opened, scan: Scan, retry_rejected: bool) -> Iterator[Wo
                 "InvalidManifestLine",
                 str(item.problem),
             )
-        else:
-            yield Work(
-                action=Action.CREATE,
-                name=item.name,
-                line=item.line,
-                fingerprint=item.fingerprint,
-                body=item.body,
-            )
+            continue
+        decision = decide_on(get(item.name), item.fingerprint, retry_rejected=retry_rejected)
+        tally.planned[decision.why] += 1
+        if decision.do is skip:
+            tally.skipped[decision.why] += 1
+            continue
+        yield Work(
+            action=Action.CREATE,
+            name=item.name,
+            line=item.line,
+            fingerprint=item.fingerprint,
+            body=item.body,
+        )

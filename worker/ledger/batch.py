@@ -52,3 +52,6 @@ class Batch:
         for item, offset in self.pending.values():
             put(item, offset, bulk=True)
         self.pending.clear()
+
+    def close(self) -> None:
+        """Nothing to let go (as Bulk.close)."""

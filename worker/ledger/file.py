@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import accumulate, count
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -124,6 +126,16 @@ def close_quietly(*fds: int | None) -> None:
 # -- reading ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lines:
+    """Whole ledger lines as read (without their newlines): the first one's line number,
+    and each one's byte offset, then the offset after the last."""
+
+    first: int
+    offsets: list[int]
+    lines: list[bytes]
+
+
 class Reader:
     """Decoded ledger lines, line by bounded line, from byte `start` (line `lineno` + 1 is
     the first read). After iterating, `torn_at` is the offset of a torn last line (None if
@@ -147,30 +159,38 @@ class Reader:
 
     def objects(self) -> Iterator[tuple[int, int, Any]]:
         """(offset, line number, decoded object) per whole line."""
+        for lines in self.chunks():
+            yield from self.decoded(lines)
+
+    def chunks(self) -> Iterator[Lines]:
+        """The whole lines, a chunk at a time as read, not yet decoded (a rebuild decodes
+        a chunk in one go: build.py); `decoded` for the checks each line must pass."""
         self.f.seek(self.end)  # descriptors dup'ed from one open file share its offset
-        offset, lineno = self.end, self.lineno
-        readline, loads = self.f.readline, orjson.loads
-        while True:
-            try:
-                raw = readline(MAX_RECORD_BYTES + 1)
-            except OSError as exc:
-                raise LedgerError(f"{self.path}: cannot read the ledger: {exc.strerror}") from None
-            if not raw:
-                return
-            lineno += 1
-            if not raw.endswith(b"\n"):
-                where = f"{self.path}:{lineno}"
-                if len(raw) > MAX_RECORD_BYTES:
-                    if lineno == 1:
-                        raise self._foreign()
-                    raise LedgerError(
-                        f"{where}: damaged ledger record: the line is longer "
-                        f"than {MAX_RECORD_BYTES} bytes"
-                    )
-                if lineno == 1 and not raw.startswith(_HEADER_PREFIX):
-                    raise self._foreign()
-                self.torn_at = offset  # the end of the file, inside a record: a crash
-                return
+        offset, lineno, pending = self.end, self.lineno, b""
+        while chunk := self._read():
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()  # what follows the chunk's last newline
+            if lines:
+                lengths = list(map(len, lines))
+                if max(lengths) > MAX_RECORD_BYTES:
+                    too_long = next(i for i, n in enumerate(lengths) if n > MAX_RECORD_BYTES)
+                    raise self._too_long(lineno + 1 + too_long)
+                offsets = list(accumulate(map((1).__add__, lengths), initial=offset))
+                yield Lines(first=lineno + 1, offsets=offsets, lines=lines)
+                offset, lineno = offsets[-1], lineno + len(lines)
+                self.end, self.lineno = offset, lineno
+            if len(pending) > MAX_RECORD_BYTES:
+                raise self._too_long(lineno + 1)
+        if pending:  # the end of the file, inside a record: a crash
+            if lineno == 0 and not pending.startswith(_HEADER_PREFIX):
+                raise self._foreign()
+            self.torn_at = offset
+
+    def decoded(self, lines: Lines) -> Iterator[tuple[int, int, Any]]:
+        """(offset, line number, decoded object) per line of `lines`: each one JSON, and
+        the file's first one our run header."""
+        loads = orjson.loads
+        for lineno, offset, raw in zip(count(lines.first), lines.offsets, lines.lines):
             try:
                 obj = loads(raw)
             except orjson.JSONDecodeError:
@@ -184,8 +204,20 @@ class Reader:
                     "what was sent)"
                 )
             yield offset, lineno, obj
-            offset += len(raw)
-            self.end, self.lineno = offset, lineno
+
+    def _read(self) -> bytes:
+        try:
+            return self.f.read(_CHUNK)
+        except OSError as exc:
+            raise LedgerError(f"{self.path}: cannot read the ledger: {exc.strerror}") from None
+
+    def _too_long(self, lineno: int) -> LedgerError:
+        if lineno == 1:
+            return self._foreign()
+        return LedgerError(
+            f"{self.path}:{lineno}: damaged ledger record: the line is longer "
+            f"than {MAX_RECORD_BYTES} bytes"
+        )
 
     def _foreign(self) -> LedgerError:
         return LedgerError(

@@ -186,6 +186,12 @@ def finish(table: Table, at: Covered, trailer: dict[str, Any]) -> None:
     _seal(table, at, trailer, CLEAN)
 
 
+def seal(table: Table, at: Covered, trailer: dict[str, Any]) -> None:
+    """`finish` for an index built in a file of its own (prebuild.py), before it has a
+    name: the same trailer, then the same clean header."""
+    _seal(table, at, trailer, CLEAN, shared=False)
+
+
 def checkpoint(table: Table, at: Covered, trailer: dict[str, Any]) -> None:
     """While a run goes on (every CHECKPOINT_S): a header saying that the table holds every
     record before `at.offset` (a ledger prefix already fsynced), with the trailer of that
@@ -195,12 +201,18 @@ def checkpoint(table: Table, at: Covered, trailer: dict[str, Any]) -> None:
     _seal(table, at, trailer, CHECKPOINT)
 
 
-def _seal(table: Table, at: Covered, trailer: dict[str, Any], state: int) -> None:
-    assert table.path is not None and not table.in_memory
+def _seal(
+    table: Table, at: Covered, trailer: dict[str, Any], state: int, *, shared: bool = True
+) -> None:
+    assert (table.path is not None or not shared) and not table.in_memory
     fd = table._fd
     # Dirty while the trailer changes: a crash in between must not pair an older header
     # with a newer trailer.
-    mark_dirty(table)
+    if shared:
+        mark_dirty(table)
+    else:
+        _write_header(fd, state=DIRTY, slots=0, used=0, at=_NOTHING, trailer_len=0)
+        os.fsync(fd)
     table.flush()
     data = orjson.dumps(trailer)
     end = HEADER_BYTES + table.slots * SLOT_BYTES

@@ -37,11 +37,12 @@ import orjson
 from worker.errors import LedgerError, LedgerTargetMismatch, LedgerWriteError
 from worker.ledger import index
 from worker.ledger.file import MAX_RECORD_BYTES, Reader, check_same_file, open_regular
-from worker.ledger.load import load_state
+from worker.ledger.load import Prebuilt, load_state
 from worker.ledger.lock import Holder, lock_beside, lock_file, release
 from worker.ledger.records import Record, RunHeader, Target
 from worker.ledger.state import State
-from worker.ledger.table import Table, unavailable
+from worker.ledger.storage import unavailable
+from worker.ledger.table import Table
 
 FSYNC_EVERY_S: Final = 1.0
 # How often a run records in its index how far the ledger is folded in (index.checkpoint):
@@ -87,13 +88,15 @@ class Ledger:
         expect_names: int = 0,
         clock: Callable[[], float] = time.monotonic,
         holder: Holder | None = None,
+        prebuilt: Prebuilt | None = None,
     ) -> Self:
         """Open (or create) the ledger of `target` at `path`, lock it, load it, cut a torn
         tail. Raises LedgerError (not a ledger, damaged, unreadable), LedgerTargetMismatch
         (another target's, or worker 0.1's) or LedgerLocked; in every case nothing in the
         file has changed. The index beside it (`<ledger>.index`) is brought up to date;
         `expect_names` (the manifest's groups) sizes a new one so it need not grow; `holder`
-        is named in the lock file, for a second run's message (lock.py)."""
+        is named in the lock file, for a second run's message (lock.py); `prebuilt` is the
+        index being rebuilt by another process, if one was started (prebuild.py)."""
         fd = open_regular(path, write=True)
         assert fd is not None
         lock_fd = -1
@@ -113,6 +116,7 @@ class Ledger:
                 lock_held=True,
                 expect_names=expect_names,
                 check=lambda header: _check_target(path, header, target),
+                prebuilt=prebuilt,
             )
             if torn_at is not None:
                 # The only write `open` makes, after every other line proved this a ledger of

@@ -24,17 +24,19 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from worker.errors import LedgerError
 from worker.ledger import index
 from worker.ledger.batch import Batch
+from worker.ledger.build import Bulk
 from worker.ledger.file import Reader, close_quietly, open_regular
 from worker.ledger.layout import Stale, slots_for
 from worker.ledger.records import Footer, Intent, Item, Record, Result, RunHeader
 from worker.ledger.schema import item_of, parse
 from worker.ledger.state import State
-from worker.ledger.table import Table, unavailable
+from worker.ledger.storage import unavailable
+from worker.ledger.table import Table
 
 
 def read_state(path: Path) -> State:
@@ -78,6 +80,7 @@ def load_state(
     expect_names: int,
     check: Callable[[RunHeader], None] | None,
     trust_index: bool = True,
+    prebuilt: Prebuilt | None = None,
 ) -> tuple[State, int | None, int, int]:
     """The State of the ledger open on `fd`, through its index: (state, offset of a torn
     tail or None, end offset of the last whole line, lines read). With `lock_held` the
@@ -88,7 +91,12 @@ def load_state(
     claims a prefix it does not describe: two writers once shared the file): the ledger
     is then read again whole, and only damage found so is the ledger's."""
     state, start, lineno = _open_index(
-        path, fd, lock_held=lock_held, expect_names=expect_names, trust_index=trust_index
+        path,
+        fd,
+        lock_held=lock_held,
+        expect_names=expect_names,
+        trust_index=trust_index,
+        prebuilt=prebuilt,
     )
     try:
         if check is not None:
@@ -96,21 +104,7 @@ def load_state(
                 check(header)
         with open(os.dup(fd), "rb") as f:
             reader = Reader(path, f, start=start, lineno=lineno)
-            batch = Batch(state)
-            add = batch.add
-            for offset, at_line, obj in reader.objects():
-                item = item_of(obj)
-                if item is not None:
-                    add(item, offset)
-                    continue
-                record = parse(obj, where=reader.where(at_line))
-                if isinstance(record, (Intent, Result)):
-                    add(Item.of(record), offset)  # through the batch: it keeps the order
-                    continue
-                if check is not None and isinstance(record, RunHeader):
-                    check(record)
-                state.fold(record, offset)
-            batch.flush()
+            fold(reader, state, check)
     except LedgerError:
         state.close()
         if start == 0:
@@ -130,20 +124,94 @@ def load_state(
     return state, reader.torn_at, reader.end, reader.lineno
 
 
+def fold(
+    reader: Reader,
+    state: State,
+    check: Callable[[RunHeader], None] | None,
+    *,
+    still_wanted: Callable[[], bool] = lambda: True,
+) -> None:
+    """Fold every record `reader` reads into `state`: a whole ledger in bulk into a new
+    table (build.py), the rest of one (read on from where its index ends) a chunk at a
+    time into the table that holds the start (batch.py). `still_wanted` is asked between
+    chunks of lines (a prebuild's child stops when its parent is gone)."""
+    empty = isinstance(state.latest, Table) and state.latest.used == 0
+    batch = Bulk(state) if empty and reader.end == 0 else Batch(state)
+    try:
+        add = batch.add
+        for lines in reader.chunks():
+            if not still_wanted():
+                raise OSError(errno.ECANCELED, "no longer wanted")
+            for offset, at_line, obj in reader.decoded(lines):
+                item = item_of(obj)
+                if item is not None:
+                    add(item, offset)
+                    continue
+                record = parse(obj, where=reader.where(at_line))
+                if isinstance(record, (Intent, Result)):
+                    add(Item.of(record), offset)  # through the batch: it keeps the order
+                    continue
+                if check is not None and isinstance(record, RunHeader):
+                    check(record)
+                state.fold(record, offset)
+        batch.flush()
+    finally:
+        batch.close()
+
+
+class Prebuilt(Protocol):
+    """An index being rebuilt beside the ledger by another process (prebuild.py)."""
+
+    def take(self) -> int | None: ...  # wait for it: its unnamed file, or None
+    def cancel(self) -> None: ...  # not needed after all
+
+
 def _open_index(
-    path: Path, fd: int, *, lock_held: bool, expect_names: int, trust_index: bool = True
+    path: Path,
+    fd: int,
+    *,
+    lock_held: bool,
+    expect_names: int,
+    trust_index: bool = True,
+    prebuilt: Prebuilt | None = None,
 ) -> tuple[State, int, int]:
     """(state so far, ledger offset and line number to read on from). Never fails for the
-    index's sake: an index file that cannot be read is rebuilt, one that cannot be written
-    gives way to a private file, then to memory (module docstring)."""
+    index's sake: an index file that cannot be read is rebuilt (by `prebuilt` when one is
+    being made: a run holding the lock names it the index, then reads it as it would any),
+    one that cannot be written gives way to a private file, then to memory (module
+    docstring)."""
     here = str(Path(os.path.realpath(path)).parent)
     ipath = index.index_path(path)
     loaded = _current_index(path, fd, ipath, here, lock_held=lock_held) if trust_index else None
+    if prebuilt is not None:
+        if loaded is None and lock_held and trust_index and _named(prebuilt.take(), ipath):
+            loaded = _current_index(path, fd, ipath, here, lock_held=True)
+        prebuilt.cancel()
     if loaded is not None:
         return loaded
     names = max(expect_names, os.fstat(fd).st_size // 600)  # a done Name: ~600 B of ledger
     table = _new_table(fd, ipath, here, slots=slots_for(names), shared=lock_held)
     return State(path=path, latest=table), 0, 0
+
+
+def _named(fd: int | None, ipath: Path) -> bool:
+    """Give the unnamed index file `fd` (O_TMPFILE) the index's name, in place of whatever
+    was there (not current: it was just read); then close `fd`."""
+    if fd is None:
+        return False
+    folder = -1
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ipath)
+        # linkat(AT_SYMLINK_FOLLOW) through /proc: os.link calls plain link(), which would
+        # link the /proc entry itself (EXDEV), unless given a directory descriptor.
+        folder = os.open(ipath.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.link(f"/proc/self/fd/{fd}", ipath.name, dst_dir_fd=folder, follow_symlinks=True)
+    except OSError:
+        return False
+    finally:
+        close_quietly(fd, folder)
+    return True
 
 
 def _current_index(

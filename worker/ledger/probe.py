@@ -22,7 +22,7 @@ def slot_in_file(fd: int, slots: int, key: bytes, where: Path | None) -> tuple[i
     slot's bytes) in the table of `slots` slots in `fd`; `where` is its path (None: a
     private file), for errors."""
     mask = slots - 1
-    i = int.from_bytes(key[8:], "little") & mask
+    i = int.from_bytes(key[:8], "big") >> (65 - slots.bit_length())  # layout.home, inlined
     while True:
         run = min(_PROBE_SLOTS, slots - i)
         start = HEADER_BYTES + i * SLOT_BYTES

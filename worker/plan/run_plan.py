@@ -68,16 +68,21 @@ def decide(
     item: Group | Invalid, latest: Mapping[str, Latest], *, retry_rejected: bool = False
 ) -> Decision:
     if isinstance(item, Invalid):
-        return Decision(Do.RECORD_INVALID, "invalid")
-    prev = latest.get(item.name)
+        return INVALID
+    return decide_on(latest.get(item.name), item.fingerprint, retry_rejected=retry_rejected)
+
+
+def decide_on(prev: Latest | None, fingerprint: str, *, retry_rejected: bool = False) -> Decision:
+    """The decision for a valid line whose fingerprint is `fingerprint`, given the ledger's
+    latest word on its Name (`prev`)."""
     if prev is None:
-        return Decision(Do.SEND, "new")
-    if prev.in_doubt:
-        return Decision(Do.SEND, "in_doubt")
+        return _NEW
+    if prev.outcome is None:  # in doubt
+        return _IN_DOUBT
     outcome = prev.outcome
-    changed = prev.fingerprint != item.fingerprint
+    changed = prev.fp is None or prev.fp.hex() != fingerprint
     if outcome in HELD:
-        return Decision(Do.SKIP, "done_changed" if changed else "done")
+        return _DONE_CHANGED if changed else _DONE
     if outcome in GONE:
         return Decision(Do.SEND, GONE[outcome])
     if outcome == Outcome.REJECTED and not changed:
@@ -87,6 +92,14 @@ def decide(
     if outcome in (Outcome.REJECTED, Outcome.INVALID):
         return Decision(Do.SEND, "fixed")
     return Decision(Do.SEND, "deferred")
+
+
+# The decisions most lines get, made once (a Decision is a frozen value).
+INVALID: Final = Decision(Do.RECORD_INVALID, "invalid")
+_NEW: Final = Decision(Do.SEND, "new")
+_IN_DOUBT: Final = Decision(Do.SEND, "in_doubt")
+_DONE: Final = Decision(Do.SKIP, "done")
+_DONE_CHANGED: Final = Decision(Do.SKIP, "done_changed")
 
 
 @dataclass(slots=True)

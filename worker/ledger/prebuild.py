@@ -1,0 +1,204 @@
+"""The ledger's index rebuilt in a second process while the manifest is validated.
+
+Why. With nothing remembered (after an upgrade, a moved ledger, a lost index) a run at 10^6
+lines validated its manifest (~7 s) and then rebuilt the index from the ledger (~11 s), one
+after the other on one core of two. Neither needs the other. So `start` forks a child that
+builds the index from the ledger as it is now, into a file with no name beside it
+(O_TMPFILE), sealed as a clean index of the prefix it read, while the parent validates.
+`Ledger.open`, holding the lock, takes it (`Prebuild.take`), gives it the index's name
+(after removing whatever index was there: it was not current, or no child was started) and
+then reads it like any index found on disk: `index.read_index` believes it only if it
+describes a prefix of this very ledger (same file, same first line, the same bytes before
+its end, which is a line's end), and the run reads the ledger on from there (what another
+run appended meanwhile). The child's work is trusted no more than any index on disk.
+
+When not: no ledger, an empty one, an index that is current or a checkpoint to read on from
+(then there is nothing to rebuild), no `fork` (another thread runs: a forked child could
+find a lock held forever), no O_TMPFILE in the ledger's folder, no /proc to name the file
+through. Then the run rebuilds the index itself, as before.
+
+The child never writes the ledger or its lock, never logs, and leaves nothing behind: its
+file has no name until the parent gives it one. A child that fails (a damaged or foreign
+ledger, a full disk, more Names than its table holds) exits 1 and the run rebuilds the
+index itself, saying what is wrong as it always did. `cancel` (a manifest with errors, an
+interrupt, the index after all current) kills the child; a parent killed with -9 leaves a
+child that notices (its parent changed) and exits, and its file goes with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, NoReturn
+
+from worker.ledger import index
+from worker.ledger.file import Reader, close_quietly
+from worker.ledger.layout import Stale, slots_for
+from worker.ledger.load import fold
+from worker.ledger.state import State
+from worker.ledger.table import Table
+
+_COUNT_BYTES: Final = 1 << 20
+
+
+@dataclass(slots=True)
+class Prebuild:
+    """A child building the index of `ledger` into the unnamed file `fd`."""
+
+    ledger: Path
+    pid: int
+    fd: int
+
+    def take(self) -> int | None:
+        """Wait for the child: the index file's descriptor (the caller's from now on) if it
+        built one, else None."""
+        status = self._wait()
+        fd, self.fd = self.fd, -1
+        if status == 0 and fd >= 0:
+            return fd
+        close_quietly(fd)
+        return None
+
+    def cancel(self) -> None:
+        """Stop the child if it still runs, and let its file go. Idempotent."""
+        if self.pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self._wait()
+        close_quietly(self.fd)
+        self.fd = -1
+
+    def _wait(self) -> int | None:
+        """The child's exit code (None: killed by a signal, or already reaped)."""
+        pid, self.pid = self.pid, 0
+        if pid <= 0:
+            return None
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+            except InterruptedError:  # a signal handler ran: the wait goes on
+                continue
+            except ChildProcessError:
+                return None
+            return os.waitstatus_to_exitcode(status)
+
+
+@contextlib.contextmanager
+def started(ledger: Path, manifest: Path) -> Iterator[Prebuild | None]:
+    """`start`, and `cancel` at the end, whatever happens (a prebuild not taken is not
+    needed any more)."""
+    prebuild = start(ledger, manifest)
+    try:
+        yield prebuild
+    finally:
+        if prebuild is not None:
+            prebuild.cancel()
+
+
+def start(ledger: Path, manifest: Path) -> Prebuild | None:
+    """A child rebuilding the index of `ledger` (module docstring), or None when there is
+    no index to rebuild or no child can do it. `manifest` sizes the table (its lines)."""
+    if threading.active_count() > 1 or not hasattr(os, "fork"):
+        return None
+    if not os.path.isdir(f"/proc/{os.getpid()}/fd"):  # the file is named through it
+        return None
+    try:
+        ledger_fd = os.open(ledger, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not _needs_rebuild(ledger, ledger_fd):
+            return None
+        folder = os.path.dirname(os.path.realpath(ledger))
+        fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    except OSError:
+        os.close(ledger_fd)
+        return None
+    names = max(_lines(manifest), os.fstat(ledger_fd).st_size // 600)
+    parent = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError:
+        close_quietly(fd, ledger_fd)
+        return None
+    if pid == 0:
+        _child(ledger, ledger_fd, fd, folder, names, parent)
+    os.close(ledger_fd)
+    return Prebuild(ledger=ledger, pid=pid, fd=fd)
+
+
+def _needs_rebuild(ledger: Path, ledger_fd: int) -> bool:
+    """A regular, non-empty ledger whose index is not one a run could use."""
+    st = os.fstat(ledger_fd)
+    if not st.st_size or not stat.S_ISREG(st.st_mode):
+        return False
+    try:
+        ifd = os.open(index.index_path(ledger), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return True  # none yet
+    try:
+        index.read_index(ifd, ledger_fd, checkpoint_ok=True)
+    except (Stale, OSError, ValueError, TypeError):
+        return True
+    finally:
+        os.close(ifd)
+    return False
+
+
+def _lines(manifest: Path) -> int:
+    """How many lines a regular file holds (a pipe: 0, it is read once, by the scan)."""
+    if not os.path.isfile(manifest):  # not even opened: that would wake a FIFO's writer
+        return 0
+    try:
+        fd = os.open(manifest, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return 0
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return 0
+        lines = 0
+        while chunk := os.read(fd, _COUNT_BYTES):
+            lines += chunk.count(b"\n")
+        return lines + 1
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def _child(ledger: Path, ledger_fd: int, fd: int, folder: str, names: int, parent: int) -> NoReturn:
+    """The forked child: build, seal, exit 0; on anything else exit 1, silently."""
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # its file has no name: dying is clean
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        quiet = os.open(os.devnull, os.O_WRONLY)  # the run says what went wrong, once
+        os.dup2(quiet, 1)
+        os.dup2(quiet, 2)
+        slots = slots_for(names)
+        table = Table(
+            fd,
+            slots=slots,
+            used=0,
+            codes=[],
+            ledger_fd=None,
+            writable=True,
+            tmp_dir=folder,
+        )
+        state = State(path=ledger, latest=table)
+        with open(os.dup(ledger_fd), "rb") as f:
+            reader = Reader(ledger, f)
+            fold(reader, state, None, still_wanted=lambda: os.getppid() == parent)
+        if table.slots != slots or table.in_memory:  # it grew into another file (or memory)
+            raise OSError(errno.EFBIG, "the table outgrew its file")
+        index.seal(table, index.covered(ledger_fd, reader.end, reader.lineno), state.trailer())
+        code = 0
+    finally:
+        os._exit(code)
