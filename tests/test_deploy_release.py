@@ -180,16 +180,18 @@ def installed() -> Iterator[Path]:
     assert shutil.which("setfacl"), "the install grants the textfile directory: apt-get install acl"
     assert os.path.exists("/usr/bin/python3"), "the recipe builds its venv from /usr/bin/python3"
     root = Path(tempfile.mkdtemp(prefix="install-", dir="/tmp"))
-    root.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
-    env["INSTALL_ROOT"] = str(root)
-    result = subprocess.run(
-        ["sh", str(INSTALL)], env=env, capture_output=True, text=True, timeout=600, cwd="/"
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"installed: worker {worker.__version__}" in result.stdout
-    yield root
-    shutil.rmtree(root)
+    try:  # a failed install leaves no root behind in /tmp either
+        root.chmod(0o755)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
+        env["INSTALL_ROOT"] = str(root)
+        result = subprocess.run(
+            ["sh", str(INSTALL)], env=env, capture_output=True, text=True, timeout=600, cwd="/"
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"installed: worker {worker.__version__}" in result.stdout
+        yield root
+    finally:
+        shutil.rmtree(root)
 
 
 def unit_paths(unit: dict[str, list[str]]) -> set[str]:
