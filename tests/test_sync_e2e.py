@@ -500,8 +500,8 @@ def test_an_ambiguous_504_answered_exist_on_retry_exits_0(
 # Serial: the two must start together. Started ~0.4 s apart on a busy machine, one sync
 # finished its writes and listed again while the other had re-created only groups the first
 # had deleted, exactly as they were: that listing looks like a lagging one, so the first exited
-# 0 and the other then made the account its own (both 0). docs/contract.md says two syncs
-# fighting over one scope never both exit 0; this interleaving is a gap in that promise.
+# 0 and the other then made the account its own (both 0). docs/contract.md names that
+# interleaving under "What remains open"; started together, each sees the other's writes.
 @pytest.mark.serial
 def test_two_pruning_syncs_fighting_over_one_scope_never_both_claim_success(
     sandbox_factory: Any, tmp_path: Path
