@@ -69,15 +69,19 @@ class NameOrdered(Mapping[str, Listed]):
 
 
 def read_ahead(
-    items: Iterable[_T], name_of: Callable[[_T], str | None], *accounts: Mapping[str, Listed]
+    items: Iterable[_T],
+    name_of: Callable[[_T], str | None],
+    *accounts: Mapping[str, Listed],
+    batch: int = BATCH,
 ) -> Iterator[_T]:
     """`items` as they come, BATCH at a time; before a batch is handed out, each account
     that keeps its groups on disk reads the batch's Names in one query. A pass over the
     manifest looks each line's Name up two or three times: one query a line cost ~12 us
-    each (10^5 lines: seconds of a sync's tail), one query per BATCH a fraction of that."""
+    each (10^5 lines: seconds of a sync's tail), one query per BATCH a fraction of that.
+    A pass that feeds sends takes smaller batches (`batch`): the read holds the event loop."""
     ordered = [a for a in accounts if isinstance(a, NameOrdered)]
     source = iter(items)
-    while chunk := list(itertools.islice(source, BATCH)):
+    while chunk := list(itertools.islice(source, batch)):
         if ordered:
             names = [n for n in map(name_of, chunk) if n is not None]
             for account in ordered:
