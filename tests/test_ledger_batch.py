@@ -107,7 +107,7 @@ def test_a_bulk_build_is_a_fold_one_record_at_a_time(
         monkeypatch.setattr(build, "name_key", crowd_at(crowd))
     monkeypatch.setattr(build, "REGION_BYTES", 8 * layout.SLOT_BYTES)  # 512 regions
     monkeypatch.setattr(build, "SPILL_AT", 40 * layout.SLOT_BYTES)
-    monkeypatch.setattr(build, "CHUNK", 5)
+    monkeypatch.setattr(batch, "CHUNK", 5)  # take() says when Bulk encodes
     names: list[str | None] = [f"名{i}" for i in range(900)] + [None]
     one, many = State(latest=table(in_file)), State(latest=table(in_file))
     todo = items(seed, 3000, names)

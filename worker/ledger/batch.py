@@ -24,6 +24,21 @@ from worker.ledger.table import Table
 CHUNK: Final = 4096
 
 
+def take(state: State, pending: dict[str, tuple[Item, int]], item: Item, offset: int) -> bool:
+    """One intent or result, read at byte `offset`, into `pending` (the latest record per
+    Name wins; an invalid line goes to `state` at once and never hides a Name pending).
+    True when `pending` holds CHUNK Names: time to write them (Batch.flush, Bulk's encode)."""
+    name = item.name
+    if item.outcome is Outcome.INVALID:
+        state.invalid_lines[item.line] = name
+        if name is None or name in pending:
+            return False
+    elif name is None:
+        return False
+    pending[name] = (item, offset)
+    return len(pending) >= CHUNK
+
+
 class Batch:
     """Intents and results on their way into `state`'s table; `flush` before using it."""
 
@@ -35,16 +50,7 @@ class Batch:
 
     def add(self, item: Item, offset: int) -> None:
         """Take in one intent or result, read at byte `offset` of the ledger."""
-        name = item.name
-        if item.outcome is Outcome.INVALID:
-            self.state.invalid_lines[item.line] = name
-            if name is None or name in self.pending:
-                return
-        elif name is None:
-            return
-        pending = self.pending
-        pending[name] = (item, offset)
-        if len(pending) >= CHUNK:
+        if take(self.state, self.pending, item, offset):
             self.flush()
 
     def flush(self) -> None:

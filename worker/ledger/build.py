@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Final
 
+from worker.ledger.batch import take
 from worker.ledger.layout import (
     INVALID_NO,
     MAX_LOAD,
@@ -37,7 +38,7 @@ from worker.ledger.layout import (
     name_key,
     shift_for,
 )
-from worker.ledger.records import Item, Outcome
+from worker.ledger.records import Item
 from worker.ledger.state import State
 from worker.ledger.table import Table
 
@@ -45,9 +46,6 @@ from worker.ledger.table import Table
 REGION_BYTES: Final = 2 << 20
 # Bucketed slots held in memory before they go to the scratch file.
 SPILL_AT: Final = 8 << 20
-# Records whose latest word per Name `add` keeps before their slots are encoded (an intent
-# and its result are near each other: one slot for both).
-CHUNK: Final = 4096
 
 
 class Bulk:
@@ -75,16 +73,7 @@ class Bulk:
 
     def add(self, item: Item, offset: int) -> None:
         """Take in one intent or result, read at byte `offset` of the ledger."""
-        name = item.name
-        if item.outcome is Outcome.INVALID:
-            self.state.invalid_lines[item.line] = name
-            if name is None or name in self.pending:
-                return
-        elif name is None:
-            return
-        pending = self.pending
-        pending[name] = (item, offset)
-        if len(pending) >= CHUNK:
+        if take(self.state, self.pending, item, offset):
             self._encode()
 
     def _encode(self) -> None:
