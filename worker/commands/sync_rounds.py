@@ -267,8 +267,9 @@ class Rounds:
         if conv is not None:
             conv.close()
 
-    def _relevant(self, new: Mapping[str, Listed]) -> Relevant:
-        return Relevant(self.named(), self.conv.view, new, self.scope if self.prune else None)
+    def _relevant(self, new: Mapping[str, Listed]) -> rounds.Relevant:
+        scope = self.scope.contains if self.prune else None
+        return rounds.Relevant(self.named(), self.conv.view, new, scope)
 
     def named(self) -> NameSet:
         """Every Name the manifest gives (names_of), on disk, gathered once a sync: by the
@@ -411,28 +412,6 @@ class Rounds:
             f"the saved plan was carried out, but the account moved meanwhile: "
             f"{len(names)} groups differ that the plan does not hold: "
             f"{rounds.still_different(names, len(names))}; make a new plan (or run sync)"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Relevant:
-    """The Names whose foreign changes matter to a sync (a Container): the manifest's, and
-    with --prune (`scope` given) those the old or the new listing shows inside the scope."""
-
-    named: NameSet
-    old: Mapping[str, Listed]
-    new: Mapping[str, Listed]
-    scope: reconcile.Scope | None
-
-    def __contains__(self, name: object) -> bool:
-        if not isinstance(name, str):
-            return False
-        if name in self.named:
-            return True
-        scope = self.scope
-        return scope is not None and any(
-            listed is not None and scope.contains(listed)
-            for listed in (self.old.get(name), self.new.get(name))
         )
 
 

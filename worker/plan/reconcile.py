@@ -220,16 +220,10 @@ def plan_sync(
     replaces: list[Listed] = []
     replacing = scope.contains if replace else None
     invalid = 0
-    deletes: list[Listed] = []
-    kept = 0
     # Every Name the manifest gives, on disk: the extras are the account's groups not in
     # it, found by walking both in Name order (no set of 10^6 Names in memory).
     with contextlib.ExitStack() as owned:
-        if named is None:
-            named = owned.enter_context(NameSet())
-            fill = True
-        else:
-            fill = False
+        named, fill = _given_or_new(named, owned)
         for item in read_ahead(items, name_of, account):
             if fill:
                 named.update(names_of(item))
@@ -245,11 +239,7 @@ def plan_sync(
                 on_group(item, change)
             if isinstance(change, Replace):
                 replaces.append(change.listed)
-        for listed in not_in(account, named):
-            if prune and scope.contains(listed):
-                deletes.append(listed)
-            else:
-                kept += 1
+        deletes, kept = _extras(account, named, prune, scope)
     _refuse_over(len(deletes), len(replaces), max_delete)
     return SyncPlan(
         listed=len(account),
@@ -263,6 +253,28 @@ def plan_sync(
         kept=kept,
         replaces=tuple(sorted(replaces, key=lambda listed: listed.name)),
     )
+
+
+def _extras(
+    account: Mapping[str, Listed], named: NameSet, prune: bool, scope: Scope
+) -> tuple[list[Listed], int]:
+    """The account's groups the manifest does not name: those to delete (--prune, in the
+    scope), and how many are kept."""
+    deletes: list[Listed] = []
+    kept = 0
+    for listed in not_in(account, named):
+        if prune and scope.contains(listed):
+            deletes.append(listed)
+        else:
+            kept += 1
+    return deletes, kept
+
+
+def _given_or_new(named: NameSet | None, owned: contextlib.ExitStack) -> tuple[NameSet, bool]:
+    """The caller's set of the manifest's Names (full already), or a new one to fill."""
+    if named is not None:
+        return named, False
+    return owned.enter_context(NameSet()), True
 
 
 def _refuse_unreadable(item: Invalid, prune: bool) -> None:

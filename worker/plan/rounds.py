@@ -36,12 +36,12 @@ source of a delete (FRESH_S).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Container, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from worker.api.account import Listed
-from worker.api.listed_store import ListedStore, NameOrdered, differing
+from worker.api.listed_store import ListedStore, NameOrdered, NameSet, differing
 
 MAX_ROUNDS: Final = 4  # write rounds per invocation: the plan and three corrections
 ROUND_PAUSE_S: Final = 2.0  # before each listing after the second: a lagging listing catches up
@@ -212,6 +212,28 @@ class Effective(NameOrdered):
         for name, credit in self._credits.items():
             change += (credit.after is not None) - (name in self._view)
         return len(self._view) + change
+
+
+@dataclass(frozen=True, slots=True)
+class Relevant:
+    """The Names whose foreign changes matter to a sync (a Container): the manifest's, and
+    with --prune (`in_scope` given) those the old or the new listing shows inside the scope."""
+
+    named: NameSet
+    old: Mapping[str, Listed]
+    new: Mapping[str, Listed]
+    in_scope: Callable[[Listed], bool] | None  # --prune's scope; None without --prune
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        if name in self.named:
+            return True
+        in_scope = self.in_scope
+        return in_scope is not None and any(
+            listed is not None and in_scope(listed)
+            for listed in (self.old.get(name), self.new.get(name))
+        )
 
 
 def still_different(names: list[str], total: int) -> str:
