@@ -184,28 +184,6 @@ def test_the_margin_narrows_while_calm_and_widens_on_jitter() -> None:
     assert max_in_window(calm + times) <= 10
 
 
-def test_a_caller_that_comes_after_its_slot_is_not_jitter() -> None:
-    """A caller that arrives after its slot without sleeping (a listing's next page, asked
-    for once the page before was read) was idle, not late: the margin does not widen. One
-    that slept and woke late still widens it."""
-    clock = FakeClock()
-    pacer = LocalPacer(Pacing(rate=10), clock=clock, sleep=clock.sleep)
-
-    async def scenario() -> None:
-        for _ in range(20):
-            await pacer.acquire()
-            clock.t += 0.148  # idle: the next caller comes 48 ms after its slot
-        assert pacer.margin.widened == 0
-        assert pacer.margin.headroom == 0.03
-        await pacer.acquire()  # after its slot again: not measured
-        await pacer.acquire()  # sleeps to its slot, wakes on time
-        clock.late = 0.05
-        await pacer.acquire()  # sleeps, wakes 50 ms late
-
-    asyncio.run(scenario())
-    assert pacer.margin.widened == 1
-
-
 def test_an_explicit_margin_does_not_move() -> None:
     """Pacing(adapt=False) keeps the headroom fixed, as before issue 20."""
     clock = FakeClock()

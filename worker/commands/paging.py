@@ -9,8 +9,8 @@ recorded), and each answer is added to the Listing as it lands, in whatever orde
 
 A page's 1000 items are checked and read a slice at a time, the event loop free between
 slices: read at once they held it 5-15 ms, every send falling due meanwhile went out that
-late, and the pacer's margin, which follows the spread of lateness it measures, widened to
-match (measured: 9.1 List pages/s at a limit of 10, against 9.87/s for writes).
+late, and the pacer's margin, which follows the spread of lateness it measures, widens to
+match.
 
 Memory stays bounded by the window: at most `window` pages are asked for and not yet added,
 and an answer is added (decoded items turned into shared `Listed` values) as soon as it lands.

@@ -107,21 +107,15 @@ class LocalPacer:
         # One caller at a time holds the lock while it waits for its slot: the lock's FIFO
         # order is the admission order, and nobody can slip in between check and update.
         async with self._lock:
-            waited = False
             while True:
                 now = self._clock()
                 due = self._next
                 if now >= due:
                     break
                 await self._sleep(due - now)
-                waited = True
-            if waited and now - due < 1.0:
-                # Only a caller that slept to its slot measures jitter: how late it woke. One
-                # that came after its slot was idle until then (a listing's next page asked
-                # for once page 1 was read), and its send is spaced from it anyway. Counted,
-                # the first such arrival widened a listing's margin to 9 % for its whole
-                # 10 s. Late by more than a second is a stall: throttles speak for it.
-                self.margin = margin.observe(self.margin, now - due, now)
+            if due > float("-inf") and now - due < 1.0:
+                # Late by more than a second is idle time, not jitter: nobody was waiting.
+                self.margin = margin.observe(self.margin, max(0.0, now - due), now)
             gap = 1.0 / self.rate(now)
             self._next = max(due + gap, now + gap - SLACK_S)
             self.admitted += 1
