@@ -276,29 +276,25 @@ def test_service_user_runs_the_installed_worker(installed: Path) -> None:
     entry = passwd_entry(installed, unit["Service.User"][0])
     uid, gid = int(entry[2]), int(entry[3])
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/nonexistent"}
-    version = subprocess.run(
-        [str(venv_bin), "--version"],
-        user=uid,
-        group=gid,
-        extra_groups=[],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd="/",
-    )
+
+    def as_user(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv,
+            user=uid,
+            group=gid,
+            extra_groups=[],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
+
+    version = as_user(str(venv_bin), "--version")
     assert version.returncode == 0 and version.stdout.strip() == f"worker {worker.__version__}", (
         version
     )
-    imports = subprocess.run(
-        [str(venv_bin.parent / "python"), "-c", "import worker.pacing.shared, worker.cli"],
-        user=uid,
-        group=gid,
-        extra_groups=[],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd="/",
+    imports = as_user(
+        str(venv_bin.parent / "python"), "-c", "import worker.pacing.shared, worker.cli"
     )
     assert imports.returncode == 0, imports.stderr

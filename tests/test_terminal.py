@@ -121,18 +121,26 @@ def test_rejected_groups_show_a_few_then_say_where_the_rest_are(
     assert seen.count("group.more_not_shown") == 1 and "--failed" in seen
 
 
-def test_resumed_run_counts_only_its_own_work(sandbox_factory: Any, tmp_path: Path) -> None:
-    """A rerun over 30 done lines and 15 new ones: the bar ends at 15/15 with the 30 shown
-    as skipped, and every rate it showed is at most --rate."""
-    # The sandbox allows both runs' rates: no throttle (and its seconds of pause), so only
-    # the worker's own pacing bounds the rate the bar shows.
+def thirty_done_then(
+    sandbox_factory: Any, tmp_path: Path, more: int
+) -> tuple[SandboxProc, Path, dict[str, str]]:
+    """A manifest of 30 lines carried out, then `more` new lines added to it. The sandbox
+    allows 50/s: no throttle (and its seconds of pause), so only the worker's own pacing
+    bounds the rate a rerun shows."""
     sandbox: SandboxProc = sandbox_factory("--rate", "50")
     manifest = tmp_path / "m.jsonl"
     env = cli_env(tmp_path)
     write_manifest(manifest, names(30))
     first = run_worker(*run_args(manifest, sandbox, "--rate", "50"), env=env)
     assert first.returncode == 0, first.stderr
-    write_manifest(manifest, names(30) + names(15, prefix="新"))
+    write_manifest(manifest, names(30) + names(more, prefix="新"))
+    return sandbox, manifest, env
+
+
+def test_resumed_run_counts_only_its_own_work(sandbox_factory: Any, tmp_path: Path) -> None:
+    """A rerun over 30 done lines and 15 new ones: the bar ends at 15/15 with the 30 shown
+    as skipped, and every rate it showed is at most --rate."""
+    sandbox, manifest, env = thirty_done_then(sandbox_factory, tmp_path, 15)
     code, seen = on_pty(*run_args(manifest, sandbox, "--rate", "10"), env=env)
     assert code == 0, seen
     assert "15/15" in seen and "30 skipped" in seen
@@ -146,14 +154,7 @@ def test_json_progress_line_counts_only_this_runs_work(
 ) -> None:
     """Off a terminal, the `run.progress` lines of a rerun count its new lines only, skips
     apart, and rate_per_s never exceeds --rate."""
-    # As above: only the worker's own pacing bounds the rate, no throttle pauses it.
-    sandbox: SandboxProc = sandbox_factory("--rate", "50")
-    manifest = tmp_path / "m.jsonl"
-    env = cli_env(tmp_path)
-    write_manifest(manifest, names(30))
-    first = run_worker(*run_args(manifest, sandbox, "--rate", "50"), env=env)
-    assert first.returncode == 0, first.stderr
-    write_manifest(manifest, names(30) + names(20, prefix="新"))
+    sandbox, manifest, env = thirty_done_then(sandbox_factory, tmp_path, 20)
     env["TESTHOOK_PROGRESS_EVERY_S"] = "0.5"
     out = run_worker(*run_args(manifest, sandbox, "--rate", "10"), env=env)
     assert out.returncode == 0, out.stderr
