@@ -25,6 +25,9 @@ class FakeClock:
         return self.t
 
     async def sleep(self, seconds: float) -> None:
+        # What is ready runs first, at the time the sleep began (as on a real loop: a timer
+        # fires only after the callbacks already due); then the time passes.
+        await asyncio.sleep(0)
         self.t += seconds + self.late
         self.late = 0.0
         await asyncio.sleep(0)
@@ -222,3 +225,46 @@ def test_below_250_per_second_no_two_callers_go_at_once() -> None:
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 1 / Pacing(rate=200).target - SLACK_S - 1e-9  # float times near 1000
     assert max_in_window(times) <= 200
+
+
+def test_a_caller_late_for_its_slot_is_idle_time_not_jitter() -> None:
+    """A listing's next page is asked for only once the first is read: it comes after its
+    slot without waiting. That lateness is the pacer's idle time: the margin stays narrow
+    (counted as jitter it widened a listing's margin to 9 % for the whole listing)."""
+    clock = FakeClock()
+    pacer = LocalPacer(Pacing(rate=10), clock=clock, sleep=clock.sleep)
+
+    async def scenario() -> None:
+        await admissions(pacer, clock, 150)
+        assert pacer.margin.headroom == margin.MIN_HEADROOM
+        for lateness in (0.048, 0.2, 0.013, 0.09):  # answers that took this long past a gap
+            await asyncio.sleep(0)
+            clock.t = pacer._next + lateness
+            await pacer.acquire()
+            await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert pacer.margin.headroom == margin.MIN_HEADROOM and pacer.admitted == 154
+
+
+def test_a_loop_held_after_an_admission_widens_the_margin() -> None:
+    """Nobody sleeps (every caller comes after its slot), but the loop is held 20 ms after
+    some admissions before the admitted send can go: that is jitter, measured at the loop's
+    next turn, and the margin widens at once to cover it."""
+    clock = FakeClock()
+    pacer = LocalPacer(Pacing(rate=10), clock=clock, sleep=clock.sleep)
+
+    async def scenario() -> None:
+        await admissions(pacer, clock, 150)
+        widened = pacer.margin.widened
+        for i in range(6):
+            await asyncio.sleep(0)
+            clock.t = pacer._next + 0.005
+            await pacer.acquire()
+            if i % 2:
+                clock.t += 0.020  # work done before the loop turns: the send waits for it
+            await asyncio.sleep(0)
+        assert pacer.margin.widened > widened
+
+    asyncio.run(scenario())
+    assert margin.seconds(pacer.margin.headroom) >= 2 * 0.020

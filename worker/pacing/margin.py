@@ -5,10 +5,11 @@ The margin, in seconds, is what a strict 1-second window forgives. At target = r
 may bunch together by h / (1 - h) seconds in total before the server counts one too many:
 30.9 ms at h = 3 %, 12.1 ms at 1.2 %, whatever the rate. What bunches them is lateness that
 varies: a send late by d followed a second later by one on time is d closer to it. So the
-margin must cover the *spread* of lateness over about a second (`observe` is fed each
-admission's lateness behind its slot: a timer that fired late, a loop that was held, which
-delays the sends just admitted as much), plus what the pacer forgives on purpose (SLACK_S),
-plus what the client cannot see (the way to the server, the server's stamping): RESERVE_S.
+margin must cover the *spread* of lateness over about a second (`observe` is fed how long
+the loop was held: a timer that fired late, the wait for the loop's next turn after an
+admission, which delays the send just admitted as much), plus what the pacer forgives on
+purpose (SLACK_S), plus what the client cannot see (the way to the server, the server's
+stamping): RESERVE_S.
 
 Measured before this module (issue 20, strict window, loopback, 2 cores): the pacer holds
 99.9-100 % of its target, so the fixed 3 % was the whole gap to the limit; the jitter used
