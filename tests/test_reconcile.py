@@ -358,6 +358,26 @@ def test_plan_streams_the_manifest_once() -> None:
     assert kept == ["X1"]
 
 
+def test_the_plan_says_where_the_last_change_is() -> None:
+    """last_change: the last line that is not in sync (a change of any kind, or an invalid
+    line, which is reported); 0 when every line is. A sync's first writes pass stops there."""
+    account = account_of(*(listed(f"G{i}") for i in range(1, 9)))
+    in_sync = [group(f"G{i}", line=i) for i in range(1, 9)]
+    assert plan_sync(iter(in_sync), account).last_change == 0
+    problem = Problem("m.jsonl", 3, "Tags", "must be a list")
+    for changed, line in (
+        (group("G3", tags=[A], line=3), 3),  # an update
+        (group("G9", line=9), 9),  # a create
+        (group("G5", "p", line=5), 5),  # a conflict
+        (Invalid(line=3, name="G3", problem=problem), 3),
+    ):
+        items = [changed if g.line == changed.line else g for g in in_sync]
+        items += [changed] if changed.line > 8 else []
+        assert plan_sync(iter(items), account).last_change == line, changed
+    items = [group("G1", tags=[A], line=1), *in_sync[1:6], group("G7", "p", line=7), in_sync[7]]
+    assert plan_sync(iter(items), account).last_change == 7
+
+
 @pytest.mark.parametrize(
     ("manifest", "account", "prune", "expected"),
     [

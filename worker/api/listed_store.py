@@ -338,6 +338,8 @@ class NameSet:
             self.add(name)
 
     def _flush(self) -> None:
+        if not self._buffer:
+            return  # a read after the last add: nothing to write (a transaction is not free)
         conn = self._store._conn
         with conn:
             conn.execute("BEGIN")

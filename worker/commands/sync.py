@@ -17,6 +17,7 @@ import orjson
 import structlog
 
 from worker.api.account import Listed, Listing
+from worker.api.listed_store import NameSet
 from worker.commands import confirm, sync_saved
 from worker.commands.sync_rounds import Rounds, list_once
 from worker.errors import Exit, ManifestError, PlanRefused
@@ -169,6 +170,7 @@ def _plan(
     groups: Mapping[str, Listed],
     *,
     max_delete: int | None = None,
+    gather: NameSet | None = None,
 ) -> reconcile.SyncPlan:
     the_plan = reconcile.plan_sync(
         spool.read(scan),
@@ -177,6 +179,7 @@ def _plan(
         scope=sync_options.scope,
         max_delete=sync_options.max_delete if max_delete is None else max_delete,
         replace=sync_options.replace,
+        gather=gather,
     )
     log.info("sync.plan", **the_plan.counts)
     return the_plan
@@ -207,12 +210,25 @@ async def _sync(opened: Opened, sync_options: SyncOptions, scan: Scan) -> Exit:
 async def _sync_listed(
     opened: Opened, sync_options: SyncOptions, scan: Scan, listing: Listing, listed_at: float
 ) -> Exit:
+    # The manifest's Names, gathered by the first plan's pass: the rounds keep them.
+    with NameSet() as named:
+        return await _carry_out(opened, sync_options, scan, listing, listed_at, named)
+
+
+async def _carry_out(
+    opened: Opened,
+    sync_options: SyncOptions,
+    scan: Scan,
+    listing: Listing,
+    listed_at: float,
+    named: NameSet,
+) -> Exit:
     runner = opened.runner
     reviewed = sync_options.plan
     # Nothing is written before the listing is complete and the plan accepted.
     with before_writes():
         if reviewed is not None:
-            the_plan = _plan(sync_options, scan, listing.groups, max_delete=1 << 62)
+            the_plan = _plan(sync_options, scan, listing.groups, max_delete=1 << 62, gather=named)
             sync_saved.refuse_stale(
                 reviewed,
                 sync_options.plan_path,
@@ -223,7 +239,7 @@ async def _sync_listed(
                 listing.groups,
             )
         else:
-            the_plan = _plan(sync_options, scan, listing.groups)
+            the_plan = _plan(sync_options, scan, listing.groups, gather=named)
             if sync_options.yes or not the_plan.removals or not confirm.at_terminal():
                 pass
             elif not await _confirmed(opened, sync_options, scan, the_plan, listing.groups):
@@ -246,7 +262,7 @@ async def _sync_listed(
         fresh_s=opened.session.hooks.fresh_s,
         saved=sync_saved.written_names(reviewed) if reviewed is not None else None,
     )
-    the_rounds.start(listing, listed_at)
+    the_rounds.start(listing, listed_at, named)
     try:
         header = opened.header(scan, plan=the_plan.counts)
         return await opened.record(header, the_rounds.run(the_plan), progress)

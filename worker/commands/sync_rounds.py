@@ -32,7 +32,7 @@ from worker.commands import paging
 from worker.errors import StillDifferent
 from worker.ledger.records import Action, Outcome, Record, Result
 from worker.manifest import spool
-from worker.manifest.values import Group, Invalid, Scan, name_of, names_of
+from worker.manifest.values import Group, Invalid, Scan, name_of
 from worker.plan import reconcile, rounds
 from worker.runner.dispatch import Journal, Runner
 from worker.runner.tally import Tally
@@ -110,15 +110,17 @@ class Rounds:
     _replacing: dict[str, Listed] = field(default_factory=dict)  # delete half sent
     _recreate: set[str] = field(default_factory=set)  # delete half answered: create next
     _listing: Listing | None = None  # the latest listing this round made (`conv.last`)
-    _named: NameSet | None = None  # every Name the manifest gives (`named`)
-    _named_whole: bool = False  # ... all of them: the first round's writes pass ended
+    _named: NameSet | None = None  # every Name the manifest gives (the caller's: `start`)
 
     @property
     def replacing(self) -> Callable[[Listed], bool] | None:
         """Which of the account's groups in another project may be replaced."""
         return self.scope.contains if self.replace else None
 
-    def start(self, listing: Listing, listed_at: float) -> None:
+    def start(self, listing: Listing, listed_at: float, named: NameSet) -> None:
+        """Begin from the first listing. `named`: every Name the manifest gives, gathered by
+        the first plan's pass (the caller closes it, after the rounds)."""
+        self._named = named
         self.conv = rounds.Convergence(listing.groups, whole=listing.whole)
         self.listed_at = listed_at
         book = self.runner.ledger
@@ -161,7 +163,7 @@ class Rounds:
                 if round_no > rounds.MAX_ROUNDS:
                     raise self._still_different(pending, plan)
             if round_no == 1 or pending or plan.deletes:
-                await self.runner.apply(self._upserts(first=round_no == 1))
+                await self.runner.apply(self._upserts(first if round_no == 1 else None))
                 if not self.runner.controls.draining:
                     await self._deletes(plan)
                 if self.runner.controls.draining:
@@ -261,8 +263,6 @@ class Rounds:
         """Remove the view and the listings this round made (their files). Idempotent."""
         if self._listing is not None:
             self._listing.close()
-        if self._named is not None:
-            self._named.close()
         conv = getattr(self, "conv", None)  # not there before `start`
         if conv is not None:
             conv.close()
@@ -272,31 +272,23 @@ class Rounds:
         return rounds.Relevant(self.named(), self.conv.view, new, scope)
 
     def named(self) -> NameSet:
-        """Every Name the manifest gives (names_of), on disk, gathered once a sync: by the
-        first round's writes pass as it goes (while the writes wait for the budget), else
-        by a pass of its own."""
-        if self._named is None or not self._named_whole:
-            if self._named is not None:
-                self._named.close()
-            self._named = NameSet()
-            for item in spool.read(self.scan):
-                self._named.update(names_of(item))
-            self._named_whole = True
+        """Every Name the manifest gives (names_of), on disk: the first plan gathered them."""
+        assert self._named is not None, "Rounds.start first"
         return self._named
 
-    def _upserts(self, *, first: bool) -> Iterator[Work | Result]:
-        """Creates and updates against the account as known now; in the first round also
-        conflicts and invalid lines as results (later rounds report only new conflicts)."""
+    def _upserts(self, plan: reconcile.SyncPlan | None) -> Iterator[Work | Result]:
+        """Creates and updates against the account as known now; in the first round (`plan`:
+        the first plan) also conflicts and invalid lines as results (later rounds report
+        only new conflicts). The first round reads the manifest only as far as that plan's
+        last change: past it every line was in sync (the pass would find nothing to send,
+        and its tail would sit between the last write and the listing that checks it)."""
+        first = plan is not None
         account = self.conv.effective()
-        named = None
-        if first:  # the manifest's Names, gathered on the way (`named`)
-            if self._named is not None:
-                self._named.close()
-            self._named = named = NameSet()
-            self._named_whole = False
+        if plan is not None:
+            self.runner.tally.skipped["in_sync"] += plan.in_sync
         for item in self._lines(account):
-            if named is not None:
-                named.update(names_of(item))
+            if plan is not None and item.line > plan.last_change:
+                return
             if isinstance(item, Invalid):
                 if first:
                     yield unsent(
@@ -337,11 +329,9 @@ class Rounds:
                 case reconcile.Replace():
                     pass  # its delete goes with the deletes, from a fresh listing
                 case reconcile.InSync():
-                    if first:
-                        self.runner.tally.skipped["in_sync"] += 1
+                    pass  # counted from the first plan
                 case _:
                     assert_never(change)
-        self._named_whole = self._named_whole or named is not None
 
     async def _deletes(self, plan: reconcile.SyncPlan) -> None:
         """The plan's deletes, each sent only while the listing that showed it is at most

@@ -160,6 +160,9 @@ class SyncPlan:
     # The account's groups to delete and create again in the manifest's project, sorted by
     # Name (--replace-conflicts; every one a Name the manifest gives, valid).
     replaces: tuple[Listed, ...] = ()
+    # The manifest line after which every line is in sync (0: none differs): a sync's first
+    # writes pass, which streams the manifest again, stops there instead of reading on.
+    last_change: int = 0
 
     @property
     def removals(self) -> int:
@@ -207,12 +210,14 @@ def plan_sync(
     replace: bool = False,
     on_group: Callable[[Group, GroupChange], None] | None = None,
     named: NameSet | None = None,
+    gather: NameSet | None = None,
 ) -> SyncPlan:
     """One pass over the manifest. Raises PlanRefused for prune or replace without a scope
     and for more than `max_delete` deletes, replaced groups included (exactly `max_delete`
     is allowed). `on_group` is told each valid group's change as the pass classifies it
     (sync's later rounds take what is still pending from the same pass). `named`: every
-    Name the manifest gives (names_of), when the caller holds them already."""
+    Name the manifest gives (names_of), when the caller holds them already; `gather`: an
+    empty set the pass fills with them, for the caller to keep (sync's first plan)."""
     require_scope(prune, scope, replace=replace)
     if max_delete < 0:
         raise UsageError("--max-delete must be >= 0")
@@ -220,10 +225,11 @@ def plan_sync(
     replaces: list[Listed] = []
     replacing = scope.contains if replace else None
     invalid = 0
+    last_change = 0
     # Every Name the manifest gives, on disk: the extras are the account's groups not in
     # it, found by walking both in Name order (no set of 10^6 Names in memory).
     with contextlib.ExitStack() as owned:
-        named, fill = _given_or_new(named, owned)
+        named, fill = _given_or_new(named, gather, owned)
         for item in read_ahead(items, name_of, account):
             if fill:
                 named.update(names_of(item))
@@ -232,9 +238,12 @@ def plan_sync(
                 # under any Name the line could mean (a repeated key, an escape).
                 _refuse_unreadable(item, prune)
                 invalid += 1
+                last_change = item.line
                 continue
             change = classify_group(item, account, replacing=replacing)
             counts[type(change)] += 1
+            if not isinstance(change, InSync):
+                last_change = item.line
             if on_group is not None:
                 on_group(item, change)
             if isinstance(change, Replace):
@@ -252,6 +261,7 @@ def plan_sync(
         deletes=tuple(deletes),
         kept=kept,
         replaces=tuple(sorted(replaces, key=lambda listed: listed.name)),
+        last_change=last_change,
     )
 
 
@@ -270,10 +280,15 @@ def _extras(
     return deletes, kept
 
 
-def _given_or_new(named: NameSet | None, owned: contextlib.ExitStack) -> tuple[NameSet, bool]:
-    """The caller's set of the manifest's Names (full already), or a new one to fill."""
+def _given_or_new(
+    named: NameSet | None, gather: NameSet | None, owned: contextlib.ExitStack
+) -> tuple[NameSet, bool]:
+    """The set of the manifest's Names, and whether this pass fills it: the caller's (full
+    already), the caller's to fill (`gather`), or a new one to fill and let go."""
     if named is not None:
         return named, False
+    if gather is not None:
+        return gather, True
     return owned.enter_context(NameSet()), True
 
 
