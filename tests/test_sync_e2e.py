@@ -579,3 +579,36 @@ def test_deletes_are_sent_only_from_a_fresh_listing(sandbox_factory: Any, tmp_pa
     assert any(a["action"] == LIST for a in log[last_create:first_delete])
     assert "sync.relist_before_deletes" in out.stderr
     assert {n for n, g in available(sb).items()} == {f"New{i}" for i in range(8)}
+
+
+def test_a_group_in_sync_that_another_party_changes_before_the_check_is_put_back(
+    sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """A later round reads again only the lines that were not in sync or that a listing
+    showed differently: a group in sync at the first listing, retagged by someone else
+    before the listing that checks the writes, is among those, and is put back before
+    exit 0 (another sync does the retagging, between the two listings of this one)."""
+    mine = [group(f"Keep{i}", tags=[tag("v", "1")]) for i in range(30)]
+    new = [group(f"New{i}", tags=[tag("v", "1")]) for i in range(8)]  # 8 s of writes
+    sb = start(sandbox_factory, tmp_path, mine)
+    manifest = write_manifest(tmp_path / "m.jsonl", mine + new)
+    cmd = worker_cmd("sync", str(manifest), "--endpoint", sb.url, "--rate", "1")
+    slow = subprocess.Popen(cmd, env=cli_env(tmp_path), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sb.of(CREATE) and time.monotonic() < deadline:  # its listing is done
+            time.sleep(0.05)
+        assert sb.of(CREATE), "the sync did not start writing"
+        other = tmp_path / "other"
+        other.mkdir()
+        theirs = write_manifest(other / "m.jsonl", [group("Keep7", tags=[tag("v", "2")])])
+        assert sync(sb, theirs, other).returncode == 0
+        lists_before = len(sb.of(LIST))
+        _, err = slow.communicate(timeout=120)
+    finally:
+        slow.kill()
+    assert slow.returncode == 0, err
+    assert len(sb.of(LIST)) > lists_before  # the slow sync checked after the change
+    groups = available(sb)
+    assert all(tagset(groups[g["Name"]]) == {("v", "1", "Custom")} for g in mine + new)
+    assert len(sb.of(UPDATE)) == 2  # theirs, then this sync's putting it back

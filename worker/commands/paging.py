@@ -24,13 +24,40 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+import structlog
 
 from worker.api import spec
 from worker.api.account import Listing, Page, page_envelope, page_items
 from worker.errors import WorkerError, raise_first
 from worker.runner.dispatch import Runner
 
+log = structlog.get_logger("worker")
+
 SLICE = 100  # items read between two turns of the event loop: well under a millisecond
+
+
+async def list_once(runner: Runner) -> tuple[Listing, float]:
+    """One listing under the run's budget, its pages a window at a time (paging), and
+    when it began (monotonic). The caller closes the listing (its groups are kept on disk)."""
+    began = runner.clock()
+    listing = Listing()
+
+    def moved(how: str) -> None:
+        log.info("sync.listing_moved", how=how, requests=listing.requests)
+
+    try:  # the listing's groups are on disk: removed if it cannot be completed
+        await page_through(runner, listing, moved)
+    except BaseException:
+        listing.close()
+        raise
+    log.info(
+        "sync.listed",
+        groups=len(listing.groups),
+        requests=listing.requests,
+        whole=listing.whole,
+        moves=len(listing.moves),
+    )
+    return listing, began
 
 
 async def page_through(

@@ -19,7 +19,8 @@ import structlog
 from worker.api.account import Listed, Listing
 from worker.api.listed_store import NameSet
 from worker.commands import confirm, sync_saved
-from worker.commands.sync_rounds import Rounds, list_once
+from worker.commands.paging import list_once
+from worker.commands.sync_rounds import Rounds
 from worker.errors import Exit, ManifestError, PlanRefused
 from worker.manifest import spool
 from worker.manifest.load import before_writes, scan_manifest
@@ -111,7 +112,7 @@ def sync(session: Session, sync_options: SyncOptions) -> Exit:
 
 
 async def list_account(runner: Runner) -> Listing:
-    """One listing under the run's budget: every group it saw (sync_rounds.list_once), kept
+    """One listing under the run's budget: every group it saw (paging.list_once), kept
     on disk until the caller closes it."""
     listing, _ = await list_once(runner)
     return listing

@@ -47,30 +47,6 @@ WRITES_AHEAD = 50  # Names read ahead per query in a pass that feeds the runner 
 _TO_WRITE = (reconcile.Create, reconcile.Update, reconcile.Replace)
 
 
-async def list_once(runner: Runner) -> tuple[Listing, float]:
-    """One listing under the run's budget, its pages a window at a time (paging), and
-    when it began (monotonic). The caller closes the listing (its groups are kept on disk)."""
-    began = runner.clock()
-    listing = Listing()
-
-    def moved(how: str) -> None:
-        log.info("sync.listing_moved", how=how, requests=listing.requests)
-
-    try:  # the listing's groups are on disk: removed if it cannot be completed
-        await paging.page_through(runner, listing, moved)
-    except BaseException:
-        listing.close()
-        raise
-    log.info(
-        "sync.listed",
-        groups=len(listing.groups),
-        requests=listing.requests,
-        whole=listing.whole,
-        moves=len(listing.moves),
-    )
-    return listing, began
-
-
 class Witness:
     """The runner's journal: the ledger, and each write's result told to the rounds
     (synchronously, in the same call that records it)."""
@@ -111,6 +87,9 @@ class Rounds:
     _recreate: set[str] = field(default_factory=set)  # delete half answered: create next
     _listing: Listing | None = None  # the latest listing this round made (`conv.last`)
     _named: NameSet | None = None  # every Name the manifest gives (the caller's: `start`)
+    # Every Name a round found not in sync (to write, in conflict, invalid, outside a saved
+    # plan); None past rounds.DIFFERED_MAX. With `conv.differed`, what a later round reads.
+    _touched: set[str] | None = field(default_factory=set)
 
     @property
     def replacing(self) -> Callable[[Listed], bool] | None:
@@ -202,7 +181,7 @@ class Rounds:
         account = self.conv.effective()
         allowed = max(0, self.max_delete - self.deleted)
         the_plan = reconcile.plan_sync(
-            spool.read(self.scan),
+            self._manifest(),
             account,
             prune=self.prune,
             scope=self.scope,
@@ -237,10 +216,49 @@ class Rounds:
         writes pass runs between a send's admission and its first byte on the wire (the
         dispatcher pulls the next item at once), so a read ahead of 1000 Names (5-15 ms)
         there delays a send admitted on time and bunches it with the next."""
-        return read_ahead(spool.read(self.scan), name_of, *accounts, batch=WRITES_AHEAD)
+        return read_ahead(self._manifest(), name_of, *accounts, batch=WRITES_AHEAD)
+
+    def _manifest(self) -> Iterator[Group | Invalid]:
+        """The manifest's lines a round must look at. After the first listing, every line:
+        the first plan and the first writes pass saw them all. Once a listing came after
+        it, only the lines some round found not in sync, those a listing showed differently
+        from the one before (`conv.differed`), those answered or written here, and invalid
+        ones: any other line was in sync by the first listing, and every listing since has
+        shown its group the same, so it is in sync and shown now. A round's plan then counts
+        only what it read; its deletes come from the account, never from these lines."""
+        check = self._to_check()
+        if check is None:
+            return spool.read(self.scan)
+        return (
+            item if isinstance(item, Invalid) else item.group()
+            for item in spool.read_lazily(self.scan)
+            if isinstance(item, Invalid) or item.name in check
+        )
+
+    def _to_check(self) -> set[str] | None:
+        """The Names `_manifest` keeps, or None: every line."""
+        conv, touched = self.conv, self._touched
+        if conv.listings < 2 or conv.differed is None or touched is None:
+            return None
+        return (
+            touched
+            | conv.differed
+            | conv.exists
+            | conv.settled
+            | conv.credits.keys()
+            | self._planned.keys()
+            | self._replacing.keys()
+        )
+
+    def _touch(self, name: str) -> None:
+        touched = self._touched
+        if touched is not None:
+            touched.add(name)
+            if len(touched) > rounds.DIFFERED_MAX:
+                self._touched = None
 
     async def _observe(self) -> None:
-        listing, began = await list_once(self.runner)
+        listing, began = await paging.list_once(self.runner)
         try:
             relevant = self._relevant(listing.groups)
             self.conv.observe(listing.groups, whole=listing.whole, relevant=relevant)
@@ -303,6 +321,8 @@ class Rounds:
             if item.name in self.conv.settled or item.name in self.conv.exists:
                 continue
             change = reconcile.classify_group(item, account, replacing=self.replacing)
+            if not isinstance(change, reconcile.InSync):
+                self._touch(item.name)
             unplanned = self.saved is not None and item.name not in self.saved
             if unplanned and isinstance(change, reconcile.Create | reconcile.Update):
                 self.unplanned.add(item.name)

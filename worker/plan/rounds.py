@@ -47,6 +47,9 @@ MAX_ROUNDS: Final = 4  # write rounds per invocation: the plan and three correct
 ROUND_PAUSE_S: Final = 2.0  # before each listing after the second: a lagging listing catches up
 FRESH_S: Final = 60.0  # a delete is sent only for an extra listed at most this long ago
 SHOWN_MAX: Final = 5  # Names an exit-3 message lists before "and N more"
+# Names kept in memory as shown differently by two listings (`Convergence.differed`); past
+# this the set is dropped and every later check reads the whole manifest (~90 bytes a Name).
+DIFFERED_MAX: Final = 50_000
 
 
 def fresh(listed_at: float, now: float, fresh_s: float = FRESH_S) -> bool:
@@ -94,6 +97,10 @@ class Convergence:
         self.foreign: list[str] = []
         self.confirmed = 0  # credits a listing has shown
         self.listings = 1
+        # Every Name two successive listings showed differently, for any reason (None: more
+        # than DIFFERED_MAX): a manifest line in sync by the first listing and not among these
+        # is in sync by the latest too, so a later round need not read it again.
+        self.differed: set[str] | None = set()
 
     def __repr__(self) -> str:
         return (
@@ -129,6 +136,7 @@ class Convergence:
         # from one comparison of the two (differing), not from a lookup per manifest line.
         with differing(self.view, groups) as changed:
             for name in changed:
+                self._differed(name)
                 if name in self.credits or name in self.exists:
                     continue
                 old, new = self.view.get(name), groups.get(name)
@@ -159,6 +167,13 @@ class Convergence:
         self.whole = whole
         if self.foreign:
             self.credits.clear()  # another party writes here: only listings count now
+
+    def _differed(self, name: str) -> None:
+        differed = self.differed
+        if differed is not None:
+            differed.add(name)
+            if len(differed) > DIFFERED_MAX:
+                self.differed = None
 
     def shown(self, name: str) -> bool:
         """A listing since the last write showed `name`."""
