@@ -23,6 +23,7 @@ from worker.plan.reconcile import (
     InSync,
     Keep,
     Scope,
+    SeenInSync,
     Update,
     classify_group,
     delete_body,
@@ -356,6 +357,28 @@ def test_plan_streams_the_manifest_once() -> None:
     assert plan.create == 999 and plan.in_sync == 1 and plan.kept == 1
     kept = [c.listed.name for c in iter_changes(plan, stream(), account) if isinstance(c, Keep)]
     assert kept == ["X1"]
+
+
+def test_what_was_seen_in_sync_never_changes_an_answer() -> None:
+    """classify_group with a SeenInSync shared over a pass answers exactly as without it,
+    over random groups sharing few projects and tag sets (Names that look like JSON too)."""
+    rng = random.Random(7)
+    tags = [[], [A], [("k", "1", "Custom")], [A, ("k", "1", "Custom")], [("k", "2", "System")]]
+    names = ['G,"ProjectName":"p"', "G", 'q"', "组"]
+    seen = SeenInSync()
+    for i in range(3000):
+        name = f"{rng.choice(names)}{i}"
+        mine = group(name, rng.choice(["p", "q"]), rng.choice(tags), line=i + 1)
+        account = {}
+        if rng.random() < 0.9:
+            account[name] = listed(name, rng.choice(["p", "q"]), rng.choice(tags))
+        plain = classify_group(mine, account)
+        assert classify_group(mine, account, seen=seen) == plain
+        shuffled = dict(account)
+        if name in shuffled:  # the same tags in another order: still the same answer
+            got = shuffled[name]
+            shuffled[name] = Listed(name=name, project=got.project, tags=got.tags[::-1])
+            assert type(classify_group(mine, shuffled, seen=seen)) is type(plain)
 
 
 def test_the_plan_says_where_the_last_change_is() -> None:
