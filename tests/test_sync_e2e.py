@@ -589,10 +589,10 @@ def test_a_group_in_sync_that_another_party_changes_before_the_check_is_put_back
     before the listing that checks the writes, is among those, and is put back before
     exit 0 (another sync does the retagging, between the two listings of this one)."""
     mine = [group(f"Keep{i}", tags=[tag("v", "1")]) for i in range(30)]
-    new = [group(f"New{i}", tags=[tag("v", "1")]) for i in range(8)]  # 8 s of writes
+    new = [group(f"New{i}", tags=[tag("v", "1")]) for i in range(6)]  # 12 s of writes
     sb = start(sandbox_factory, tmp_path, mine)
     manifest = write_manifest(tmp_path / "m.jsonl", mine + new)
-    cmd = worker_cmd("sync", str(manifest), "--endpoint", sb.url, "--rate", "1")
+    cmd = worker_cmd("sync", str(manifest), "--endpoint", sb.url, "--rate", "0.5")
     slow = subprocess.Popen(cmd, env=cli_env(tmp_path), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -603,12 +603,13 @@ def test_a_group_in_sync_that_another_party_changes_before_the_check_is_put_back
         other.mkdir()
         theirs = write_manifest(other / "m.jsonl", [group("Keep7", tags=[tag("v", "2")])])
         assert sync(sb, theirs, other).returncode == 0
-        lists_before = len(sb.of(LIST))
+        changed = sb.of(UPDATE)[0]["t"]
+        assert len(sb.of(CREATE)) < len(new), "too slow a machine: the change came too late"
         _, err = slow.communicate(timeout=120)
     finally:
         slow.kill()
     assert slow.returncode == 0, err
-    assert len(sb.of(LIST)) > lists_before  # the slow sync checked after the change
+    assert max(a["t"] for a in sb.of(LIST)) > changed  # the slow sync checked after the change
     groups = available(sb)
     assert all(tagset(groups[g["Name"]]) == {("v", "1", "Custom")} for g in mine + new)
     assert len(sb.of(UPDATE)) == 2  # theirs, then this sync's putting it back
