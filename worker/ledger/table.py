@@ -96,6 +96,12 @@ class Table(Storage, Mapping[str, Latest]):
             self.rebuild()
             return self._get(name, default)
 
+    def peek(self, name: str) -> Latest | None:
+        """`get` without its repair: a slot that fails its check raises BadSlot (for a
+        reader that must not rebuild the table: plan/ahead.py's helper)."""
+        got: Latest | None = self._get(name, None)
+        return got
+
     def _get(self, name: str, default: Any) -> Any:
         """The hot path of a resume: a lookup per manifest line. A file's slots are read
         with `pread`, not through the mapping: that adds nothing to our resident set, so no
