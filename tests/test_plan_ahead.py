@@ -98,7 +98,9 @@ def _finished(helper: ahead.Ahead) -> int:
 def test_the_helper_marks_exactly_the_lines_the_plan_skips_as_done(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retry_rejected: bool
 ) -> None:
+    """Of its blocks (every other one), and of no other."""
     monkeypatch.setattr(ahead, "MIN_LINES", 10)
+    monkeypatch.setattr(ahead, "BLOCK", 16)
     manifest, ledger = _setting(tmp_path, 600)
     state = read_state(ledger)
     try:
@@ -107,12 +109,12 @@ def test_the_helper_marks_exactly_the_lines_the_plan_skips_as_done(
             assert helper is not None
             assert _finished(helper) == 0
             items = list(spool.read_lazily(scan))
-            assert helper.split == int(len(items) * ahead.SPLIT)
-            marked = [k for k in range(helper.split, len(items)) if helper.marks[k - helper.split]]
+            assert len(helper.marks) == len(items)
+            marked = [k for k in range(len(items)) if helper.marks[k]]
             done = [
                 k
                 for k, item in enumerate(items)
-                if k >= helper.split
+                if ahead.helps(k)
                 and not isinstance(item, Invalid)
                 and run_plan.decide_on(
                     state.latest.get(item.name), item.fingerprint, retry_rejected=retry_rejected
@@ -120,7 +122,8 @@ def test_the_helper_marks_exactly_the_lines_the_plan_skips_as_done(
                 is run_plan.DONE_DECISION
             ]
             assert marked == done
-            assert len(done) > 30  # the setting has done lines past the split
+            assert len(done) > 30  # the setting has done lines in the helper's blocks
+            assert {k // 16 % 2 for k in done} == {1}
             helper.cancel()
     finally:
         state.close()
@@ -205,7 +208,7 @@ def test_a_rerun_looked_ahead_counts_and_sends_what_one_without_does(
         before = len(sandbox.creates())
         out = run_worker(
             "run", str(manifest), "--ledger", str(copy), "--skip-invalid", *run,
-            env={**env, "TESTHOOK_AHEAD_MIN_LINES": min_lines},
+            env={**env, "TESTHOOK_AHEAD_MIN_LINES": min_lines, "TESTHOOK_AHEAD_BLOCK": "8"},
         )  # fmt: skip
         assert out.returncode == 1, out.stderr  # the invalid line (it outranks the drift, 6)
         sent = {c["name"] for c in sandbox.creates()[before:]}

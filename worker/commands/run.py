@@ -112,14 +112,13 @@ async def _create(opened: Opened, scan: Scan, retry_rejected: bool) -> Exit:
 
 def _run_source(opened: Opened, scan: Scan, retry_rejected: bool) -> Iterator[Work | Result]:
     """The manifest as work items: what the plan sends, the invalid lines as results. A
-    large manifest's tail is looked up by a helper meanwhile (plan/ahead.py): a line it
-    marked done is skipped without a lookup."""
+    large manifest's every other block of lines is looked up by a helper meanwhile
+    (plan/ahead.py): a line it marked done is skipped without a lookup."""
     assert opened.ledger is not None
     latest, tally = opened.ledger.state.latest, opened.runner.tally
     get, decide_on, skip = latest.get, run_plan.decide_on, run_plan.Do.SKIP
-    done = run_plan.DONE_DECISION
+    done, block = run_plan.DONE_DECISION, ahead.BLOCK
     with ahead.looked_ahead(scan, latest, retry_rejected) as helper:
-        split = helper.split if helper is not None else -1
         marks = helper.marks if helper is not None else b""
         # Lazily: a line the plan skips (all of them, in a rerun) never has its body cut out.
         for k, item in enumerate(spool.read_lazily(scan)):
@@ -134,7 +133,7 @@ def _run_source(opened: Opened, scan: Scan, retry_rejected: bool) -> Iterator[Wo
                     str(item.problem),
                 )
                 continue
-            if 0 <= k - split < len(marks) and marks[k - split]:
+            if k // block & 1 and k < len(marks) and marks[k]:  # the helper's: ahead.helps
                 decision = done
             else:
                 decision = decide_on(
