@@ -88,7 +88,7 @@ class Ahead:
 
 @contextlib.contextmanager
 def looked_ahead(scan: Scan, table: object, retry_rejected: bool) -> Iterator[Ahead | None]:
-    """A helper looking the tail of `scan`'s spool up in `table` (module docstring), or
+    """A helper looking up its blocks of `scan`'s spool in `table` (module docstring), or
     None when there is none; stopped at the end, whatever happens."""
     ahead = start(scan, table, retry_rejected)
     try:
@@ -99,6 +99,8 @@ def looked_ahead(scan: Scan, table: object, retry_rejected: bool) -> Iterator[Ah
 
 
 def start(scan: Scan, table: object, retry_rejected: bool) -> Ahead | None:
+    """The helper, forked, or None where it cannot help or could hang (module docstring).
+    `table` is the ledger's latest word per Name (an index table in a file, to help)."""
     lines = scan.groups + scan.invalid
     if lines < MIN_LINES or not isinstance(table, Table) or table.in_memory:
         return None
