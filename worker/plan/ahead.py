@@ -24,7 +24,8 @@ what was sent for its Name. Nothing else writes the ledger: the run holds its lo
 When not: a short manifest (the lookups cost less than the fork), a table in memory (no
 file to read it from), another thread (a forked child could find a lock held forever).
 The helper writes only the shared marks, never the ledger, the index or a log line; it
-exits when its parent is gone, and is killed when the plan ends first.
+exits when its parent is gone (within a block: until then the ledger's `flock`, whose open
+file it shares, stays held), and is killed and reaped when the plan ends first.
 """
 
 from __future__ import annotations
