@@ -10,6 +10,9 @@ When a test sets one of these variables, this replaces HOOKS in that process onl
   TESTHOOK_TORN_WRITES_S   each ledger record written in two halves with this pause between,
                            so that a kill -9 can land inside a record, as a crash can
   TESTHOOK_PROGRESS_EVERY_S  the 5 s between two `run.progress` lines off a terminal
+  TESTHOOK_AHEAD_MIN_LINES   the 100 000 lines from which a plan is looked ahead by a
+                             helper process (plan/ahead.py)
+  TESTHOOK_AHEAD_BLOCK       the 4 096 lines of a block the helper or the plan looks up
 
 Without any of them nothing is imported here (a plain worker starts as a user's does).
 """
@@ -24,6 +27,8 @@ _NAMES = (
     "TESTHOOK_CLOCK_OFFSET_S",
     "TESTHOOK_TORN_WRITES_S",
     "TESTHOOK_PROGRESS_EVERY_S",
+    "TESTHOOK_AHEAD_MIN_LINES",
+    "TESTHOOK_AHEAD_BLOCK",
 )
 
 
@@ -64,6 +69,14 @@ def _install(values: dict[str, float]) -> None:
         from worker import progress
 
         progress.LINE_EVERY_S = values["TESTHOOK_PROGRESS_EVERY_S"]
+    if "TESTHOOK_AHEAD_MIN_LINES" in values:
+        from worker.plan import ahead
+
+        ahead.MIN_LINES = int(values["TESTHOOK_AHEAD_MIN_LINES"])
+    if "TESTHOOK_AHEAD_BLOCK" in values:
+        from worker.plan import ahead
+
+        ahead.BLOCK = int(values["TESTHOOK_AHEAD_BLOCK"])
 
 
 _values = {name: float(os.environ[name]) for name in _NAMES if os.environ.get(name)}

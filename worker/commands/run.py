@@ -20,7 +20,7 @@ from worker.ledger.records import Action, Outcome, Result
 from worker.manifest import spool
 from worker.manifest.load import before_writes, scan_manifest
 from worker.manifest.values import Invalid, Scan
-from worker.plan import run_plan
+from worker.plan import ahead, run_plan
 from worker.progress import Progress
 from worker.runner.work import Work
 from worker.session import Opened, Session, carry_out, dry_run_exit, unsent
@@ -111,32 +111,42 @@ async def _create(opened: Opened, scan: Scan, retry_rejected: bool) -> Exit:
 
 
 def _run_source(opened: Opened, scan: Scan, retry_rejected: bool) -> Iterator[Work | Result]:
-    """The manifest as work items: what the plan sends, the invalid lines as results."""
+    """The manifest as work items: what the plan sends, the invalid lines as results. A
+    large manifest's every other block of lines is looked up by a helper meanwhile
+    (plan/ahead.py): a line it marked done is skipped without a lookup."""
     assert opened.ledger is not None
     latest, tally = opened.ledger.state.latest, opened.runner.tally
     get, decide_on, skip = latest.get, run_plan.decide_on, run_plan.Do.SKIP
-    # Lazily: a line the plan skips (all of them, in a rerun) never has its body cut out.
-    for item in spool.read_lazily(scan):
-        if isinstance(item, Invalid):
-            tally.planned[run_plan.INVALID.why] += 1
-            yield unsent(
-                opened.runner,
-                item.name,
-                item.line,
-                Outcome.INVALID,
-                "InvalidManifestLine",
-                str(item.problem),
+    done, block = run_plan.DONE_DECISION, ahead.BLOCK
+    with ahead.looked_ahead(scan, latest, retry_rejected) as helper:
+        marks = helper.marks if helper is not None else b""
+        # Lazily: a line the plan skips (all of them, in a rerun) never has its body cut out.
+        for k, item in enumerate(spool.read_lazily(scan)):
+            if isinstance(item, Invalid):
+                tally.planned[run_plan.INVALID.why] += 1
+                yield unsent(
+                    opened.runner,
+                    item.name,
+                    item.line,
+                    Outcome.INVALID,
+                    "InvalidManifestLine",
+                    str(item.problem),
+                )
+                continue
+            if k // block & 1 and k < len(marks) and marks[k]:  # the helper's: ahead.helps
+                decision = done
+            else:
+                decision = decide_on(
+                    get(item.name), item.fingerprint, retry_rejected=retry_rejected
+                )
+            tally.planned[decision.why] += 1
+            if decision.do is skip:
+                tally.skipped[decision.why] += 1
+                continue
+            yield Work(
+                action=Action.CREATE,
+                name=item.name,
+                line=item.line,
+                fingerprint=item.fingerprint,
+                body=item.body,
             )
-            continue
-        decision = decide_on(get(item.name), item.fingerprint, retry_rejected=retry_rejected)
-        tally.planned[decision.why] += 1
-        if decision.do is skip:
-            tally.skipped[decision.why] += 1
-            continue
-        yield Work(
-            action=Action.CREATE,
-            name=item.name,
-            line=item.line,
-            fingerprint=item.fingerprint,
-            body=item.body,
-        )

@@ -189,21 +189,25 @@ class Reader:
     def decoded(self, lines: Lines) -> Iterator[tuple[int, int, Any]]:
         """(offset, line number, decoded object) per line of `lines`: each one JSON, and
         the file's first one our run header."""
-        loads = orjson.loads
+        decode = self.decode
         for lineno, offset, raw in zip(count(lines.first), lines.offsets, lines.lines):
-            try:
-                obj = loads(raw)
-            except orjson.JSONDecodeError:
-                obj = None
-            if lineno == 1 and not (isinstance(obj, dict) and obj.get("type") == "run"):
-                raise self._foreign()
-            if obj is None:
-                raise LedgerError(
-                    f"{self.path}:{lineno}: damaged ledger record: the line is not JSON; "
-                    "fix that line and run again (keep the ledger: it is the history of "
-                    "what was sent)"
-                )
-            yield offset, lineno, obj
+            yield offset, lineno, decode(raw, lineno)
+
+    def decode(self, raw: bytes, lineno: int) -> Any:
+        """Line `lineno`, decoded: JSON, and the file's first one our run header."""
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            obj = None
+        if lineno == 1 and not (isinstance(obj, dict) and obj.get("type") == "run"):
+            raise self._foreign()
+        if obj is None:
+            raise LedgerError(
+                f"{self.path}:{lineno}: damaged ledger record: the line is not JSON; "
+                "fix that line and run again (keep the ledger: it is the history of "
+                "what was sent)"
+            )
+        return obj
 
     def _read(self) -> bytes:
         try:

@@ -34,6 +34,7 @@ HEADER_BYTES: Final = 4096
 # A slot: what it says (BODY), then its check (CHECK_BYTES, see table._check).
 BODY = struct.Struct("<16s32sQQBBBxI")
 BODY_BYTES: Final = BODY.size  # 72
+_unpack_body: Final = BODY.unpack
 CHECK_BYTES: Final = 8
 SLOT_BYTES: Final = BODY_BYTES + CHECK_BYTES  # 80
 SALT_BYTES: Final = 16
@@ -107,22 +108,22 @@ def encode_slot(key: bytes, item: Item, offset: int, code: int, salt: bytes) -> 
 
 
 def decode_slot(buffer: Any, at: int, salt: bytes, codes: list[str]) -> Latest:
-    """The slot at `at` of `buffer`; raises BadSlot when its check fails."""
-    body = bytes(buffer[at : at + BODY_BYTES])
+    """The slot at `at` of `buffer`; raises BadSlot when its check fails. (A lookup's hot
+    path: its body is read once, checked, and unpacked from that copy.)"""
+    body = buffer[at : at + BODY_BYTES]
+    if type(body) is not bytes:  # a mapping's or a bytearray's slice: a copy of its own
+        body = bytes(body)
     check = _keyed(salt).copy()
     check.update(body)
     if check.digest() != buffer[at + BODY_BYTES : at + SLOT_BYTES]:
         raise BadSlot
-    _, fp, line, _, outcome, action, flags, code = BODY.unpack(body)
-    if outcome >= len(_OUTCOMES) or action >= len(_ACTIONS) or code >= len(codes):
-        raise BadSlot  # checked, yet not ours (an index of another build): not trusted
-    return Latest(
-        _OUTCOMES[outcome],
-        _ACTIONS[action],
-        fp if flags & _HAS_FP else None,
-        codes[code],
-        line,
-    )
+    _, fp, line, _, outcome, action, flags, code = _unpack_body(body)
+    try:
+        return Latest(
+            _OUTCOMES[outcome], _ACTIONS[action], fp if flags & _HAS_FP else None, codes[code], line
+        )
+    except IndexError:
+        raise BadSlot from None  # checked, yet not ours (an index of another build): not trusted
 
 
 def name_key(name: str) -> bytes:

@@ -30,6 +30,7 @@ from worker.errors import LedgerError
 from worker.ledger import index
 from worker.ledger.batch import Batch
 from worker.ledger.build import Bulk
+from worker.ledger.fast import item_of_line
 from worker.ledger.file import Reader, close_quietly, open_regular
 from worker.ledger.layout import Stale, slots_for
 from worker.ledger.records import Footer, Intent, Item, Record, Result, RunHeader
@@ -138,25 +139,46 @@ def fold(
     empty = isinstance(state.latest, Table) and state.latest.used == 0
     batch = Bulk(state) if empty and reader.end == 0 else Batch(state)
     try:
-        add = batch.add
+        add, fast = batch.add, item_of_line
         for lines in reader.chunks():
             if not still_wanted():
                 raise OSError(errno.ECANCELED, "no longer wanted")
-            for offset, at_line, obj in reader.decoded(lines):
-                item = item_of(obj)
+            # `offsets` holds one more: the end of the last line
+            pairs = zip(lines.offsets, lines.lines, strict=False)
+            for at, (offset, raw) in enumerate(pairs, lines.first):
+                # The file's first line is a run header, checked as such by the reader.
+                item = fast(raw) if at != 1 else None
+                if item is None:
+                    item = _slow(reader, raw, at, offset, state, check)
                 if item is not None:
                     add(item, offset)
-                    continue
-                record = parse(obj, where=reader.where(at_line))
-                if isinstance(record, (Intent, Result)):
-                    add(Item.of(record), offset)  # through the batch: it keeps the order
-                    continue
-                if check is not None and isinstance(record, RunHeader):
-                    check(record)
-                state.fold(record, offset)
         batch.flush()
     finally:
         batch.close()
+
+
+def _slow(
+    reader: Reader,
+    raw: bytes,
+    lineno: int,
+    offset: int,
+    state: State,
+    check: Callable[[RunHeader], None] | None,
+) -> Item | None:
+    """A line the fast path (fast.py) did not vouch for, read as the reader reads every
+    line: its intent or result, for the batch (which keeps the order); another record is
+    folded into `state` here. Damage raises LedgerError naming the file and line."""
+    obj = reader.decode(raw, lineno)
+    item = item_of(obj)
+    if item is not None:
+        return item
+    record = parse(obj, where=reader.where(lineno))
+    if isinstance(record, (Intent, Result)):
+        return Item.of(record)
+    if check is not None and isinstance(record, RunHeader):
+        check(record)
+    state.fold(record, offset)
+    return None
 
 
 class Prebuilt(Protocol):

@@ -96,6 +96,12 @@ class Table(Storage, Mapping[str, Latest]):
             self.rebuild()
             return self._get(name, default)
 
+    def peek(self, name: str) -> Latest | None:
+        """`get` without its repair: a slot that fails its check raises BadSlot (for a
+        reader that must not rebuild the table: plan/ahead.py's helper)."""
+        got: Latest | None = self._get(name, None)
+        return got
+
     def _get(self, name: str, default: Any) -> Any:
         """The hot path of a resume: a lookup per manifest line. A file's slots are read
         with `pread`, not through the mapping: that adds nothing to our resident set, so no
@@ -106,14 +112,23 @@ class Table(Storage, Mapping[str, Latest]):
             if self._mm[at : at + 16] == EMPTY_KEY:
                 return default
             return self._entry(at)
-        # Most keys sit at their home: one read of it and the slot after, looked at here
-        # (slot_in_file, a call more, only when the probe goes on).
+        # Most keys sit at their home or the slot after it (at 10^6 Names 67 % and 24 %):
+        # one read of both, looked at here (slot_in_file, a read more, only when the probe
+        # goes on or wraps: the last slot's next is the first).
         home = int.from_bytes(key[:8], "big") >> (65 - self.slots.bit_length())
         pair = os.pread(self._fd, 2 * SLOT_BYTES, HEADER_BYTES + home * SLOT_BYTES)
-        if pair[:16] == key:
+        here = pair[:16]
+        if here == key:
             return decode_slot(pair, 0, self.salt, self.codes)
-        if pair[:16] != EMPTY_KEY:
-            _, pair = slot_in_file(self._fd, self.slots, key, self.path)
+        if here == EMPTY_KEY:
+            return default
+        if home + 1 < self.slots:
+            here = pair[SLOT_BYTES : SLOT_BYTES + 16]
+            if here == key:
+                return decode_slot(pair, SLOT_BYTES, self.salt, self.codes)
+            if here == EMPTY_KEY:
+                return default
+        _, pair = slot_in_file(self._fd, self.slots, key, self.path)
         return default if pair[:16] == EMPTY_KEY else decode_slot(pair, 0, self.salt, self.codes)
 
     def __contains__(self, name: object) -> bool:

@@ -99,6 +99,7 @@ INVALID: Final = Decision(Do.RECORD_INVALID, "invalid")
 _NEW: Final = Decision(Do.SEND, "new")
 _IN_DOUBT: Final = Decision(Do.SEND, "in_doubt")
 _DONE: Final = Decision(Do.SKIP, "done")
+DONE_DECISION: Final = _DONE  # what decide_on returns for a line done as it is (ahead.py)
 _DONE_CHANGED: Final = Decision(Do.SKIP, "done_changed")
 
 
