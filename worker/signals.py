@@ -11,6 +11,7 @@ the loop ends.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 from collections.abc import Coroutine
@@ -82,6 +83,12 @@ def under_signals(grace_s: float) -> UnderSignals:
     before any write request went out cancels at once: there is nothing to wait for."""
 
     def run(main: Main, controls: Controls) -> Exit:
+        # What is alive now (the modules, the manifest's scan, the ledger's state) is put out
+        # of the cyclic collector's reach: its full collections then walk only what the run
+        # allocates. Each one holds the event loop, and every send admitted meanwhile goes
+        # out that much late: a 17 ms collection bunched two creates into one 1 s window
+        # (a FlowLimitExceeded at 50/s, bench.latency's 2-4 s case, run after run).
+        gc.freeze()
         code = asyncio.run(_guarded(main, controls, grace_s))
         if code is Exit.INTERRUPTED:
             print("stopped; run the same command again to resume", file=sys.stderr)
