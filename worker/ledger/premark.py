@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import select
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ from worker.ledger.layout import OUTCOME_AT, name_key
 
 # Below this many manifest lines the plan's lookups cost less than hashing the Names twice.
 MIN_LINES = 100_000  # not Final: the tests lower it
+# How long the child waits for the run to start offering when it is ready to join: not at
+# all (a run still validating is no faster for a child waiting on it). Not Final: the tests
+# raise it, for a child that reaches its join before a short manifest is validated.
+PATIENCE_S = 0.0
 # A manifest line in the scratch file: its Name's key, its fingerprint, its item number.
 ENTRY: Final = struct.Struct("<16s32sI")
 _FLAGS_AT: Final = OUTCOME_AT + 2  # the slot's flags byte (layout.BODY)
@@ -209,16 +214,12 @@ class Joiner:
         """The bucket directory, if the run is offering it (then it is waited for: the run
         does nothing else meanwhile); else None, and the run told not to start."""
         b = self.board
-        os.set_blocking(b.read_fd, False)
-        try:
-            started = os.read(b.read_fd, 1)
-        except BlockingIOError:
-            started = b""
+        readable, _, _ = select.select([b.read_fd], [], [], PATIENCE_S)
+        started = os.read(b.read_fd, 1) if readable else b""
         if started != _STARTED:
             b.status[_JOIN] = SKIPPED
             return None
         b.status[_JOIN] = JOINING
-        os.set_blocking(b.read_fd, True)
         ready = b""
         while len(ready) < _READY.size and (more := os.read(b.read_fd, _READY.size - len(ready))):
             ready += more
