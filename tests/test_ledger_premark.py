@@ -5,6 +5,7 @@ laid out first, dies, or the run gives up on its offer."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import signal
@@ -180,7 +181,7 @@ def test_a_child_that_dies_leaves_no_marks_and_the_offer_does_not_hang(
         child.close()
 
 
-def test_no_board_for_a_short_manifest_or_when_fork_fails(
+def test_no_board_for_a_short_manifest_or_without_fork_or_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest, ledger = _rebuilt(tmp_path, 60)
@@ -196,6 +197,18 @@ def test_no_board_for_a_short_manifest_or_when_fork_fails(
     monkeypatch.setattr(os, "fork", no_fork)
     assert prebuild.start(ledger, manifest, run.DONE_OUTCOMES) is None
     assert set(os.listdir("/proc/self/fd")) == fds  # the board's scratch file and pipe closed
+    monkeypatch.undo()
+    monkeypatch.setattr(premark, "MIN_LINES", 10)
+
+    class NoMemory:
+        def __init__(self, *args: object) -> None:
+            raise OSError("no memory")
+
+    monkeypatch.setattr(mmap, "mmap", NoMemory)
+    child = prebuild.start(ledger, manifest, run.DONE_OUTCOMES)  # a child, with no board
+    assert child is not None and child.board is None
+    child.close()
+    assert set(os.listdir("/proc/self/fd")) == fds
 
 
 @pytest.mark.slow

@@ -110,9 +110,14 @@ def board(lines: int, scratch_dir: str, shift: int, buckets: int, done: bytes) -
     except OSError:
         os.close(scratch)
         return None
+    try:  # shared and anonymous: zero, "not known"
+        marks, status = mmap.mmap(-1, lines), mmap.mmap(-1, 16)
+    except OSError:  # no memory for them: the plan looks every line up, as before
+        close_quietly(scratch, read_fd, write_fd)
+        return None
     return Board(
-        marks=mmap.mmap(-1, lines),
-        status=mmap.mmap(-1, 16),
+        marks=marks,
+        status=status,
         scratch=scratch,
         read_fd=read_fd,
         write_fd=write_fd,
