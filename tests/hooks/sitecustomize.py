@@ -13,6 +13,9 @@ When a test sets one of these variables, this replaces HOOKS in that process onl
   TESTHOOK_AHEAD_MIN_LINES   the 100 000 lines from which a plan is looked ahead by a
                              helper process (plan/ahead.py)
   TESTHOOK_AHEAD_BLOCK       the 4 096 lines of a block the helper or the plan looks up
+  TESTHOOK_PREMARK_MIN_LINES the 100 000 lines from which a run offers its manifest to the
+                             index's rebuild, to mark the lines done (ledger/premark.py)
+  TESTHOOK_PREMARK_PATIENCE_S  how long that rebuild waits for the run to offer (0 s)
 
 Without any of them nothing is imported here (a plain worker starts as a user's does).
 """
@@ -29,6 +32,8 @@ _NAMES = (
     "TESTHOOK_PROGRESS_EVERY_S",
     "TESTHOOK_AHEAD_MIN_LINES",
     "TESTHOOK_AHEAD_BLOCK",
+    "TESTHOOK_PREMARK_MIN_LINES",
+    "TESTHOOK_PREMARK_PATIENCE_S",
 )
 
 
@@ -77,6 +82,14 @@ def _install(values: dict[str, float]) -> None:
         from worker.plan import ahead
 
         ahead.BLOCK = int(values["TESTHOOK_AHEAD_BLOCK"])
+    if "TESTHOOK_PREMARK_MIN_LINES" in values:
+        from worker.ledger import premark
+
+        premark.MIN_LINES = int(values["TESTHOOK_PREMARK_MIN_LINES"])
+    if "TESTHOOK_PREMARK_PATIENCE_S" in values:
+        from worker.ledger import premark
+
+        premark.PATIENCE_S = values["TESTHOOK_PREMARK_PATIENCE_S"]
 
 
 _values = {name: float(os.environ[name]) for name in _NAMES if os.environ.get(name)}

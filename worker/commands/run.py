@@ -7,6 +7,7 @@ results; the rest is skipped and counted as it goes by.
 
 from __future__ import annotations
 
+import mmap
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import structlog
 
 from worker.errors import Exit, ManifestError
 from worker.ledger import prebuild
+from worker.ledger.layout import OUTCOME_NO
 from worker.ledger.load import read_state
 from worker.ledger.records import Action, Outcome, Result
 from worker.manifest import spool
@@ -27,6 +29,9 @@ from worker.session import Opened, Session, carry_out, dry_run_exit, unsent
 
 log = structlog.get_logger("worker")
 
+# The outcomes whose slot, with the line's fingerprint, makes run_plan.decide_on say "done".
+DONE_OUTCOMES = bytes(sorted(OUTCOME_NO[o] for o in run_plan.HELD))
+
 
 def run(session: Session) -> Exit:
     """`worker run`: create every manifest group the ledger does not record as done."""
@@ -37,16 +42,20 @@ def run(session: Session) -> Exit:
                 raise ManifestError(scan.problems, scan.problem_count)
             return _dry_run(session, scan)
     # The ledger's index, if it must be rebuilt, is rebuilt by a second process while this
-    # one validates the manifest (prebuild.py).
+    # one validates the manifest (prebuild.py); then, while it waits for the index, this
+    # one offers the manifest's Names for that process to mark those done (premark.py).
     with (
-        prebuild.started(settings.ledger, settings.manifest) as prebuilt,
+        prebuild.started(settings.ledger, settings.manifest, DONE_OUTCOMES) as prebuilt,
         scan_manifest(settings.manifest, settings.ledger) as scan,
     ):
         if scan.problem_count and not settings.skip_invalid:
             raise ManifestError(scan.problems, scan.problem_count)
+        if prebuilt is not None:
+            prebuilt.offer(_offered(scan))
 
         async def work(opened: Opened) -> Exit:
-            return await _create(opened, scan, session.options.retry_rejected)
+            marks = prebuilt.marks() if prebuilt is not None else None
+            return await _create(opened, scan, session.options.retry_rejected, marks)
 
         return carry_out(session, work, recorded=scan, prebuilt=prebuilt)
 
@@ -79,7 +88,9 @@ def _say_drift(counts: Counter[str]) -> None:
         log.warning("run.drift", lines=drifted, hint=run_plan.SYNC_HINT)
 
 
-async def _create(opened: Opened, scan: Scan, retry_rejected: bool) -> Exit:
+async def _create(
+    opened: Opened, scan: Scan, retry_rejected: bool, marks: mmap.mmap | None
+) -> Exit:
     runner = opened.runner
     log.info(
         "run.start",
@@ -96,7 +107,7 @@ async def _create(opened: Opened, scan: Scan, retry_rejected: bool) -> Exit:
     progress = Progress(tty=sys.stderr.isatty(), total=scan.groups + scan.invalid)
     header = opened.header(scan, plan={})  # counted as it goes: see the footer
     try:
-        work = runner.apply(_run_source(opened, scan, retry_rejected))
+        work = runner.apply(_run_source(opened, scan, retry_rejected, marks))
         return await opened.record(header, work, progress)
     finally:
         _say_drift(runner.tally.skipped)
@@ -110,14 +121,30 @@ async def _create(opened: Opened, scan: Scan, retry_rejected: bool) -> Exit:
                 )
 
 
-def _run_source(opened: Opened, scan: Scan, retry_rejected: bool) -> Iterator[Work | Result]:
+def _offered(scan: Scan) -> Iterator[tuple[int, str, str]]:
+    """The spool's valid items as the plan numbers them: (number, Name, fingerprint)."""
+    for k, item in enumerate(spool.read_lazily(scan)):
+        if not isinstance(item, Invalid):
+            yield k, item.name, item.fingerprint
+
+
+def _run_source(
+    opened: Opened, scan: Scan, retry_rejected: bool, premarks: mmap.mmap | None = None
+) -> Iterator[Work | Result]:
     """The manifest as work items: what the plan sends, the invalid lines as results. A
-    large manifest's every other block of lines is looked up by a helper meanwhile
-    (plan/ahead.py): a line it marked done is skipped without a lookup."""
+    line the index's rebuild marked done (`premarks`: premark.py) is skipped without a
+    lookup; every line, when it marked them all. Else a large manifest's every other block
+    of lines is looked up by a helper meanwhile (plan/ahead.py): a line it marked done is
+    skipped without a lookup too."""
     assert opened.ledger is not None
     latest, tally = opened.ledger.state.latest, opened.runner.tally
     get, decide_on, skip = latest.get, run_plan.decide_on, run_plan.Do.SKIP
     done, block = run_plan.DONE_DECISION, ahead.BLOCK
+    pre = premarks if premarks is not None else b""
+    if _all_marked(scan, pre):
+        tally.planned[done.why] += scan.groups
+        tally.skipped[done.why] += scan.groups
+        return
     with ahead.looked_ahead(scan, latest, retry_rejected) as helper:
         marks = helper.marks if helper is not None else b""
         # Lazily: a line the plan skips (all of them, in a rerun) never has its body cut out.
@@ -133,7 +160,8 @@ def _run_source(opened: Opened, scan: Scan, retry_rejected: bool) -> Iterator[Wo
                     str(item.problem),
                 )
                 continue
-            if k // block & 1 and k < len(marks) and marks[k]:  # the helper's: ahead.helps
+            # The rebuild's marks (premark.py), then the helper's (ahead.helps).
+            if (k < len(pre) and pre[k]) or (k // block & 1 and k < len(marks) and marks[k]):
                 decision = done
             else:
                 decision = decide_on(
@@ -150,3 +178,14 @@ def _run_source(opened: Opened, scan: Scan, retry_rejected: bool) -> Iterator[Wo
                 fingerprint=item.fingerprint,
                 body=item.body,
             )
+
+
+def _all_marked(scan: Scan, premarks: mmap.mmap | bytes) -> bool:
+    """Every line of the manifest valid and marked done: the plan has nothing to send."""
+    groups = scan.groups
+    return (
+        groups > 0
+        and not scan.invalid
+        and len(premarks) >= groups
+        and premarks[:groups].count(1) == groups
+    )

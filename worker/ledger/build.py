@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from worker.ledger.batch import take
@@ -48,21 +48,32 @@ REGION_BYTES: Final = 2 << 20
 SPILL_AT: Final = 8 << 20
 
 
+# Called with each region's latest slot per key as it is laid out (premark.Joiner).
+OnRegion = Callable[[int, dict[bytes, bytes]], None]
+
+
+def regions_for(slots: int) -> int:
+    """How many regions a bulk build of a table of `slots` sorts its slots into."""
+    regions = 1
+    while slots * SLOT_BYTES // (regions * 2) >= REGION_BYTES:
+        regions *= 2
+    return regions
+
+
 class Bulk:
     """Intents and results of a whole ledger, read in order, on their way into `state`'s
     table (new, empty); `add` and `flush` as Batch's (batch.py), which extends a table that
     already holds something: `flush` at the end lays the table out."""
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, on_region: OnRegion | None = None) -> None:
         table = state.latest
         assert isinstance(table, Table) and table.used == 0
         self.state = state
         self.table = table
         self.pending: dict[str, tuple[Item, int]] = {}
-        regions = 1
-        while table.slots * SLOT_BYTES // (regions * 2) >= REGION_BYTES:
-            regions *= 2
+        regions = regions_for(table.slots)
         self.region_shift = shift_for(regions)  # a key's region: its top log2(regions) bits
+        self.on_region = on_region
         self.buckets = [bytearray() for _ in range(regions)]
         self.spilled: list[list[tuple[int, int]]] = [[] for _ in range(regions)]
         self.buffered = 0
@@ -146,6 +157,8 @@ class Bulk:
         used = 0
         for bucket in range(regions):
             latest = self._latest_of(bucket)
+            if self.on_region is not None:
+                self.on_region(bucket, latest)
             used += len(latest)
             region, carried = _region(per * bucket, per, shift, carried, latest)
             if bucket == 0:

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from worker.errors import LedgerError
 from worker.ledger import index
 from worker.ledger.batch import Batch
-from worker.ledger.build import Bulk
+from worker.ledger.build import Bulk, OnRegion
 from worker.ledger.fast import item_of_line
 from worker.ledger.file import Reader, close_quietly, open_regular
 from worker.ledger.layout import Stale, slots_for
@@ -131,13 +131,15 @@ def fold(
     check: Callable[[RunHeader], None] | None,
     *,
     still_wanted: Callable[[], bool] = lambda: True,
+    on_region: OnRegion | None = None,
 ) -> None:
     """Fold every record `reader` reads into `state`: a whole ledger in bulk into a new
     table (build.py), the rest of one (read on from where its index ends) a chunk at a
     time into the table that holds the start (batch.py). `still_wanted` is asked between
-    chunks of lines (a prebuild's child stops when its parent is gone)."""
+    chunks of lines (a prebuild's child stops when its parent is gone); `on_region` is a
+    bulk build's (build.Bulk)."""
     empty = isinstance(state.latest, Table) and state.latest.used == 0
-    batch = Bulk(state) if empty and reader.end == 0 else Batch(state)
+    batch = Bulk(state, on_region) if empty and reader.end == 0 else Batch(state)
     try:
         add, fast = batch.add, item_of_line
         for lines in reader.chunks():

@@ -30,18 +30,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import mmap
 import os
 import signal
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, NoReturn
 
-from worker.ledger import index
+from worker.ledger import index, premark
+from worker.ledger.build import regions_for
 from worker.ledger.file import Reader, close_quietly
-from worker.ledger.layout import Stale, slots_for
+from worker.ledger.layout import Stale, shift_for, slots_for
 from worker.ledger.load import fold
 from worker.ledger.state import State
 from worker.ledger.table import Table
@@ -56,16 +58,42 @@ class Prebuild:
     ledger: Path
     pid: int
     fd: int
+    board: premark.Board | None = None  # the manifest's lines the child marks done
+    ledger_fd: int = -1  # the parent's, to tell whether the marks describe the ledger
+    believed: bool = False  # the marks do (`take`)
 
     def take(self) -> int | None:
         """Wait for the child: the index file's descriptor (the caller's from now on) if it
-        built one, else None."""
+        built one, else None. Called holding the ledger's lock."""
         status = self._wait()
         fd, self.fd = self.fd, -1
         if status == 0 and fd >= 0:
+            if self.board is not None and self.ledger_fd >= 0:
+                with contextlib.suppress(OSError):
+                    size = os.fstat(self.ledger_fd).st_size
+                    self.believed = self.board.believed(size)
             return fd
         close_quietly(fd)
         return None
+
+    def offer(self, entries: Iterable[tuple[int, str, str]]) -> None:
+        """The manifest's valid items (number, Name, fingerprint), for the child to mark
+        those the ledger records as done (premark.py); nothing when it cannot use them."""
+        if self.board is not None and self.pid > 0:
+            premark.offer(self.board, entries)
+
+    def marks(self) -> mmap.mmap | None:
+        """A byte per spool item, 1 for a line the ledger records as done as it is now,
+        once `take` found they describe the ledger; else None."""
+        return self.board.marks if self.believed and self.board is not None else None
+
+    def close(self) -> None:
+        """`cancel`, and let the marks go (the plan is over)."""
+        self.cancel()
+        self.believed = False
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
     def cancel(self) -> None:
         """Stop the child if it still runs, and let its file go. Idempotent."""
@@ -73,8 +101,8 @@ class Prebuild:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             self._wait()
-        close_quietly(self.fd)
-        self.fd = -1
+        close_quietly(self.fd, self.ledger_fd)
+        self.fd = self.ledger_fd = -1
 
     def _wait(self) -> int | None:
         """The child's exit code (None: killed by a signal, or already reaped)."""
@@ -92,20 +120,22 @@ class Prebuild:
 
 
 @contextlib.contextmanager
-def started(ledger: Path, manifest: Path) -> Iterator[Prebuild | None]:
-    """`start`, and `cancel` at the end, whatever happens (a prebuild not taken is not
-    needed any more)."""
-    prebuild = start(ledger, manifest)
+def started(ledger: Path, manifest: Path, done_outcomes: bytes = b"") -> Iterator[Prebuild | None]:
+    """`start`, and `close` at the end, whatever happens (a prebuild not taken is not
+    needed any more, nor are its marks once the plan is over)."""
+    prebuild = start(ledger, manifest, done_outcomes)
     try:
         yield prebuild
     finally:
         if prebuild is not None:
-            prebuild.cancel()
+            prebuild.close()
 
 
-def start(ledger: Path, manifest: Path) -> Prebuild | None:
+def start(ledger: Path, manifest: Path, done_outcomes: bytes = b"") -> Prebuild | None:
     """A child rebuilding the index of `ledger` (module docstring), or None when there is
-    no index to rebuild or no child can do it. `manifest` sizes the table (its lines)."""
+    no index to rebuild or no child can do it. `manifest` sizes the table (its lines);
+    with `done_outcomes` (layout.OUTCOME_NO of the outcomes a plan skips when the
+    fingerprint is the line's) the child also marks the lines the run offers (premark.py)."""
     if threading.active_count() > 1 or not hasattr(os, "fork"):
         return None
     if not os.path.isdir(f"/proc/{os.getpid()}/fd"):  # the file is named through it
@@ -122,17 +152,25 @@ def start(ledger: Path, manifest: Path) -> Prebuild | None:
     except OSError:
         os.close(ledger_fd)
         return None
-    names = max(_lines(manifest), os.fstat(ledger_fd).st_size // 600)
+    lines = _lines(manifest)
+    names = max(lines, os.fstat(ledger_fd).st_size // 600)
+    slots = slots_for(names)
+    regions = regions_for(slots)  # the child's buckets (build.Bulk), the run's too
+    b = premark.board(lines, folder, shift_for(regions), regions, done_outcomes)
     parent = os.getpid()
     try:
         pid = os.fork()
     except OSError:
         close_quietly(fd, ledger_fd)
+        if b is not None:
+            b.close()
         return None
     if pid == 0:
-        _child(ledger, ledger_fd, fd, folder, names, parent)
-    os.close(ledger_fd)
-    return Prebuild(ledger=ledger, pid=pid, fd=fd)
+        _child(ledger, ledger_fd, fd, folder, slots, parent, b)
+    if b is not None:
+        close_quietly(b.read_fd)  # the child's end: its EOF is this process's last word
+        b.read_fd = -1
+    return Prebuild(ledger=ledger, pid=pid, fd=fd, board=b, ledger_fd=ledger_fd)
 
 
 def _needs_rebuild(ledger: Path, ledger_fd: int) -> bool:
@@ -174,10 +212,24 @@ def _lines(manifest: Path) -> int:
         os.close(fd)
 
 
-def _child(ledger: Path, ledger_fd: int, fd: int, folder: str, names: int, parent: int) -> NoReturn:
-    """The forked child: build, seal, exit 0; on anything else exit 1, silently."""
+def _child(
+    ledger: Path,
+    ledger_fd: int,
+    fd: int,
+    folder: str,
+    slots: int,
+    parent: int,
+    b: premark.Board | None,
+) -> NoReturn:
+    """The forked child: build (marking the lines the run offers, if any), seal, exit 0;
+    on anything else exit 1, silently."""
     code = 1
+    joiner = None
     try:
+        if b is not None:
+            close_quietly(b.write_fd)  # the run's end: the pipe ends when the run does
+            b.write_fd = -1
+            joiner = premark.Joiner(b)
         # A rebuild makes two short-lived tuples per record and no cycles: the collector's
         # passes over them were 6 % of its time (measured), and the child ends by _exit.
         gc.disable()
@@ -186,7 +238,6 @@ def _child(ledger: Path, ledger_fd: int, fd: int, folder: str, names: int, paren
         quiet = os.open(os.devnull, os.O_WRONLY)  # the run says what went wrong, once
         os.dup2(quiet, 1)
         os.dup2(quiet, 2)
-        slots = slots_for(names)
         table = Table(
             fd,
             slots=slots,
@@ -199,10 +250,20 @@ def _child(ledger: Path, ledger_fd: int, fd: int, folder: str, names: int, paren
         state = State(path=ledger, latest=table)
         with open(os.dup(ledger_fd), "rb") as f:
             reader = Reader(ledger, f)
-            fold(reader, state, None, still_wanted=lambda: os.getppid() == parent)
+            fold(
+                reader,
+                state,
+                None,
+                still_wanted=lambda: os.getppid() == parent,
+                on_region=joiner,
+            )
         if table.slots != slots or table.in_memory:  # it grew into another file (or memory)
             raise OSError(errno.EFBIG, "the table outgrew its file")
         index.seal(table, index.covered(ledger_fd, reader.end, reader.lineno), state.trailer())
+        if b is not None:
+            b.covered(reader.end)
         code = 0
     finally:
+        if joiner is not None:
+            joiner.finish()
         os._exit(code)
