@@ -32,7 +32,7 @@ from worker.ledger.lock import Holder
 from worker.ledger.prebuild import Prebuild
 from worker.ledger.records import Footer, Outcome, Result, RunHeader, StopReason, Target
 from worker.manifest.load import manifest_name, remember_manifest
-from worker.manifest.values import Scan
+from worker.manifest.values import Invalid, Scan
 from worker.plan import run_plan
 from worker.progress import Progress
 from worker.published import Published
@@ -114,6 +114,13 @@ class Opened:
 
 
 Work = Callable[[Opened], Coroutine[Any, Any, Exit]]
+
+
+def invalid_line(runner: Runner, item: Invalid) -> Result:
+    """The result of an invalid manifest line (--skip-invalid): recorded, never sent."""
+    return unsent(
+        runner, item.name, item.line, Outcome.INVALID, "InvalidManifestLine", str(item.problem)
+    )
 
 
 def unsent(

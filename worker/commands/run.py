@@ -18,14 +18,14 @@ from worker.errors import Exit, ManifestError
 from worker.ledger import prebuild
 from worker.ledger.layout import OUTCOME_NO
 from worker.ledger.load import read_state
-from worker.ledger.records import Action, Outcome, Result
+from worker.ledger.records import Action, Result
 from worker.manifest import spool
 from worker.manifest.load import before_writes, scan_manifest
 from worker.manifest.values import Invalid, Scan
 from worker.plan import ahead, run_plan
 from worker.progress import Progress
 from worker.runner.work import Work
-from worker.session import Opened, Session, carry_out, dry_run_exit, unsent
+from worker.session import Opened, Session, carry_out, dry_run_exit, invalid_line
 
 log = structlog.get_logger("worker")
 
@@ -151,14 +151,7 @@ def _run_source(
         for k, item in enumerate(spool.read_lazily(scan)):
             if isinstance(item, Invalid):
                 tally.planned[run_plan.INVALID.why] += 1
-                yield unsent(
-                    opened.runner,
-                    item.name,
-                    item.line,
-                    Outcome.INVALID,
-                    "InvalidManifestLine",
-                    str(item.problem),
-                )
+                yield invalid_line(opened.runner, item)
                 continue
             # The rebuild's marks (premark.py), then the helper's (ahead.helps).
             if (k < len(pre) and pre[k]) or (k // block & 1 and k < len(marks) and marks[k]):

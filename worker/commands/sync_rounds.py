@@ -37,7 +37,7 @@ from worker.plan import reconcile, rounds
 from worker.runner.dispatch import Journal, Runner
 from worker.runner.tally import Tally
 from worker.runner.work import Work
-from worker.session import unsent
+from worker.session import invalid_line, unsent
 
 log = structlog.get_logger("worker")
 
@@ -309,14 +309,7 @@ class Rounds:
                 return
             if isinstance(item, Invalid):
                 if first:
-                    yield unsent(
-                        self.runner,
-                        item.name,
-                        item.line,
-                        Outcome.INVALID,
-                        "InvalidManifestLine",
-                        str(item.problem),
-                    )
+                    yield invalid_line(self.runner, item)
                 continue
             if item.name in self.conv.settled or item.name in self.conv.exists:
                 continue
