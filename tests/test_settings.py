@@ -10,13 +10,9 @@ from typing import Any
 import pytest
 
 from worker.errors import UsageError
-from worker.settings import (
-    DEFAULT_CAP,
-    LIMITS,
+from worker.settings import DEFAULT_CAP, LIMITS, Pacing, RetryPolicy, Settings
+from worker.urls import (
     UNPARSABLE_URL,
-    Pacing,
-    RetryPolicy,
-    Settings,
     check_endpoint,
     check_limiter,
     is_loopback,

@@ -29,7 +29,8 @@ from worker.runner.concurrency import machine_cap
 from worker.runner.controls import Controls
 from worker.runner.dispatch import Journal, Runner
 from worker.runner.stamps import utcnow
-from worker.settings import CommandOptions, Settings, redact_url
+from worker.settings import CommandOptions, Settings
+from worker.urls import redact_url
 
 log = structlog.get_logger("worker")
 

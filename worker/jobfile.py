@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from worker.errors import UsageError
-from worker.settings import secret_in_url
+from worker.urls import secret_in_url
 
 Kind = Literal["str", "path", "int", "float", "bool", "list"]
 

@@ -28,7 +28,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import pushadd_to_gateway
 
-from worker.settings import redact_url, split_url
+from worker.urls import redact_url, split_url
 
 log = structlog.get_logger("worker")
 

@@ -22,14 +22,8 @@ from worker.logfile import check_log_file
 from worker.manifest.remembered import remembered_path
 from worker.options import CommandLine, Merged, merge, rows, value
 from worker.plan import saved
-from worker.settings import (
-    CommandOptions,
-    Pacing,
-    RetryPolicy,
-    Settings,
-    check_endpoint,
-    check_limiter,
-)
+from worker.settings import CommandOptions, Pacing, RetryPolicy, Settings
+from worker.urls import check_endpoint, check_limiter
 from worker.userpaths import Named, check_path, check_paths
 
 

@@ -65,7 +65,8 @@ from worker.pacing import margin
 from worker.pacing.budget import MIN_RATE, SLACK_S
 from worker.pacing.redis_clock import MARKS, Mark, best_mark
 from worker.pacing.redis_scripts import ACQUIRE, KEY_TTL_MS, THROTTLE, budget_key
-from worker.settings import Pacing, redact_url
+from worker.settings import Pacing
+from worker.urls import redact_url
 
 log = structlog.get_logger("worker")
 # Slots are booked at most this far ahead. Short, so that a late send's report reaches Redis

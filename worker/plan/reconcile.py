@@ -215,16 +215,12 @@ def plan_sync(
     """One pass over the manifest. Raises PlanRefused for prune or replace without a scope
     and for more than `max_delete` deletes, replaced groups included (exactly `max_delete`
     is allowed). `on_group` is told each valid group's change as the pass classifies it
-    (sync's later rounds take what is still pending from the same pass). `named`: every
-    Name the manifest gives (names_of), when the caller holds them already; `gather`: an
-    empty set the pass fills with them, for the caller to keep (sync's first plan)."""
-    require_scope(prune, scope, replace=replace)
-    if max_delete < 0:
-        raise UsageError("--max-delete must be >= 0")
-    counts = {Create: 0, Update: 0, Conflict: 0, Replace: 0, InSync: 0}
+    (sync's later rounds take what is still pending from the same pass). `named`: the
+    manifest's Names (names_of), held by the caller; `gather`: an empty set to fill with them."""
+    _refuse_flags(prune, scope, replace, max_delete)
+    counts = {Create: 0, Update: 0, Conflict: 0, Replace: 0, InSync: 0, Invalid: 0}
     replaces: list[Listed] = []
     replacing = scope.contains if replace else None
-    invalid = 0
     last_change = 0
     seen = SeenInSync()
     # Every Name the manifest gives, on disk: the extras are the account's groups not in
@@ -238,7 +234,7 @@ def plan_sync(
                 # An invalid line still names its group: never delete what a user listed,
                 # under any Name the line could mean (a repeated key, an escape).
                 _refuse_unreadable(item, prune)
-                invalid += 1
+                counts[Invalid] += 1
                 last_change = item.line
                 continue
             change = classify_group(item, account, replacing=replacing, seen=seen)
@@ -257,13 +253,19 @@ def plan_sync(
         update=counts[Update],
         conflict=counts[Conflict],
         in_sync=counts[InSync],
-        invalid=invalid,
+        invalid=counts[Invalid],
         prune=prune,
         deletes=tuple(deletes),
         kept=kept,
         replaces=tuple(sorted(replaces, key=lambda listed: listed.name)),
         last_change=last_change,
     )
+
+
+def _refuse_flags(prune: bool, scope: Scope, replace: bool, max_delete: int) -> None:
+    require_scope(prune, scope, replace=replace)
+    if max_delete < 0:
+        raise UsageError("--max-delete must be >= 0")
 
 
 def _extras(
