@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SandboxProc, cli_env, ledger_records, names, run_worker, write_manifest
-from tests.test_plan_ahead import _setting
+from tests.conftest import SandboxProc, cli_env, ledger_records, run_worker
+from tests.test_plan_ahead import _setting, done_then_drifted, rerun
 from tests.test_scale import TARGET, header, intent
 from worker.commands import run
 from worker.ledger import index, prebuild, premark
@@ -219,31 +219,18 @@ def test_a_rerun_with_marks_counts_and_sends_what_one_without_does(
     sends the same Names and records the same counts with the rebuild's marks as without;
     a rerun of lines all done, marked all, sends nothing and counts them all done."""
     sandbox: SandboxProc = sandbox_factory("--rate", "1000")
-    groups = names(300)
     env = {**cli_env(tmp_path), "TESTHOOK_PREMARK_PATIENCE_S": "30"}
     opts = ("--endpoint", sandbox.url, "--rate", "1000", "-q")
-    first = write_manifest(tmp_path / "first.jsonl", groups[:200])
-    ledger = tmp_path / "l.jsonl"
-    assert run_worker("run", str(first), "--ledger", str(ledger), *opts, env=env).returncode == 0
-    for g in groups[150:170]:  # done with another body: drift
-        g["Tags"] = [{"Key": "批次", "Value": "changed", "Category": "Custom"}]
-    manifest = write_manifest(tmp_path / "m.jsonl", [*groups, {"Name": "bad-name"}])
+    _, first, ledger, manifest = done_then_drifted(sandbox, tmp_path, env, opts)
     footers = []
     for min_lines in ("1", "1000000"):
         folder = tmp_path / f"min{min_lines}"
         folder.mkdir()
         copy = folder / "l.jsonl"
         shutil.copyfile(ledger, copy)  # no index beside it: rebuilt
-        before = len(sandbox.creates())
-        out = run_worker(
-            "run", str(manifest), "--ledger", str(copy), "--skip-invalid", *opts,
-            env={**env, "TESTHOOK_PREMARK_MIN_LINES": min_lines},
-        )  # fmt: skip
-        assert out.returncode == 1, out.stderr  # the invalid line (it outranks the drift, 6)
-        sent = {c["name"] for c in sandbox.creates()[before:]}
-        assert sent == {g["Name"] for g in groups[200:]}  # the new lines, nothing done
-        footer = ledger_records(copy)[-1]
-        assert footer["type"] == "end"
+        footer = rerun(
+            sandbox, manifest, copy, opts, {**env, "TESTHOOK_PREMARK_MIN_LINES": min_lines}
+        )
         footers.append(footer["skipped"])
     assert footers[0] == footers[1] == {"done": 180, "done_changed": 20}
     again = tmp_path / "again"

@@ -192,29 +192,50 @@ def test_a_rerun_looked_ahead_counts_and_sends_what_one_without_does(
     """The real CLI: a rerun over lines done, changed, new and invalid sends the same
     Names and records the same counts with the helper as without."""
     sandbox: SandboxProc = sandbox_factory("--rate", "1000")
-    groups = names(300)
     env = cli_env(tmp_path)
     run = ("--endpoint", sandbox.url, "--rate", "1000", "-q")
-    first = write_manifest(tmp_path / "first.jsonl", groups[:200])
-    ledger = tmp_path / "l.jsonl"
-    assert run_worker("run", str(first), "--ledger", str(ledger), *run, env=env).returncode == 0
-    for g in groups[150:170]:  # done with another body: drift
-        g["Tags"] = [{"Key": "批次", "Value": "changed", "Category": "Custom"}]
-    manifest = write_manifest(tmp_path / "m.jsonl", [*groups, {"Name": "bad-name"}])
+    _, _, ledger, manifest = done_then_drifted(sandbox, tmp_path, env, run)
     footers = []
     for min_lines in ("1", "1000000"):
         copy = tmp_path / f"l{min_lines}.jsonl"
         shutil.copyfile(ledger, copy)
-        before = len(sandbox.creates())
-        out = run_worker(
-            "run", str(manifest), "--ledger", str(copy), "--skip-invalid", *run,
-            env={**env, "TESTHOOK_AHEAD_MIN_LINES": min_lines, "TESTHOOK_AHEAD_BLOCK": "8"},
+        footer = rerun(
+            sandbox, manifest, copy, run,
+            {**env, "TESTHOOK_AHEAD_MIN_LINES": min_lines, "TESTHOOK_AHEAD_BLOCK": "8"},
         )  # fmt: skip
-        assert out.returncode == 1, out.stderr  # the invalid line (it outranks the drift, 6)
-        sent = {c["name"] for c in sandbox.creates()[before:]}
-        assert sent == {g["Name"] for g in groups[200:]}  # the new lines, nothing done
-        footer = ledger_records(copy)[-1]
-        assert footer["type"] == "end"
         assert sum(footer["outcomes"].values()) == 101  # the new lines (created, or exists
         footers.append(footer["skipped"])  # the second time: one sandbox) and the invalid one
     assert footers[0] == footers[1] == {"done": 180, "done_changed": 20}
+
+
+def done_then_drifted(
+    sandbox: SandboxProc, tmp: Path, env: dict[str, str], opts: tuple[str, ...]
+) -> tuple[list[dict[str, Any]], Path, Path, Path]:
+    """A ledger with 200 of 300 groups done (20 of them changed since) and a manifest of all
+    300 and an invalid line: (the groups, the first manifest, the ledger, the manifest)."""
+    groups = names(300)
+    first = write_manifest(tmp / "first.jsonl", groups[:200])
+    ledger = tmp / "l.jsonl"
+    assert run_worker("run", str(first), "--ledger", str(ledger), *opts, env=env).returncode == 0
+    for g in groups[150:170]:  # done with another body: drift
+        g["Tags"] = [{"Key": "批次", "Value": "changed", "Category": "Custom"}]
+    manifest = write_manifest(tmp / "m.jsonl", [*groups, {"Name": "bad-name"}])
+    return groups, first, ledger, manifest
+
+
+def rerun(
+    sandbox: SandboxProc, manifest: Path, ledger: Path, opts: tuple[str, ...], env: dict[str, str]
+) -> dict[str, Any]:
+    """`run --skip-invalid` of `done_then_drifted`'s manifest over a copy of its ledger: it
+    sends the 100 new lines only and exits 1 (the invalid line outranks the drift, 6).
+    Returns the run's footer."""
+    before = len(sandbox.creates())
+    out = run_worker(
+        "run", str(manifest), "--ledger", str(ledger), "--skip-invalid", *opts, env=env
+    )
+    assert out.returncode == 1, out.stderr
+    sent = {c["name"] for c in sandbox.creates()[before:]}
+    assert sent == {g["Name"] for g in names(300)[200:]}  # the new lines, nothing done
+    footer = ledger_records(ledger)[-1]
+    assert footer["type"] == "end"
+    return footer
